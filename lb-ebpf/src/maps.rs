@@ -1,0 +1,58 @@
+//! The maps the packet path reads (and the conntrack and counters it writes). Layouts, names and
+//! capacities come from lb-common so user space sees exactly the same maps.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    conntrack::{CtEntry, FlowKey},
+    counters::{COUNTER_SLOTS, Counter},
+    maps::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS},
+    service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey},
+};
+
+// Maps written by user space use BPF_F_NO_PREALLOC: an update then swaps in a new element and frees
+// the old one after an RCU grace period, so a concurrent lookup sees the old or the new value,
+// never a half-written one.
+
+#[map(name = "LB_SERVICES")]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceEntry> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_SLOTS")]
+pub static LB_SLOTS: HashMap<SlotKey, BackendId> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_BACKENDS")]
+pub static LB_BACKENDS: HashMap<BackendId, Backend> =
+    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_CONNTRACK")]
+pub static LB_CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+#[map(name = "LB_COUNTERS")]
+pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// Adds one to this CPU's slot of `counter`. Per-CPU, so a plain increment cannot race.
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = LB_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup and stays valid for this
+        // program run; no other CPU touches this CPU's slot.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Copies a value out of a hash map so the caller never holds a reference into a map element.
+#[inline(always)]
+pub fn lookup<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: the reference is only read, immediately copied, and not kept past this call.
+    unsafe { map.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn lookup_ct(key: &FlowKey) -> Option<CtEntry> {
+    // SAFETY: as in `lookup`: read once and copied out.
+    unsafe { LB_CONNTRACK.get(key).copied() }
+}

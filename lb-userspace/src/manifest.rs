@@ -1,0 +1,149 @@
+//! Reads Kubernetes objects from multi-document YAML (standalone mode, tests, the demo).
+//!
+//! Each document is read on its own: one that is not YAML-valid Kubernetes, or that fails
+//! validation, is reported by document number and, where it can be identified, by kind and name;
+//! the other documents are unaffected. Kinds other than Service and EndpointSlice (Deployments,
+//! Pods, ...) are skipped silently, so a whole application manifest can be given. `kind: List` is
+//! unpacked.
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use crate::model::{
+    self, Kind, Object, ObjectRef, Problem, Severity, validate_service, validate_slice,
+};
+
+/// What one read of a manifest produced.
+#[derive(Debug, Default)]
+pub struct ManifestRead {
+    pub objects: Vec<Object>,
+    pub problems: Vec<Problem>,
+    /// Objects that were identified but rejected: a caller keeps their last good version.
+    pub rejected: Vec<ObjectRef>,
+}
+
+impl ManifestRead {
+    pub fn errors(&self) -> impl Iterator<Item = &Problem> {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+    }
+}
+
+/// Parses every document of `text`; `source` names the file in messages.
+pub fn parse(text: &str, source: &str) -> ManifestRead {
+    let mut read = ManifestRead::default();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let location = format!("{source} document {}", index + 1);
+        match Value::deserialize(document) {
+            Ok(value) => read_value(value, &location, &mut read),
+            Err(err) => {
+                // A syntax error ends the stream: later documents cannot be told apart reliably.
+                read.problems
+                    .push(problem(None, &location, "", format!("invalid YAML: {err}")));
+                break;
+            }
+        }
+    }
+    read
+}
+
+fn read_value(value: Value, location: &str, read: &mut ManifestRead) {
+    if value.is_null() {
+        return; // an empty document, e.g. a trailing `---`
+    }
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    match (kind.as_str(), api_version.as_str()) {
+        ("List", _) | ("ServiceList", _) | ("EndpointSliceList", _) => {
+            let items = value.get("items").and_then(Value::as_sequence).cloned().unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                read_value(item, &format!("{location} items[{i}]"), read);
+            }
+        }
+        ("Service", "v1") => {
+            let id = identify(Kind::Service, &value);
+            match serde_yaml_ng::from_value::<Service>(value) {
+                Ok(svc) => absorb(validate_service(&svc, location), read),
+                Err(err) => reject(id, location, err, read),
+            }
+        }
+        ("EndpointSlice", "discovery.k8s.io/v1") => {
+            let id = identify(Kind::EndpointSlice, &value);
+            match serde_yaml_ng::from_value::<EndpointSlice>(value) {
+                Ok(slice) => absorb(validate_slice(&slice, location), read),
+                Err(err) => reject(id, location, err, read),
+            }
+        }
+        ("Service", _) | ("EndpointSlice", _) => read.problems.push(problem(
+            None,
+            location,
+            "apiVersion",
+            format!("{kind} with apiVersion {api_version:?} is not supported (use v1 / discovery.k8s.io/v1)"),
+        )),
+        ("", _) => read.problems.push(problem(None, location, "kind", "not a Kubernetes object (no kind)")),
+        _ => {} // another kind of object: not ours
+    }
+}
+
+/// Best-effort identity of an object that may not deserialize, so errors can name it.
+fn identify(kind: Kind, value: &Value) -> Option<ObjectRef> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?.to_owned();
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_owned();
+    Some(ObjectRef {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+fn absorb(validated: model::Validated, read: &mut ManifestRead) {
+    if validated.object.is_none()
+        && let Some(id) = validated.problems.iter().find_map(|p| p.object.clone())
+    {
+        read.rejected.push(id);
+    }
+    read.objects.extend(validated.object);
+    read.problems.extend(validated.problems);
+}
+
+fn reject(
+    id: Option<ObjectRef>,
+    location: &str,
+    err: serde_yaml_ng::Error,
+    read: &mut ManifestRead,
+) {
+    // serde's message names the offending field, e.g. "spec.ports[0].port: invalid type: string".
+    read.problems
+        .push(problem(id.clone(), location, "", err.to_string()));
+    read.rejected.extend(id);
+}
+
+fn problem(
+    object: Option<ObjectRef>,
+    location: &str,
+    field: &str,
+    message: impl Into<String>,
+) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        object,
+        location: location.to_owned(),
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}

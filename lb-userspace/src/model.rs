@@ -1,0 +1,433 @@
+//! Validated views of the Kubernetes objects translation needs, built from k8s-openapi types.
+//!
+//! Validation is where bad input is caught: every problem becomes a [`Problem`] naming the object
+//! and the field, and an object with an error is rejected whole (as the API server would reject
+//! it), so translation itself never fails.
+
+use std::{fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(proto: u8) -> Option<Self> {
+        match proto {
+            lb_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            lb_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        })
+    }
+}
+
+/// `Kind namespace/name`: how every message names an object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The object is rejected; whatever was programmed for it before stays.
+    Error,
+    /// Part of the object is not supported and is left out; the rest is programmed.
+    Warning,
+}
+
+/// One thing wrong with the input, pointing at the object and field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub severity: Severity,
+    /// The object, when it could be identified; otherwise `location` says where it was.
+    pub object: Option<ObjectRef>,
+    pub location: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        match &self.object {
+            Some(object) => write!(f, "{level}: {object} ({})", self.location)?,
+            None => write!(f, "{level}: {}", self.location)?,
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What kind of Service this is, as far as the data path cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// Has a virtual IP: ClusterIP, NodePort and LoadBalancer Services all get their ClusterIP.
+    Virtual,
+    /// `clusterIP: None`: DNS returns the pod IPs; nothing to program.
+    Headless,
+    /// A DNS CNAME to `external_name`; nothing to program.
+    ExternalName(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    /// The port's name; slices carry the same name for its endpoints' port ("" when unnamed).
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub id: ObjectRef,
+    /// `type` as written (ClusterIP, NodePort, LoadBalancer, ExternalName).
+    pub type_name: String,
+    pub kind: ServiceKind,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePortSpec {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: Ipv4Addr,
+    /// `conditions.ready`; unset means ready, as the API documents.
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceSpec {
+    pub id: ObjectRef,
+    /// The Service (same namespace) from the `kubernetes.io/service-name` label.
+    pub service_name: String,
+    pub ports: Vec<SlicePortSpec>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// A validated object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Service(ServiceSpec),
+    Slice(SliceSpec),
+}
+
+impl Object {
+    pub fn id(&self) -> &ObjectRef {
+        match self {
+            Object::Service(s) => &s.id,
+            Object::Slice(s) => &s.id,
+        }
+    }
+}
+
+/// Collects problems for one object while it is validated.
+struct Checker<'a> {
+    object: &'a ObjectRef,
+    location: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, severity: Severity, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            severity,
+            object: Some(self.object.clone()),
+            location: self.location.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.report(Severity::Error, field, message);
+    }
+
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.report(Severity::Warning, field, message);
+    }
+
+    fn has_errors(&self) -> bool {
+        self.problems.iter().any(|p| p.severity == Severity::Error)
+    }
+
+    fn port(&mut self, field: String, value: Option<i32>) -> Option<u16> {
+        match value {
+            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+            Some(p) => {
+                self.error(field, format!("port {p} is out of range 1-65535"));
+                None
+            }
+            None => {
+                self.error(field, "port is required");
+                None
+            }
+        }
+    }
+
+    /// `None` for a protocol we skip (with a warning) or reject (with an error).
+    fn protocol(&mut self, field: String, value: Option<&str>) -> Option<Protocol> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => {
+                self.warn(
+                    field,
+                    "SCTP is not supported by lb yet; this port is left out",
+                );
+                None
+            }
+            other => {
+                self.error(
+                    field,
+                    format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The result of validating one object: the object (unless an error rejected it) and its problems.
+pub struct Validated {
+    pub object: Option<Object>,
+    pub problems: Vec<Problem>,
+}
+
+fn object_ref(
+    kind: Kind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Validates a Service; `location` says where it came from (e.g. `services.yaml document 3`).
+pub fn validate_service(svc: &Service, location: &str) -> Validated {
+    let id = object_ref(Kind::Service, &svc.metadata);
+    let mut check = Checker {
+        object: &id,
+        location,
+        problems: Vec::new(),
+    };
+    if id.name.is_empty() {
+        check.error("metadata.name", "name is required");
+    }
+    let spec = svc.spec.clone().unwrap_or_default();
+    let type_name = spec.type_.clone().unwrap_or_else(|| "ClusterIP".to_owned());
+    let mut kind = ServiceKind::Virtual;
+    let mut cluster_ips = Vec::new();
+    match type_name.as_str() {
+        "ExternalName" => {
+            kind = ServiceKind::ExternalName(spec.external_name.clone().unwrap_or_default());
+        }
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {
+            let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+                (Some(ips), _) if !ips.is_empty() => ips.clone(),
+                (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+                _ => Vec::new(),
+            };
+            let field = if spec.cluster_ips.as_ref().is_some_and(|ips| !ips.is_empty()) {
+                "spec.clusterIPs"
+            } else {
+                "spec.clusterIP"
+            };
+            if ips.first().map(String::as_str) == Some("None") {
+                kind = ServiceKind::Headless;
+            } else if ips.is_empty() {
+                check.error(
+                    "spec.clusterIP",
+                    "clusterIP is required here (the API server normally allocates it)",
+                );
+            } else {
+                for (i, ip) in ips.iter().enumerate() {
+                    match ip.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V4(v4)) => cluster_ips.push(v4),
+                        Ok(std::net::IpAddr::V6(_)) => check.warn(
+                            format!("{field}[{i}]"),
+                            format!("IPv6 address {ip} is not supported by lb yet; left out"),
+                        ),
+                        Err(_) => check.error(
+                            format!("{field}[{i}]"),
+                            format!("{ip:?} is not a valid IP address"),
+                        ),
+                    }
+                }
+            }
+        }
+        other => check.error("spec.type", format!("unknown Service type {other:?}")),
+    }
+    let mut ports = Vec::new();
+    if kind == ServiceKind::Virtual {
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let port = check.port(format!("spec.ports[{i}].port"), Some(p.port));
+            let protocol =
+                check.protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref());
+            if let (Some(port), Some(protocol)) = (port, protocol) {
+                ports.push(ServicePortSpec {
+                    name: p.name.clone().unwrap_or_default(),
+                    port,
+                    protocol,
+                });
+            }
+        }
+    }
+    let object = (!check.has_errors()).then(|| {
+        Object::Service(ServiceSpec {
+            id: id.clone(),
+            type_name,
+            kind,
+            cluster_ips,
+            ports,
+        })
+    });
+    Validated {
+        object,
+        problems: check.problems,
+    }
+}
+
+/// Validates an EndpointSlice; `location` says where it came from.
+pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
+    let id = object_ref(Kind::EndpointSlice, &slice.metadata);
+    let mut check = Checker {
+        object: &id,
+        location,
+        problems: Vec::new(),
+    };
+    if id.name.is_empty() {
+        check.error("metadata.name", "name is required");
+    }
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .unwrap_or_default();
+    if service_name.is_empty() {
+        check.error(
+            format!("metadata.labels[{SERVICE_NAME_LABEL:?}]"),
+            "the label naming the slice's Service is missing",
+        );
+    }
+    let mut ports = Vec::new();
+    let mut endpoints = Vec::new();
+    match slice.address_type.as_str() {
+        "IPv4" => {
+            for (i, p) in slice.ports.iter().flatten().enumerate() {
+                let port = check.port(format!("ports[{i}].port"), p.port);
+                let protocol =
+                    check.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref());
+                if let (Some(port), Some(protocol)) = (port, protocol) {
+                    ports.push(SlicePortSpec {
+                        name: p.name.clone().unwrap_or_default(),
+                        port,
+                        protocol,
+                    });
+                }
+            }
+            for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+                // Consumers use only the first address (the API says the rest are ignored).
+                let Some(addr) = ep.addresses.first() else {
+                    check.error(
+                        format!("endpoints[{i}].addresses"),
+                        "at least one address is required",
+                    );
+                    continue;
+                };
+                match addr.parse::<Ipv4Addr>() {
+                    Ok(addr) => endpoints.push(EndpointSpec {
+                        addr,
+                        ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                    }),
+                    Err(_) => check.error(
+                        format!("endpoints[{i}].addresses[0]"),
+                        format!("{addr:?} is not a valid IPv4 address"),
+                    ),
+                }
+            }
+        }
+        "IPv6" | "FQDN" => check.warn(
+            "addressType",
+            format!(
+                "{} slices are not supported by lb yet; left out",
+                slice.address_type
+            ),
+        ),
+        other => check.error("addressType", format!("unknown address type {other:?}")),
+    }
+    let object = (!check.has_errors()).then(|| {
+        Object::Slice(SliceSpec {
+            id: id.clone(),
+            service_name,
+            ports,
+            endpoints,
+        })
+    });
+    Validated {
+        object,
+        problems: check.problems,
+    }
+}

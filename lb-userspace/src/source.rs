@@ -1,0 +1,97 @@
+//! A manifest file as a source of objects, with last-known-good semantics: an object that becomes
+//! invalid keeps its previous version until it is fixed or removed from the file, so a typo never
+//! tears down a working Service.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use crate::{
+    manifest,
+    model::{Object, ObjectRef, Problem},
+};
+
+/// Identifies a version of the file cheaply, to avoid re-reading an unchanged file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+pub struct ManifestSource {
+    path: PathBuf,
+    seen: Option<Fingerprint>,
+    objects: BTreeMap<ObjectRef, Object>,
+}
+
+/// The outcome of one read.
+pub struct Reload {
+    pub problems: Vec<Problem>,
+    /// Rejected objects whose previous version is kept.
+    pub kept_last_good: Vec<ObjectRef>,
+}
+
+impl ManifestSource {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            seen: None,
+            objects: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values()
+    }
+
+    fn fingerprint(&self) -> io::Result<Fingerprint> {
+        let meta = std::fs::metadata(&self.path)?;
+        Ok(Fingerprint {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    /// Whether the file looks different from the last read (or cannot be examined).
+    pub fn changed(&self) -> bool {
+        self.fingerprint().ok() != self.seen
+    }
+
+    /// Reads the file again. On an I/O error nothing changes and the error is returned.
+    pub fn reload(&mut self) -> io::Result<Reload> {
+        let fingerprint = self.fingerprint()?;
+        let text = std::fs::read_to_string(&self.path)?;
+        self.seen = Some(fingerprint);
+        let read = manifest::parse(&text, &self.path.display().to_string());
+        let mut objects: BTreeMap<ObjectRef, Object> = read
+            .objects
+            .into_iter()
+            .map(|o| (o.id().clone(), o))
+            .collect();
+        let mut kept_last_good = Vec::new();
+        for id in read.rejected {
+            if objects.contains_key(&id) {
+                continue; // a valid duplicate of the same object was also given
+            }
+            if let Some(previous) = self.objects.remove(&id) {
+                objects.insert(id.clone(), previous);
+                kept_last_good.push(id);
+            }
+        }
+        self.objects = objects;
+        Ok(Reload {
+            problems: read.problems,
+            kept_last_good,
+        })
+    }
+}
