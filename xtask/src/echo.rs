@@ -1,0 +1,145 @@
+//! Tiny echo pods: every reply says which pod answered and which client address the pod saw, so
+//! tests and the demo can show load balancing, source addresses and reverse NAT.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pod's TCP and UDP echo servers, stopped on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `0.0.0.0:tcp_port` (TCP) and `0.0.0.0:udp_port` (UDP) inside `ns`.
+    pub fn start(ns: &Netns, pod: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp = ns.run(move || TcpListener::bind(("0.0.0.0", tcp_port)))??;
+        tcp.set_nonblocking(true)?;
+        let udp = ns.run(move || UdpSocket::bind(("0.0.0.0", udp_port)))??;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        // Sockets keep the namespace they were created in, so plain threads can serve them.
+        let threads = vec![
+            std::thread::spawn({
+                let (stop, pod) = (stop.clone(), pod.to_owned());
+                move || serve_tcp(tcp, &pod, &stop)
+            }),
+            std::thread::spawn({
+                let (stop, pod) = (stop.clone(), pod.to_owned());
+                move || serve_udp(udp, &pod, &stop)
+            }),
+        ];
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(pod: &str, peer: SocketAddr) -> String {
+    format!("pod={pod} peer={peer}\n")
+}
+
+fn serve_tcp(listener: TcpListener, pod: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut conn, peer)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+                let mut line = String::new();
+                if BufReader::new(&conn).read_line(&mut line).is_ok() {
+                    let _ = conn.write_all(answer(pod, peer).as_bytes());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn serve_udp(socket: UdpSocket, pod: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(answer(pod, peer).as_bytes(), peer);
+        }
+    }
+}
+
+/// One answered request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The pod that answered.
+    pub pod: String,
+    /// The client address as the pod saw it.
+    pub client_seen_by_pod: SocketAddr,
+    /// The address the answer came from, as the client saw it.
+    pub answered_from: SocketAddr,
+}
+
+fn parse_reply(text: &str, answered_from: SocketAddr) -> anyhow::Result<Reply> {
+    let mut pod = None;
+    let mut peer = None;
+    for field in text.split_whitespace() {
+        if let Some(v) = field.strip_prefix("pod=") {
+            pod = Some(v.to_owned());
+        } else if let Some(v) = field.strip_prefix("peer=") {
+            peer = Some(v.parse().with_context(|| format!("peer in {text:?}"))?);
+        }
+    }
+    match (pod, peer) {
+        (Some(pod), Some(client_seen_by_pod)) => Ok(Reply {
+            pod,
+            client_seen_by_pod,
+            answered_from,
+        }),
+        _ => bail!("unexpected answer {text:?}"),
+    }
+}
+
+/// Connects, sends a line, reads the answer. Call from a thread inside the client's namespace.
+pub fn tcp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
+    let mut conn = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT)
+        .with_context(|| format!("TCP connect to {target}"))?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.write_all(b"hello\n")?;
+    let mut text = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut text)
+        .with_context(|| format!("TCP answer from {target}"))?;
+    parse_reply(&text, conn.peer_addr()?)
+}
+
+/// Sends one datagram and waits for the answer. Call from inside the client's namespace.
+pub fn udp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.send_to(b"hello", target)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("UDP answer from {target}"))?;
+    parse_reply(&String::from_utf8_lossy(&buf[..n]), from)
+}

@@ -1,0 +1,8 @@
+//! Orchestration shared by the `xtask` binary and the privileged integration tests: a testbed of
+//! network namespaces, the echo pods that report who answered, and cleanup that also runs on
+//! Ctrl-C. Nothing here is product logic.
+
+pub mod cleanup;
+pub mod echo;
+pub mod netns;
+pub mod testbed;
