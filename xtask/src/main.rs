@@ -1,1 +1,104 @@
-fn main() {}
+//! `cargo xtask <command>`: setup, build, test, demo. See README.md.
+
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make sure of the toolchain: nightly with rust-src, a bpf-linker built against the
+    /// nightly's LLVM, and a mounted bpffs. Quick when already done.
+    Setup,
+    /// Build everything (the agent embeds the eBPF object).
+    Build,
+    /// Run all tests: formatting, clippy, unit tests, the packet-test table and the
+    /// network-namespace tests (those need root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Bring up the testbed, run the agent on the bundled example and show real requests to the
+    /// Services being answered (needs root). Tears everything down at the end or on Ctrl-C.
+    Demo,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Build => {
+            setup::ensure()?;
+            cargo(&["build"])
+        }
+        Cmd::Test { cargo_test_args } => {
+            setup::ensure()?;
+            step("checking formatting");
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            step("clippy");
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            step("tests (unit, packet table, network namespaces)");
+            let mut args = vec!["test".to_owned()];
+            if !cargo_test_args.is_empty() {
+                args.push("--".to_owned());
+                args.extend(cargo_test_args);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cargo(&args)
+        }
+        Cmd::Demo => {
+            setup::ensure()?;
+            step("building lb");
+            cargo(&["build", "--package", "lb-userspace"])?;
+            demo::run(&target_dir().join("debug/lb"))
+        }
+    }
+}
+
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs cargo (the same one that runs xtask) in the workspace root and fails on failure.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
