@@ -27,8 +27,6 @@ use crate::dataplane::BpfMaps;
 /// The packet path, built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
@@ -147,7 +145,7 @@ pub fn pin_dir(bpffs_dir: &Path) -> Result<PathBuf, LoadError> {
         path: dir.clone(),
         source: errno.into(),
     })?;
-    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+    if stat.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
         return Err(LoadError::NotBpffs { path: dir });
     }
     Ok(dir)

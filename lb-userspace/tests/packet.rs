@@ -94,7 +94,7 @@ struct Tcp {
 
 fn tcp(t: Tcp) -> Vec<u8> {
     let mut ip = Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, t.src, t.dst).unwrap();
-    ip.set_options(t.ip_options).unwrap();
+    ip.options = t.ip_options.try_into().unwrap();
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ip(IpHeaders::Ipv4(ip, Default::default()))
         .tcp(t.sport, t.dport, 1000, 64240);

@@ -149,12 +149,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Mounts bpffs at /sys/fs/bpf when running as root and it is not mounted (it is not at boot here).
 fn ensure_bpffs() -> anyhow::Result<()> {
     let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if mounted || !nix::unistd::Uid::effective().is_root() {
         return Ok(());
     }

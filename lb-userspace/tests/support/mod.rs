@@ -51,7 +51,7 @@ impl Drop for PinDir {
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there yet.
 pub fn ensure_bpffs() {
     let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == 0xcafe_4a11);
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if !mounted {
         let status = std::process::Command::new("mount")
             .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
