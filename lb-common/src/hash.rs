@@ -30,3 +30,67 @@ pub const fn flow_hash(flow: &FlowKey) -> u32 {
 pub const fn slot_for(flow: &FlowKey, slot_count: u32) -> u32 {
     flow_hash(flow) % slot_count
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(sport: u16) -> FlowKey {
+        FlowKey::new(
+            crate::addr_be([10, 0, 0, 1]),
+            crate::addr_be([10, 96, 0, 1]),
+            sport.to_be(),
+            80u16.to_be(),
+            crate::IPPROTO_TCP,
+        )
+    }
+
+    #[test]
+    fn the_same_flow_always_gets_the_same_slot() {
+        for sport in 1000..1100 {
+            assert_eq!(slot_for(&flow(sport), 7), slot_for(&flow(sport), 7));
+        }
+    }
+
+    #[test]
+    fn every_field_changes_the_hash() {
+        let base = flow(1000);
+        let mut proto = base;
+        proto.proto = crate::IPPROTO_UDP;
+        let variants = [
+            FlowKey {
+                saddr_be: base.saddr_be ^ 1,
+                ..base
+            },
+            FlowKey {
+                daddr_be: base.daddr_be ^ 1,
+                ..base
+            },
+            FlowKey {
+                sport_be: base.sport_be ^ 1,
+                ..base
+            },
+            FlowKey {
+                dport_be: base.dport_be ^ 1,
+                ..base
+            },
+            proto,
+        ];
+        for v in variants {
+            assert_ne!(flow_hash(&v), flow_hash(&base), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn source_ports_spread_evenly_over_slots() {
+        let mut counts = [0u32; 5];
+        for sport in 0..10_000u16 {
+            counts[slot_for(&flow(sport), 5) as usize] += 1;
+        }
+        // 2000 expected per slot; allow +-10 %.
+        assert!(
+            counts.iter().all(|c| (1800..=2200).contains(c)),
+            "{counts:?}"
+        );
+    }
+}

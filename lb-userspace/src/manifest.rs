@@ -72,14 +72,14 @@ fn read_value(value: Value, location: &str, read: &mut ManifestRead) {
         }
         ("Service", "v1") => {
             let id = identify(Kind::Service, &value);
-            match serde_yaml_ng::from_value::<Service>(value) {
+            match from_value::<Service>(value) {
                 Ok(svc) => absorb(validate_service(&svc, location), read),
                 Err(err) => reject(id, location, err, read),
             }
         }
         ("EndpointSlice", "discovery.k8s.io/v1") => {
             let id = identify(Kind::EndpointSlice, &value);
-            match serde_yaml_ng::from_value::<EndpointSlice>(value) {
+            match from_value::<EndpointSlice>(value) {
                 Ok(slice) => absorb(validate_slice(&slice, location), read),
                 Err(err) => reject(id, location, err, read),
             }
@@ -93,6 +93,13 @@ fn read_value(value: Value, location: &str, read: &mut ManifestRead) {
         ("", _) => read.problems.push(problem(None, location, "kind", "not a Kubernetes object (no kind)")),
         _ => {} // another kind of object: not ours
     }
+}
+
+/// Deserializes with the path to a failing field, e.g. `spec.ports[0].port: invalid type`.
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: Value,
+) -> Result<T, serde_path_to_error::Error<serde_yaml_ng::Error>> {
+    serde_path_to_error::deserialize(value)
 }
 
 /// Best-effort identity of an object that may not deserialize, so errors can name it.
@@ -124,12 +131,13 @@ fn absorb(validated: model::Validated, read: &mut ManifestRead) {
 fn reject(
     id: Option<ObjectRef>,
     location: &str,
-    err: serde_yaml_ng::Error,
+    err: serde_path_to_error::Error<serde_yaml_ng::Error>,
     read: &mut ManifestRead,
 ) {
-    // serde's message names the offending field, e.g. "spec.ports[0].port: invalid type: string".
+    let field = err.path().to_string();
+    let message = err.into_inner().to_string();
     read.problems
-        .push(problem(id.clone(), location, "", err.to_string()));
+        .push(problem(id.clone(), location, &field, message));
     read.rejected.extend(id);
 }
 

@@ -95,3 +95,57 @@ impl ManifestSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    const OTHER: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: t}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+
+    fn names(source: &ManifestSource) -> Vec<String> {
+        source.objects().map(|o| o.id().name.clone()).collect()
+    }
+
+    #[test]
+    fn an_object_that_turns_invalid_keeps_its_last_good_version_until_removed() {
+        let path = std::env::temp_dir().join(format!("lb-source-test-{}.yaml", std::process::id()));
+        std::fs::write(&path, format!("{GOOD}{OTHER}")).unwrap();
+        let mut source = ManifestSource::new(&path);
+        assert!(source.changed());
+        source.reload().unwrap();
+        assert!(!source.changed());
+        assert_eq!(names(&source), ["api", "web"]);
+
+        // A typo in web: reported, web's previous version stays, api is unaffected.
+        std::fs::write(
+            &path,
+            format!("{}{OTHER}", GOOD.replace("10.96.0.1", "10.96.0.999")),
+        )
+        .unwrap();
+        let reload = source.reload().unwrap();
+        assert_eq!(reload.kept_last_good.len(), 1);
+        assert_eq!(reload.kept_last_good[0].name, "web");
+        assert!(
+            reload
+                .problems
+                .iter()
+                .any(|p| p.field == "spec.clusterIP[0]")
+        );
+        assert_eq!(names(&source), ["api", "web"]);
+        let Some(Object::Service(web)) = source.objects().find(|o| o.id().name == "web") else {
+            panic!("web kept");
+        };
+        assert_eq!(web.cluster_ips, [std::net::Ipv4Addr::new(10, 96, 0, 1)]);
+
+        // Removing it from the file removes it.
+        std::fs::write(&path, OTHER).unwrap();
+        source.reload().unwrap();
+        assert_eq!(names(&source), ["api"]);
+
+        // An unreadable file changes nothing.
+        std::fs::remove_file(&path).unwrap();
+        assert!(source.reload().is_err());
+        assert_eq!(names(&source), ["api"]);
+    }
+}
