@@ -55,7 +55,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     agent.reload();
     agent.scan_interfaces();
-    info!("ready");
+    info!(
+        interfaces = agent.dataplane.attached().count(),
+        "agent ready"
+    );
     loop {
         tokio::select! {
             _ = sigint.recv() => break,

@@ -168,7 +168,7 @@ impl AgentProcess {
             log,
             pin_dir,
         };
-        agent.wait_for_log("ready", Duration::from_secs(30))?;
+        agent.wait_for_log("agent ready", Duration::from_secs(30))?;
         Ok(agent)
     }
 
