@@ -151,6 +151,28 @@ pub fn pin_dir(bpffs_dir: &Path) -> Result<PathBuf, LoadError> {
     Ok(dir)
 }
 
+/// Reads the outcome counters a running (or stopped) agent left pinned under `bpffs_dir`,
+/// summed over CPUs. Needs no loaded program.
+pub fn pinned_counters(
+    bpffs_dir: &Path,
+) -> Result<BTreeMap<lb_common::counters::Counter, u64>, LoadError> {
+    let path = bpffs_dir.join(PIN_LAYOUT_VERSION).join(COUNTERS_MAP);
+    let pinned = |source| LoadError::PinnedMap {
+        path: path.clone(),
+        source,
+    };
+    let data = aya::maps::MapData::from_pin(&path).map_err(pinned)?;
+    let counters: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(pinned)?;
+    lb_common::counters::Counter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu = counters.get(&(*c as u32), 0).map_err(pinned)?;
+            Ok((*c, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
 struct Attachment {
     ifindex: u32,
     link: SchedClassifierLinkId,

@@ -22,6 +22,12 @@ struct Cli {
 enum Command {
     /// Run the node agent: load the packet path and keep it programmed (needs root).
     Agent(AgentArgs),
+    /// Packet counters of the packet path (summed over CPUs), read from the pinned maps.
+    Stats {
+        /// The agent's --bpffs-dir.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs_dir: PathBuf,
+    },
     /// Show what a manifest translates to, without touching the kernel.
     Translate {
         /// Multi-document YAML with Services and discovery.k8s.io/v1 EndpointSlices.
@@ -83,6 +89,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { bpffs_dir } => {
+            let counters = lb_userspace::loader::pinned_counters(&bpffs_dir)
+                .context("is an agent running (or did one run) with this --bpffs-dir?")?;
+            for (counter, packets) in counters {
+                println!("{:<20} {packets}", counter.name());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Translate { manifests } => {

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use lb_common::counters::Counter;
 use support::privileged;
 use xtask::{
     echo::{EchoServer, Reply, tcp_request, udp_request},
@@ -20,6 +21,7 @@ use xtask::{
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const POD_A_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 const POD_B_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 12);
+const LATE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 const TCP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 const UDP_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
 const REQUESTS: usize = 40;
@@ -70,7 +72,7 @@ fn clusterip_tcp_and_udp_through_agent() {
         return;
     }
     xtask::cleanup::install_interrupt_handler();
-    let testbed = Testbed::single_node(
+    let mut testbed = Testbed::single_node(
         ("client", CLIENT_IP),
         &[("pod-a", POD_A_IP), ("pod-b", POD_B_IP)],
     )
@@ -100,6 +102,18 @@ fn clusterip_tcp_and_udp_through_agent() {
     let both: BTreeSet<String> = ["pod-a".to_owned(), "pod-b".to_owned()].into();
     assert_eq!(pods(&tcp), both, "TCP requests are served by both pods");
     assert_eq!(pods(&udp), both, "UDP requests are served by both pods");
+
+    // The packet path counted it: every request and every answer was translated.
+    let counters =
+        lb_userspace::loader::pinned_counters(agent.bpffs_dir()).expect("pinned counters");
+    assert!(
+        counters[&Counter::Translated] >= 2 * REQUESTS as u64,
+        "{counters:?}"
+    );
+    assert!(
+        counters[&Counter::ReverseTranslated] >= 2 * REQUESTS as u64,
+        "{counters:?}"
+    );
 
     // Take pod-b out of the slice: the agent sees the file change and applies the difference.
     let syncs_before = agent.log().matches("synced").count();
@@ -131,6 +145,21 @@ fn clusterip_tcp_and_udp_through_agent() {
         "after the change only pod-a serves UDP"
     );
     assert_from_vip(&tcp, TCP_VIP, "TCP after change");
+
+    // A pod that appears after the agent started gets the program on its interface too.
+    let late = testbed.add_pod("late", LATE_IP).expect("add a pod");
+    let late_ns_reply = {
+        agent
+            .wait_for_log(
+                &format!("interface={}", late.host_if),
+                Duration::from_secs(10),
+            )
+            .expect("agent attaches to the new pod's interface");
+        late.ns.run(|| tcp_request(TCP_VIP)).unwrap()
+    };
+    let reply = late_ns_reply.expect("the new pod reaches the ClusterIP");
+    assert_eq!(reply.answered_from, SocketAddr::V4(TCP_VIP));
+    assert_eq!(reply.client_seen_by_pod.ip(), LATE_IP);
 
     // SIGHUP re-reads the file even when it looks unchanged.
     let syncs_before = agent.log().matches("synced").count();

@@ -92,6 +92,15 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Adds a pod to the running testbed (e.g. to see the agent attach to a new interface).
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<&Pod> {
+        let pod = add_pod(&self.run_id, &self.node, name, ip)?;
+        self.pods.push(pod);
+        Ok(self.pods.last().expect("just pushed"))
+    }
+}
+
 fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
     let ns = Netns::create(&format!("{run_id}-{name}"))?;
     let host_if: String = format!("lbp-{name}").chars().take(15).collect();
@@ -170,6 +179,11 @@ impl AgentProcess {
         };
         agent.wait_for_log("agent ready", Duration::from_secs(30))?;
         Ok(agent)
+    }
+
+    /// The agent's pin directory (its `--bpffs-dir`).
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     pub fn log(&self) -> String {
