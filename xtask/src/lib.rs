@@ -4,5 +4,6 @@
 
 pub mod cleanup;
 pub mod echo;
+pub mod host;
 pub mod netns;
 pub mod testbed;

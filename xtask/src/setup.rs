@@ -149,13 +149,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mounts bpffs at /sys/fs/bpf when running as root and it is not mounted (it is not at boot here).
+/// Mounts bpffs when running as root and it is not mounted yet.
 fn ensure_bpffs() -> anyhow::Result<()> {
-    let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
-    if mounted || !nix::unistd::Uid::effective().is_root() {
+    if !nix::unistd::Uid::effective().is_root() {
         return Ok(());
     }
-    crate::step("mounting bpffs at /sys/fs/bpf");
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    xtask::host::ensure_bpffs()
 }

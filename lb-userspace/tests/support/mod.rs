@@ -33,7 +33,7 @@ pub struct PinDir(pub PathBuf);
 impl PinDir {
     pub fn new(test: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        ensure_bpffs();
+        xtask::host::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         Self(PathBuf::from(format!(
             "/sys/fs/bpf/lb-test-{}-{n}-{test}",
@@ -45,19 +45,6 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there yet.
-pub fn ensure_bpffs() {
-    let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
-    if !mounted {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
     }
 }
 
