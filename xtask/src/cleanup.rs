@@ -97,9 +97,8 @@ pub fn sweep_stale() {
     };
     let listing = String::from_utf8_lossy(&out.stdout);
     for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
-        if let Some(pid) = dead_owner(name) {
+        if dead_owner(name).is_some() {
             let _ = Command::new("ip").args(["netns", "delete", name]).status();
-            let _ = pid;
         }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    io::Write as _,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -21,7 +22,10 @@ pub fn privileged(test: &str) -> bool {
         std::env::var("CI").as_deref() != Ok("true"),
         "{test} needs root and CI must run it as root"
     );
-    eprintln!(
+    // Written to the real stderr (not `eprintln!`, which the test harness captures and hides for
+    // passing tests), so the skip is always visible.
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: needs root (BPF and network namespaces); run `cargo xtask test` as root"
     );
     false
