@@ -95,19 +95,6 @@ fn nightly_llvm_major() -> anyhow::Result<u32> {
 fn ensure_bpf_linker() -> anyhow::Result<()> {
     let major = nightly_llvm_major()?;
     let tools = tools_dir()?;
-    let link = tools.join("bin/bpf-linker");
-    let stamp = tools.join("bin/bpf-linker.llvm");
-    let stamped = std::fs::read_to_string(&stamp).ok();
-    let works = Command::new(&link)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if works && stamped.as_deref() == Some(&major.to_string()) {
-        return Ok(());
-    }
-    crate::step(&format!(
-        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute, once)"
-    ));
     let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");
     let libllvm = std::fs::read_dir(&sysroot_lib)?
@@ -119,12 +106,31 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
                 .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
         })
         .with_context(|| format!("no libLLVM.so.*-rust-* in {}", sysroot_lib.display()))?;
-    // The binary keeps an rpath to this prefix, so it stays where it is made.
+    // bpf-linker keeps an rpath to this prefix: `libLLVM.so` is what its build links against,
+    // the versioned name is what the loader looks for at run time. Refreshed every time, so a
+    // moved toolchain never leaves a dangling link.
     let prefix = tools.join(format!("llvm-{major}"));
     std::fs::create_dir_all(prefix.join("lib"))?;
-    let so = prefix.join("lib/libLLVM.so");
-    let _ = std::fs::remove_file(&so);
-    std::os::unix::fs::symlink(&libllvm, &so)?;
+    let soname = libllvm.file_name().expect("a file name").to_owned();
+    for name in [std::ffi::OsStr::new("libLLVM.so"), soname.as_os_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+
+    let link = tools.join("bin/bpf-linker");
+    let stamp = tools.join("bin/bpf-linker.llvm");
+    let stamped = std::fs::read_to_string(&stamp).ok();
+    let works = Command::new(&link)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works && stamped.as_deref() == Some(major.to_string().as_str()) {
+        return Ok(());
+    }
+    crate::step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute, once)"
+    ));
     let root = tools.join(format!("bpf-linker-llvm{major}"));
     run(Command::new("cargo")
         .args([
