@@ -151,6 +151,14 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
     );
     println!("- demo/echo-headless is headless: DNS-only, so lb programs nothing for it.");
 
+    step("packet counters of node-1's packet path (`lb stats`)");
+    let status = Command::new(lb)
+        .arg("stats")
+        .arg("--bpffs-dir")
+        .arg(agent.bpffs_dir())
+        .status()?;
+    anyhow::ensure!(status.success(), "lb stats failed");
+
     step(
         "stopping the agent (it detaches; maps stay pinned for a restart) and tearing the testbed down",
     );
