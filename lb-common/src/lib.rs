@@ -4,12 +4,20 @@
 //! can never drift apart. Types are `#[repr(C)]` with explicit padding and a size assert; byte
 //! order is in the field name (`_be` = network byte order, stored exactly as on the wire).
 //!
-//! Pure logic both sides must agree on (the flow hash that picks a backend slot) lives here too.
+//! Pure logic both sides must agree on lives here too: the flow hash that picks a slot, and the
+//! Maglev table builder (user space only) that decides what every slot holds.
 #![no_std]
+
+#[cfg(any(test, feature = "user"))]
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod conntrack;
 pub mod counters;
 pub mod hash;
+#[cfg(any(test, feature = "user"))]
+pub mod maglev;
 pub mod maps;
 pub mod service;
 

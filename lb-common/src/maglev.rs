@@ -1,0 +1,211 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size `M` in
+//! which every backend owns about `M / N` slots, and removing one of `N` backends moves about
+//! `1 / N` of the table, so existing clients keep their backend when the set changes.
+//!
+//! User space builds the table; the packet path reads slot `flow_hash % M` (see [`crate::hash`]).
+//! Tests build the same table to predict exactly which backend a flow gets.
+
+use alloc::vec::Vec;
+
+/// Table sizes lb uses: primes, roughly doubling. The Maglev paper asks for `M >= 100 * N` so the
+/// per-backend share stays within about 1 % of even.
+pub const TABLE_SIZES: [u32; 10] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
+];
+/// The table size of a Service that does not ask for another.
+pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+/// `M >= MIN_SLOTS_PER_BACKEND * N`.
+pub const MIN_SLOTS_PER_BACKEND: u32 = 100;
+
+/// What a backend is called for hashing: its address and port in wire order. Using the address
+/// rather than an id keeps the table the same across agent restarts and on every node.
+#[inline]
+pub const fn backend_key(addr_be: u32, port_be: u16) -> u64 {
+    (addr_be as u64) << 16 | port_be as u64
+}
+
+/// The size to use for `backends` backends: `requested` (or the default) raised to the smallest
+/// listed size that gives every backend at least [`MIN_SLOTS_PER_BACKEND`] slots. Beyond the
+/// largest size, the largest.
+pub fn table_size(backends: usize, requested: Option<u32>) -> u32 {
+    let wanted = requested.unwrap_or(DEFAULT_TABLE_SIZE);
+    let floor = (backends as u64 * MIN_SLOTS_PER_BACKEND as u64).max(wanted as u64);
+    TABLE_SIZES
+        .iter()
+        .copied()
+        .find(|&m| m as u64 >= floor)
+        .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1])
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+const fn mix64(mut h: u64) -> u64 {
+    // splitmix64's finaliser.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Builds the table: slot -> index into `keys`. `keys` must be free of duplicates; the result does
+/// not depend on their order. `size` must be prime (the permutations need it). Empty for no keys.
+pub fn build(keys: &[u64], size: u32) -> Vec<u32> {
+    assert!(is_prime(size), "Maglev table size {size} is not prime");
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let m = size as u64;
+    // Fill in key order, so the same set gives the same table whatever order it came in.
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by_key(|&i| keys[i]);
+    let perms: Vec<(u64, u64)> = order
+        .iter()
+        .map(|&i| {
+            let offset = mix64(keys[i] ^ 0x6d61_676c_6576_3031) % m;
+            let skip = mix64(keys[i] ^ 0x736b_6970_7365_6564) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = alloc::vec![0u64; order.len()];
+    let mut table = alloc::vec![u32::MAX; size as usize];
+    let mut filled = 0u32;
+    'fill: loop {
+        for (turn, &(offset, skip)) in perms.iter().enumerate() {
+            let mut slot = (offset + next[turn] * skip) % m;
+            while table[slot as usize] != u32::MAX {
+                next[turn] += 1;
+                slot = (offset + next[turn] * skip) % m;
+            }
+            table[slot as usize] = order[turn] as u32;
+            next[turn] += 1;
+            filled += 1;
+            if filled == size {
+                break 'fill;
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(n: u32) -> Vec<u64> {
+        (0..n)
+            .map(|i| {
+                backend_key(
+                    crate::addr_be([10, 244, (i / 250) as u8, (i % 250) as u8 + 1]),
+                    8080u16.to_be(),
+                )
+            })
+            .collect()
+    }
+
+    /// The backend keys owning each slot.
+    fn owners(keys: &[u64], size: u32) -> Vec<u64> {
+        build(keys, size)
+            .iter()
+            .map(|&i| keys[i as usize])
+            .collect()
+    }
+
+    #[test]
+    fn listed_sizes_are_prime_and_default_is_listed() {
+        assert!(TABLE_SIZES.iter().all(|&m| is_prime(m)));
+        assert!(TABLE_SIZES.contains(&DEFAULT_TABLE_SIZE));
+        assert!(!is_prime(16383) && is_prime(16381));
+    }
+
+    #[test]
+    fn table_size_keeps_100_slots_per_backend() {
+        assert_eq!(table_size(3, None), DEFAULT_TABLE_SIZE);
+        assert_eq!(table_size(3, Some(251)), 509, "251 < 100 x 3");
+        assert_eq!(table_size(2, Some(251)), 251);
+        assert_eq!(table_size(200, None), 32749);
+        assert_eq!(table_size(5000, None), 131071, "capped at the largest size");
+    }
+
+    #[test]
+    fn every_backend_gets_an_even_share() {
+        for n in [1, 2, 3, 7, 10, 100] {
+            let table = build(&keys(n), DEFAULT_TABLE_SIZE);
+            let mut counts = alloc::vec![0u32; n as usize];
+            for &i in &table {
+                counts[i as usize] += 1;
+            }
+            let (lo, hi) = (DEFAULT_TABLE_SIZE / n, DEFAULT_TABLE_SIZE.div_ceil(n));
+            assert!(
+                counts.iter().all(|c| (lo..=hi).contains(c)),
+                "n={n}: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn order_of_backends_does_not_matter() {
+        let k = keys(9);
+        let mut reversed = k.clone();
+        reversed.reverse();
+        assert_eq!(owners(&k, 1021), owners(&reversed, 1021));
+    }
+
+    #[test]
+    fn removing_one_of_n_backends_moves_about_one_nth_and_nothing_else() {
+        for n in [5u32, 10, 50] {
+            let all = keys(n);
+            let before = owners(&all, DEFAULT_TABLE_SIZE);
+            let removed = all[n as usize / 2];
+            let rest: Vec<u64> = all.iter().copied().filter(|&k| k != removed).collect();
+            let after = owners(&rest, DEFAULT_TABLE_SIZE);
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+            let owned_by_removed = before.iter().filter(|&&b| b == removed).count();
+            let collateral = moved - owned_by_removed;
+            let m = DEFAULT_TABLE_SIZE as usize;
+            std::eprintln!(
+                "n={n}: removing one backend moved {moved} of {m} slots ({owned_by_removed} were its own, {collateral} others)"
+            );
+            // Every slot of the removed backend moves (it must); of the others, Maglev moves only
+            // a small fraction (the paper's "minimal disruption" is approximate; 23, 69 and 158 slots of
+            // 16381 here for n = 5, 10, 50).
+            assert!(
+                owned_by_removed * (n as usize) <= m + n as usize
+                    && owned_by_removed * (n as usize) + n as usize >= m,
+                "n={n}: removed backend owned {owned_by_removed} of {m}"
+            );
+            assert!(
+                collateral * 50 <= m,
+                "n={n}: {collateral} slots of surviving backends moved (more than 2 % of {m})"
+            );
+        }
+    }
+
+    #[test]
+    fn adding_a_backend_takes_slots_mostly_from_others_evenly() {
+        let base = keys(10);
+        let mut grown = base.clone();
+        grown.push(backend_key(
+            crate::addr_be([10, 244, 9, 9]),
+            8080u16.to_be(),
+        ));
+        let before = owners(&base, DEFAULT_TABLE_SIZE);
+        let after = owners(&grown, DEFAULT_TABLE_SIZE);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let m = DEFAULT_TABLE_SIZE as usize;
+        // The newcomer takes about 1/11 of the table; little else moves.
+        assert!(moved <= m / 11 + m / 100, "moved {moved} of {m}");
+    }
+}
