@@ -1,8 +1,9 @@
 //! The BPF conntrack: one LRU hash holding both directions of every translated flow.
 //!
-//! A new flow to a service writes two entries: the client's tuple (`CT_KIND_FORWARD`, says which
-//! backend to rewrite the destination to) and the backend's reply tuple (`CT_KIND_REPLY`, says
-//! which service address to rewrite the source back to).
+//! A new flow to a service writes two entries: the client's tuple (`CT_KIND_FORWARD`) and the
+//! backend's reply tuple (`CT_KIND_REPLY`), each saying what the packet must become. A DNAT-only
+//! flow rewrites the destination one way and the source back; a SNATed flow rewrites both ends
+//! both ways.
 
 use crate::user_pod;
 
@@ -49,24 +50,37 @@ impl FlowKey {
     }
 }
 
-/// Client -> service packet: rewrite the destination to `nat_addr_be:nat_port_be` (the backend).
+/// A client -> service packet (the first direction of a flow).
 pub const CT_KIND_FORWARD: u8 = 1;
-/// Backend -> client packet: rewrite the source to `nat_addr_be:nat_port_be` (the service).
+/// A backend -> client reply.
 pub const CT_KIND_REPLY: u8 = 2;
 
+/// After rewriting, the packet's source is a node address (SNAT, or a reply from a NodePort):
+/// it is sent on with a FIB lookup and redirect instead of through the stack, which would drop a
+/// packet arriving with a local source address as spoofed.
+pub const CT_F_REDIRECT: u8 = 1 << 0;
+/// The flow was SNATed: the reply entry holds the SNAT port, freed with the flow.
+pub const CT_F_SNAT: u8 = 1 << 1;
+
+/// How to rewrite every packet matching a [`FlowKey`]: its addresses and ports become these
+/// (unchanged ones are simply equal to the packet's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    pub nat_addr_be: u32,
-    pub nat_port_be: u16,
+    pub new_saddr_be: u32,
+    pub new_daddr_be: u32,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
     /// `CT_KIND_FORWARD` or `CT_KIND_REPLY`.
     pub kind: u8,
-    pub _pad: u8,
-    /// The service the flow was translated for.
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    pub _pad: u16,
+    /// The frontend the flow was translated for.
     pub service_id: u32,
     /// The backend chosen when the flow started.
     pub backend_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
 
 user_pod!(FlowKey, CtEntry);

@@ -14,15 +14,27 @@ pub enum Counter {
     DroppedNoBackend = 3,
     /// Headers cut short or inconsistent: left unchanged.
     Malformed = 4,
+    /// Sent to a service that has no backends: answered with a TCP RST or ICMP unreachable.
+    Rejected = 5,
+    /// Needed SNAT but no node address is configured or no source port was free: dropped.
+    SnatFailed = 6,
+    /// A translated packet sent on by FIB lookup and redirect (SNAT, NodePort replies).
+    Redirected = 7,
+    /// A packet that needed a redirect but the FIB had no route: handed to the stack.
+    RedirectFailed = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
         Counter::DroppedNoBackend,
         Counter::Malformed,
+        Counter::Rejected,
+        Counter::SnatFailed,
+        Counter::Redirected,
+        Counter::RedirectFailed,
     ];
 
     /// Stable, metric-friendly name.
@@ -33,6 +45,10 @@ impl Counter {
             Counter::Passed => "passed",
             Counter::DroppedNoBackend => "dropped_no_backend",
             Counter::Malformed => "malformed",
+            Counter::Rejected => "rejected",
+            Counter::SnatFailed => "snat_failed",
+            Counter::Redirected => "redirected",
+            Counter::RedirectFailed => "redirect_failed",
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Service frontends, their backend slot tables, and backends.
 //!
-//! A lookup on the packet path goes `ServiceKey -> ServiceEntry`, then
-//! `SlotKey { service_id, flow_hash % slot_count } -> BackendId`, then `BackendId -> Backend`.
-//! User space decides what every slot holds; the packet path only reads.
+//! A lookup on the packet path goes `ServiceKey -> ServiceEntry`, then slot
+//! `table_offset + flow_hash % table_size` of the slots array (a Maglev table) -> `BackendId`,
+//! then `BackendId -> Backend`. User space decides what every slot holds; the packet path only
+//! reads.
 
 use crate::user_pod;
 
@@ -28,32 +29,36 @@ impl ServiceKey {
     }
 }
 
-/// What a frontend translates to. Written last when a service is added and first when it shrinks,
-/// so the packet path never sees a slot count that points past written slots.
+/// What a frontend translates to. Written after its slot table is complete, so the packet path
+/// never sees a table that is only partly written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceEntry {
-    /// Identifies this frontend's slot table; also the key for future reverse-NAT lookups.
+    /// Identifies the frontend in the conntrack and the affinity map.
     pub service_id: u32,
-    /// Number of slots in the table; 0 means the service has no backends.
-    pub slot_count: u32,
-    /// Reserved for per-service behaviour bits (`SERVICE_FLAG_*`); none are defined yet.
-    pub flags: u32,
+    /// First slot of this frontend's Maglev table in the slots array.
+    pub table_offset: u32,
+    /// Slots in the table (a prime); 0 means the frontend has no backends.
+    pub table_size: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u16,
+    pub _pad: u16,
     pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 24);
 
-/// One slot of a service's backend table.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub slot: u32,
-}
-const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+/// The frontend address is one of this node's own (a NodePort): a reply rewritten to come from it
+/// has a local source, which the kernel would drop as spoofed if routed, so it is redirected.
+pub const SERVICE_F_NODE_ADDRESS: u16 = 1 << 0;
+/// With no backend, answer a new flow with a TCP RST or ICMP port unreachable; otherwise drop.
+pub const SERVICE_F_REJECT: u16 = 1 << 1;
 
-/// Index of a backend in the backends map; a slot's value.
+/// Index of a backend in the backends map; what a slot holds. 0 is never used, so a slot that was
+/// never written reads as "no backend".
 pub type BackendId = u32;
+pub const NO_BACKEND: BackendId = 0;
 
 /// A backend endpoint: pod IP and target port.
 #[repr(C)]
@@ -61,18 +66,66 @@ pub type BackendId = u32;
 pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
-    pub _pad: u16,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
+/// The backend runs on another node: traffic from outside the node is SNATed to the node so the
+/// reply comes back through it.
+pub const BACKEND_F_REMOTE: u8 = 1 << 0;
+
 impl Backend {
-    pub const fn new(addr_be: u32, port_be: u16) -> Self {
+    pub const fn new(addr_be: u32, port_be: u16, flags: u8) -> Self {
         Self {
             addr_be,
             port_be,
+            flags,
             _pad: 0,
         }
     }
 }
 
-user_pod!(ServiceKey, ServiceEntry, SlotKey, Backend);
+/// `sessionAffinity: ClientIP`: the backend a client got last on a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: BackendId,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the client's last new flow.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Per-node settings the agent writes once (the single entry of the node map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The node address used for SNAT (external traffic to remote backends, hairpin); 0 = none,
+    /// and such traffic is dropped and counted instead.
+    pub snat_addr_be: u32,
+    /// SNAT source ports, inclusive, host order. Kept outside the kernel's ephemeral range so
+    /// they never collide with the node's own connections.
+    pub snat_port_first: u16,
+    pub snat_port_last: u16,
+    pub _reserved: [u32; 2],
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+
+user_pod!(
+    ServiceKey,
+    ServiceEntry,
+    Backend,
+    AffinityKey,
+    AffinityValue,
+    NodeConfig
+);

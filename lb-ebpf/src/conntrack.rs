@@ -1,54 +1,23 @@
-//! Conntrack reads and the one write the packet path makes: recording a new flow's backend.
+//! Conntrack lookups and the writes that record a new flow.
 
-use lb_common::conntrack::{CT_KIND_FORWARD, CT_KIND_REPLY, CtEntry, FlowKey};
+use aya_ebpf::bindings::BPF_NOEXIST;
+use lb_common::conntrack::{CtEntry, FlowKey};
 
-use crate::maps::{LB_CONNTRACK, lookup_ct};
+use crate::maps::{LB_CONNTRACK, lookup_lru};
 
-/// The backend an existing client -> service flow was pinned to.
 #[inline(always)]
-pub fn forward(flow: &FlowKey) -> Option<CtEntry> {
-    lookup_ct(flow).filter(|ct| ct.kind == CT_KIND_FORWARD)
+pub fn lookup(flow: &FlowKey) -> Option<CtEntry> {
+    lookup_lru(&LB_CONNTRACK, flow)
 }
 
-/// The service address a backend -> client reply must appear to come from.
+/// Records the reply direction. `exclusive` fails if the tuple is taken (claiming a SNAT port).
 #[inline(always)]
-pub fn reply(flow: &FlowKey) -> Option<CtEntry> {
-    lookup_ct(flow).filter(|ct| ct.kind == CT_KIND_REPLY)
+pub fn insert_reply(key: &FlowKey, entry: &CtEntry, exclusive: bool) -> Result<(), i32> {
+    let flags = if exclusive { BPF_NOEXIST as u64 } else { 0 };
+    LB_CONNTRACK.insert(key, entry, flags)
 }
 
-/// Records both directions of a new flow from `flow` (client -> service) to the backend.
-/// The reply entry is written first so a backend's answer is never seen before it can be reversed.
 #[inline(always)]
-pub fn create(
-    flow: &FlowKey,
-    service_id: u32,
-    backend_id: u32,
-    backend_addr_be: u32,
-    backend_port_be: u16,
-) -> Result<(), i32> {
-    let reply_key = FlowKey::new(
-        backend_addr_be,
-        flow.saddr_be,
-        backend_port_be,
-        flow.sport_be,
-        flow.proto,
-    );
-    let reply = CtEntry {
-        nat_addr_be: flow.daddr_be,
-        nat_port_be: flow.dport_be,
-        kind: CT_KIND_REPLY,
-        _pad: 0,
-        service_id,
-        backend_id,
-    };
-    LB_CONNTRACK.insert(&reply_key, &reply, 0)?;
-    let forward = CtEntry {
-        nat_addr_be: backend_addr_be,
-        nat_port_be: backend_port_be,
-        kind: CT_KIND_FORWARD,
-        _pad: 0,
-        service_id,
-        backend_id,
-    };
-    LB_CONNTRACK.insert(flow, &forward, 0)
+pub fn insert_forward(key: &FlowKey, entry: &CtEntry) -> Result<(), i32> {
+    LB_CONNTRACK.insert(key, entry, 0)
 }

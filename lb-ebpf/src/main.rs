@@ -5,19 +5,43 @@
 
 mod conntrack;
 mod headers;
+mod lb;
 mod maps;
 mod nat;
-mod pod_ingress;
+mod redirect;
+mod reject;
+mod service_path;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-/// tcx ingress on pod-facing interfaces: client -> service packets are translated to a backend,
-/// backend -> client replies are translated back to the service address.
-#[classifier]
-pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
-    let outcome = pod_ingress::process(&ctx);
+use crate::lb::Origin;
+
+#[inline(always)]
+fn run(ctx: &TcContext, origin: Origin) -> i32 {
+    let outcome = service_path::process(ctx, origin);
     maps::count(outcome.counter);
     outcome.verdict
+}
+
+/// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
+/// replies from local backends.
+#[classifier]
+pub fn lb_pod_ingress(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::Pod)
+}
+
+/// tcx ingress on external interfaces: NodePort, LoadBalancer and externalIP traffic from the
+/// network (SNATed to this node when the backend is elsewhere), and replies from other nodes.
+#[classifier]
+pub fn lb_external_ingress(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::External)
+}
+
+/// tcx egress on external interfaces: processes in the node's own namespace (hostNetwork pods)
+/// reaching Services.
+#[classifier]
+pub fn lb_host_egress(ctx: TcContext) -> i32 {
+    run(&ctx, Origin::Host)
 }
 
 #[cfg(not(test))]

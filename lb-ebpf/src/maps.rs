@@ -1,28 +1,34 @@
-//! The maps the packet path reads (and the conntrack and counters it writes). Layouts, names and
-//! capacities come from lb-common so user space sees exactly the same maps.
+//! The maps the packet path reads (and the conntrack, affinity and counters it writes). Layouts,
+//! names and capacities come from lb-common so user space sees exactly the same maps.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::{COUNTER_SLOTS, Counter},
-    maps::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS},
-    service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey},
+    maps::{MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, SLOTS_PER_ELEMENT},
+    service::{
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
+        ServiceKey,
+    },
 };
 
-// Maps written by user space use BPF_F_NO_PREALLOC: an update then swaps in a new element and frees
-// the old one after an RCU grace period, so a concurrent lookup sees the old or the new value,
-// never a half-written one.
+// Hash maps written by user space use BPF_F_NO_PREALLOC: an update then swaps in a new element
+// and frees the old one after an RCU grace period, so a concurrent lookup sees the old or the new
+// value, never a half-written one. Slots are single u32s, written atomically in place.
 
 #[map(name = "LB_SERVICES")]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceEntry> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
+/// Every frontend's Maglev table, back to back, two slots per element; user space writes it
+/// through mmap.
 #[map(name = "LB_SLOTS")]
-pub static LB_SLOTS: HashMap<SlotKey, BackendId> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+pub static LB_SLOTS: Array<[BackendId; SLOTS_PER_ELEMENT as usize]> =
+    Array::pinned(MAX_SLOTS / SLOTS_PER_ELEMENT, BPF_F_MMAPABLE);
 
 #[map(name = "LB_BACKENDS")]
 pub static LB_BACKENDS: HashMap<BackendId, Backend> =
@@ -30,6 +36,13 @@ pub static LB_BACKENDS: HashMap<BackendId, Backend> =
 
 #[map(name = "LB_CONNTRACK")]
 pub static LB_CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+
+#[map(name = "LB_AFFINITY")]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "LB_NODE")]
+pub static LB_NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 #[map(name = "LB_COUNTERS")]
 pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
@@ -52,7 +65,25 @@ pub fn lookup<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
 }
 
 #[inline(always)]
-pub fn lookup_ct(key: &FlowKey) -> Option<CtEntry> {
+pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
     // SAFETY: as in `lookup`: read once and copied out.
-    unsafe { LB_CONNTRACK.get(key).copied() }
+    unsafe { map.get(key).copied() }
+}
+
+/// The backend id in slot `index` of the slots array, if one was written.
+#[inline(always)]
+pub fn slot(index: u32) -> Option<BackendId> {
+    let pair = LB_SLOTS.get(index / SLOTS_PER_ELEMENT)?;
+    let id = if index % SLOTS_PER_ELEMENT == 0 {
+        pair[0]
+    } else {
+        pair[1]
+    };
+    (id != NO_BACKEND).then_some(id)
+}
+
+/// The node settings (all zero until the agent writes them).
+#[inline(always)]
+pub fn node_config() -> NodeConfig {
+    LB_NODE.get(0).copied().unwrap_or_default()
 }

@@ -8,69 +8,91 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::IPPROTO_UDP;
+use lb_common::{IPPROTO_UDP, conntrack::CtEntry};
 
 use crate::headers::{
     ETH_LEN, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
 };
 
-/// Which end of the packet to rewrite.
-#[derive(Clone, Copy)]
-pub enum End {
-    Source,
-    Destination,
-}
-
 pub struct RewriteFailed;
 
-/// Rewrites one end of `pkt` to `addr_be:port_be`, fixing the IPv4 and TCP/UDP checksums.
+/// Rewrites `pkt` to the addresses and ports `ct` says, fixing the IPv4 and TCP/UDP checksums.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    pkt: &Packet,
-    end: End,
-    addr_be: u32,
-    port_be: u16,
-) -> Result<(), RewriteFailed> {
-    let (old_addr, old_port, addr_off, port_off) = match end {
-        End::Source => (
-            pkt.saddr_be,
-            pkt.sport_be,
-            ETH_LEN + IPV4_SRC_OFF,
-            pkt.l4_off + L4_SPORT_OFF,
-        ),
-        End::Destination => (
-            pkt.daddr_be,
-            pkt.dport_be,
-            ETH_LEN + IPV4_DST_OFF,
-            pkt.l4_off + L4_DPORT_OFF,
-        ),
-    };
-    let l4_flags = if pkt.proto == IPPROTO_UDP {
+pub fn apply(ctx: &TcContext, pkt: &Packet, ct: &CtEntry) -> Result<(), RewriteFailed> {
+    rewrite_field(
+        ctx,
+        pkt,
+        ETH_LEN + IPV4_SRC_OFF,
+        pkt.saddr_be,
+        ct.new_saddr_be,
+    )?;
+    rewrite_field(
+        ctx,
+        pkt,
+        ETH_LEN + IPV4_DST_OFF,
+        pkt.daddr_be,
+        ct.new_daddr_be,
+    )?;
+    rewrite_port(
+        ctx,
+        pkt,
+        pkt.l4_off + L4_SPORT_OFF,
+        pkt.sport_be,
+        ct.new_sport_be,
+    )?;
+    rewrite_port(
+        ctx,
+        pkt,
+        pkt.l4_off + L4_DPORT_OFF,
+        pkt.dport_be,
+        ct.new_dport_be,
+    )
+}
+
+#[inline(always)]
+fn l4_flags(pkt: &Packet) -> u64 {
+    if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
-    };
-    let csum_off = pkt.l4_csum_off();
+    }
+}
 
-    if old_addr != addr_be {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            addr_be as u64,
-            l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
-        )
+#[inline(always)]
+fn rewrite_field(
+    ctx: &TcContext,
+    pkt: &Packet,
+    offset: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), RewriteFailed> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(
+        pkt.l4_csum_off(),
+        old as u64,
+        new as u64,
+        l4_flags(pkt) | BPF_F_PSEUDO_HDR as u64 | 4,
+    )
+    .map_err(|_| RewriteFailed)?;
+    ctx.l3_csum_replace(ETH_LEN + IPV4_CSUM_OFF, old as u64, new as u64, 4)
         .map_err(|_| RewriteFailed)?;
-        ctx.l3_csum_replace(ETH_LEN + IPV4_CSUM_OFF, old_addr as u64, addr_be as u64, 4)
-            .map_err(|_| RewriteFailed)?;
-        ctx.store(addr_off, &addr_be, 0)
-            .map_err(|_| RewriteFailed)?;
+    ctx.store(offset, &new, 0).map_err(|_| RewriteFailed)
+}
+
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    pkt: &Packet,
+    offset: usize,
+    old: u16,
+    new: u16,
+) -> Result<(), RewriteFailed> {
+    if old == new {
+        return Ok(());
     }
-    if old_port != port_be {
-        ctx.l4_csum_replace(csum_off, old_port as u64, port_be as u64, l4_flags | 2)
-            .map_err(|_| RewriteFailed)?;
-        ctx.store(port_off, &port_be, 0)
-            .map_err(|_| RewriteFailed)?;
-    }
-    Ok(())
+    ctx.l4_csum_replace(pkt.l4_csum_off(), old as u64, new as u64, l4_flags(pkt) | 2)
+        .map_err(|_| RewriteFailed)?;
+    ctx.store(offset, &new, 0).map_err(|_| RewriteFailed)
 }

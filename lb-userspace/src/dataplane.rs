@@ -1,12 +1,21 @@
 //! Writing the data-plane maps: a [`MapWriter`] trait with the BPF-backed implementation
 //! ([`BpfMaps`]) and an in-memory one ([`MapContents`]) that unit tests diff against.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
     counters::Counter,
-    service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey},
+    maps::{MAX_SLOTS, NODE_MAP},
+    service::{
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
+        ServiceKey,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -19,26 +28,64 @@ pub struct WriteError {
     pub source: Box<MapError>,
 }
 
-/// The operations the sync needs; each is one map write.
+/// A slot table's place in the slots array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableRange {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// The operations the sync needs; each is one map write (or, for slots, one store).
 pub trait MapWriter {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError>;
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError>;
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError>;
-    fn put_slot(&mut self, key: SlotKey, backend: BackendId) -> Result<(), WriteError>;
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), WriteError>;
+    /// Writes `(index within the table, backend)` pairs into the table at `range`.
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError>;
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
+    /// Forgets every session-affinity memory whose service id is not in `keep` or whose backend
+    /// is not among that service's backends any more.
+    fn forget_affinity(
+        &mut self,
+        keep: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError>;
 }
 
 /// The full contents of the service maps: what user space believes is programmed. Also the
 /// in-memory [`MapWriter`] used by tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
+    pub node: NodeConfig,
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
-    pub slots: BTreeMap<SlotKey, BackendId>,
+    /// Every table a service points at.
+    pub tables: BTreeMap<TableRange, Vec<BackendId>>,
     pub backends: BTreeMap<BackendId, Backend>,
 }
 
+impl MapContents {
+    /// The backend a frontend's slot `index` holds (what the packet path would read).
+    pub fn slot(&self, entry: &ServiceEntry, index: u32) -> Option<BackendId> {
+        let range = TableRange {
+            offset: entry.table_offset,
+            size: entry.table_size,
+        };
+        self.tables
+            .get(&range)
+            .and_then(|t| t.get(index as usize).copied())
+            .filter(|&id| id != NO_BACKEND)
+    }
+}
+
 impl MapWriter for MapContents {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.node = config;
+        Ok(())
+    }
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
         self.backends.insert(id, backend);
         Ok(())
@@ -47,12 +94,18 @@ impl MapWriter for MapContents {
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_slot(&mut self, key: SlotKey, backend: BackendId) -> Result<(), WriteError> {
-        self.slots.insert(key, backend);
-        Ok(())
-    }
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), WriteError> {
-        self.slots.remove(&key);
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        let table = self
+            .tables
+            .entry(range)
+            .or_insert_with(|| vec![NO_BACKEND; range.size as usize]);
+        for &(index, id) in changes {
+            table[index as usize] = id;
+        }
         Ok(())
     }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
@@ -63,13 +116,86 @@ impl MapWriter for MapContents {
         self.services.remove(&key);
         Ok(())
     }
+    fn forget_affinity(
+        &mut self,
+        _keep: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError> {
+        Ok(())
+    }
+}
+
+/// The slots array mapped into this process: slot writes and reads are plain memory accesses
+/// (one `bpf()` call per slot would make a 16381-slot table take milliseconds).
+pub struct MappedSlots {
+    base: NonNull<AtomicU32>,
+    len: usize,
+    // Keeps the map alive as long as the mapping.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; the pointer is valid for
+// the life of the value on any thread.
+unsafe impl Send for MappedSlots {}
+
+impl MappedSlots {
+    /// Maps the slots array (created with BPF_F_MMAPABLE) read-write.
+    pub fn new(map: MapData) -> Result<Self, std::io::Error> {
+        let len = MAX_SLOTS as usize;
+        let bytes = len * size_of::<u32>();
+        // SAFETY: mapping a BPF array fd that was created mmap-able, for its whole size; the
+        // result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            base: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
+            len,
+            _map: map,
+        })
+    }
+
+    fn cell(&self, index: u32) -> Option<&AtomicU32> {
+        let index = index as usize;
+        // SAFETY: `index < len`, so the pointer stays inside the mapping, which lives as long as
+        // `self`; AtomicU32 has the layout of the u32 the kernel stores.
+        (index < self.len).then(|| unsafe { &*self.base.as_ptr().add(index) })
+    }
+
+    pub fn get(&self, index: u32) -> Option<BackendId> {
+        self.cell(index).map(|c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, index: u32, id: BackendId) -> bool {
+        self.cell(index)
+            .map(|c| c.store(id, Ordering::Release))
+            .is_some()
+    }
+}
+
+impl Drop for MappedSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in `new`, no longer referenced.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len * size_of::<u32>()) };
+    }
 }
 
 /// The real maps, as loaded (and pinned) by the loader.
 pub struct BpfMaps {
     pub services: BpfHashMap<MapData, ServiceKey, ServiceEntry>,
-    pub slots: BpfHashMap<MapData, SlotKey, BackendId>,
+    pub slots: MappedSlots,
     pub backends: BpfHashMap<MapData, BackendId, Backend>,
+    pub affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    pub node: Array<MapData, NodeConfig>,
     pub counters: PerCpuArray<MapData, u64>,
 }
 
@@ -97,9 +223,24 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 impl BpfMaps {
     /// Reads back everything programmed, e.g. maps adopted from a previous run.
     pub fn read_contents(&self) -> Result<MapContents, MapError> {
+        let services: BTreeMap<ServiceKey, ServiceEntry> =
+            self.services.iter().collect::<Result<_, _>>()?;
+        let mut tables = BTreeMap::new();
+        for entry in services.values().filter(|e| e.table_size > 0) {
+            let range = TableRange {
+                offset: entry.table_offset,
+                size: entry.table_size,
+            };
+            tables.entry(range).or_insert_with(|| {
+                (range.offset..range.offset + range.size)
+                    .map(|i| self.slots.get(i).unwrap_or(NO_BACKEND))
+                    .collect()
+            });
+        }
         Ok(MapContents {
-            services: self.services.iter().collect::<Result<_, _>>()?,
-            slots: self.slots.iter().collect::<Result<_, _>>()?,
+            node: self.node.get(&0, 0)?,
+            services,
+            tables,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
         })
     }
@@ -116,6 +257,11 @@ impl BpfMaps {
 }
 
 impl MapWriter for BpfMaps {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.node
+            .set(0, config, 0)
+            .map_err(write_err("write", NODE_MAP, 0))
+    }
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
         self.backends.insert(id, backend, 0).map_err(write_err(
             "write",
@@ -130,19 +276,24 @@ impl MapWriter for BpfMaps {
             id,
         ))
     }
-    fn put_slot(&mut self, key: SlotKey, backend: BackendId) -> Result<(), WriteError> {
-        self.slots.insert(key, backend, 0).map_err(write_err(
-            "write",
-            lb_common::maps::SLOTS_MAP,
-            key,
-        ))
-    }
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), WriteError> {
-        ignore_missing(self.slots.remove(&key)).map_err(write_err(
-            "delete",
-            lb_common::maps::SLOTS_MAP,
-            key,
-        ))
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        for &(index, id) in changes {
+            if index >= range.size || !self.slots.set(range.offset + index, id) {
+                return Err(write_err(
+                    "write",
+                    lb_common::maps::SLOTS_MAP,
+                    (range, index),
+                )(MapError::OutOfBounds {
+                    index: range.offset + index,
+                    max_entries: MAX_SLOTS,
+                }));
+            }
+        }
+        Ok(())
     }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
         self.services.insert(key, entry, 0).map_err(write_err(
@@ -157,5 +308,29 @@ impl MapWriter for BpfMaps {
             lb_common::maps::SERVICES_MAP,
             key,
         ))
+    }
+    fn forget_affinity(
+        &mut self,
+        keep: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError> {
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                !keep
+                    .get(&k.service_id)
+                    .is_some_and(|ids| ids.contains(&v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            ignore_missing(self.affinity.remove(&key)).map_err(write_err(
+                "delete",
+                lb_common::maps::AFFINITY_MAP,
+                key,
+            ))?;
+        }
+        Ok(())
     }
 }

@@ -16,13 +16,17 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
-        BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-        MAX_SLOTS, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP,
+        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, EXTERNAL_INGRESS_PROGRAM,
+        HOST_EGRESS_PROGRAM, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS,
+        NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP,
+        SLOTS_PER_ELEMENT,
     },
-    service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey},
+    service::{
+        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
+    },
 };
 
-use crate::dataplane::BpfMaps;
+use crate::dataplane::{BpfMaps, MappedSlots};
 
 /// The packet path, built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -60,6 +64,12 @@ pub enum LoadError {
         #[source]
         source: Option<MapError>,
     },
+    #[error("cannot map {name} into memory (it must be created BPF_F_MMAPABLE)")]
+    MapSlots {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("program {name}: {action} failed")]
     Program {
         name: &'static str,
@@ -88,11 +98,17 @@ const fn expected<K, V>(name: &'static str, map_type: MapType, max_entries: u32)
     }
 }
 
-const EXPECTED_MAPS: [ExpectedMap; 5] = [
+const EXPECTED_MAPS: [ExpectedMap; 7] = [
     expected::<ServiceKey, ServiceEntry>(SERVICES_MAP, MapType::Hash, MAX_SERVICES),
-    expected::<SlotKey, BackendId>(SLOTS_MAP, MapType::Hash, MAX_SLOTS),
+    expected::<u32, [BackendId; SLOTS_PER_ELEMENT as usize]>(
+        SLOTS_MAP,
+        MapType::Array,
+        MAX_SLOTS / SLOTS_PER_ELEMENT,
+    ),
     expected::<BackendId, Backend>(BACKENDS_MAP, MapType::Hash, MAX_BACKENDS),
     expected::<FlowKey, CtEntry>(CONNTRACK_MAP, MapType::LruHash, MAX_CONNTRACK),
+    expected::<AffinityKey, AffinityValue>(AFFINITY_MAP, MapType::LruHash, MAX_AFFINITY),
+    expected::<u32, NodeConfig>(NODE_MAP, MapType::Array, 1),
     expected::<u32, u64>(COUNTERS_MAP, MapType::PerCpuArray, COUNTER_SLOTS),
 ];
 
@@ -173,12 +189,42 @@ pub fn pinned_counters(
         .collect()
 }
 
-struct Attachment {
-    ifindex: u32,
-    link: SchedClassifierLinkId,
+/// What an interface is to the node, which decides the programs it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterfaceRole {
+    /// Host side of a pod's veth: pod traffic to Services, replies from local backends.
+    Pod,
+    /// Towards the network: NodePort/LoadBalancer/externalIP traffic in, replies from other
+    /// nodes in, and the node's own processes reaching Services out.
+    External,
 }
 
-/// The loaded packet path: program, maps, and the interfaces it is attached to.
+/// Every tc program and where it attaches.
+const PROGRAMS: [(&str, TcAttachType, InterfaceRole); 3] = [
+    (
+        POD_INGRESS_PROGRAM,
+        TcAttachType::Ingress,
+        InterfaceRole::Pod,
+    ),
+    (
+        EXTERNAL_INGRESS_PROGRAM,
+        TcAttachType::Ingress,
+        InterfaceRole::External,
+    ),
+    (
+        HOST_EGRESS_PROGRAM,
+        TcAttachType::Egress,
+        InterfaceRole::External,
+    ),
+];
+
+struct Attachment {
+    ifindex: u32,
+    role: InterfaceRole,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+/// The loaded packet path: programs, maps, and the interfaces they are attached to.
 /// Dropping it detaches every interface; pinned maps (and their state) stay for the next run.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -200,6 +246,20 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
     })
 }
 
+fn take_slots(ebpf: &mut Ebpf) -> Result<MappedSlots, LoadError> {
+    let missing = LoadError::MissingMap {
+        name: SLOTS_MAP,
+        source: None,
+    };
+    match ebpf.take_map(SLOTS_MAP) {
+        Some(Map::Array(data)) => MappedSlots::new(data).map_err(|source| LoadError::MapSlots {
+            name: SLOTS_MAP,
+            source,
+        }),
+        _ => Err(missing),
+    }
+}
+
 impl Dataplane {
     /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`.
     pub fn load(bpffs_dir: &Path) -> Result<Self, LoadError> {
@@ -209,16 +269,21 @@ impl Dataplane {
             .default_map_pin_directory(&pin_dir)
             .load(EBPF_OBJECT)
             .map_err(LoadError::Load)?;
-        let program = Self::program_of(&mut ebpf)?;
-        program.load().map_err(|source| LoadError::Program {
-            name: POD_INGRESS_PROGRAM,
-            action: "load (verifier)".to_owned(),
-            source,
-        })?;
+        for (name, _, _) in PROGRAMS {
+            Self::program_of(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program {
+                    name,
+                    action: "load (verifier)".to_owned(),
+                    source,
+                })?;
+        }
         let maps = BpfMaps {
             services: take_map(&mut ebpf, SERVICES_MAP)?,
-            slots: take_map(&mut ebpf, SLOTS_MAP)?,
+            slots: take_slots(&mut ebpf)?,
             backends: take_map(&mut ebpf, BACKENDS_MAP)?,
+            affinity: take_map(&mut ebpf, AFFINITY_MAP)?,
+            node: take_map(&mut ebpf, NODE_MAP)?,
             counters: take_map(&mut ebpf, COUNTERS_MAP)?,
         };
         Ok(Self {
@@ -229,63 +294,91 @@ impl Dataplane {
         })
     }
 
-    fn program_of(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
-        let program = ebpf
-            .program_mut(POD_INGRESS_PROGRAM)
-            .ok_or_else(|| LoadError::Program {
-                name: POD_INGRESS_PROGRAM,
-                action: "lookup".to_owned(),
-                source: ProgramError::NotLoaded,
-            })?;
+    fn program_of<'e>(
+        ebpf: &'e mut Ebpf,
+        name: &'static str,
+    ) -> Result<&'e mut SchedClassifier, LoadError> {
+        let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+            name,
+            action: "lookup".to_owned(),
+            source: ProgramError::NotLoaded,
+        })?;
         program.try_into().map_err(|source| LoadError::Program {
-            name: POD_INGRESS_PROGRAM,
+            name,
             action: "type check".to_owned(),
             source,
         })
     }
 
-    /// The pod-ingress program, e.g. for BPF_PROG_TEST_RUN.
+    /// One of the tc programs by name (see lb_common::maps), e.g. for BPF_PROG_TEST_RUN.
+    pub fn program(&mut self, name: &'static str) -> &mut SchedClassifier {
+        Self::program_of(&mut self.ebpf, name).expect("every program is checked at load")
+    }
+
+    /// The pod-ingress program.
     pub fn pod_ingress(&mut self) -> &mut SchedClassifier {
-        Self::program_of(&mut self.ebpf).expect("checked at load")
+        self.program(POD_INGRESS_PROGRAM)
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
 
-    /// Interfaces the program is attached to.
+    /// Interfaces the programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
 
-    /// Attaches to `ifname`'s ingress (tcx). Re-attaches when the name now belongs to a new device.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<bool, LoadError> {
+    /// Attaches the programs for `role` to `ifname` (tcx). Re-attaches when the name now belongs
+    /// to a new device or its role changed. Returns whether anything was attached.
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        role: InterfaceRole,
+    ) -> Result<bool, LoadError> {
         if self
             .attached
             .get(ifname)
-            .is_some_and(|a| a.ifindex == ifindex)
+            .is_some_and(|a| a.ifindex == ifindex && a.role == role)
         {
             return Ok(false);
         }
         self.forget(ifname);
-        let link = self
-            .pod_ingress()
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| LoadError::Program {
-                name: POD_INGRESS_PROGRAM,
-                action: format!("attach to {ifname} ingress"),
-                source,
-            })?;
-        self.attached
-            .insert(ifname.to_owned(), Attachment { ifindex, link });
+        let mut attachment = Attachment {
+            ifindex,
+            role,
+            links: Vec::new(),
+        };
+        for (name, direction, for_role) in PROGRAMS {
+            if for_role != role {
+                continue;
+            }
+            match self.program(name).attach(ifname, direction) {
+                Ok(link) => attachment.links.push((name, link)),
+                Err(source) => {
+                    for (name, link) in attachment.links {
+                        let _ = self.program(name).detach(link);
+                    }
+                    return Err(LoadError::Program {
+                        name,
+                        action: format!("attach to {ifname} {direction:?}"),
+                        source,
+                    });
+                }
+            }
+        }
+        self.attached.insert(ifname.to_owned(), attachment);
         Ok(true)
     }
 
-    /// Detaches from `ifname`, if attached. A device that is already gone took its link with it.
+    /// Detaches from `ifname`, if attached. A device that is already gone took its links with it.
     pub fn forget(&mut self, ifname: &str) {
         if let Some(old) = self.attached.remove(ifname) {
-            // The link may already be gone with its device; either way it is no longer ours.
-            let _ = self.pod_ingress().detach(old.link);
+            for (name, link) in old.links {
+                // The link may already be gone with its device; either way it is no longer ours.
+                let _ = self.program(name).detach(link);
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use lb_userspace::{
     manifest,
     model::Severity,
     report,
-    translate::translate,
+    translate::{NodeContext, translate},
 };
 
 /// lb: an eBPF Kubernetes Service load balancer (a kube-proxy replacement).
@@ -33,6 +33,12 @@ enum Command {
         /// Multi-document YAML with Services and discovery.k8s.io/v1 EndpointSlices.
         #[arg(long)]
         manifests: PathBuf,
+        /// Translate as this node would (for `Local` traffic policies).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// A node address NodePorts answer on (repeatable).
+        #[arg(long = "node-address")]
+        node_addresses: Vec<std::net::Ipv4Addr>,
     },
 }
 
@@ -42,16 +48,55 @@ struct AgentArgs {
     /// instead of the API server. Changes to the file (and SIGHUP) are applied as a diff.
     #[arg(long)]
     manifests: PathBuf,
+    /// This node's name, as in EndpointSlice `nodeName` (for `Local` traffic policies). In a
+    /// DaemonSet, from the downward API.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Glob(s) naming the pod-facing interfaces (host side of pod veths), e.g. 'veth*' or
     /// 'lxc*,cali*'. Matching interfaces that appear later are attached too.
     #[arg(long, value_delimiter = ',', required = true)]
     pod_interfaces: Vec<String>,
+    /// Glob(s) naming the interfaces towards the network, e.g. 'eth0' or 'eth*,bond*'. NodePorts
+    /// answer on their IPv4 addresses; LoadBalancer and external IPs arriving there are served.
+    #[arg(long, value_delimiter = ',')]
+    external_interfaces: Vec<String>,
+    /// Source address for SNAT (external traffic to a backend on another node, hairpin).
+    /// Default: the first address of the first external interface.
+    #[arg(long)]
+    snat_address: Option<std::net::Ipv4Addr>,
+    /// SNAT source ports, FIRST-LAST. Keep them out of net.ipv4.ip_local_port_range
+    /// (32768-60999 by default) so they never collide with the node's own connections.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: std::ops::RangeInclusive<u16>,
+    /// What a new flow to a Service without endpoints gets: `reject` (TCP RST, ICMP port
+    /// unreachable, as kube-proxy) or `drop`.
+    #[arg(long, default_value = "reject", value_parser = ["reject", "drop"])]
+    no_endpoints: String,
     /// Directory on a BPF filesystem for pinned maps; they keep state across restarts.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs_dir: PathBuf,
     /// How often to look for manifest changes and new interfaces, in milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_interval_ms: u64,
+}
+
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not FIRST-LAST"))?;
+    let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (first, last) = (parse(first)?, parse(last)?);
+    if first == 0 || first > last {
+        return Err(format!("{first}-{last} is empty or starts at 0"));
+    }
+    Ok(first..=last)
+}
+
+fn globs(flag: &str, patterns: &[String]) -> anyhow::Result<Vec<glob::Pattern>> {
+    patterns
+        .iter()
+        .map(|g| glob::Pattern::new(g).with_context(|| format!("{flag} {g:?}")))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -74,14 +119,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => {
-            let pod_interfaces = args
-                .pod_interfaces
-                .iter()
-                .map(|g| glob::Pattern::new(g).with_context(|| format!("--pod-interfaces {g:?}")))
-                .collect::<anyhow::Result<Vec<_>>>()?;
             let config = AgentConfig {
                 manifests: args.manifests,
-                pod_interfaces,
+                node_name: args.node_name,
+                pod_interfaces: globs("--pod-interfaces", &args.pod_interfaces)?,
+                external_interfaces: globs("--external-interfaces", &args.external_interfaces)?,
+                snat_address: args.snat_address,
+                snat_ports: args.snat_ports,
+                reject_no_endpoints: args.no_endpoints == "reject",
                 bpffs_dir: args.bpffs_dir,
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
             };
@@ -99,11 +144,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Translate { manifests } => {
+        Command::Translate {
+            manifests,
+            node_name,
+            node_addresses,
+        } => {
             let text = std::fs::read_to_string(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
             let read = manifest::parse(&text, &manifests.display().to_string());
-            let desired = translate(&read.objects);
+            let node = NodeContext {
+                name: node_name,
+                addresses: node_addresses,
+            };
+            let desired = translate(&read.objects, &node);
             println!("{}", report::frontends_table(&desired));
             for skipped in &desired.unprogrammed {
                 println!("not programmed: {}: {}", skipped.service, skipped.reason);

@@ -10,6 +10,11 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Annotation overriding a Service's Maglev table size (a prime from
+/// [`lb_common::maglev::TABLE_SIZES`]; raised if too small for the number of backends).
+pub const MAGLEV_TABLE_SIZE_ANNOTATION: &str = "lb.rs/maglev-table-size";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API's default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -122,9 +127,23 @@ pub enum ServiceKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortSpec {
     /// The port's name; slices carry the same name for its endpoints' port ("" when unnamed).
+    /// Named target ports need nothing more: the EndpointSlice controller resolves them per pod
+    /// and writes the number into the slice port of the same name.
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// Opened on every node address (NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint in the cluster.
+    #[default]
+    Cluster,
+    /// Only endpoints on the node the traffic arrived at; the client source address is kept.
+    Local,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +154,16 @@ pub struct ServiceSpec {
     pub kind: ServiceKind,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePortSpec>,
+    /// `spec.externalIPs`: answered like a LoadBalancer IP, on every node.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, set by whatever implements the LoadBalancer.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// From [`MAGLEV_TABLE_SIZE_ANNOTATION`].
+    pub maglev_table_size: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +178,12 @@ pub struct EndpointSpec {
     pub addr: Ipv4Addr,
     /// `conditions.ready`; unset means ready, as the API documents.
     pub ready: bool,
+    /// `conditions.serving`; unset means the same as `ready`.
+    pub serving: bool,
+    /// `conditions.terminating`; unset means not terminating.
+    pub terminating: bool,
+    /// The node hosting the endpoint, for the `Local` traffic policies.
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +251,47 @@ impl Checker<'_> {
             None => {
                 self.error(field, "port is required");
                 None
+            }
+        }
+    }
+
+    /// An IPv4 address; an IPv6 one is left out with a warning, an invalid one is an error.
+    fn ipv4(&mut self, field: String, value: &str) -> Option<Ipv4Addr> {
+        match value.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => Some(v4),
+            Ok(std::net::IpAddr::V6(_)) => {
+                self.warn(
+                    field,
+                    format!("IPv6 address {value} is not supported by lb yet; left out"),
+                );
+                None
+            }
+            Err(_) => {
+                self.error(field, format!("{value:?} is not a valid IP address"));
+                None
+            }
+        }
+    }
+
+    /// Every IPv4 address of a list field (see [`Self::ipv4`]).
+    fn ipv4_list(&mut self, field: &str, values: &[String]) -> Vec<Ipv4Addr> {
+        values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| self.ipv4(format!("{field}[{i}]"), v))
+            .collect()
+    }
+
+    fn traffic_policy(&mut self, field: &str, value: Option<&str>) -> TrafficPolicy {
+        match value.unwrap_or("Cluster") {
+            "Cluster" => TrafficPolicy::Cluster,
+            "Local" => TrafficPolicy::Local,
+            other => {
+                self.error(
+                    field,
+                    format!("unknown traffic policy {other:?} (expected Cluster or Local)"),
+                );
+                TrafficPolicy::Cluster
             }
         }
     }
@@ -301,38 +377,125 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                     "clusterIP is required here (the API server normally allocates it)",
                 );
             } else {
-                for (i, ip) in ips.iter().enumerate() {
-                    match ip.parse::<std::net::IpAddr>() {
-                        Ok(std::net::IpAddr::V4(v4)) => cluster_ips.push(v4),
-                        Ok(std::net::IpAddr::V6(_)) => check.warn(
-                            format!("{field}[{i}]"),
-                            format!("IPv6 address {ip} is not supported by lb yet; left out"),
-                        ),
-                        Err(_) => check.error(
-                            format!("{field}[{i}]"),
-                            format!("{ip:?} is not a valid IP address"),
-                        ),
-                    }
-                }
+                cluster_ips = check.ipv4_list(field, &ips);
             }
         }
         other => check.error("spec.type", format!("unknown Service type {other:?}")),
     }
     let mut ports = Vec::new();
+    let mut external_ips = Vec::new();
+    let mut load_balancer_ips = Vec::new();
+    let has_node_ports = matches!(type_name.as_str(), "NodePort" | "LoadBalancer");
     if kind == ServiceKind::Virtual {
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let port = check.port(format!("spec.ports[{i}].port"), Some(p.port));
             let protocol =
                 check.protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref());
+            let node_port = match (has_node_ports, p.node_port) {
+                (true, Some(np)) => check.port(format!("spec.ports[{i}].nodePort"), Some(np)),
+                // A LoadBalancer may opt out with allocateLoadBalancerNodePorts: false.
+                (true, None) if type_name == "LoadBalancer" => None,
+                (true, None) => {
+                    check.error(
+                        format!("spec.ports[{i}].nodePort"),
+                        "nodePort is required for a NodePort Service (the API server normally allocates it)",
+                    );
+                    None
+                }
+                (false, Some(_)) => {
+                    check.warn(
+                        format!("spec.ports[{i}].nodePort"),
+                        format!("ignored: only NodePort and LoadBalancer Services open node ports, this is {type_name}"),
+                    );
+                    None
+                }
+                (false, None) => None,
+            };
             if let (Some(port), Some(protocol)) = (port, protocol) {
                 ports.push(ServicePortSpec {
                     name: p.name.clone().unwrap_or_default(),
                     port,
                     protocol,
+                    node_port,
                 });
             }
         }
+        external_ips = check.ipv4_list(
+            "spec.externalIPs",
+            spec.external_ips.as_deref().unwrap_or_default(),
+        );
+        if type_name == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for (i, entry) in ingress.into_iter().flatten().enumerate() {
+                // Hostname-only entries (some cloud LBs) have nothing for lb to program.
+                if let Some(ip) = &entry.ip {
+                    load_balancer_ips
+                        .extend(check.ipv4(format!("status.loadBalancer.ingress[{i}].ip"), ip));
+                }
+            }
+        }
     }
+    let external_traffic_policy = check.traffic_policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    );
+    let internal_traffic_policy = check.traffic_policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    );
+    let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => None,
+        "ClientIP" => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=86_400).contains(&t) => Some(t as u32),
+                Some(t) => {
+                    check.error(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-86400"),
+                    );
+                    None
+                }
+            }
+        }
+        other => {
+            check.error(
+                "spec.sessionAffinity",
+                format!("unknown session affinity {other:?} (expected None or ClientIP)"),
+            );
+            None
+        }
+    };
+    let maglev_table_size = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MAGLEV_TABLE_SIZE_ANNOTATION))
+        .and_then(|value| {
+            let field = format!("metadata.annotations[{MAGLEV_TABLE_SIZE_ANNOTATION:?}]");
+            match value.parse::<u32>() {
+                Ok(m) if lb_common::maglev::TABLE_SIZES.contains(&m) => Some(m),
+                _ => {
+                    check.warn(
+                        field,
+                        format!(
+                            "{value:?} is not one of the supported table sizes {:?}; using the default",
+                            lb_common::maglev::TABLE_SIZES
+                        ),
+                    );
+                    None
+                }
+            }
+        });
     let object = (!check.has_errors()).then(|| {
         Object::Service(ServiceSpec {
             id: id.clone(),
@@ -340,6 +503,12 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
             kind,
             cluster_ips,
             ports,
+            external_ips,
+            load_balancer_ips,
+            external_traffic_policy,
+            internal_traffic_policy,
+            affinity_timeout_s,
+            maglev_table_size,
         })
     });
     Validated {
@@ -397,10 +566,15 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
                     );
                     continue;
                 };
+                let conditions = ep.conditions.clone().unwrap_or_default();
+                let ready = conditions.ready.unwrap_or(true);
                 match addr.parse::<Ipv4Addr>() {
                     Ok(addr) => endpoints.push(EndpointSpec {
                         addr,
-                        ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                        ready,
+                        serving: conditions.serving.unwrap_or(ready),
+                        terminating: conditions.terminating.unwrap_or(false),
+                        node_name: ep.node_name.clone(),
                     }),
                     Err(_) => check.error(
                         format!("endpoints[{i}].addresses[0]"),

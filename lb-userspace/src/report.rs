@@ -2,20 +2,27 @@
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
-use crate::translate::Desired;
+use crate::{
+    model::TrafficPolicy,
+    translate::{Desired, FrontendPlan, WhenEmpty},
+};
 
-/// One row per frontend: where clients connect, which Service port it is, and the backends.
+/// One row per frontend: where clients connect, what kind of address it is, which Service port,
+/// the backends (`*` = on this node) and what shapes the choice.
 pub fn frontends_table(desired: &Desired) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(["FRONTEND", "SERVICE", "PORT NAME", "BACKENDS"]);
+    table.set_header(["FRONTEND", "KIND", "SERVICE", "PORT", "BACKENDS", "NOTES"]);
     for (frontend, plan) in &desired.frontends {
         let backends = if plan.backends.is_empty() {
-            "(none: traffic is dropped)".to_owned()
+            match plan.when_empty {
+                WhenEmpty::Reject => "(none: rejected)".to_owned(),
+                WhenEmpty::Drop => "(none on this node: dropped)".to_owned(),
+            }
         } else {
             plan.backends
                 .iter()
-                .map(ToString::to_string)
+                .map(|b| format!("{b}{}", if b.on_this_node { "*" } else { "" }))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -26,10 +33,33 @@ pub fn frontends_table(desired: &Desired) -> Table {
         };
         table.add_row([
             frontend.to_string(),
+            plan.kind.to_string(),
             format!("{}/{}", plan.service.namespace, plan.service.name),
             port_name.to_owned(),
             backends,
+            notes(plan),
         ]);
     }
     table
+}
+
+fn notes(plan: &FrontendPlan) -> String {
+    let mut notes = Vec::new();
+    if plan.policy == TrafficPolicy::Local {
+        notes.push(if plan.kind.is_external() {
+            "externalTrafficPolicy Local".to_owned()
+        } else {
+            "internalTrafficPolicy Local".to_owned()
+        });
+    }
+    if plan.terminating_fallback {
+        notes.push("terminating endpoints (none ready)".to_owned());
+    }
+    if let Some(timeout) = plan.affinity_timeout_s {
+        notes.push(format!("ClientIP affinity {timeout}s"));
+    }
+    if !plan.backends.is_empty() {
+        notes.push(format!("maglev {}", plan.table_size));
+    }
+    notes.join(", ")
 }

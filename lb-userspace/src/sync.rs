@@ -1,21 +1,28 @@
 //! Level-triggered sync: desired state (from translation) -> target map contents with stable ids
-//! -> the ordered writes that turn what is programmed into the target, and nothing more.
+//! and placed Maglev tables -> the ordered writes that turn what is programmed into the target,
+//! and nothing more.
 //!
-//! Write order keeps the packet path consistent at every instant:
-//! backends it will need are written first; a service's new slots are written before its entry
-//! grows to cover them, and its entry shrinks before slots beyond the new count are deleted; a
-//! removed service's entry goes before its slots; unused backends go last.
+//! Write order keeps the packet path consistent at every instant: backends a table will name are
+//! written first; then table slots (only the ones that change); then service entries, so an entry
+//! only ever points at a complete table; then removals; unused backends go last. A table that is
+//! no longer used is not reused until the next sync, so a packet that read the old entry a moment
+//! ago never reads a slot that already means something else.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    addr_be, port_be,
-    service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey},
+    addr_be, maglev,
+    maps::MAX_SLOTS,
+    port_be,
+    service::{
+        BACKEND_F_REMOTE, Backend, BackendId, NodeConfig, SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT,
+        ServiceEntry, ServiceKey,
+    },
 };
 
 use crate::{
-    dataplane::{MapContents, MapWriter, WriteError},
-    translate::{BackendAddr, Desired, Frontend},
+    dataplane::{MapContents, MapWriter, TableRange, WriteError},
+    translate::{BackendAddr, Desired, Frontend, FrontendKind, WhenEmpty},
 };
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -27,10 +34,33 @@ pub fn service_key(frontend: &Frontend) -> ServiceKey {
 }
 
 pub fn backend_value(backend: &BackendAddr) -> Backend {
-    Backend::new(addr_be(backend.addr.octets()), port_be(backend.port))
+    let flags = if backend.on_this_node {
+        0
+    } else {
+        BACKEND_F_REMOTE
+    };
+    Backend::new(addr_be(backend.addr.octets()), port_be(backend.port), flags)
 }
 
-/// How many map writes a sync made.
+/// Agent-wide choices that shape what is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Answer flows to Services without endpoints with a TCP RST / ICMP unreachable (kube-proxy's
+    /// behaviour); otherwise drop them.
+    pub reject_no_endpoints: bool,
+    pub node: NodeConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            reject_no_endpoints: true,
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+/// How many map writes a sync made (each changed slot counts as one).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub writes: usize,
@@ -43,10 +73,20 @@ impl SyncStats {
     }
 }
 
+/// What the maps should hold, plus frontends that found no room for their table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    pub contents: MapContents,
+    pub unplaced: Vec<Frontend>,
+}
+
 /// Owns the view of what is programmed and moves it towards what is desired.
 #[derive(Debug, Default)]
 pub struct Programmer {
     programmed: MapContents,
+    /// Tables freed by the last sync: not reused until the next one.
+    quarantine: Vec<TableRange>,
+    settings: Settings,
 }
 
 /// Applies each write to the maps, then to the mirror, so the mirror never claims a write that
@@ -69,23 +109,36 @@ macro_rules! tracked_op {
 }
 
 impl Tracked<'_> {
+    tracked_op!(put_node, writes, (config: NodeConfig));
     tracked_op!(put_backend, writes, (id: BackendId, backend: Backend));
     tracked_op!(delete_backend, deletes, (id: BackendId));
-    tracked_op!(put_slot, writes, (key: SlotKey, backend: BackendId));
-    tracked_op!(delete_slot, deletes, (key: SlotKey));
     tracked_op!(put_service, writes, (key: ServiceKey, entry: ServiceEntry));
     tracked_op!(delete_service, deletes, (key: ServiceKey));
+
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        // One slot at a time, so the mirror holds exactly the slots written if one fails.
+        for change in changes {
+            self.writer.put_slots(range, std::slice::from_ref(change))?;
+            self.mirror.put_slots(range, std::slice::from_ref(change))?;
+            self.stats.writes += 1;
+        }
+        Ok(())
+    }
 }
 
-/// The lowest ids not in `taken`, handed out in order.
+/// The lowest ids from `first` on that are not in `taken`, handed out in order.
 struct IdAllocator {
     taken: BTreeSet<u32>,
     next: u32,
 }
 
 impl IdAllocator {
-    fn new(taken: BTreeSet<u32>) -> Self {
-        Self { taken, next: 0 }
+    fn new(taken: BTreeSet<u32>, first: u32) -> Self {
+        Self { taken, next: first }
     }
 
     fn allocate(&mut self) -> u32 {
@@ -97,11 +150,58 @@ impl IdAllocator {
     }
 }
 
+/// A table's content: its size and the backends it spreads over (sorted ids).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TableContent {
+    size: u32,
+    backends: Vec<BackendId>,
+}
+
+/// First-fit placement of tables in the slots array, around ranges in use.
+struct SlotSpace {
+    used: BTreeMap<u32, u32>,
+}
+
+impl SlotSpace {
+    fn new(used: impl IntoIterator<Item = TableRange>) -> Self {
+        Self {
+            used: used.into_iter().map(|r| (r.offset, r.size)).collect(),
+        }
+    }
+
+    fn allocate(&mut self, size: u32) -> Option<TableRange> {
+        let mut start = 0u32;
+        for (&offset, &len) in &self.used {
+            if offset >= start && offset - start >= size {
+                break;
+            }
+            start = start.max(offset + len);
+        }
+        if MAX_SLOTS - start.min(MAX_SLOTS) < size {
+            return None;
+        }
+        self.used.insert(start, size);
+        Some(TableRange {
+            offset: start,
+            size,
+        })
+    }
+}
+
 impl Programmer {
     /// Starts from what the maps already hold (e.g. pinned by a previous run), so the first sync
     /// changes only what differs instead of flushing.
-    pub fn adopt(programmed: MapContents) -> Self {
-        Self { programmed }
+    pub fn adopt(programmed: MapContents, settings: Settings) -> Self {
+        Self {
+            programmed,
+            quarantine: Vec::new(),
+            settings,
+        }
+    }
+
+    /// New settings apply from the next sync.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
     }
 
     pub fn programmed(&self) -> &MapContents {
@@ -110,55 +210,97 @@ impl Programmer {
 
     /// The map contents `desired` maps to. Ids already programmed are kept for the same backend or
     /// frontend; new ones never reuse an id still programmed, so no in-use id changes meaning.
-    pub fn target(&self, desired: &Desired) -> MapContents {
+    /// Frontends with the same backends and table size share one table.
+    pub fn target(&self, desired: &Desired) -> Target {
         let existing_backends: BTreeMap<Backend, BackendId> = self
             .programmed
             .backends
             .iter()
             .map(|(id, b)| (*b, *id))
             .collect();
-        let mut backend_ids = IdAllocator::new(self.programmed.backends.keys().copied().collect());
+        let mut backend_ids =
+            IdAllocator::new(self.programmed.backends.keys().copied().collect(), 1);
         let mut service_ids = IdAllocator::new(
             self.programmed
                 .services
                 .values()
                 .map(|e| e.service_id)
                 .collect(),
+            1,
         );
 
-        let mut target = MapContents::default();
+        let mut target = Target {
+            contents: MapContents {
+                node: self.settings.node,
+                ..MapContents::default()
+            },
+            unplaced: Vec::new(),
+        };
         for backend in desired.backends() {
             let value = backend_value(&backend);
             let id = existing_backends
                 .get(&value)
                 .copied()
                 .unwrap_or_else(|| backend_ids.allocate());
-            target.backends.insert(id, value);
+            target.contents.backends.insert(id, value);
         }
-        let id_of: BTreeMap<Backend, BackendId> =
-            target.backends.iter().map(|(id, b)| (*b, *id)).collect();
+        let id_of: BTreeMap<Backend, BackendId> = target
+            .contents
+            .backends
+            .iter()
+            .map(|(id, b)| (*b, *id))
+            .collect();
+
+        let wants: BTreeMap<ServiceKey, TableContent> = desired
+            .frontends
+            .iter()
+            .filter(|(_, plan)| !plan.backends.is_empty())
+            .map(|(frontend, plan)| {
+                let mut backends: Vec<BackendId> = plan
+                    .backends
+                    .iter()
+                    .map(|b| id_of[&backend_value(b)])
+                    .collect();
+                backends.sort_unstable();
+                let content = TableContent {
+                    size: plan.table_size,
+                    backends,
+                };
+                (service_key(frontend), content)
+            })
+            .collect();
+        let placement = self.place_tables(&wants, &mut target.contents);
 
         for (frontend, plan) in &desired.frontends {
             let key = service_key(frontend);
+            let range = match wants.get(&key) {
+                None => Some(TableRange { offset: 0, size: 0 }),
+                Some(content) => placement.get(content).copied(),
+            };
+            let Some(range) = range else {
+                target.unplaced.push(*frontend);
+                continue;
+            };
             let service_id = match self.programmed.services.get(&key) {
                 Some(entry) => entry.service_id,
                 None => service_ids.allocate(),
             };
-            for (slot, backend) in plan.backends.iter().enumerate() {
-                let slot_key = SlotKey {
-                    service_id,
-                    slot: slot as u32,
-                };
-                target
-                    .slots
-                    .insert(slot_key, id_of[&backend_value(backend)]);
+            let mut flags = 0;
+            if plan.kind == FrontendKind::NodePort {
+                flags |= SERVICE_F_NODE_ADDRESS;
             }
-            target.services.insert(
+            if plan.when_empty == WhenEmpty::Reject && self.settings.reject_no_endpoints {
+                flags |= SERVICE_F_REJECT;
+            }
+            target.contents.services.insert(
                 key,
                 ServiceEntry {
                     service_id,
-                    slot_count: plan.backends.len() as u32,
-                    flags: 0,
+                    table_offset: range.offset,
+                    table_size: range.size,
+                    affinity_timeout_s: plan.affinity_timeout_s.unwrap_or(0),
+                    flags,
+                    _pad: 0,
                     _reserved: 0,
                 },
             );
@@ -166,13 +308,92 @@ impl Programmer {
         target
     }
 
-    /// Writes the difference between what is programmed and `desired`.
+    /// Decides where each distinct table lives and fills `contents.tables`. A table already
+    /// programmed is updated in place (writing only the slots that differ) when every frontend
+    /// using it wants the new content or is going away; otherwise the content gets a fresh range.
+    fn place_tables(
+        &self,
+        wants: &BTreeMap<ServiceKey, TableContent>,
+        contents: &mut MapContents,
+    ) -> BTreeMap<TableContent, TableRange> {
+        let mut users: BTreeMap<TableRange, Vec<ServiceKey>> = BTreeMap::new();
+        for (key, entry) in &self.programmed.services {
+            if entry.table_size > 0 {
+                users
+                    .entry(TableRange {
+                        offset: entry.table_offset,
+                        size: entry.table_size,
+                    })
+                    .or_default()
+                    .push(*key);
+            }
+        }
+        let distinct: BTreeSet<&TableContent> = wants.values().collect();
+        let mut placement = BTreeMap::new();
+        let mut claimed = BTreeSet::new();
+        for content in &distinct {
+            let reusable = users.iter().find(|(range, keys)| {
+                range.size == content.size
+                    && !claimed.contains(*range)
+                    && keys.iter().any(|k| wants.get(k) == Some(content))
+                    && keys
+                        .iter()
+                        .all(|k| wants.get(k).is_none_or(|w| w == *content))
+            });
+            if let Some((range, _)) = reusable {
+                claimed.insert(*range);
+                placement.insert((*content).clone(), *range);
+            }
+        }
+        let mut space = SlotSpace::new(
+            self.programmed
+                .tables
+                .keys()
+                .copied()
+                .chain(self.quarantine.iter().copied()),
+        );
+        for content in distinct {
+            if placement.contains_key(content) {
+                continue;
+            }
+            if let Some(range) = space.allocate(content.size) {
+                placement.insert(content.clone(), range);
+            }
+        }
+        for (content, range) in &placement {
+            let table = maglev::build(
+                &content
+                    .backends
+                    .iter()
+                    .map(|id| {
+                        let b = contents.backends[id];
+                        maglev::backend_key(b.addr_be, b.port_be)
+                    })
+                    .collect::<Vec<_>>(),
+                content.size,
+            );
+            contents.tables.insert(
+                *range,
+                table
+                    .into_iter()
+                    .map(|i| content.backends[i as usize])
+                    .collect(),
+            );
+        }
+        placement
+    }
+
+    /// Writes the difference between what is programmed and `desired`. Returns the stats and
+    /// the frontends that could not be placed (out of slots).
     pub fn sync(
         &mut self,
         desired: &Desired,
         writer: &mut dyn MapWriter,
-    ) -> Result<SyncStats, WriteError> {
-        let target = self.target(desired);
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        let Target {
+            contents: target,
+            unplaced,
+        } = self.target(desired);
         let current = self.programmed.clone();
         let mut w = Tracked {
             writer,
@@ -180,63 +401,59 @@ impl Programmer {
             stats: SyncStats::default(),
         };
 
+        if current.node != target.node {
+            w.put_node(target.node)?;
+        }
         for (id, backend) in &target.backends {
             if current.backends.get(id) != Some(backend) {
                 w.put_backend(*id, *backend)?;
             }
         }
-
+        for (range, slots) in &target.tables {
+            let old = current.tables.get(range);
+            let changes: Vec<(u32, BackendId)> = slots
+                .iter()
+                .enumerate()
+                .filter(|(i, id)| old.and_then(|o| o.get(*i)) != Some(*id))
+                .map(|(i, id)| (i as u32, *id))
+                .collect();
+            if !changes.is_empty() {
+                w.put_slots(*range, &changes)?;
+            }
+        }
         for (key, entry) in &target.services {
-            let old = current.services.get(key);
-            let old_count = old.map_or(0, |e| e.slot_count);
-            let slots_of = |contents: &MapContents, count: u32| {
-                (0..count)
-                    .map(|slot| SlotKey {
-                        service_id: entry.service_id,
-                        slot,
-                    })
-                    .filter_map(|k| contents.slots.get(&k).map(|b| (k, *b)))
-                    .collect::<Vec<_>>()
-            };
-            let shrinking = entry.slot_count < old_count;
-            if shrinking {
+            if current.services.get(key) != Some(entry) {
                 w.put_service(*key, *entry)?;
             }
-            for (slot_key, backend) in slots_of(&target, entry.slot_count) {
-                if current.slots.get(&slot_key) != Some(&backend) {
-                    w.put_slot(slot_key, backend)?;
-                }
-            }
-            if !shrinking && old != Some(entry) {
-                w.put_service(*key, *entry)?;
-            }
-            for (slot_key, _) in slots_of(&current, old_count)
-                .into_iter()
-                .skip(entry.slot_count as usize)
-            {
-                w.delete_slot(slot_key)?;
+        }
+        for key in current.services.keys() {
+            if !target.services.contains_key(key) {
+                w.delete_service(*key)?;
             }
         }
 
-        for (key, entry) in &current.services {
-            if target.services.contains_key(key) {
-                continue;
-            }
-            w.delete_service(*key)?;
-            for slot in 0..entry.slot_count {
-                w.delete_slot(SlotKey {
-                    service_id: entry.service_id,
-                    slot,
-                })?;
-            }
-        }
-
-        // Slots no service claims (e.g. left by an interrupted earlier run).
-        let live: BTreeSet<SlotKey> = target.slots.keys().copied().collect();
-        for key in current.slots.keys().filter(|k| !live.contains(k)) {
-            if w.mirror.slots.contains_key(key) {
-                w.delete_slot(*key)?;
-            }
+        // Affinity memories must not outlive their backend's membership in the service.
+        let backends_of = |contents: &MapContents| -> BTreeMap<u32, BTreeSet<BackendId>> {
+            contents
+                .services
+                .values()
+                .map(|e| {
+                    let range = TableRange {
+                        offset: e.table_offset,
+                        size: e.table_size,
+                    };
+                    let ids = contents
+                        .tables
+                        .get(&range)
+                        .map(|t| t.iter().copied().collect())
+                        .unwrap_or_default();
+                    (e.service_id, ids)
+                })
+                .collect()
+        };
+        let keep = backends_of(&target);
+        if keep != backends_of(&current) {
+            w.writer.forget_affinity(&keep)?;
         }
 
         for id in current.backends.keys() {
@@ -244,6 +461,16 @@ impl Programmer {
                 w.delete_backend(*id)?;
             }
         }
-        Ok(w.stats)
+        let stats = w.stats;
+        self.quarantine = current
+            .tables
+            .keys()
+            .filter(|r| !target.tables.contains_key(r))
+            .copied()
+            .collect();
+        self.programmed
+            .tables
+            .retain(|range, _| target.tables.contains_key(range));
+        Ok((stats, unplaced))
     }
 }

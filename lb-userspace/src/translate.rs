@@ -7,8 +7,11 @@ use std::{
     net::Ipv4Addr,
 };
 
+use lb_common::maglev;
+
 use crate::model::{
-    Object, ObjectRef, Problem, Protocol, ServiceKind, ServiceSpec, Severity, SliceSpec,
+    EndpointSpec, Object, ObjectRef, Problem, Protocol, ServiceKind, ServiceSpec, Severity,
+    SliceSpec, TrafficPolicy,
 };
 
 /// An address, port and protocol a client sends to.
@@ -30,6 +33,9 @@ impl fmt::Display for Frontend {
 pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The endpoint runs on the node being programmed (its `nodeName`). Traffic from outside to
+    /// a backend elsewhere is SNATed to the node so the reply comes back through it.
+    pub on_this_node: bool,
 }
 
 impl fmt::Display for BackendAddr {
@@ -38,13 +44,62 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+/// Which address family of a Service a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// `nodePort` on one of this node's addresses.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: `externalTrafficPolicy` applies.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "externalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// What a frontend does with a new flow when it has no backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenEmpty {
+    /// The Service has no usable endpoint anywhere: tell the client (TCP RST, ICMP unreachable),
+    /// as kube-proxy does.
+    Reject,
+    /// Endpoints exist but a `Local` policy rules them out on this node: drop silently, so an
+    /// external load balancer's health check sends clients elsewhere.
+    Drop,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendPlan {
     pub service: ObjectRef,
+    pub kind: FrontendKind,
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
     /// Sorted and free of duplicates, so the slot table is the same whatever the slice order.
     pub backends: Vec<BackendAddr>,
+    /// The backends are terminating ones, used because none is ready (KEP-1669).
+    pub terminating_fallback: bool,
+    pub when_empty: WhenEmpty,
+    /// Maglev table size (prime, at least 100 slots per backend).
+    pub table_size: u32,
+    /// `sessionAffinity: ClientIP` timeout.
+    pub affinity_timeout_s: Option<u32>,
+    /// The policy that chose the backends.
+    pub policy: TrafficPolicy,
 }
 
 /// Why a Service produced no frontends although it is valid.
@@ -52,6 +107,14 @@ pub struct FrontendPlan {
 pub struct Unprogrammed {
     pub service: ObjectRef,
     pub reason: String,
+}
+
+/// The node being programmed: its name (for `Local` policies) and the addresses its NodePorts
+/// answer on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    pub name: Option<String>,
+    pub addresses: Vec<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -72,7 +135,7 @@ impl Desired {
     }
 }
 
-pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Desired {
+pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeContext) -> Desired {
     let mut services: Vec<&ServiceSpec> = Vec::new();
     // (namespace, service name) -> slices
     let mut slices: BTreeMap<(&str, &str), Vec<&SliceSpec>> = BTreeMap::new();
@@ -115,11 +178,11 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Desired {
             .map(Vec::as_slice)
             .unwrap_or_default();
         for port in &svc.ports {
-            let backends = backends_for(svc_slices, &port.name, port.protocol);
-            for &addr in &svc.cluster_ips {
+            let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node);
+            let mut add = |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &str| {
                 let frontend = Frontend {
                     addr,
-                    port: port.port,
+                    port: port_number,
                     protocol: port.protocol,
                 };
                 if let Some(owner) = desired.frontends.get(&frontend) {
@@ -127,21 +190,67 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Desired {
                         severity: Severity::Error,
                         object: Some(svc.id.clone()),
                         location: "translation".to_owned(),
-                        field: "spec.clusterIP".to_owned(),
+                        field: field.to_owned(),
                         message: format!(
-                            "{frontend} is already used by {}; this port is left out",
-                            owner.service
+                            "{frontend} ({kind}) is already used by {} ({}); left out",
+                            owner.service, owner.kind
                         ),
                     });
-                    continue;
+                    return;
                 }
+                let policy = if kind.is_external() {
+                    svc.external_traffic_policy
+                } else {
+                    svc.internal_traffic_policy
+                };
+                let (backends, terminating_fallback) = endpoints.choose(policy);
+                let when_empty = if endpoints.any_usable() {
+                    WhenEmpty::Drop
+                } else {
+                    WhenEmpty::Reject
+                };
                 desired.frontends.insert(
                     frontend,
                     FrontendPlan {
                         service: svc.id.clone(),
+                        kind,
                         port_name: port.name.clone(),
-                        backends: backends.clone(),
+                        table_size: maglev::table_size(backends.len(), svc.maglev_table_size),
+                        backends,
+                        terminating_fallback,
+                        when_empty,
+                        affinity_timeout_s: svc.affinity_timeout_s,
+                        policy,
                     },
+                );
+            };
+            for &addr in &svc.cluster_ips {
+                add(FrontendKind::ClusterIp, addr, port.port, "spec.clusterIP");
+            }
+            if let Some(node_port) = port.node_port {
+                for &addr in &node.addresses {
+                    add(
+                        FrontendKind::NodePort,
+                        addr,
+                        node_port,
+                        "spec.ports.nodePort",
+                    );
+                }
+            }
+            for &addr in &svc.external_ips {
+                add(
+                    FrontendKind::ExternalIp,
+                    addr,
+                    port.port,
+                    "spec.externalIPs",
+                );
+            }
+            for &addr in &svc.load_balancer_ips {
+                add(
+                    FrontendKind::LoadBalancer,
+                    addr,
+                    port.port,
+                    "status.loadBalancer.ingress",
                 );
             }
         }
@@ -149,10 +258,60 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Desired {
     desired
 }
 
-/// The ready endpoints of every slice, at the slice port matching the Service port's name and
-/// protocol (the EndpointSlice controller writes the resolved target port there).
-fn backends_for(slices: &[&SliceSpec], port_name: &str, protocol: Protocol) -> Vec<BackendAddr> {
-    let mut backends = BTreeSet::new();
+/// One Service port's endpoints, as candidates for every traffic policy.
+struct PortEndpoints {
+    /// address -> (endpoint, target port)
+    all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)>,
+    node: Option<String>,
+}
+
+impl PortEndpoints {
+    fn on_this_node(&self, ep: &EndpointSpec) -> bool {
+        self.node.is_some() && ep.node_name == self.node
+    }
+
+    /// Ready endpoints allowed by `policy`; if there are none, the serving terminating ones
+    /// (KEP-1669: better a pod that is shutting down than a dropped connection).
+    fn choose(&self, policy: TrafficPolicy) -> (Vec<BackendAddr>, bool) {
+        let allowed = |ep: &EndpointSpec| policy == TrafficPolicy::Cluster || self.on_this_node(ep);
+        let pick = |wanted: &dyn Fn(&EndpointSpec) -> bool| -> Vec<BackendAddr> {
+            self.all
+                .values()
+                .filter(|(ep, _)| allowed(ep) && wanted(ep))
+                .map(|(ep, port)| BackendAddr {
+                    addr: ep.addr,
+                    port: *port,
+                    on_this_node: self.on_this_node(ep),
+                })
+                .collect()
+        };
+        let ready = pick(&|ep| ep.ready);
+        if !ready.is_empty() {
+            return (ready, false);
+        }
+        let terminating = pick(&|ep| ep.serving && ep.terminating);
+        let fallback = !terminating.is_empty();
+        (terminating, fallback)
+    }
+
+    /// Whether any endpoint anywhere could serve (before a `Local` policy narrows it down).
+    fn any_usable(&self) -> bool {
+        self.all
+            .values()
+            .any(|(ep, _)| ep.ready || (ep.serving && ep.terminating))
+    }
+}
+
+/// The endpoints of every slice at the slice port matching the Service port's name and protocol
+/// (the EndpointSlice controller writes the resolved target port there). An address listed twice
+/// (e.g. in two slices during an update) counts once, ready if either says so.
+fn endpoints_for(
+    slices: &[&SliceSpec],
+    port_name: &str,
+    protocol: Protocol,
+    node: &NodeContext,
+) -> PortEndpoints {
+    let mut all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)> = BTreeMap::new();
     for slice in slices {
         let Some(slice_port) = slice
             .ports
@@ -161,12 +320,17 @@ fn backends_for(slices: &[&SliceSpec], port_name: &str, protocol: Protocol) -> V
         else {
             continue;
         };
-        for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-            backends.insert(BackendAddr {
-                addr: ep.addr,
-                port: slice_port.port,
-            });
+        for ep in &slice.endpoints {
+            match all.get(&ep.addr) {
+                Some((seen, _)) if seen.ready || !ep.ready => {}
+                _ => {
+                    all.insert(ep.addr, (ep.clone(), slice_port.port));
+                }
+            }
         }
     }
-    backends.into_iter().collect()
+    PortEndpoints {
+        all,
+        node: node.name.clone(),
+    }
 }

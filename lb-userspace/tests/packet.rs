@@ -7,80 +7,254 @@
 
 mod support;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::{conntrack::FlowKey, counters::Counter, hash::slot_for};
+use etherparse::{
+    IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice,
+    icmpv4::DestUnreachableHeader,
+};
+use lb_common::{
+    conntrack::FlowKey,
+    counters::Counter,
+    hash::{flow_hash, slot_for},
+    maglev,
+    maps::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    service::NodeConfig,
+};
+use lb_userspace::{sync::Settings, translate::NodeContext};
 use support::{LoadedPath, privileged};
+use xtask::netns::Netns;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const EMPTY_VIP: [u8; 4] = [10, 96, 0, 20];
+const SELF_VIP: [u8; 4] = [10, 96, 0, 40];
+const STICKY_VIP: [u8; 4] = [10, 96, 0, 50];
 const POD_A: [u8; 4] = [10, 244, 1, 11];
 const POD_B: [u8; 4] = [10, 244, 1, 12];
 const POD_C: [u8; 4] = [10, 244, 1, 13];
 const POD_D: [u8; 4] = [10, 244, 1, 14];
+const REMOTE_POD: [u8; 4] = [10, 244, 2, 11];
+const NODE: [u8; 4] = [172, 30, 0, 11];
+const NODE2: [u8; 4] = [172, 30, 0, 12];
+const OUTSIDE: [u8; 4] = [172, 30, 0, 100];
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+/// The node's external interface and the neighbours the FIB resolves through it.
+const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 12];
+const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 100];
+/// The node's side of the pods' link, and pod A's MAC.
+const POD_LINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const POD_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 11];
+const SNAT_PORTS: (u16, u16) = (61000, 65535);
 
-fn manifest(backends: &[[u8; 4]]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|b| format!("  - addresses: [\"{}\"]\n", Ipv4Addr::from(*b)))
-        .collect();
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{ name: web, namespace: t }}
-spec:
-  clusterIP: {vip}
-  ports:
-  - {{ name: http, port: 80, protocol: TCP }}
-  - {{ name: dns, port: 53, protocol: UDP }}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: t
-  labels: {{ kubernetes.io/service-name: web }}
-addressType: IPv4
-ports:
-- {{ name: http, port: 8080, protocol: TCP }}
-- {{ name: dns, port: 5353, protocol: UDP }}
-endpoints:
-{endpoints}
----
-apiVersion: v1
-kind: Service
-metadata: {{ name: empty, namespace: t }}
-spec:
-  clusterIP: {empty}
-  ports:
-  - {{ port: 80 }}
-"#,
-        vip = Ipv4Addr::from(VIP),
-        empty = Ipv4Addr::from(EMPTY_VIP),
-    )
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
-/// Which backend (of the sorted list) the shared flow hash picks for a client -> VIP flow.
-fn predicted_backend(backends: &[[u8; 4]], sport: u16, dport: u16, proto: u8) -> [u8; 4] {
-    let mut sorted = backends.to_vec();
-    sorted.sort();
+fn ip(a: [u8; 4]) -> String {
+    Ipv4Addr::from(a).to_string()
+}
+
+/// A network namespace holding the node's routes and neighbours, so the FIB lookups the packet
+/// path makes for redirects have known answers. Nothing in it is linked anywhere else.
+struct PacketNetns {
+    ns: Netns,
+}
+
+impl PacketNetns {
+    fn new() -> Self {
+        let ns = Netns::create(&format!(
+            "{}{}-pkt",
+            xtask::cleanup::NETNS_PREFIX,
+            std::process::id()
+        ))
+        .expect("create the packet-test namespace");
+        let run = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
+        run(&[
+            "link",
+            "add",
+            "ext0",
+            "address",
+            &mac(EXT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ext0p",
+        ]);
+        run(&[
+            "link",
+            "add",
+            "pod0",
+            "address",
+            &mac(POD_LINK_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pod0p",
+        ]);
+        for dev in ["ext0", "ext0p", "pod0", "pod0p"] {
+            run(&["link", "set", dev, "up"]);
+        }
+        run(&["addr", "add", &format!("{}/24", ip(NODE)), "dev", "ext0"]);
+        run(&["route", "add", "10.244.1.0/24", "dev", "pod0"]);
+        run(&["route", "add", "10.244.2.0/24", "via", &ip(NODE2)]);
+        for (addr, m, dev) in [
+            (NODE2, NODE2_MAC, "ext0"),
+            (OUTSIDE, OUTSIDE_MAC, "ext0"),
+            (POD_A, POD_A_MAC, "pod0"),
+        ] {
+            run(&[
+                "neigh",
+                "add",
+                &ip(addr),
+                "lladdr",
+                &mac(m),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        ns.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
+        Self { ns }
+    }
+
+    fn ifindex(&self, dev: &'static str) -> u32 {
+        self.ns
+            .run(move || nix::net::if_::if_nametoindex(dev).expect("ifindex"))
+            .unwrap()
+    }
+}
+
+fn manifest(backends: &[[u8; 4]]) -> String {
+    let endpoints = |pods: &[[u8; 4]], node: &str| -> String {
+        pods.iter()
+            .map(|b| format!("  - {{ addresses: [\"{}\"], nodeName: {node} }}\n", ip(*b)))
+            .collect()
+    };
+    let slice = |name: &str, service: &str, eps: String| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: {name}, namespace: t, labels: {{ kubernetes.io/service-name: {service} }} }}\n\
+             addressType: IPv4\nports:\n- {{ name: http, port: 8080, protocol: TCP }}\n- {{ name: dns, port: 5353, protocol: UDP }}\nendpoints:\n{eps}---\n"
+        )
+    };
+    let service = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: t }}\nspec:\n{extra}  ports:\n  - {{ name: http, port: 80, protocol: TCP, nodePort: NP }}\n  - {{ name: dns, port: 53, protocol: UDP, nodePort: NPU }}\n---\n"
+        )
+    };
+    let mut yaml = String::new();
+    yaml += &service("web", &format!("  clusterIP: {}\n", ip(VIP)))
+        .replace(", nodePort: NPU", "")
+        .replace(", nodePort: NP", "");
+    yaml += &slice("web-1", "web", endpoints(backends, "node-1"));
+    yaml += &service("empty", &format!("  clusterIP: {}\n", ip(EMPTY_VIP)))
+        .replace(", nodePort: NPU", "")
+        .replace(", nodePort: NP", "");
+    yaml += &service("self", &format!("  clusterIP: {}\n", ip(SELF_VIP)))
+        .replace(", nodePort: NPU", "")
+        .replace(", nodePort: NP", "");
+    yaml += &slice("self-1", "self", endpoints(&[POD_A], "node-1"));
+    yaml += &service("sticky", &format!("  clusterIP: {}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{ clientIP: {{ timeoutSeconds: 1 }} }}\n", ip(STICKY_VIP))).replace(", nodePort: NPU", "").replace(", nodePort: NP", "");
+    yaml += &slice("sticky-1", "sticky", endpoints(&[POD_A, POD_B], "node-1"));
+    // NodePort 30080 with its only endpoint on node-2; 30081 is Local with one on this node.
+    yaml += &service("remote", "  type: NodePort\n  clusterIP: 10.96.0.30\n")
+        .replace("NPU", "30053")
+        .replace("NP", "30080");
+    yaml += &slice("remote-1", "remote", endpoints(&[REMOTE_POD], "node-2"));
+    yaml += &service(
+        "local",
+        "  type: NodePort\n  clusterIP: 10.96.0.31\n  externalTrafficPolicy: Local\n",
+    )
+    .replace("NPU", "30054")
+    .replace("NP", "30081");
+    yaml += &slice("local-1", "local", endpoints(&[POD_A], "node-1"));
+    // Local too, but its only endpoint is on node-2: this node must not forward.
+    yaml += &service(
+        "elsewhere",
+        "  type: NodePort\n  clusterIP: 10.96.0.32\n  externalTrafficPolicy: Local\n",
+    )
+    .replace("NPU", "30055")
+    .replace("NP", "30082");
+    yaml += &slice(
+        "elsewhere-1",
+        "elsewhere",
+        endpoints(&[REMOTE_POD], "node-2"),
+    );
+    yaml
+}
+
+fn node_context() -> NodeContext {
+    NodeContext {
+        name: Some("node-1".to_owned()),
+        addresses: vec![Ipv4Addr::from(NODE)],
+    }
+}
+
+fn provision(path: &mut LoadedPath, backends: &[[u8; 4]]) {
+    path.provision_as(&manifest(backends), &node_context());
+}
+
+/// Which of `backends` the Maglev table the agent builds gives a flow from `src:sport` to
+/// `dst:dport`.
+fn predicted(
+    backends: &[[u8; 4]],
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    proto: u8,
+) -> [u8; 4] {
+    let target_port: u16 = if proto == 6 { 8080 } else { 5353 };
+    let keys: Vec<u64> = backends
+        .iter()
+        .map(|b| maglev::backend_key(lb_common::addr_be(*b), target_port.to_be()))
+        .collect();
+    let table = maglev::build(&keys, maglev::DEFAULT_TABLE_SIZE);
     let flow = FlowKey::new(
-        lb_common::addr_be(CLIENT),
-        lb_common::addr_be(VIP),
+        lb_common::addr_be(src),
+        lb_common::addr_be(dst),
         sport.to_be(),
         dport.to_be(),
         proto,
     );
-    sorted[slot_for(&flow, sorted.len() as u32) as usize]
+    backends[table[slot_for(&flow, maglev::DEFAULT_TABLE_SIZE) as usize] as usize]
+}
+
+fn predicted_backend(backends: &[[u8; 4]], sport: u16, dport: u16, proto: u8) -> [u8; 4] {
+    predicted(backends, CLIENT, sport, VIP, dport, proto)
+}
+
+/// The SNAT port the packet path claims first for this client flow (free in a fresh conntrack).
+fn predicted_snat_port(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> u16 {
+    let flow = FlowKey::new(
+        lb_common::addr_be(src),
+        lb_common::addr_be(dst),
+        sport.to_be(),
+        dport.to_be(),
+        6,
+    );
+    let range = (SNAT_PORTS.1 - SNAT_PORTS.0) as u32 + 1;
+    SNAT_PORTS.0 + (flow_hash(&flow) % range) as u16
+}
+
+/// A client source port whose first choice on the sticky Service is `want`.
+fn sport_choosing(want: [u8; 4], from: u16) -> u16 {
+    (from..)
+        .find(|&sport| predicted(&[POD_A, POD_B], CLIENT, sport, STICKY_VIP, 80, 6) == want)
+        .unwrap()
 }
 
 struct Tcp {
@@ -187,34 +361,144 @@ fn assert_checksums_valid(description: &str, packet: &[u8]) {
     }
 }
 
+/// Replaces the MAC addresses, as a redirect through the FIB does.
+fn with_macs(mut packet: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    packet[..6].copy_from_slice(&dst);
+    packet[6..12].copy_from_slice(&src);
+    packet
+}
+
+/// The IPv4 header the packet path writes for an answer it makes up (DF, id 0, TTL 64).
+fn answer_header(src: [u8; 4], dst: [u8; 4], proto: etherparse::IpNumber) -> IpHeaders {
+    let mut ip = Ipv4Header::new(0, 64, proto, src, dst).unwrap();
+    ip.dont_fragment = true;
+    IpHeaders::Ipv4(ip, Default::default())
+}
+
+/// The reset answering a SYN (seq 1000) from `client:sport` to `service:dport`.
+fn tcp_reset(service: [u8; 4], dport: u16, client: [u8; 4], sport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ip(answer_header(service, client, etherparse::IpNumber::TCP))
+        .tcp(dport, sport, 0, 0)
+        .rst()
+        .ack(1001)
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+/// ICMP port unreachable from `service` quoting `offending`'s IPv4 header and first 8 bytes.
+fn port_unreachable(service: [u8; 4], client: [u8; 4], offending: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ip(answer_header(service, client, etherparse::IpNumber::ICMP))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, &offending[14..14 + 28])
+        .unwrap();
+    out
+}
+
 enum Expect {
     /// Verdict OK and the packet leaves exactly as this one (checksums included).
     Rewritten(Vec<u8>),
+    /// Redirected by the program (FIB or reject) and leaving exactly as this one.
+    Redirected(Vec<u8>),
     Unchanged,
     Dropped,
 }
 
+#[derive(Clone, Copy)]
+enum Entry {
+    /// Arrives from a local pod: the pod-ingress program on the pods' link.
+    FromPod,
+    /// Arrives from the network: the external-ingress program on the external interface.
+    FromNetwork,
+}
+
 struct Case {
     description: &'static str,
-    /// Backends to (re)program before this case, through translate + sync.
+    /// Backends of the `web` Service to (re)program before this case, through translate + sync.
     provision: Option<&'static [[u8; 4]]>,
+    entry: Entry,
+    /// Wait this long first (to let an affinity expire).
+    wait: Option<Duration>,
     input: Vec<u8>,
     expect: Expect,
     counters: &'static [(Counter, u64)],
 }
 
-fn run_case(path: &mut LoadedPath, case: &Case) {
-    if let Some(backends) = case.provision {
-        path.provision(&manifest(backends));
+impl Case {
+    fn new(
+        description: &'static str,
+        input: Vec<u8>,
+        expect: Expect,
+        counters: &'static [(Counter, u64)],
+    ) -> Self {
+        Self {
+            description,
+            provision: None,
+            entry: Entry::FromPod,
+            wait: None,
+            input,
+            expect,
+            counters,
+        }
     }
+
+    fn provision(self, backends: &'static [[u8; 4]]) -> Self {
+        Self {
+            provision: Some(backends),
+            ..self
+        }
+    }
+
+    fn arriving_from_network(self) -> Self {
+        Self {
+            entry: Entry::FromNetwork,
+            ..self
+        }
+    }
+
+    fn after(self, wait: Duration) -> Self {
+        Self {
+            wait: Some(wait),
+            ..self
+        }
+    }
+}
+
+/// A `__sk_buff` context that only sets `ifindex` (offset 40), so the program runs as if the
+/// packet arrived on that interface.
+fn skb_context(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
+    if let Some(backends) = case.provision {
+        provision(path, backends);
+    }
+    if let Some(wait) = case.wait {
+        std::thread::sleep(wait);
+    }
+    let (program, dev) = match case.entry {
+        Entry::FromPod => (POD_INGRESS_PROGRAM, "pod0"),
+        Entry::FromNetwork => (EXTERNAL_INGRESS_PROGRAM, "ext0"),
+    };
+    let ctx = skb_context(net.ifindex(dev));
     let before = path.counters();
     let mut out = vec![0u8; case.input.len() + 256];
     let result = path
         .dataplane
-        .pod_ingress()
+        .program(program)
         .test_run(TestRunOptions {
             data_in: Some(&case.input),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN failed: {e}", case.description));
@@ -222,24 +506,26 @@ fn run_case(path: &mut LoadedPath, case: &Case) {
     let after = path.counters();
 
     let show = |bytes: &[u8]| format!("{bytes:02x?}");
+    let expect_packet = |verdict: u32, want: &Vec<u8>| {
+        assert_eq!(
+            result.return_value, verdict,
+            "{}: verdict",
+            case.description
+        );
+        assert_eq!(
+            out,
+            *want,
+            "{}: output packet\n input    {}\n expected {}\n actual   {}",
+            case.description,
+            show(&case.input),
+            show(want),
+            show(&out)
+        );
+        assert_checksums_valid(case.description, &out);
+    };
     match &case.expect {
-        Expect::Rewritten(want) => {
-            assert_eq!(
-                result.return_value, TC_ACT_OK,
-                "{}: verdict",
-                case.description
-            );
-            assert_eq!(
-                out,
-                *want,
-                "{}: output packet\n input    {}\n expected {}\n actual   {}",
-                case.description,
-                show(&case.input),
-                show(want),
-                show(&out)
-            );
-            assert_checksums_valid(case.description, &out);
-        }
+        Expect::Rewritten(want) => expect_packet(TC_ACT_OK, want),
+        Expect::Redirected(want) => expect_packet(TC_ACT_REDIRECT, want),
         Expect::Unchanged => {
             assert_eq!(
                 result.return_value, TC_ACT_OK,
@@ -269,12 +555,32 @@ fn run_case(path: &mut LoadedPath, case: &Case) {
     assert_eq!(deltas, want, "{}: counter deltas", case.description);
 }
 
+fn load(test: &str) -> LoadedPath {
+    let mut path = LoadedPath::load(test);
+    path.programmer.set_settings(Settings {
+        reject_no_endpoints: true,
+        node: NodeConfig {
+            snat_addr_be: lb_common::addr_be(NODE),
+            snat_port_first: SNAT_PORTS.0,
+            snat_port_last: SNAT_PORTS.1,
+            _reserved: [0; 2],
+        },
+    });
+    path
+}
+
 #[test]
 fn packet_table() {
     if !privileged("packet_table") {
         return;
     }
-    let mut path = LoadedPath::load("packet-table");
+    // The program reads the FIB of the namespace the test runs in: use one with known routes.
+    let net = PacketNetns::new();
+    let ns_name = net.ns.name().to_owned();
+    let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("enter the test namespace");
+    let mut path = load("packet-table");
 
     const AB: &[[u8; 4]] = &[POD_A, POD_B];
     const CDE: &[[u8; 4]] = &[POD_C, POD_D, [10, 244, 1, 15]];
@@ -292,137 +598,217 @@ fn packet_table() {
     };
     // NOP, NOP, NOP, end of list: one extra 32-bit word, IHL 6.
     const OPTIONS: &[u8] = &[1, 1, 1, 0];
+    let snat_port = predicted_snat_port(OUTSIDE, 40100, NODE, 30080);
+    let first = sport_choosing(POD_A, 41000);
+    let other = sport_choosing(POD_B, 41000);
+    let later = sport_choosing(POD_B, other + 1);
+    let empty_udp = udp(CLIENT, 40011, EMPTY_VIP, 53, false);
 
     let cases = vec![
-        Case {
-            description: "TCP SYN to the ClusterIP is sent to the hashed backend",
-            provision: Some(AB),
-            input: tcp(plain(CLIENT, 40000, VIP, 80, true)),
-            expect: Expect::Rewritten(tcp(plain(CLIENT, 40000, syn_backend, 8080, true))),
-            counters: &[(Counter::Translated, 1)],
-        },
-        Case {
-            description: "a later packet of that flow keeps its backend after the backend set changed to others",
-            provision: Some(CDE),
-            input: tcp(plain(CLIENT, 40000, VIP, 80, false)),
-            expect: Expect::Rewritten(tcp(plain(CLIENT, 40000, syn_backend, 8080, false))),
-            counters: &[(Counter::Translated, 1)],
-        },
-        Case {
-            description: "the backend's reply is reverse-translated to come from the ClusterIP",
-            provision: None,
-            input: tcp(plain(syn_backend, 8080, CLIENT, 40000, false)),
-            expect: Expect::Rewritten(tcp(plain(VIP, 80, CLIENT, 40000, false))),
-            counters: &[(Counter::ReverseTranslated, 1)],
-        },
-        Case {
-            description: "UDP to the ClusterIP is translated with a correct checksum",
-            provision: Some(AB),
-            input: udp(CLIENT, 40001, VIP, 53, false),
-            expect: Expect::Rewritten(udp(CLIENT, 40001, udp_backend, 5353, false)),
-            counters: &[(Counter::Translated, 1)],
-        },
-        Case {
-            description: "UDP reply is reverse-translated",
-            provision: None,
-            input: udp(udp_backend, 5353, CLIENT, 40001, false),
-            expect: Expect::Rewritten(udp(VIP, 53, CLIENT, 40001, false)),
-            counters: &[(Counter::ReverseTranslated, 1)],
-        },
-        Case {
-            description: "UDP with checksum 0 is translated and its checksum stays 0",
-            provision: None,
-            input: udp(CLIENT, 40002, VIP, 53, true),
-            expect: Expect::Rewritten(udp(CLIENT, 40002, udp0_backend, 5353, true)),
-            counters: &[(Counter::Translated, 1)],
-        },
-        Case {
-            description: "TCP with IPv4 options finds the TCP header after them",
-            provision: None,
-            input: tcp(Tcp {
+        Case::new(
+            "TCP SYN to the ClusterIP is sent to the Maglev backend",
+            tcp(plain(CLIENT, 40000, VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40000, syn_backend, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(AB),
+        Case::new(
+            "a later packet of that flow keeps its backend after the backend set changed to others",
+            tcp(plain(CLIENT, 40000, VIP, 80, false)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40000, syn_backend, 8080, false))),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(CDE),
+        Case::new(
+            "the backend's reply is reverse-translated to come from the ClusterIP",
+            tcp(plain(syn_backend, 8080, CLIENT, 40000, false)),
+            Expect::Rewritten(tcp(plain(VIP, 80, CLIENT, 40000, false))),
+            &[(Counter::ReverseTranslated, 1)],
+        ),
+        Case::new(
+            "UDP to the ClusterIP is translated with a correct checksum",
+            udp(CLIENT, 40001, VIP, 53, false),
+            Expect::Rewritten(udp(CLIENT, 40001, udp_backend, 5353, false)),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(AB),
+        Case::new(
+            "UDP reply is reverse-translated",
+            udp(udp_backend, 5353, CLIENT, 40001, false),
+            Expect::Rewritten(udp(VIP, 53, CLIENT, 40001, false)),
+            &[(Counter::ReverseTranslated, 1)],
+        ),
+        Case::new(
+            "UDP with checksum 0 is translated and its checksum stays 0",
+            udp(CLIENT, 40002, VIP, 53, true),
+            Expect::Rewritten(udp(CLIENT, 40002, udp0_backend, 5353, true)),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "TCP with IPv4 options finds the TCP header after them",
+            tcp(Tcp {
                 ip_options: OPTIONS,
                 ..plain(CLIENT, 40003, VIP, 80, true)
             }),
-            expect: Expect::Rewritten(tcp(Tcp {
+            Expect::Rewritten(tcp(Tcp {
                 ip_options: OPTIONS,
                 ..plain(CLIENT, 40003, opt_backend, 8080, true)
             })),
-            counters: &[(Counter::Translated, 1)],
-        },
-        Case {
-            description: "traffic to a pod IP (not a service) passes unchanged",
-            provision: None,
-            input: tcp(plain(CLIENT, 40004, POD_A, 8080, true)),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Passed, 1)],
-        },
-        Case {
-            description: "the ClusterIP on a port the service does not have passes unchanged",
-            provision: None,
-            input: tcp(plain(CLIENT, 40005, VIP, 443, true)),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Passed, 1)],
-        },
-        Case {
-            description: "a non-first fragment to the ClusterIP passes unchanged",
-            provision: None,
-            input: later_fragment(),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Passed, 1)],
-        },
-        Case {
-            description: "IPv6 passes unchanged",
-            provision: None,
-            input: ipv6_packet(),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Passed, 1)],
-        },
-        Case {
-            description: "TCP header cut short is malformed and passes unchanged",
-            provision: None,
-            input: tcp(plain(CLIENT, 40006, VIP, 80, true))[..14 + 20 + 10].to_vec(),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Malformed, 1)],
-        },
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "traffic to a pod IP (not a service) passes unchanged",
+            tcp(plain(CLIENT, 40004, POD_A, 8080, true)),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
+        ),
+        Case::new(
+            "the ClusterIP on a port the service does not have passes unchanged",
+            tcp(plain(CLIENT, 40005, VIP, 443, true)),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
+        ),
+        Case::new(
+            "a non-first fragment to the ClusterIP passes unchanged",
+            later_fragment(),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
+        ),
+        Case::new(
+            "IPv6 passes unchanged",
+            ipv6_packet(),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
+        ),
+        Case::new(
+            "TCP header cut short is malformed and passes unchanged",
+            tcp(plain(CLIENT, 40006, VIP, 80, true))[..14 + 20 + 10].to_vec(),
+            Expect::Unchanged,
+            &[(Counter::Malformed, 1)],
+        ),
         // A frame cut inside the fixed 20-byte IPv4 header cannot be tested here: the kernel's
         // BPF_PROG_TEST_RUN rejects it (EINVAL) before the program runs. The two IHL cases
         // below reach the same "header runs past the packet" branch.
-        Case {
-            description: "IPv4 header length claiming options past the end is malformed and passes unchanged",
-            provision: None,
-            input: with_ihl(tcp(plain(CLIENT, 40009, VIP, 80, true)), 15),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Malformed, 1)],
-        },
-        Case {
-            description: "IPv4 header length below 5 words is malformed and passes unchanged",
-            provision: None,
-            input: with_ihl(tcp(plain(CLIENT, 40010, VIP, 80, true)), 4),
-            expect: Expect::Unchanged,
-            counters: &[(Counter::Malformed, 1)],
-        },
-        Case {
-            description: "a service with no backends drops and counts",
-            provision: None,
-            input: tcp(plain(CLIENT, 40008, EMPTY_VIP, 80, true)),
-            expect: Expect::Dropped,
-            counters: &[(Counter::DroppedNoBackend, 1)],
-        },
+        Case::new(
+            "IPv4 header length claiming options past the end is malformed and passes unchanged",
+            with_ihl(tcp(plain(CLIENT, 40009, VIP, 80, true)), 15),
+            Expect::Unchanged,
+            &[(Counter::Malformed, 1)],
+        ),
+        Case::new(
+            "IPv4 header length below 5 words is malformed and passes unchanged",
+            with_ihl(tcp(plain(CLIENT, 40010, VIP, 80, true)), 4),
+            Expect::Unchanged,
+            &[(Counter::Malformed, 1)],
+        ),
+        Case::new(
+            "TCP to a service with no endpoints is answered with a reset from the service",
+            tcp(plain(CLIENT, 40008, EMPTY_VIP, 80, true)),
+            Expect::Redirected(tcp_reset(EMPTY_VIP, 80, CLIENT, 40008)),
+            &[(Counter::Rejected, 1)],
+        ),
+        Case::new(
+            "UDP to a service with no endpoints is answered with ICMP port unreachable",
+            empty_udp.clone(),
+            Expect::Redirected(port_unreachable(EMPTY_VIP, CLIENT, &empty_udp)),
+            &[(Counter::Rejected, 1)],
+        ),
+        Case::new(
+            "NodePort from outside to a backend on another node: SNAT to this node, sent to node-2",
+            tcp(plain(OUTSIDE, 40100, NODE, 30080, true)),
+            Expect::Redirected(with_macs(
+                tcp(plain(NODE, snat_port, REMOTE_POD, 8080, true)),
+                NODE2_MAC,
+                EXT_MAC,
+            )),
+            &[(Counter::Translated, 1), (Counter::Redirected, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "its reply from node-2 is reverse-SNATed to the NodePort and sent to the client",
+            tcp(plain(REMOTE_POD, 8080, NODE, snat_port, false)),
+            Expect::Redirected(with_macs(
+                tcp(plain(NODE, 30080, OUTSIDE, 40100, false)),
+                OUTSIDE_MAC,
+                EXT_MAC,
+            )),
+            &[(Counter::ReverseTranslated, 1), (Counter::Redirected, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "NodePort with externalTrafficPolicy Local: DNAT only, the client address is kept",
+            tcp(plain(OUTSIDE, 40101, NODE, 30081, true)),
+            Expect::Rewritten(tcp(plain(OUTSIDE, 40101, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "the local pod's reply leaves from the NodePort, redirected to the client",
+            tcp(plain(POD_A, 8080, OUTSIDE, 40101, false)),
+            Expect::Redirected(with_macs(
+                tcp(plain(NODE, 30081, OUTSIDE, 40101, false)),
+                OUTSIDE_MAC,
+                EXT_MAC,
+            )),
+            &[(Counter::ReverseTranslated, 1), (Counter::Redirected, 1)],
+        ),
+        Case::new(
+            "NodePort with externalTrafficPolicy Local and no endpoint on this node: dropped",
+            tcp(plain(OUTSIDE, 40102, NODE, 30082, true)),
+            Expect::Dropped,
+            &[(Counter::DroppedNoBackend, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "hairpin: a pod reaching its own Service is SNATed to the node so it accepts the packet",
+            tcp(plain(POD_A, 40200, SELF_VIP, 80, true)),
+            Expect::Redirected(with_macs(
+                tcp(plain(
+                    NODE,
+                    predicted_snat_port(POD_A, 40200, SELF_VIP, 80),
+                    POD_A,
+                    8080,
+                    true,
+                )),
+                POD_A_MAC,
+                POD_LINK_MAC,
+            )),
+            &[(Counter::Translated, 1), (Counter::Redirected, 1)],
+        ),
+        Case::new(
+            "session affinity: a client's first connection picks by Maglev",
+            tcp(plain(CLIENT, first, STICKY_VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, first, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "session affinity: its next connection keeps that pod although Maglev would pick another",
+            tcp(plain(CLIENT, other, STICKY_VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, other, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "session affinity: after the timeout (1 s) a new connection is chosen afresh",
+            tcp(plain(CLIENT, later, STICKY_VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, later, POD_B, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .after(Duration::from_millis(1100)),
     ];
     for case in &cases {
-        run_case(&mut path, case);
+        run_case(&mut path, &net, case);
     }
     eprintln!("packet_table: {} cases passed", cases.len());
 }
 
-/// Many flows spread over both backends: the hash is used, not a fixed choice.
+/// Many flows spread over both backends exactly as the Maglev table says.
 #[test]
-fn new_flows_use_every_backend() {
-    if !privileged("new_flows_use_every_backend") {
+fn new_flows_follow_the_maglev_table() {
+    if !privileged("new_flows_follow_the_maglev_table") {
         return;
     }
-    let mut path = LoadedPath::load("spread");
-    path.provision(&manifest(&[POD_A, POD_B]));
+    let mut path = load("spread");
+    provision(&mut path, &[POD_A, POD_B]);
     let mut seen = BTreeMap::<[u8; 4], u32>::new();
     for sport in 20000..20200u16 {
         let input = tcp(Tcp {

@@ -1,17 +1,23 @@
-//! The diff-and-write logic against the in-memory maps: stable ids, minimal writes, and a write
-//! order under which the packet path never sees a half-written service. No root.
+//! The diff-and-write logic against the in-memory maps: stable ids, only changed slots written,
+//! and a write order under which the packet path never sees a half-written service. No root.
 
 use std::collections::BTreeSet;
 
-use lb_common::service::{Backend, BackendId, ServiceEntry, ServiceKey, SlotKey};
+use lb_common::{
+    maglev,
+    service::{Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry, ServiceKey},
+};
 use lb_userspace::{
-    dataplane::{MapContents, MapWriter, WriteError},
+    dataplane::{MapContents, MapWriter, TableRange, WriteError},
     manifest,
-    sync::{Programmer, SyncStats},
-    translate::{Desired, translate},
+    sync::{Programmer, Settings, SyncStats},
+    translate::{Desired, NodeContext, translate},
 };
 
-fn desired(services: &[(&str, &str, &[&str])]) -> Desired {
+/// Small tables keep the write counts readable (509 holds up to 5 backends at 100 slots each).
+const TABLE: u32 = 509;
+
+fn desired_sized(services: &[(&str, &str, &[&str])], table: u32) -> Desired {
     let mut yaml = String::new();
     for (name, vip, pods) in services {
         let endpoints: String = pods
@@ -19,32 +25,48 @@ fn desired(services: &[(&str, &str, &[&str])]) -> Desired {
             .map(|p| format!("  - addresses: [\"{p}\"]\n"))
             .collect();
         yaml += &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, annotations: {{lb.rs/maglev-table-size: \"{table}\"}}}}\n\
+             spec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  labels: {{kubernetes.io/service-name: {name}}}\n\
              addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}---\n"
         );
     }
     let read = manifest::parse(&yaml, "test");
     assert!(read.problems.is_empty(), "{:?}", read.problems);
-    translate(&read.objects)
+    translate(&read.objects, &NodeContext::default())
 }
 
-/// What the packet path can rely on at any instant: every service's slots [0, count) exist and
-/// point at backends that exist.
+fn desired(services: &[(&str, &str, &[&str])]) -> Desired {
+    desired_sized(services, TABLE)
+}
+
+/// The maps as the packet path can reach them: tables no service points at are left out (a
+/// writer never deletes them; the programmer forgets them).
+fn reachable(maps: &MapContents) -> MapContents {
+    let mut out = maps.clone();
+    let used: BTreeSet<TableRange> = maps
+        .services
+        .values()
+        .map(|e| TableRange {
+            offset: e.table_offset,
+            size: e.table_size,
+        })
+        .collect();
+    out.tables.retain(|r, _| used.contains(r));
+    out
+}
+
+/// What the packet path can rely on at any instant: every slot of every service's table holds
+/// a backend that exists.
 fn assert_consistent(maps: &MapContents, after: &str) {
     for (key, entry) in &maps.services {
-        for slot in 0..entry.slot_count {
-            let slot_key = SlotKey {
-                service_id: entry.service_id,
-                slot,
-            };
+        for index in 0..entry.table_size {
             let backend = maps
-                .slots
-                .get(&slot_key)
-                .unwrap_or_else(|| panic!("after {after}: {key:?} slot {slot} missing"));
+                .slot(entry, index)
+                .unwrap_or_else(|| panic!("after {after}: {key:?} slot {index} empty"));
             assert!(
-                maps.backends.contains_key(backend),
-                "after {after}: {key:?} slot {slot} -> missing backend {backend}"
+                maps.backends.contains_key(&backend),
+                "after {after}: {key:?} slot {index} -> missing backend {backend}"
             );
         }
     }
@@ -58,9 +80,9 @@ struct CheckingWriter {
 }
 
 impl CheckingWriter {
-    fn new(maps: MapContents) -> Self {
+    fn new() -> Self {
         Self {
-            maps,
+            maps: MapContents::default(),
             ops: 0,
             fail_at: None,
         }
@@ -83,6 +105,9 @@ impl CheckingWriter {
 }
 
 impl MapWriter for CheckingWriter {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.step("put_node", |m| m.node = config)
+    }
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
         self.step("put_backend", |m| {
             m.backends.insert(id, backend);
@@ -93,15 +118,18 @@ impl MapWriter for CheckingWriter {
             m.backends.remove(&id);
         })
     }
-    fn put_slot(&mut self, key: SlotKey, backend: BackendId) -> Result<(), WriteError> {
-        self.step("put_slot", |m| {
-            m.slots.insert(key, backend);
-        })
-    }
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), WriteError> {
-        self.step("delete_slot", |m| {
-            m.slots.remove(&key);
-        })
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        // One slot at a time, as the packet path may read between any two.
+        for &change in changes {
+            self.step("put_slot", |m| {
+                m.put_slots(range, &[change]).unwrap();
+            })?;
+        }
+        Ok(())
     }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
         self.step("put_service", |m| {
@@ -113,6 +141,12 @@ impl MapWriter for CheckingWriter {
             m.services.remove(&key);
         })
     }
+    fn forget_affinity(
+        &mut self,
+        _keep: &std::collections::BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError> {
+        Ok(())
+    }
 }
 
 const A: &str = "10.244.1.1";
@@ -120,27 +154,40 @@ const B: &str = "10.244.1.2";
 const C: &str = "10.244.1.3";
 const D: &str = "10.244.1.4";
 
+fn sync(programmer: &mut Programmer, want: &Desired, writer: &mut dyn MapWriter) -> SyncStats {
+    let (stats, unplaced) = programmer.sync(want, writer).expect("sync");
+    assert!(unplaced.is_empty(), "{unplaced:?}");
+    stats
+}
+
 #[test]
 fn first_sync_writes_everything_second_writes_nothing() {
     let want = desired(&[("web", "10.96.0.1", &[A, B]), ("api", "10.96.0.2", &[B, C])]);
     let mut programmer = Programmer::default();
-    let mut writer = CheckingWriter::new(MapContents::default());
-    let stats = programmer.sync(&want, &mut writer).unwrap();
-    // 3 backends (B shared), 4 slots, 2 services.
+    let mut writer = CheckingWriter::new();
+    let stats = sync(&mut programmer, &want, &mut writer);
+    // 3 backends (B shared), two full tables, 2 services.
     assert_eq!(
         stats,
         SyncStats {
-            writes: 9,
+            writes: 3 + 2 * TABLE as usize + 2,
             deletes: 0
         }
     );
     assert_eq!(writer.maps, *programmer.programmed());
-    assert_eq!(writer.maps, programmer.target(&want));
-    assert!(programmer.sync(&want, &mut writer).unwrap().is_empty());
+    assert_eq!(writer.maps, programmer.target(&want).contents);
+    assert!(sync(&mut programmer, &want, &mut writer).is_empty());
 }
 
 #[test]
-fn every_intermediate_state_is_consistent_through_grow_shrink_replace_and_delete() {
+fn frontends_with_the_same_backends_share_one_table() {
+    let want = desired(&[("web", "10.96.0.1", &[A, B]), ("www", "10.96.0.2", &[B, A])]);
+    let target = Programmer::default().target(&want).contents;
+    assert_eq!(target.tables.len(), 1, "{:?}", target.services);
+}
+
+#[test]
+fn every_intermediate_state_is_consistent_through_grow_shrink_resize_and_delete() {
     let steps = [
         desired(&[("web", "10.96.0.1", &[A, B]), ("api", "10.96.0.2", &[C])]),
         desired(&[
@@ -148,46 +195,70 @@ fn every_intermediate_state_is_consistent_through_grow_shrink_replace_and_delete
             ("api", "10.96.0.2", &[C]),
         ]),
         desired(&[("web", "10.96.0.1", &[D]), ("api", "10.96.0.2", &[A, C])]),
+        // A new table size moves the table to a new range.
+        desired_sized(
+            &[("web", "10.96.0.1", &[D]), ("api", "10.96.0.2", &[A, C])],
+            1021,
+        ),
         desired(&[("web", "10.96.0.1", &[]), ("new", "10.96.0.3", &[B])]),
         desired(&[]),
     ];
     let mut programmer = Programmer::default();
-    let mut writer = CheckingWriter::new(MapContents::default());
+    let mut writer = CheckingWriter::new();
     for want in &steps {
-        programmer.sync(want, &mut writer).unwrap();
-        assert_eq!(writer.maps, programmer.target(want));
+        sync(&mut programmer, want, &mut writer);
+        assert_eq!(reachable(&writer.maps), programmer.target(want).contents);
     }
     assert_eq!(
-        writer.maps,
+        reachable(&writer.maps),
         MapContents::default(),
         "everything removed at the end"
     );
 }
 
 #[test]
-fn removing_a_backend_touches_only_what_changed_and_keeps_ids() {
+fn removing_a_backend_writes_only_the_slots_that_change_and_keeps_ids() {
     let before = desired(&[("web", "10.96.0.1", &[A, B, C]), ("api", "10.96.0.2", &[A])]);
     let after = desired(&[("web", "10.96.0.1", &[A, C]), ("api", "10.96.0.2", &[A])]);
     let mut programmer = Programmer::default();
-    let mut writer = CheckingWriter::new(MapContents::default());
-    programmer.sync(&before, &mut writer).unwrap();
+    let mut writer = CheckingWriter::new();
+    sync(&mut programmer, &before, &mut writer);
     let old = writer.maps.clone();
-    let stats = programmer.sync(&after, &mut writer).unwrap();
-    // web: slot 1 now C, entry count 3 -> 2, slot 2 deleted; backend B deleted. api untouched.
+    let stats = sync(&mut programmer, &after, &mut writer);
+
+    // Exactly the slots whose Maglev owner differs are rewritten, in place; B goes last.
+    let key = |ip: &str| {
+        maglev::backend_key(
+            ip.parse::<std::net::Ipv4Addr>()
+                .map(|a| lb_common::addr_be(a.octets()))
+                .unwrap(),
+            8080u16.to_be(),
+        )
+    };
+    let owners = |ips: &[&str]| {
+        let keys: Vec<u64> = ips.iter().map(|ip| key(ip)).collect();
+        maglev::build(&keys, TABLE)
+            .into_iter()
+            .map(|i| keys[i as usize])
+            .collect::<Vec<_>>()
+    };
+    let changed = owners(&[A, B, C])
+        .iter()
+        .zip(owners(&[A, C]))
+        .filter(|(a, b)| **a != *b)
+        .count();
+    assert!(changed < TABLE as usize / 2, "{changed}");
     assert_eq!(
         stats,
         SyncStats {
-            writes: 2,
-            deletes: 2
+            writes: changed,
+            deletes: 1
         }
     );
-    let ids = |m: &MapContents| {
-        m.services
-            .values()
-            .map(|e| e.service_id)
-            .collect::<BTreeSet<_>>()
-    };
-    assert_eq!(ids(&old), ids(&writer.maps), "service ids are stable");
+    assert_eq!(
+        old.services, writer.maps.services,
+        "entries (ids, ranges) are stable"
+    );
     for (id, backend) in &writer.maps.backends {
         assert_eq!(
             old.backends.get(id),
@@ -198,15 +269,36 @@ fn removing_a_backend_touches_only_what_changed_and_keeps_ids() {
 }
 
 #[test]
+fn a_freed_range_is_not_reused_by_the_very_next_sync() {
+    let mut programmer = Programmer::default();
+    let mut maps = MapContents::default();
+    sync(
+        &mut programmer,
+        &desired(&[("web", "10.96.0.1", &[A])]),
+        &mut maps,
+    );
+    let first = maps.services.values().next().unwrap().table_offset;
+    // web goes away and api appears in the same sync: api must not land on web's old slots,
+    // which a packet may still be reading through web's old entry.
+    sync(
+        &mut programmer,
+        &desired(&[("api", "10.96.0.2", &[B])]),
+        &mut maps,
+    );
+    let second = maps.services.values().next().unwrap().table_offset;
+    assert_ne!(first, second);
+}
+
+#[test]
 fn adopting_programmed_maps_makes_the_same_desired_state_a_no_op() {
     let want = desired(&[("web", "10.96.0.1", &[A, B])]);
     let mut first = Programmer::default();
     let mut maps = MapContents::default();
-    first.sync(&want, &mut maps).unwrap();
+    sync(&mut first, &want, &mut maps);
     // A restarted agent reads the pinned maps back and adopts them.
-    let mut restarted = Programmer::adopt(maps.clone());
+    let mut restarted = Programmer::adopt(maps.clone(), Settings::default());
     assert!(
-        restarted.sync(&want, &mut maps).unwrap().is_empty(),
+        sync(&mut restarted, &want, &mut maps).is_empty(),
         "no flush, no rewrite"
     );
 }
@@ -216,16 +308,25 @@ fn a_failed_write_is_resumed_by_the_next_sync() {
     let start = desired(&[("web", "10.96.0.1", &[A, B])]);
     let want = desired(&[("web", "10.96.0.1", &[C, D]), ("api", "10.96.0.2", &[A])]);
     let mut programmer = Programmer::default();
-    let mut writer = CheckingWriter::new(MapContents::default());
-    programmer.sync(&start, &mut writer).unwrap();
-    writer.fail_at = Some(writer.ops + 3);
+    let mut writer = CheckingWriter::new();
+    sync(&mut programmer, &start, &mut writer);
+    writer.fail_at = Some(writer.ops + 40);
     assert!(programmer.sync(&want, &mut writer).is_err());
     assert_eq!(
-        writer.maps,
-        *programmer.programmed(),
+        reachable(&writer.maps),
+        reachable(programmer.programmed()),
         "the mirror holds exactly what was written"
     );
     writer.fail_at = None;
-    programmer.sync(&want, &mut writer).unwrap();
-    assert_eq!(writer.maps, programmer.target(&want));
+    sync(&mut programmer, &want, &mut writer);
+    assert_eq!(reachable(&writer.maps), programmer.target(&want).contents);
+    assert!(
+        writer
+            .maps
+            .tables
+            .values()
+            .flatten()
+            .all(|&id| id != NO_BACKEND),
+        "no table was left half-written"
+    );
 }

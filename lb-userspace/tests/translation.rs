@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use lb_userspace::{
     manifest,
     model::{Kind, Protocol, Severity},
-    translate::{BackendAddr, Desired, Frontend, translate},
+    translate::{BackendAddr, Desired, Frontend, FrontendKind, NodeContext, WhenEmpty, translate},
 };
 
 fn fixture(name: &str) -> String {
@@ -25,8 +25,37 @@ fn be(addr: [u8; 4], port: u16) -> BackendAddr {
     BackendAddr {
         addr: Ipv4Addr::from(addr),
         port,
+        on_this_node: false,
     }
 }
+
+fn local(addr: [u8; 4], port: u16) -> BackendAddr {
+    BackendAddr {
+        on_this_node: true,
+        ..be(addr, port)
+    }
+}
+
+fn example() -> Vec<lb_userspace::model::Object> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/services.yaml"
+    ))
+    .unwrap();
+    let read = manifest::parse(&text, "services.yaml");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    read.objects
+}
+
+fn node(name: &str, addresses: &[[u8; 4]]) -> NodeContext {
+    NodeContext {
+        name: Some(name.to_owned()),
+        addresses: addresses.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+    }
+}
+
+const NODE1: [u8; 4] = [172, 30, 0, 11];
+const NODE2: [u8; 4] = [172, 30, 0, 12];
 
 fn backends(desired: &Desired, frontend: Frontend) -> Vec<BackendAddr> {
     desired
@@ -43,34 +72,202 @@ fn backends(desired: &Desired, frontend: Frontend) -> Vec<BackendAddr> {
 }
 
 #[test]
-fn bundled_example_translates_to_clusterip_frontends() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/clusterip.yaml"
-    ))
-    .unwrap();
-    let read = manifest::parse(&text, "clusterip.yaml");
-    assert!(read.problems.is_empty(), "{:?}", read.problems);
-    let desired = translate(&read.objects);
-    assert_eq!(desired.frontends.len(), 3);
+fn bundled_example_has_every_frontend_kind_on_each_node() {
+    for (name, addr) in [("node-1", NODE1), ("node-2", NODE2)] {
+        let desired = translate(&example(), &node(name, &[addr]));
+        let kind = |a: [u8; 4], port: u16| desired.frontends[&fe(a, port, Protocol::Tcp)].kind;
+        assert_eq!(kind([10, 96, 0, 20], 80), FrontendKind::ClusterIp);
+        // NodePorts open on every node, also where the Service has no pod (web on node-1).
+        assert_eq!(kind(addr, 30080), FrontendKind::NodePort);
+        assert_eq!(kind(addr, 30090), FrontendKind::NodePort);
+        assert_eq!(kind([172, 30, 1, 10], 80), FrontendKind::LoadBalancer);
+        assert_eq!(kind([172, 30, 2, 10], 8080), FrontendKind::ExternalIp);
+        // A LoadBalancer Service is a ClusterIP and a NodePort too.
+        assert_eq!(kind([10, 96, 0, 30], 80), FrontendKind::ClusterIp);
+        assert_eq!(desired.frontends.len(), 18, "{name}");
+        let unprogrammed: Vec<_> = desired
+            .unprogrammed
+            .iter()
+            .map(|u| u.service.name.as_str())
+            .collect();
+        assert_eq!(unprogrammed, ["echo-headless", "upstream"]);
+    }
+}
+
+#[test]
+fn named_target_ports_and_multi_port_services_use_the_slice_ports() {
+    let desired = translate(&example(), &node("node-1", &[NODE1]));
     assert_eq!(
         backends(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
-        vec![be([10, 244, 1, 11], 8080), be([10, 244, 1, 12], 8080)]
+        vec![local([10, 244, 1, 11], 8080), be([10, 244, 2, 11], 8080)]
     );
     assert_eq!(
         backends(&desired, fe([10, 96, 0, 10], 53, Protocol::Udp)),
-        vec![be([10, 244, 1, 11], 5353), be([10, 244, 1, 12], 5353)]
+        vec![local([10, 244, 1, 11], 5353), be([10, 244, 2, 11], 5353)]
     );
-    assert!(backends(&desired, fe([10, 96, 0, 20], 80, Protocol::Tcp)).is_empty());
-    assert_eq!(desired.unprogrammed.len(), 1);
-    assert_eq!(desired.unprogrammed[0].service.name, "echo-headless");
-    assert!(desired.unprogrammed[0].reason.contains("headless"));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+    let web_local =
+        |desired: &Desired, addr| desired.frontends[&fe(addr, 30081, Protocol::Tcp)].clone();
+    let on1 = translate(&example(), &node("node-1", &[NODE1]));
+    assert_eq!(
+        web_local(&on1, NODE1).backends,
+        vec![local([10, 244, 1, 12], 8080)]
+    );
+    let on2 = translate(&example(), &node("node-2", &[NODE2]));
+    let plan = web_local(&on2, NODE2);
+    assert!(plan.backends.is_empty(), "node-2 has no local endpoint");
+    assert_eq!(
+        plan.when_empty,
+        WhenEmpty::Drop,
+        "endpoints exist elsewhere: drop, not reject"
+    );
+    // The ClusterIP of the same Service is internal traffic: every endpoint.
+    assert_eq!(
+        backends(&on2, fe([10, 96, 0, 21], 80, Protocol::Tcp)),
+        vec![be([10, 244, 1, 12], 8080)]
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+    for (name, addr, pod) in [
+        ("node-1", NODE1, [10, 244, 1, 12]),
+        ("node-2", NODE2, [10, 244, 2, 12]),
+    ] {
+        let desired = translate(&example(), &node(name, &[addr]));
+        assert_eq!(
+            backends(&desired, fe([10, 96, 0, 60], 53, Protocol::Udp)),
+            vec![local(pod, 5353)]
+        );
+    }
+}
+
+#[test]
+fn terminating_endpoints_are_a_fallback_only() {
+    let desired = translate(&example(), &node("node-1", &[NODE1]));
+    let plan = &desired.frontends[&fe([10, 96, 0, 70], 80, Protocol::Tcp)];
+    assert_eq!(
+        plan.backends,
+        vec![local([10, 244, 1, 12], 8080)],
+        "ready pod-b only"
+    );
+    assert!(!plan.terminating_fallback);
+    // Without the ready pod, the serving terminating one takes new connections.
+    let objects: Vec<_> = example()
+        .into_iter()
+        .map(|mut o| {
+            if let lb_userspace::model::Object::Slice(s) = &mut o {
+                s.endpoints
+                    .retain(|e| e.addr != Ipv4Addr::new(10, 244, 1, 12));
+            }
+            o
+        })
+        .collect();
+    let desired = translate(&objects, &node("node-1", &[NODE1]));
+    let plan = &desired.frontends[&fe([10, 96, 0, 70], 80, Protocol::Tcp)];
+    assert_eq!(plan.backends, vec![local([10, 244, 1, 11], 8080)]);
+    assert!(plan.terminating_fallback);
+}
+
+#[test]
+fn no_endpoints_rejects_affinity_and_table_size_come_through() {
+    let desired = translate(&example(), &node("node-1", &[NODE1]));
+    let idle = &desired.frontends[&fe([10, 96, 0, 80], 80, Protocol::Tcp)];
+    assert!(idle.backends.is_empty());
+    assert_eq!(idle.when_empty, WhenEmpty::Reject);
+    let sticky = &desired.frontends[&fe([10, 96, 0, 50], 53, Protocol::Udp)];
+    assert_eq!(sticky.affinity_timeout_s, Some(3));
+    assert_eq!(sticky.table_size, lb_common::maglev::DEFAULT_TABLE_SIZE);
+
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: small, namespace: t, annotations: {lb.rs/maglev-table-size: "1021"}}
+spec: {clusterIP: 10.96.9.1, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd, namespace: t, annotations: {lb.rs/maglev-table-size: "1000"}}
+spec: {clusterIP: 10.96.9.2, ports: [{port: 80}]}
+"#;
+    let read = manifest::parse(text, "t.yaml");
+    let warning = read
+        .problems
+        .iter()
+        .find(|p| p.object.as_ref().is_some_and(|o| o.name == "odd"))
+        .expect("a warning for odd");
+    assert_eq!(warning.severity, Severity::Warning);
+    assert!(warning.message.contains("1000"), "{warning}");
+    let desired = translate(&read.objects, &NodeContext::default());
+    let small = &desired.frontends[&fe([10, 96, 9, 1], 80, Protocol::Tcp)];
+    assert_eq!(small.table_size, 1021);
+    assert_eq!(
+        small.affinity_timeout_s,
+        Some(lb_userspace::model::DEFAULT_AFFINITY_TIMEOUT_S)
+    );
+    assert_eq!(
+        desired.frontends[&fe([10, 96, 9, 2], 80, Protocol::Tcp)].table_size,
+        16381
+    );
+}
+
+#[test]
+fn node_port_problems_are_reported() {
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: t}
+spec: {type: NodePort, clusterIP: 10.96.9.1, ports: [{port: 80, nodePort: 30001}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: t}
+spec: {type: NodePort, clusterIP: 10.96.9.2, ports: [{port: 80, nodePort: 30001}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c, namespace: t}
+spec: {type: NodePort, clusterIP: 10.96.9.3, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: d, namespace: t}
+spec: {type: LoadBalancer, clusterIP: 10.96.9.4, ports: [{port: 80}], externalTrafficPolicy: Sometimes}
+"#;
+    let read = manifest::parse(text, "t.yaml");
+    let error_for = |name: &str| {
+        read.errors()
+            .find(|p| p.object.as_ref().is_some_and(|o| o.name == name))
+            .unwrap_or_else(|| panic!("no error for {name}: {:#?}", read.problems))
+            .clone()
+    };
+    assert_eq!(error_for("c").field, "spec.ports[0].nodePort");
+    assert_eq!(error_for("d").field, "spec.externalTrafficPolicy");
+    let desired = translate(&read.objects, &node("node-1", &[NODE1]));
+    let conflict = &desired.problems[0];
+    assert_eq!(conflict.object.as_ref().unwrap().name, "b");
+    assert!(conflict.message.contains("t/a"), "{conflict}");
+    assert_eq!(
+        desired.frontends[&fe(NODE1, 30001, Protocol::Tcp)]
+            .service
+            .name,
+        "a"
+    );
+    assert!(
+        desired
+            .frontends
+            .contains_key(&fe([10, 96, 9, 2], 80, Protocol::Tcp)),
+        "b keeps its ClusterIP"
+    );
 }
 
 #[test]
 fn slices_merge_by_port_name_and_protocol_and_skip_unready() {
     let read = manifest::parse(&fixture("multi-slice.yaml"), "multi-slice.yaml");
-    let desired = translate(&read.objects);
+    let desired = translate(&read.objects, &NodeContext::default());
     // Two slices, one duplicate endpoint, one not ready: two distinct ready backends.
     assert_eq!(
         backends(&desired, fe([10, 96, 5, 5], 80, Protocol::Tcp)),
@@ -123,9 +320,9 @@ fn slices_merge_by_port_name_and_protocol_and_skip_unready() {
 #[test]
 fn translation_does_not_depend_on_object_order() {
     let read = manifest::parse(&fixture("multi-slice.yaml"), "multi-slice.yaml");
-    let forward = translate(&read.objects);
+    let forward = translate(&read.objects, &NodeContext::default());
     let reversed: Vec<_> = read.objects.iter().rev().cloned().collect();
-    assert_eq!(translate(&reversed), forward);
+    assert_eq!(translate(&reversed, &NodeContext::default()), forward);
 }
 
 #[test]
@@ -165,7 +362,7 @@ fn each_bad_object_is_reported_by_name_and_field_and_the_rest_is_programmed() {
 
     // Rejected whole, so a caller can keep their last good versions.
     assert_eq!(read.rejected.len(), 7, "{:?}", read.rejected);
-    let desired = translate(&read.objects);
+    let desired = translate(&read.objects, &NodeContext::default());
     assert_eq!(desired.frontends.len(), 1, "{:?}", desired.frontends);
     assert_eq!(
         backends(&desired, fe([10, 96, 0, 40], 80, Protocol::Tcp)),

@@ -33,6 +33,11 @@ pub fn register_netns(name: &str) {
     registry().netns.push(name.to_owned());
 }
 
+/// Takes a namespace off the cleanup list (it is meant to outlive this process).
+pub fn forget_netns(name: &str) {
+    registry().netns.retain(|n| n != name);
+}
+
 pub fn register_pin_dir(dir: PathBuf) {
     registry().pin_dirs.push(dir);
 }

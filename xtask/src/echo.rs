@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail};
 use crate::netns::Netns;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a pod keeps a silent connection open.
+const CONNECTION_IDLE: Duration = Duration::from_secs(30);
 
 /// A pod's TCP and UDP echo servers, stopped on drop.
 pub struct EchoServer {
@@ -63,19 +65,33 @@ fn answer(pod: &str, peer: SocketAddr) -> String {
 fn serve_tcp(listener: TcpListener, pod: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((mut conn, peer)) => {
-                let _ = conn.set_nonblocking(false);
-                let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
-                let mut line = String::new();
-                if BufReader::new(&conn).read_line(&mut line).is_ok() {
-                    let _ = conn.write_all(answer(pod, peer).as_bytes());
-                }
+            Ok((conn, peer)) => {
+                // One thread per connection: a client may keep it open across many lines.
+                let pod = pod.to_owned();
+                std::thread::spawn(move || serve_connection(conn, peer, &pod));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
+    }
+}
+
+/// Answers every line until the client closes (or stays silent for the idle timeout).
+fn serve_connection(mut conn: TcpStream, peer: SocketAddr, pod: &str) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(CONNECTION_IDLE));
+    let Ok(reader) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        if conn.write_all(answer(pod, peer).as_bytes()).is_err() {
+            break;
+        }
+        line.clear();
     }
 }
 
@@ -119,24 +135,56 @@ fn parse_reply(text: &str, answered_from: SocketAddr) -> anyhow::Result<Reply> {
     }
 }
 
+/// An open TCP connection to an echo pod (through a Service), for asking several times.
+pub struct Conversation {
+    conn: TcpStream,
+    reader: BufReader<TcpStream>,
+    target: SocketAddrV4,
+}
+
+impl Conversation {
+    /// Connects within `timeout`. Call from a thread inside the client's namespace.
+    pub fn open(target: SocketAddrV4, timeout: Duration) -> std::io::Result<Self> {
+        let conn = TcpStream::connect_timeout(&target.into(), timeout)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(conn.try_clone()?);
+        Ok(Self {
+            conn,
+            reader,
+            target,
+        })
+    }
+
+    /// Sends a line and reads the answer.
+    pub fn ask(&mut self) -> anyhow::Result<Reply> {
+        self.conn.write_all(b"hello\n")?;
+        let mut text = String::new();
+        self.reader
+            .read_line(&mut text)
+            .with_context(|| format!("TCP answer from {}", self.target))?;
+        parse_reply(&text, self.conn.peer_addr()?)
+    }
+}
+
 /// Connects, sends a line, reads the answer. Call from a thread inside the client's namespace.
 pub fn tcp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
-    let mut conn = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT)
-        .with_context(|| format!("TCP connect to {target}"))?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.write_all(b"hello\n")?;
-    let mut text = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut text)
-        .with_context(|| format!("TCP answer from {target}"))?;
-    parse_reply(&text, conn.peer_addr()?)
+    Conversation::open(target, IO_TIMEOUT)
+        .with_context(|| format!("TCP connect to {target}"))?
+        .ask()
 }
 
 /// Sends one datagram and waits for the answer. Call from inside the client's namespace.
 pub fn udp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    udp_request_from(target, 0)
+}
+
+/// [`udp_request`] from a chosen source port (0: any), e.g. to predict the flow's hash.
+pub fn udp_request_from(target: SocketAddrV4, source_port: u16) -> anyhow::Result<Reply> {
+    let socket = UdpSocket::bind(("0.0.0.0", source_port))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    socket.send_to(b"hello", target)?;
+    // Connected, so an ICMP error for this flow is reported to us (ConnectionRefused).
+    socket.connect(target)?;
+    socket.send(b"hello")?;
     let mut buf = [0u8; 1500];
     let (n, from) = socket
         .recv_from(&mut buf)

@@ -100,6 +100,32 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Spawns `cmd` inside this namespace in its own session, to outlive this process
+    /// (`cargo xtask testbed up`). Not registered for cleanup: `testbed down` stops it.
+    pub fn spawn_detached(&self, mut cmd: Command) -> anyhow::Result<Child> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        // SAFETY: as in `spawn`: only async-signal-safe calls (setns, setsid) before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .with_context(|| format!("spawning {cmd:?} in {}", self.name))
+    }
+
+    /// Keeps the namespace after this value and this process are gone.
+    pub fn persist(self) {
+        cleanup::forget_netns(&self.name);
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         cleanup::delete_netns(&self.name);

@@ -1,10 +1,19 @@
-//! The testbed: pods and a client in their own network namespaces, wired to a node namespace by
-//! veth pairs like a simple routed CNI. Nothing is linked to the root namespace or a real
-//! interface, and there is no default route anywhere: traffic cannot leave the testbed.
+//! The testbed: a two-node mini-cluster made only of network namespaces (see docs/testbed.md).
 //!
-//! Addressing (see docs/testbed.md): each pod has a /32 on `eth0` and reaches everything through
-//! the node's link-local gateway 169.254.1.1, which sits on every host-side veth (`lbp-<pod>`);
-//! the node routes each pod /32 to its veth.
+//! ```text
+//!   outside (172.30.0.100)            the external client: not a node
+//!        |
+//!   lan: bridge br0, 172.30.0.1       the underlay switch (and the nodes' gateway)
+//!      /                 \
+//!   node-1 ext0          node-2 ext0
+//!   172.30.0.11          172.30.0.12
+//!   pods 10.244.1.0/24   pods 10.244.2.0/24
+//! ```
+//!
+//! Each pod has a /32 on `eth0` and reaches everything through the link-local gateway 169.254.1.1
+//! on its host-side veth (`lbp-<pod>`), like a simple routed CNI; each node routes the other's pod
+//! CIDR via the other's underlay address. Nothing is linked to the root namespace or a real
+//! interface and there is no default route anywhere: traffic cannot leave the testbed.
 
 use std::{
     net::Ipv4Addr,
@@ -20,13 +29,57 @@ use crate::{cleanup, netns::Netns};
 
 /// The gateway address every pod routes through (on each host-side veth).
 pub const POD_GATEWAY: &str = "169.254.1.1";
-/// Routed into the node from each pod: the Service and pod ranges of the testbed.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const POD_CIDR: &str = "10.244.0.0/16";
+/// The underlay, LoadBalancer and externalIP ranges: 172.30.0.0/24, .1.0/24, .2.0/24.
+pub const TESTBED_CIDR: &str = "172.30.0.0/16";
+pub const UNDERLAY_PREFIX: u8 = 24;
+/// The lan namespace's address: the nodes' gateway (no further route behind it).
+pub const LAN_ROUTER: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
+/// Where the LoadBalancer ingress IPs live; the outside client routes it via a node, as an
+/// external load balancer would send it there.
+pub const LOAD_BALANCER_CIDR: &str = "172.30.1.0/24";
+/// Where the externalIPs live; routed like the LoadBalancer range.
+pub const EXTERNAL_IP_CIDR: &str = "172.30.2.0/24";
 /// Glob matching the host-side pod veths, for `lb agent --pod-interfaces`.
 pub const POD_INTERFACE_GLOB: &str = "lbp-*";
+/// Each node's interface on the underlay, for `lb agent --external-interfaces`.
+pub const EXTERNAL_INTERFACE: &str = "ext0";
 
-/// A pod (or the client, which is just another pod): its own namespace and address.
+/// A node of the layout: name, underlay address, pod CIDR and pods.
+pub struct NodeLayout {
+    pub name: &'static str,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: &'static str,
+    pub pods: &'static [(&'static str, Ipv4Addr)],
+}
+
+/// The layout of docs/testbed.md and deploy/examples/services.yaml. `client-1` is a pod with no
+/// Service of its own, on node-1.
+pub const LAYOUT: [NodeLayout; 2] = [
+    NodeLayout {
+        name: "node-1",
+        ip: Ipv4Addr::new(172, 30, 0, 11),
+        pod_cidr: "10.244.1.0/24",
+        pods: &[
+            ("client-1", Ipv4Addr::new(10, 244, 1, 2)),
+            ("pod-a", Ipv4Addr::new(10, 244, 1, 11)),
+            ("pod-b", Ipv4Addr::new(10, 244, 1, 12)),
+        ],
+    },
+    NodeLayout {
+        name: "node-2",
+        ip: Ipv4Addr::new(172, 30, 0, 12),
+        pod_cidr: "10.244.2.0/24",
+        pods: &[
+            ("pod-c", Ipv4Addr::new(10, 244, 2, 11)),
+            ("pod-d", Ipv4Addr::new(10, 244, 2, 12)),
+        ],
+    },
+];
+
+/// A pod: its own namespace and address.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
@@ -37,16 +90,25 @@ pub struct Pod {
 
 pub struct Node {
     pub name: String,
+    pub ip: Ipv4Addr,
+    pub pods: Vec<Pod>,
+    // Dropped after the pods: deleting the node namespace removes every host-side veth.
     pub ns: Netns,
 }
 
-/// One node with pods and a client pod.
-pub struct Testbed {
+/// A machine on the underlay that is not a node (a client out on the network).
+pub struct Outside {
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+/// The two-node mini-cluster.
+pub struct Cluster {
     pub run_id: String,
-    pub client: Pod,
-    pub pods: Vec<Pod>,
-    // Dropped last: deleting the node namespace removes every host-side veth.
-    pub node: Node,
+    pub nodes: Vec<Node>,
+    pub outside: Outside,
+    // Dropped last: the switch everything hangs off.
+    lan: Netns,
 }
 
 fn new_run_id() -> String {
@@ -59,46 +121,176 @@ fn new_run_id() -> String {
     )
 }
 
-impl Testbed {
-    /// Builds a node with `pods` and a `client` pod, each `(name, address)`.
-    pub fn single_node(
-        client: (&str, Ipv4Addr),
-        pods: &[(&str, Ipv4Addr)],
-    ) -> anyhow::Result<Self> {
+impl Cluster {
+    /// Builds [`LAYOUT`] under a fresh run id (cleaned up with this process).
+    pub fn two_nodes() -> anyhow::Result<Self> {
         cleanup::sweep_stale();
-        let run_id = new_run_id();
-        let node_ns = Netns::create(&format!("{run_id}-node"))?;
-        node_ns.sysctl("net.ipv4.ip_forward", "1")?;
-        // Replies are reverse-translated to come from a ClusterIP, which has no route back to a
-        // pod interface; strict reverse-path filtering would drop them (kube-proxy nodes too run
-        // with rp_filter 0 or 2).
-        node_ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        node_ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        let node = Node {
-            name: "node-1".to_owned(),
-            ns: node_ns,
+        Self::build(new_run_id())
+    }
+
+    /// Builds [`LAYOUT`] with namespaces named `<run_id>-<role>`.
+    pub fn build(run_id: String) -> anyhow::Result<Self> {
+        let lan = Netns::create(&format!("{run_id}-lan"))?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&[
+            "addr",
+            "add",
+            &format!("{LAN_ROUTER}/{UNDERLAY_PREFIX}"),
+            "dev",
+            "br0",
+        ])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+
+        let outside_ns = Netns::create(&format!("{run_id}-outside"))?;
+        plug_into_lan(&lan, "outside", &outside_ns, "eth0", OUTSIDE_IP)?;
+        let outside = Outside {
+            ip: OUTSIDE_IP,
+            ns: outside_ns,
         };
-        let client = add_pod(&run_id, &node, client.0, client.1)?;
-        let pods = pods
-            .iter()
-            .map(|(name, ip)| add_pod(&run_id, &node, name, *ip))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self {
+
+        let mut nodes = Vec::new();
+        for layout in &LAYOUT {
+            let ns = Netns::create(&format!("{run_id}-{}", layout.name))?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            // Reverse translation makes replies come from addresses with no route back through
+            // the interface they arrive on; strict reverse-path filtering would drop them
+            // (kube-proxy nodes run with rp_filter 0 or 2 too).
+            for conf in ["all", "default"] {
+                ns.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")?;
+                ns.sysctl(&format!("net.ipv4.conf.{conf}.send_redirects"), "0")?;
+            }
+            plug_into_lan(&lan, layout.name, &ns, EXTERNAL_INTERFACE, layout.ip)?;
+            // The nodes' gateway for the Service range: a hostNetwork process's packet to a
+            // ClusterIP is routed out of ext0 (as a default route would), where lb translates it.
+            ns.ip(&["route", "add", SERVICE_CIDR, "via", &LAN_ROUTER.to_string()])?;
+            let mut node = Node {
+                name: layout.name.to_owned(),
+                ip: layout.ip,
+                pods: Vec::new(),
+                ns,
+            };
+            for (name, ip) in layout.pods {
+                let pod = add_pod(&run_id, &node, name, *ip)?;
+                node.pods.push(pod);
+            }
+            nodes.push(node);
+        }
+        // Each node routes the other's pods via the other's underlay address.
+        for node in &nodes {
+            for other in LAYOUT.iter().filter(|l| l.name != node.name) {
+                node.ns
+                    .ip(&["route", "add", other.pod_cidr, "via", &other.ip.to_string()])?;
+            }
+        }
+        let cluster = Self {
             run_id,
-            client,
-            pods,
-            node,
-        })
+            nodes,
+            outside,
+            lan,
+        };
+        cluster.route_external_via("node-1")?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in the testbed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the testbed"))
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.nodes.iter().flat_map(|n| &n.pods)
+    }
+
+    /// Points the outside client's routes for the LoadBalancer and externalIP ranges at `node`,
+    /// as an external load balancer (or the network) choosing that node would.
+    pub fn route_external_via(&self, node: &str) -> anyhow::Result<()> {
+        let via = self.node(node).ip.to_string();
+        for cidr in [LOAD_BALANCER_CIDR, EXTERNAL_IP_CIDR] {
+            self.outside
+                .ns
+                .ip(&["route", "replace", cidr, "via", &via])?;
+        }
+        Ok(())
+    }
+
+    /// Keeps every namespace after this process exits (`cargo xtask testbed up`).
+    pub fn persist(self) {
+        let Cluster {
+            nodes,
+            outside,
+            lan,
+            ..
+        } = self;
+        for node in nodes {
+            for pod in node.pods {
+                pod.ns.persist();
+            }
+            node.ns.persist();
+        }
+        outside.ns.persist();
+        lan.persist();
+    }
+
+    /// The lan namespace (the underlay switch).
+    pub fn lan(&self) -> &Netns {
+        &self.lan
+    }
+
+    /// Adds a pod to a running node (e.g. to see the agent attach to a new interface).
+    pub fn add_pod(&mut self, node: &str, name: &str, ip: Ipv4Addr) -> anyhow::Result<&Pod> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .with_context(|| format!("no node {node}"))?;
+        let pod = add_pod(&self.run_id, &self.nodes[index], name, ip)?;
+        self.nodes[index].pods.push(pod);
+        Ok(self.nodes[index].pods.last().expect("just pushed"))
     }
 }
 
-impl Testbed {
-    /// Adds a pod to the running testbed (e.g. to see the agent attach to a new interface).
-    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<&Pod> {
-        let pod = add_pod(&self.run_id, &self.node, name, ip)?;
-        self.pods.push(pod);
-        Ok(self.pods.last().expect("just pushed"))
-    }
+/// Connects `ns` to the lan bridge with a veth (`ifname` inside `ns`) and gives it `ip`.
+fn plug_into_lan(
+    lan: &Netns,
+    port: &str,
+    ns: &Netns,
+    ifname: &str,
+    ip: Ipv4Addr,
+) -> anyhow::Result<()> {
+    let port: String = format!("lan-{port}").chars().take(15).collect();
+    lan.ip(&[
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        ifname,
+        "netns",
+        ns.name(),
+    ])?;
+    lan.ip(&["link", "set", &port, "master", "br0"])?;
+    lan.ip(&["link", "set", &port, "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{ip}/{UNDERLAY_PREFIX}"),
+        "dev",
+        ifname,
+    ])?;
+    ns.ip(&["link", "set", ifname, "up"])?;
+    Ok(())
 }
 
 fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
@@ -127,7 +319,7 @@ fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Resul
     ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-    for cidr in [SERVICE_CIDR, POD_CIDR] {
+    for cidr in [SERVICE_CIDR, POD_CIDR, TESTBED_CIDR] {
         ns.ip(&["route", "add", cidr, "via", POD_GATEWAY, "dev", "eth0"])?;
     }
     Ok(Pod {
@@ -138,6 +330,26 @@ fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Resul
     })
 }
 
+/// How to run an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub poll_ms: u64,
+    /// `--xdp`: the XDP fast path on the external interface.
+    pub xdp: bool,
+    /// Keep running after this process exits (`cargo xtask testbed up`).
+    pub detached: bool,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            poll_ms: 100,
+            xdp: false,
+            detached: false,
+        }
+    }
+}
+
 /// An `lb agent --manifests` process running in a node's namespace, as the DaemonSet would.
 pub struct AgentProcess {
     child: Option<Child>,
@@ -146,32 +358,46 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts the agent and waits until it reports ready (program attached, maps synced).
+    /// Starts the agent on `node` and waits until it reports ready (programs attached, maps
+    /// synced).
     pub fn start(
-        testbed: &Testbed,
+        cluster: &Cluster,
+        node: &str,
         lb: &Path,
         manifests: &Path,
-        poll_ms: u64,
+        options: &AgentOptions,
     ) -> anyhow::Result<Self> {
-        let log = std::env::temp_dir().join(format!("{}-agent.log", testbed.run_id));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-node", testbed.run_id));
-        cleanup::register_pin_dir(pin_dir.clone());
+        let node = cluster.node(node);
+        let log = std::env::temp_dir().join(format!("{}-{}-agent.log", cluster.run_id, node.name));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{}", cluster.run_id, node.name));
+        if !options.detached {
+            cleanup::register_pin_dir(pin_dir.clone());
+        }
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(lb);
         cmd.arg("agent")
             .arg("--manifests")
             .arg(manifests)
+            .args(["--node-name", &node.name])
             .args(["--pod-interfaces", POD_INTERFACE_GLOB])
+            .args(["--external-interfaces", EXTERNAL_INTERFACE])
             .arg("--bpffs-dir")
             .arg(&pin_dir)
-            .args(["--poll-interval-ms", &poll_ms.to_string()])
+            .args(["--poll-interval-ms", &options.poll_ms.to_string()])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let child = testbed.node.ns.spawn(cmd)?;
+        if options.xdp {
+            cmd.arg("--xdp");
+        }
+        let child = if options.detached {
+            node.ns.spawn_detached(cmd)?
+        } else {
+            node.ns.spawn(cmd)?
+        };
         let mut agent = Self {
             child: Some(child),
             log,
@@ -184,6 +410,14 @@ impl AgentProcess {
     /// The agent's pin directory (its `--bpffs-dir`).
     pub fn bpffs_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {
@@ -239,6 +473,13 @@ impl AgentProcess {
         self.terminate()
     }
 
+    /// Leaves a detached agent running (its pin directory and log stay too).
+    pub fn leave_running(mut self) {
+        self.child = None;
+        self.pin_dir = PathBuf::new();
+        self.log = PathBuf::new();
+    }
+
     fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped");
@@ -266,7 +507,11 @@ impl Drop for AgentProcess {
         if self.child.is_some() {
             let _ = self.terminate();
         }
-        cleanup::remove_pin_dir(&self.pin_dir);
-        let _ = std::fs::remove_file(&self.log);
+        if !self.pin_dir.as_os_str().is_empty() {
+            cleanup::remove_pin_dir(&self.pin_dir);
+        }
+        if !self.log.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! and provisioning through the same code the agent uses.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod cluster;
+
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -10,7 +12,12 @@ use std::{
 };
 
 use lb_common::counters::Counter;
-use lb_userspace::{loader::Dataplane, manifest, sync::Programmer, translate::translate};
+use lb_userspace::{
+    loader::Dataplane,
+    manifest,
+    sync::Programmer,
+    translate::{NodeContext, translate},
+};
 
 /// True when the test may run. Without root, says why in one line and returns false; in CI
 /// (CI=true, always root) a missing privilege is a failure, never a silent skip.
@@ -71,18 +78,25 @@ impl LoadedPath {
         }
     }
 
-    /// Programs the maps from YAML exactly as `lb agent --manifests` does.
+    /// Programs the maps from YAML exactly as `lb agent --manifests` does, with no node context.
     pub fn provision(&mut self, yaml: &str) {
+        self.provision_as(yaml, &NodeContext::default());
+    }
+
+    /// Programs the maps from YAML as the agent on `node` does.
+    pub fn provision_as(&mut self, yaml: &str, node: &NodeContext) {
         let read = manifest::parse(yaml, "test manifest");
         assert!(
             read.problems.is_empty(),
             "test manifest has problems: {:?}",
             read.problems
         );
-        let desired = translate(&read.objects);
-        self.programmer
+        let desired = translate(&read.objects, node);
+        let (_, unplaced) = self
+            .programmer
             .sync(&desired, &mut self.dataplane.maps)
             .expect("program the maps");
+        assert!(unplaced.is_empty(), "{unplaced:?}");
     }
 
     pub fn counters(&self) -> BTreeMap<Counter, u64> {

@@ -1,0 +1,179 @@
+//! Service decisions that need only the flow and the maps (no packet access), shared by every
+//! entry point: which backend a new flow gets, whether it is SNATed, and the two conntrack
+//! entries that make every later packet of the flow a single lookup.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    conntrack::{CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CtEntry, FlowKey},
+    hash::{flow_hash, slot_for},
+    service::{
+        AffinityKey, AffinityValue, BACKEND_F_REMOTE, Backend, BackendId, SERVICE_F_NODE_ADDRESS,
+        ServiceEntry,
+    },
+};
+
+use crate::{
+    conntrack,
+    maps::{LB_AFFINITY, LB_BACKENDS, lookup, lookup_lru, node_config, slot},
+};
+
+/// Where the packet entered the node's networking.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a local pod (tc ingress on its veth).
+    Pod,
+    /// From the network (tc or XDP ingress on an external device).
+    External,
+    /// From a process in the node's own network namespace (tc egress on an external device).
+    Host,
+}
+
+/// Why a new flow was not translated.
+pub enum NoFlow {
+    /// The frontend has no backend (or its table is mid-update).
+    NoBackend,
+    /// SNAT was needed but no node address is set or every tried port was taken.
+    SnatFailed,
+}
+
+/// How many SNAT ports a new flow tries before giving up.
+const SNAT_TRIES: u32 = 16;
+
+/// Starts a flow to `service`: picks its backend, SNATs if needed, records both directions in
+/// the conntrack and returns the forward entry to apply to this packet.
+#[inline(always)]
+pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Result<CtEntry, NoFlow> {
+    let (backend_id, backend) = choose_backend(flow, service).ok_or(NoFlow::NoBackend)?;
+    // From outside, a remote backend would answer the client directly, bypassing this node's
+    // reverse translation: SNAT makes the reply come back here. A pod reaching itself through the
+    // Service (hairpin) would see a packet from its own address, which it drops: SNAT too.
+    let snat = match origin {
+        Origin::External => backend.flags & BACKEND_F_REMOTE != 0,
+        Origin::Pod => backend.addr_be == flow.saddr_be,
+        Origin::Host => false,
+    };
+    let reply_redirect = if service.flags & SERVICE_F_NODE_ADDRESS != 0 && origin != Origin::Host {
+        CT_F_REDIRECT
+    } else {
+        0
+    };
+    let mut reply = CtEntry {
+        new_saddr_be: flow.daddr_be,
+        new_daddr_be: flow.saddr_be,
+        new_sport_be: flow.dport_be,
+        new_dport_be: flow.sport_be,
+        kind: CT_KIND_REPLY,
+        flags: reply_redirect,
+        _pad: 0,
+        service_id: service.service_id,
+        backend_id,
+    };
+    let (src_addr_be, src_port_be) = if snat {
+        reply.flags |= CT_F_SNAT;
+        claim_snat_port(flow, &backend, &reply)?
+    } else {
+        let reply_key = FlowKey::new(
+            backend.addr_be,
+            flow.saddr_be,
+            backend.port_be,
+            flow.sport_be,
+            flow.proto,
+        );
+        // If the conntrack is full the LRU evicts; a failed insert only costs this flow its
+        // reverse translation, and the forward entry below still keeps it on one backend.
+        let _ = conntrack::insert_reply(&reply_key, &reply, false);
+        (flow.saddr_be, flow.sport_be)
+    };
+    // After SNAT the source is a node address; from the host the packet is past routing already:
+    // either way it must be sent on by a FIB lookup.
+    let forward_redirect = if snat || origin == Origin::Host {
+        CT_F_REDIRECT
+    } else {
+        0
+    };
+    let forward = CtEntry {
+        new_saddr_be: src_addr_be,
+        new_daddr_be: backend.addr_be,
+        new_sport_be: src_port_be,
+        new_dport_be: backend.port_be,
+        kind: CT_KIND_FORWARD,
+        flags: forward_redirect | if snat { CT_F_SNAT } else { 0 },
+        _pad: 0,
+        service_id: service.service_id,
+        backend_id,
+    };
+    let _ = conntrack::insert_forward(flow, &forward);
+    Ok(forward)
+}
+
+/// Finds a free SNAT source port towards `backend` and records the reply entry on it.
+#[inline(always)]
+fn claim_snat_port(
+    flow: &FlowKey,
+    backend: &Backend,
+    reply: &CtEntry,
+) -> Result<(u32, u16), NoFlow> {
+    let node = node_config();
+    if node.snat_addr_be == 0 || node.snat_port_last < node.snat_port_first {
+        return Err(NoFlow::SnatFailed);
+    }
+    let range = (node.snat_port_last - node.snat_port_first) as u32 + 1;
+    let start = flow_hash(flow);
+    for attempt in 0..SNAT_TRIES {
+        let port = node.snat_port_first + ((start.wrapping_add(attempt)) % range) as u16;
+        let port_be = port.to_be();
+        let reply_key = FlowKey::new(
+            backend.addr_be,
+            node.snat_addr_be,
+            backend.port_be,
+            port_be,
+            flow.proto,
+        );
+        if conntrack::insert_reply(&reply_key, reply, true).is_ok() {
+            return Ok((node.snat_addr_be, port_be));
+        }
+    }
+    Err(NoFlow::SnatFailed)
+}
+
+/// The client's remembered backend (session affinity) if still fresh, else the Maglev slot.
+#[inline(always)]
+fn choose_backend(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, Backend)> {
+    if service.table_size == 0 {
+        return None;
+    }
+    if service.affinity_timeout_s == 0 {
+        return maglev(flow, service);
+    }
+    let key = AffinityKey {
+        service_id: service.service_id,
+        client_addr_be: flow.saddr_be,
+    };
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
+    let remembered = lookup_lru(&LB_AFFINITY, &key)
+        .filter(|a| now.wrapping_sub(a.last_used_ns) < timeout_ns)
+        .and_then(|a| Some((a.backend_id, lookup(&LB_BACKENDS, &a.backend_id)?)));
+    let chosen = match remembered {
+        Some(found) => found,
+        None => maglev(flow, service)?,
+    };
+    // Refreshed on every new flow, as kube-proxy's `recent` match does: the timeout counts from
+    // the client's last new connection.
+    let value = AffinityValue {
+        backend_id: chosen.0,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = LB_AFFINITY.insert(&key, &value, 0);
+    Some(chosen)
+}
+
+#[inline(always)]
+fn maglev(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, Backend)> {
+    // A missing slot or backend means user space is mid-update; treat it as no backend rather
+    // than guess.
+    let id = slot(service.table_offset + slot_for(flow, service.table_size))?;
+    Some((id, lookup(&LB_BACKENDS, &id)?))
+}

@@ -1,0 +1,197 @@
+//! Answering a new flow to a Service without backends, as kube-proxy does: a TCP RST, or an ICMP
+//! port unreachable for UDP. The packet is rewritten in place into the answer and sent back the
+//! way it came.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use lb_common::IPPROTO_TCP;
+
+use crate::{
+    headers::{ETH_LEN, Packet},
+    lb::Origin,
+    redirect::ifindex,
+};
+
+const IPV4_HDR_LEN: usize = 20;
+const TCP_HDR_LEN: usize = 20;
+const ICMP_HDR_LEN: usize = 8;
+/// What an ICMP error quotes of the offending packet: its IPv4 header and 8 bytes after it.
+const QUOTE_LEN: usize = IPV4_HDR_LEN + 8;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+const IPPROTO_ICMP: u8 = 1;
+
+pub struct NotRejected;
+
+/// Turns `pkt` into its rejection and returns the redirect verdict that sends it back.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, pkt: &Packet, origin: Origin) -> Result<i32, NotRejected> {
+    let macs: [[u8; 6]; 2] = ctx.load(0).map_err(|_| NotRejected)?;
+    if pkt.proto == IPPROTO_TCP {
+        tcp_reset(ctx, pkt)?;
+    } else {
+        icmp_port_unreachable(ctx, pkt)?;
+    }
+    // Back to where it came from, with the MAC addresses swapped.
+    ctx.store(0, &[macs[1], macs[0]], 0)
+        .map_err(|_| NotRejected)?;
+    // From a host process (egress): deliver to the host's own stack; otherwise back out of the
+    // interface it arrived on.
+    let flags = if origin == Origin::Host {
+        BPF_F_INGRESS as u64
+    } else {
+        0
+    };
+    // SAFETY: a helper taking plain integers.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), flags) } as i32)
+}
+
+/// An IPv4 header for an answer from `saddr_be` to `daddr_be`, checksum filled in.
+#[inline(always)]
+fn ipv4_header(total_len: u16, proto: u8, saddr_be: u32, daddr_be: u32) -> [u8; IPV4_HDR_LEN] {
+    let len = total_len.to_be_bytes();
+    let s = saddr_be.to_ne_bytes();
+    let d = daddr_be.to_ne_bytes();
+    let mut h = [
+        0x45, 0, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, s[0], s[1], s[2], s[3], d[0],
+        d[1], d[2], d[3],
+    ];
+    let csum = fold(sum_words(0, &h)).to_be_bytes();
+    h[10] = csum[0];
+    h[11] = csum[1];
+    h
+}
+
+/// RFC 9293 3.10.7.1: with ACK set, the reset takes its sequence number from the ACK field;
+/// otherwise it has sequence 0 and acknowledges everything the segment occupied.
+#[inline(always)]
+fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
+    let hdr: [u8; 14] = ctx.load(pkt.l4_off).map_err(|_| NotRejected)?;
+    let flags = hdr[13];
+    if flags & TCP_FLAG_RST != 0 {
+        return Err(NotRejected); // never answer a reset
+    }
+    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let ip_total: u16 = u16::from_be(ctx.load(ETH_LEN + 2).map_err(|_| NotRejected)?);
+    let headers = (pkt.l4_off - ETH_LEN) as u32 + ((hdr[12] >> 4) as u32) * 4;
+    let payload = (ip_total as u32).saturating_sub(headers);
+    let (rst_seq, rst_ack, rst_flags) = if flags & TCP_FLAG_ACK != 0 {
+        (ack, 0, TCP_FLAG_RST)
+    } else {
+        let occupied =
+            payload + (flags & TCP_FLAG_SYN != 0) as u32 + (flags & TCP_FLAG_FIN != 0) as u32;
+        (0, seq.wrapping_add(occupied), TCP_FLAG_RST | TCP_FLAG_ACK)
+    };
+    let sq = rst_seq.to_be_bytes();
+    let ak = rst_ack.to_be_bytes();
+    let sp = pkt.dport_be.to_ne_bytes();
+    let dp = pkt.sport_be.to_ne_bytes();
+    let mut tcp: [u8; TCP_HDR_LEN] = [
+        sp[0],
+        sp[1],
+        dp[0],
+        dp[1],
+        sq[0],
+        sq[1],
+        sq[2],
+        sq[3],
+        ak[0],
+        ak[1],
+        ak[2],
+        ak[3],
+        (5 << 4),
+        rst_flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    let pseudo = pseudo_header_sum(pkt.daddr_be, pkt.saddr_be, IPPROTO_TCP, TCP_HDR_LEN as u16);
+    let csum = fold(sum_words(pseudo, &tcp)).to_be_bytes();
+    tcp[16] = csum[0];
+    tcp[17] = csum[1];
+    let ip = ipv4_header(
+        (IPV4_HDR_LEN + TCP_HDR_LEN) as u16,
+        IPPROTO_TCP,
+        pkt.daddr_be,
+        pkt.saddr_be,
+    );
+    resize(ctx, ETH_LEN + IPV4_HDR_LEN + TCP_HDR_LEN)?;
+    ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
+    ctx.store(ETH_LEN + IPV4_HDR_LEN, &tcp, 0)
+        .map_err(|_| NotRejected)
+}
+
+/// ICMP destination unreachable, code 3 (port unreachable), quoting the offending header.
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
+    if pkt.l4_off != ETH_LEN + IPV4_HDR_LEN {
+        return Err(NotRejected); // IPv4 options: not worth quoting; the flow is dropped instead
+    }
+    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_LEN).map_err(|_| NotRejected)?;
+    let mut icmp = [3u8, 3, 0, 0, 0, 0, 0, 0];
+    let csum = fold(sum_words(sum_words(0, &icmp), &quote)).to_be_bytes();
+    icmp[2] = csum[0];
+    icmp[3] = csum[1];
+    let ip = ipv4_header(
+        (IPV4_HDR_LEN + ICMP_HDR_LEN + QUOTE_LEN) as u16,
+        IPPROTO_ICMP,
+        pkt.daddr_be,
+        pkt.saddr_be,
+    );
+    resize(ctx, ETH_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + QUOTE_LEN)?;
+    ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
+    ctx.store(ETH_LEN + IPV4_HDR_LEN, &icmp, 0)
+        .map_err(|_| NotRejected)?;
+    ctx.store(ETH_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN, &quote, 0)
+        .map_err(|_| NotRejected)
+}
+
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), NotRejected> {
+    // SAFETY: the context pointer is the program's own; the helper checks the length.
+    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    if rc == 0 { Ok(()) } else { Err(NotRejected) }
+}
+
+#[inline(always)]
+fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u32 {
+    let s = saddr_be.to_ne_bytes();
+    let d = daddr_be.to_ne_bytes();
+    let l = l4_len.to_be_bytes();
+    sum_words(
+        0,
+        &[
+            s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, proto, l[0], l[1],
+        ],
+    )
+}
+
+/// One's-complement sum of big-endian 16-bit words (`bytes` has an even length).
+#[inline(always)]
+fn sum_words(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Keeps `TC_ACT_SHOT` visible to callers that fall back to dropping.
+pub const DROP: i32 = TC_ACT_SHOT as i32;

@@ -1,0 +1,393 @@
+//! Every Service type end to end on the two-node testbed (docs/testbed.md): real TCP and UDP from
+//! pods, from a node's own namespace and from a client outside the cluster, through one
+//! `lb agent` per node running the bundled example (deploy/examples/services.yaml).
+//!
+//! The external-traffic scenarios run twice: with the tc programs only, and with the XDP fast
+//! path on the external interfaces (`--xdp`).
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb_common::{conntrack::FlowKey, hash::slot_for, maglev};
+use support::{
+    cluster::{Running, at, example_manifest, pods, set, tcp_many, tcp_outcome, udp_many},
+    privileged,
+};
+use xtask::echo::{Conversation, udp_request, udp_request_from};
+
+const N: usize = 24;
+const NODE1: [u8; 4] = [172, 30, 0, 11];
+const NODE2: [u8; 4] = [172, 30, 0, 12];
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
+const CLIENT_1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+
+fn ip(addr: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(addr))
+}
+
+#[test]
+fn clusterip_from_pods_follows_manifest_changes_and_new_pods() {
+    if !privileged("clusterip_from_pods_follows_manifest_changes_and_new_pods") {
+        return;
+    }
+    let mut run = Running::start(false);
+    let echo_tcp = at([10, 96, 0, 10], 80);
+    let echo_udp = at([10, 96, 0, 10], 53);
+    let (tcp, udp) = run.from("client-1", move || {
+        (tcp_many(echo_tcp, N), udp_many(echo_udp, N))
+    });
+    // Endpoints on both nodes: the remote one is reached over the underlay.
+    assert_eq!(
+        pods(&tcp),
+        set(&["pod-a", "pod-c"]),
+        "TCP to the named targetPort"
+    );
+    assert_eq!(pods(&udp), set(&["pod-a", "pod-c"]), "UDP");
+    for reply in tcp.iter().chain(&udp) {
+        assert_eq!(
+            reply.answered_from.ip(),
+            ip([10, 96, 0, 10]),
+            "answers come from the ClusterIP: {reply:?}"
+        );
+        assert_eq!(
+            reply.client_seen_by_pod.ip(),
+            CLIENT_1,
+            "pods see the client pod, no SNAT: {reply:?}"
+        );
+    }
+    let counters =
+        lb_userspace::loader::pinned_counters(run.agent("node-1").bpffs_dir()).expect("counters");
+    assert!(
+        counters[&lb_common::counters::Counter::Translated] >= 2 * N as u64,
+        "{counters:?}"
+    );
+
+    // pod-c leaves the slice: both agents apply the difference.
+    run.change_manifest(&example_manifest().replace(
+        "  - { addresses: [\"10.244.2.11\"], conditions: { ready: true }, nodeName: node-2 }\n---\n# NodePort",
+        "---\n# NodePort",
+    ));
+    let tcp = run.from("client-1", move || tcp_many(echo_tcp, N / 2));
+    assert_eq!(
+        pods(&tcp),
+        set(&["pod-a"]),
+        "after the change only pod-a serves"
+    );
+
+    // A pod that appears after the agent started gets the program on its interface too.
+    let late_ip = Ipv4Addr::new(10, 244, 1, 3);
+    let host_if = run
+        .cluster
+        .add_pod("node-1", "late", late_ip)
+        .expect("add a pod")
+        .host_if
+        .clone();
+    run.agent("node-1")
+        .wait_for_log(&format!("interface={host_if}"), Duration::from_secs(10))
+        .expect("agent attaches to the new pod's interface");
+    let reply = run
+        .from("late", move || xtask::echo::tcp_request(echo_tcp))
+        .expect("the new pod reaches the ClusterIP");
+    assert_eq!(reply.client_seen_by_pod.ip(), late_ip);
+
+    // SIGHUP re-reads the file even when it looks unchanged.
+    let syncs = run.agent("node-1").log().matches("synced").count();
+    run.agent("node-1").signal(libc::SIGHUP);
+    run.agent("node-1")
+        .wait_for_log_count("synced", syncs + 1, Duration::from_secs(10))
+        .expect("agent re-reads on SIGHUP");
+
+    // Stopped agents detach: the ClusterIP no longer answers.
+    for agent in run.agents.drain(..) {
+        let log = agent.log();
+        let status = agent.stop().expect("stop the agent");
+        assert!(
+            status.success(),
+            "agent exits cleanly on SIGTERM: {status}\n{log}"
+        );
+    }
+    assert!(
+        run.from("client-1", move || udp_request(echo_udp).is_err()),
+        "nothing answers without the agents"
+    );
+}
+
+/// NodePort from outside on every node, LoadBalancer and externalIPs via either node.
+fn external_traffic(xdp: bool) {
+    let run = Running::start(xdp);
+    // web: both endpoints on node-2. Through node-1 (no local endpoint) the traffic is SNATed to
+    // node-1 so the answer comes back through it; through node-2 it stays local, source kept.
+    for (node, seen) in [(NODE1, ip(NODE1)), (NODE2, IpAddr::V4(OUTSIDE))] {
+        let (tcp, udp) = run.from("outside", move || {
+            (tcp_many(at(node, 30080), N), udp_many(at(node, 30053), N))
+        });
+        assert_eq!(
+            pods(&tcp),
+            set(&["pod-c", "pod-d"]),
+            "NodePort TCP via {node:?}"
+        );
+        assert_eq!(
+            pods(&udp),
+            set(&["pod-c", "pod-d"]),
+            "NodePort UDP via {node:?}"
+        );
+        for reply in tcp.iter().chain(&udp) {
+            assert_eq!(
+                reply.answered_from.ip(),
+                ip(node),
+                "answer from the node address: {reply:?}"
+            );
+            assert_eq!(
+                reply.client_seen_by_pod.ip(),
+                seen,
+                "source the pod saw via {node:?}: {reply:?}"
+            );
+        }
+    }
+    // externalTrafficPolicy Local: node-1 has pod-b and keeps the client address; node-2 has no
+    // endpoint and does not forward.
+    let replies = run.from("outside", || tcp_many(at(NODE1, 30081), N / 2));
+    assert_eq!(pods(&replies), set(&["pod-b"]));
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.client_seen_by_pod.ip() == IpAddr::V4(OUTSIDE)),
+        "{replies:?}"
+    );
+    let via_node2 = run.from("outside", || {
+        tcp_outcome(at(NODE2, 30081), Duration::from_millis(500))
+    });
+    assert!(
+        via_node2.is_err(),
+        "node-2 has no local endpoint and must not forward: {via_node2:?}"
+    );
+
+    // The LoadBalancer IP and the external IP answer on every node the network sends them to.
+    for node in ["node-1", "node-2"] {
+        run.cluster.route_external_via(node).unwrap();
+        let (lb, ext) = run.from("outside", || {
+            (
+                tcp_many(at([172, 30, 1, 10], 80), N),
+                tcp_many(at([172, 30, 2, 10], 8080), N / 2),
+            )
+        });
+        assert_eq!(
+            pods(&lb),
+            set(&["pod-b", "pod-d"]),
+            "LoadBalancer IP via {node}"
+        );
+        assert!(
+            lb.iter()
+                .all(|r| r.answered_from.ip() == ip([172, 30, 1, 10])),
+            "{lb:?}"
+        );
+        assert_eq!(pods(&ext), set(&["pod-a"]), "externalIP via {node}");
+        assert!(
+            ext.iter()
+                .all(|r| r.answered_from.ip() == ip([172, 30, 2, 10])),
+            "{ext:?}"
+        );
+    }
+    // A LoadBalancer Service is a NodePort and a ClusterIP too.
+    let np = run.from("outside", || tcp_many(at(NODE2, 30090), N));
+    assert_eq!(pods(&np), set(&["pod-b", "pod-d"]), "shop's NodePort");
+    let cip = run.from("client-1", || tcp_many(at([10, 96, 0, 30], 80), N));
+    assert_eq!(pods(&cip), set(&["pod-b", "pod-d"]), "shop's ClusterIP");
+    // Pods reach NodePorts and LoadBalancer IPs too.
+    let from_pod = run.from("client-1", || {
+        (
+            tcp_many(at(NODE2, 30080), N / 2),
+            tcp_many(at([172, 30, 1, 10], 80), N / 2),
+        )
+    });
+    assert_eq!(
+        pods(&from_pod.0),
+        set(&["pod-c", "pod-d"]),
+        "pod -> node-2's NodePort"
+    );
+    assert_eq!(
+        pods(&from_pod.1),
+        set(&["pod-b", "pod-d"]),
+        "pod -> LoadBalancer IP"
+    );
+}
+
+#[test]
+fn nodeport_loadbalancer_external_ips_tc() {
+    if privileged("nodeport_loadbalancer_external_ips_tc") {
+        external_traffic(false);
+    }
+}
+
+#[test]
+fn session_affinity_internal_policy_terminating_hairpin_host_network() {
+    if !privileged("session_affinity_internal_policy_terminating_hairpin_host_network") {
+        return;
+    }
+    let mut run = Running::start(false);
+
+    // sessionAffinity ClientIP (3 s): every new flow of a client goes where its first went, even
+    // from source ports whose Maglev slot names another pod; after the timeout, Maglev decides.
+    let sticky = at([10, 96, 0, 50], 53);
+    let pods_of = [
+        ("pod-a", [10, 244, 1, 11]),
+        ("pod-b", [10, 244, 1, 12]),
+        ("pod-c", [10, 244, 2, 11]),
+        ("pod-d", [10, 244, 2, 12]),
+    ];
+    let choice = move |sport: u16| -> &'static str {
+        let keys: Vec<u64> = pods_of
+            .iter()
+            .map(|(_, a)| maglev::backend_key(lb_common::addr_be(*a), 5353u16.to_be()))
+            .collect();
+        let table = maglev::build(&keys, maglev::DEFAULT_TABLE_SIZE);
+        let flow = FlowKey::new(
+            lb_common::addr_be(CLIENT_1.octets()),
+            lb_common::addr_be([10, 96, 0, 50]),
+            sport.to_be(),
+            53u16.to_be(),
+            17,
+        );
+        pods_of[table[slot_for(&flow, maglev::DEFAULT_TABLE_SIZE) as usize] as usize].0
+    };
+    let first_port = 42000;
+    let first = choice(first_port);
+    let others: Vec<u16> = (42001..43000)
+        .filter(|p| choice(*p) != first)
+        .take(8)
+        .collect();
+    let replies = run.from("client-1", move || {
+        let mut replies = vec![udp_request_from(sticky, first_port).expect("first request")];
+        replies.extend(
+            others
+                .iter()
+                .map(|p| udp_request_from(sticky, *p).expect("sticky request")),
+        );
+        replies
+    });
+    assert!(
+        replies.iter().all(|r| r.pod == first),
+        "all on {first}: {replies:?}"
+    );
+    std::thread::sleep(Duration::from_millis(3300));
+    let fresh_port = (43000..44000).find(|p| choice(*p) != first).unwrap();
+    let fresh = run.from("client-1", move || {
+        udp_request_from(sticky, fresh_port).expect("request after the timeout")
+    });
+    assert_eq!(
+        fresh.pod,
+        choice(fresh_port),
+        "after the timeout the choice is fresh"
+    );
+
+    // internalTrafficPolicy Local: each node's pods only reach their own node's endpoint.
+    let cache = at([10, 96, 0, 60], 53);
+    assert_eq!(
+        pods(&run.from("client-1", move || udp_many(cache, N))),
+        set(&["pod-b"])
+    );
+    assert_eq!(
+        pods(&run.from("pod-c", move || udp_many(cache, N))),
+        set(&["pod-d"])
+    );
+
+    // Hairpin: pod-a reaching the Service whose only endpoint is itself.
+    let legacy = at([10, 96, 0, 40], 8080);
+    let hairpin = run.from("pod-a", move || tcp_many(legacy, 4));
+    assert!(
+        hairpin
+            .iter()
+            .all(|r| r.pod == "pod-a" && r.answered_from.ip() == ip([10, 96, 0, 40])),
+        "{hairpin:?}"
+    );
+    assert!(
+        hairpin
+            .iter()
+            .all(|r| r.client_seen_by_pod.ip() == ip(NODE1)),
+        "hairpin is SNATed to the node: {hairpin:?}"
+    );
+
+    // hostNetwork: a process in node-1's own namespace reaches a ClusterIP, local and remote pods.
+    let echo_tcp = at([10, 96, 0, 10], 80);
+    let echo_udp = at([10, 96, 0, 10], 53);
+    let (tcp, udp) = run.from("node-1", move || {
+        (tcp_many(echo_tcp, N), udp_many(echo_udp, N))
+    });
+    assert_eq!(pods(&tcp), set(&["pod-a", "pod-c"]), "hostNetwork TCP");
+    assert_eq!(pods(&udp), set(&["pod-a", "pod-c"]), "hostNetwork UDP");
+    assert!(
+        tcp.iter()
+            .chain(&udp)
+            .all(|r| r.answered_from.ip() == ip([10, 96, 0, 10])),
+        "{tcp:?}"
+    );
+
+    // Terminating endpoints: pod-a is terminating, pod-b ready: new flows go to pod-b only.
+    let rollout = at([10, 96, 0, 70], 80);
+    assert_eq!(
+        pods(&run.from("client-1", move || tcp_many(rollout, N))),
+        set(&["pod-b"])
+    );
+    // A connection to pod-b stays open while pod-b disappears from the slice; pod-a, terminating,
+    // is now the only candidate and takes new flows; the open connection keeps pod-b.
+    let mut open = run.from("client-1", move || {
+        let mut c = Conversation::open(rollout, Duration::from_secs(2)).expect("connect");
+        let first = c.ask().expect("first answer");
+        (c, first)
+    });
+    assert_eq!(open.1.pod, "pod-b");
+    run.change_manifest(&example_manifest().replace(
+        "  - { addresses: [\"10.244.1.12\"], conditions: { ready: true }, nodeName: node-1 }\n---\n# No endpoints",
+        "---\n# No endpoints",
+    ));
+    assert_eq!(
+        pods(&run.from("client-1", move || tcp_many(rollout, N / 2))),
+        set(&["pod-a"]),
+        "terminating fallback"
+    );
+    let again = open.0.ask().expect("the open connection still answers");
+    assert_eq!(again.pod, "pod-b", "an existing flow keeps its backend");
+}
+
+#[test]
+fn no_endpoints_is_rejected_at_once() {
+    if !privileged("no_endpoints_is_rejected_at_once") {
+        return;
+    }
+    let run = Running::start(false);
+    let (tcp, udp, elapsed) = run.from("client-1", || {
+        let started = Instant::now();
+        let tcp = tcp_outcome(at([10, 96, 0, 80], 80), Duration::from_secs(2));
+        let udp = udp_request(at([10, 96, 0, 80], 53));
+        (tcp, udp, started.elapsed())
+    });
+    let tcp = tcp.expect_err("no endpoints");
+    assert_eq!(
+        tcp.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "TCP gets a reset: {tcp}"
+    );
+    let udp = udp.expect_err("no endpoints");
+    let refused = udp.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    assert!(refused, "UDP gets ICMP port unreachable: {udp:#}");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "answered at once, not timed out: {elapsed:?}"
+    );
+    let from_outside = run.from("node-2", || {
+        tcp_outcome(at([10, 96, 0, 80], 80), Duration::from_secs(2))
+    });
+    assert_eq!(
+        from_outside.expect_err("no endpoints").kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "from a host process too"
+    );
+    let _ = SocketAddr::from(([0, 0, 0, 0], 0));
+}

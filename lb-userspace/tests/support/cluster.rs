@@ -1,0 +1,160 @@
+//! The two-node testbed with echo pods and one agent per node, for the namespace tests.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use xtask::{
+    echo::{Conversation, EchoServer, Reply},
+    testbed::{AgentOptions, AgentProcess, Cluster},
+};
+
+pub const ECHO_TCP_PORT: u16 = 8080;
+pub const ECHO_UDP_PORT: u16 = 5353;
+
+/// The testbed, its echo pods and agents, and the manifest file the agents read.
+pub struct Running {
+    pub agents: Vec<AgentProcess>,
+    _servers: Vec<EchoServer>,
+    pub manifest: PathBuf,
+    manifest_dir: PathBuf,
+    // Dropped last, after the agents stopped.
+    pub cluster: Cluster,
+}
+
+pub fn example_manifest() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/services.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+impl Running {
+    /// Builds the testbed, starts echo servers in every pod but `client-1`, and an agent per
+    /// node on the bundled example.
+    pub fn start(xdp: bool) -> Self {
+        xtask::cleanup::install_interrupt_handler();
+        let cluster = Cluster::two_nodes().expect("build the testbed");
+        let servers = cluster
+            .pods()
+            .filter(|p| p.name != "client-1")
+            .map(|p| {
+                EchoServer::start(&p.ns, &p.name, ECHO_TCP_PORT, ECHO_UDP_PORT)
+                    .expect("start echo pod")
+            })
+            .collect();
+        let manifest_dir = std::env::temp_dir().join(format!("{}-manifests", cluster.run_id));
+        std::fs::create_dir_all(&manifest_dir).unwrap();
+        let manifest = manifest_dir.join("services.yaml");
+        std::fs::write(&manifest, example_manifest()).unwrap();
+        let options = AgentOptions {
+            xdp,
+            ..AgentOptions::default()
+        };
+        let agents = ["node-1", "node-2"]
+            .iter()
+            .map(|node| {
+                AgentProcess::start(
+                    &cluster,
+                    node,
+                    Path::new(env!("CARGO_BIN_EXE_lb")),
+                    &manifest,
+                    &options,
+                )
+                .unwrap_or_else(|e| panic!("start the agent on {node}: {e:#}"))
+            })
+            .collect();
+        Self {
+            agents,
+            _servers: servers,
+            manifest,
+            manifest_dir,
+            cluster,
+        }
+    }
+
+    pub fn agent(&mut self, node: &str) -> &mut AgentProcess {
+        let index = ["node-1", "node-2"]
+            .iter()
+            .position(|n| *n == node)
+            .expect("node-1 or node-2");
+        &mut self.agents[index]
+    }
+
+    /// Replaces the manifest (write + rename, as editors and ConfigMap updates do) and waits
+    /// until every agent applied it.
+    pub fn change_manifest(&mut self, text: &str) {
+        let before: Vec<usize> = self
+            .agents
+            .iter()
+            .map(|a| a.log().matches("synced").count())
+            .collect();
+        let staged = self.manifest_dir.join("services.yaml.new");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &self.manifest).unwrap();
+        for (agent, count) in self.agents.iter_mut().zip(before) {
+            agent
+                .wait_for_log_count("synced", count + 1, Duration::from_secs(10))
+                .expect("agent applies the changed manifest");
+        }
+    }
+
+    /// Runs `f` in the namespace of a pod, a node, or `outside`.
+    pub fn from<T: Send + 'static>(&self, who: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = if who == "outside" {
+            &self.cluster.outside.ns
+        } else if who.starts_with("node-") {
+            &self.cluster.node(who).ns
+        } else {
+            &self.cluster.pod(who).ns
+        };
+        ns.run(f).expect("client thread")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.manifest_dir);
+    }
+}
+
+pub fn at(addr: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr), port)
+}
+
+/// `n` TCP requests, each on a new connection; panics with context on failure.
+pub fn tcp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
+    (0..n)
+        .map(|i| {
+            xtask::echo::tcp_request(target)
+                .unwrap_or_else(|e| panic!("TCP request {i} to {target}: {e:#}"))
+        })
+        .collect()
+}
+
+/// `n` UDP requests, each from a new socket.
+pub fn udp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
+    (0..n)
+        .map(|i| {
+            xtask::echo::udp_request(target)
+                .unwrap_or_else(|e| panic!("UDP request {i} to {target}: {e:#}"))
+        })
+        .collect()
+}
+
+/// Whether a TCP connection to `target` gets anywhere within `timeout`.
+pub fn tcp_outcome(target: SocketAddrV4, timeout: Duration) -> std::io::Result<Reply> {
+    let mut conversation = Conversation::open(target, timeout)?;
+    conversation
+        .ask()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+}
+
+pub fn pods(replies: &[Reply]) -> std::collections::BTreeSet<String> {
+    replies.iter().map(|r| r.pod.clone()).collect()
+}
+
+pub fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
