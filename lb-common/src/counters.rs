@@ -22,10 +22,13 @@ pub enum Counter {
     Redirected = 7,
     /// A packet that needed a redirect but the FIB had no route: handed to the stack.
     RedirectFailed = 8,
+    /// Rewritten and sent back out by the XDP fast path (also counted as translated or reverse
+    /// translated).
+    XdpTransmitted = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
@@ -35,6 +38,7 @@ impl Counter {
         Counter::SnatFailed,
         Counter::Redirected,
         Counter::RedirectFailed,
+        Counter::XdpTransmitted,
     ];
 
     /// Stable, metric-friendly name.
@@ -49,6 +53,7 @@ impl Counter {
             Counter::SnatFailed => "snat_failed",
             Counter::Redirected => "redirected",
             Counter::RedirectFailed => "redirect_failed",
+            Counter::XdpTransmitted => "xdp_transmitted",
         }
     }
 }

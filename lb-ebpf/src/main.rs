@@ -11,8 +11,12 @@ mod nat;
 mod redirect;
 mod reject;
 mod service_path;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 use crate::lb::Origin;
 
@@ -42,6 +46,13 @@ pub fn lb_external_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_host_egress(ctx: TcContext) -> i32 {
     run(&ctx, Origin::Host)
+}
+
+/// XDP on external interfaces (optional, `lb agent --xdp`): the SNAT/reverse-SNAT fast path;
+/// everything else goes on to the tc programs untouched.
+#[xdp]
+pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
+    xdp::process(&ctx)
 }
 
 #[cfg(not(test))]

@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub snat_address: Option<Ipv4Addr>,
     pub snat_ports: RangeInclusive<u16>,
     pub reject_no_endpoints: bool,
+    /// Attach the XDP fast path to external interfaces too.
+    pub xdp: bool,
     pub bpffs_dir: PathBuf,
     pub poll_interval: Duration,
 }
@@ -43,7 +45,8 @@ struct Agent {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let dataplane = Dataplane::load(&config.bpffs_dir).context("loading the packet path")?;
+    let dataplane =
+        Dataplane::load(&config.bpffs_dir, config.xdp).context("loading the packet path")?;
     let adopted = dataplane
         .maps
         .read_contents()
@@ -196,7 +199,9 @@ impl Agent {
                 continue;
             };
             match self.dataplane.attach(&name, index, role) {
-                Ok(true) => info!(interface = %name, ?role, "attached (tcx)"),
+                Ok(true) => {
+                    info!(interface = %name, ?role, xdp = self.config.xdp && role == InterfaceRole::External, "attached")
+                }
                 Ok(false) => {}
                 Err(err) => error!("{:#}", anyhow::Error::new(err)),
             }

@@ -10,16 +10,19 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapError, MapInfo, MapType},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
         AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, EXTERNAL_INGRESS_PROGRAM,
-        HOST_EGRESS_PROGRAM, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS,
-        NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP,
-        SLOTS_PER_ELEMENT,
+        EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+        MAX_SERVICES, MAX_SLOTS, NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP,
+        SLOTS_MAP, SLOTS_PER_ELEMENT,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
@@ -218,10 +221,15 @@ const PROGRAMS: [(&str, TcAttachType, InterfaceRole); 3] = [
     ),
 ];
 
+enum Link {
+    Tc(&'static str, SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
 struct Attachment {
     ifindex: u32,
     role: InterfaceRole,
-    links: Vec<(&'static str, SchedClassifierLinkId)>,
+    links: Vec<Link>,
 }
 
 /// The loaded packet path: programs, maps, and the interfaces they are attached to.
@@ -231,6 +239,8 @@ pub struct Dataplane {
     pub maps: BpfMaps,
     pin_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
+    /// Also attach the XDP fast path (native mode) to external interfaces.
+    xdp: bool,
 }
 
 fn take_map<T: TryFrom<Map, Error = MapError>>(
@@ -261,8 +271,9 @@ fn take_slots(ebpf: &mut Ebpf) -> Result<MappedSlots, LoadError> {
 }
 
 impl Dataplane {
-    /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`.
-    pub fn load(bpffs_dir: &Path) -> Result<Self, LoadError> {
+    /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`. With
+    /// `xdp`, external interfaces also get the XDP fast path.
+    pub fn load(bpffs_dir: &Path, xdp: bool) -> Result<Self, LoadError> {
         let pin_dir = pin_dir(bpffs_dir)?;
         check_pinned(&pin_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -278,6 +289,13 @@ impl Dataplane {
                     source,
                 })?;
         }
+        Self::xdp_of(&mut ebpf)?
+            .load()
+            .map_err(|source| LoadError::Program {
+                name: EXTERNAL_XDP_PROGRAM,
+                action: "load (verifier)".to_owned(),
+                source,
+            })?;
         let maps = BpfMaps {
             services: take_map(&mut ebpf, SERVICES_MAP)?,
             slots: take_slots(&mut ebpf)?,
@@ -291,7 +309,28 @@ impl Dataplane {
             maps,
             pin_dir,
             attached: BTreeMap::new(),
+            xdp,
         })
+    }
+
+    fn xdp_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
+        let program = ebpf
+            .program_mut(EXTERNAL_XDP_PROGRAM)
+            .ok_or(LoadError::Program {
+                name: EXTERNAL_XDP_PROGRAM,
+                action: "lookup".to_owned(),
+                source: ProgramError::NotLoaded,
+            })?;
+        program.try_into().map_err(|source| LoadError::Program {
+            name: EXTERNAL_XDP_PROGRAM,
+            action: "type check".to_owned(),
+            source,
+        })
+    }
+
+    /// The XDP program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn external_xdp(&mut self) -> &mut Xdp {
+        Self::xdp_of(&mut self.ebpf).expect("checked at load")
     }
 
     fn program_of<'e>(
@@ -355,14 +394,28 @@ impl Dataplane {
                 continue;
             }
             match self.program(name).attach(ifname, direction) {
-                Ok(link) => attachment.links.push((name, link)),
+                Ok(link) => attachment.links.push(Link::Tc(name, link)),
                 Err(source) => {
-                    for (name, link) in attachment.links {
-                        let _ = self.program(name).detach(link);
-                    }
+                    self.detach_all(attachment.links);
                     return Err(LoadError::Program {
                         name,
                         action: format!("attach to {ifname} {direction:?}"),
+                        source,
+                    });
+                }
+            }
+        }
+        if self.xdp && role == InterfaceRole::External {
+            match self.external_xdp().attach(ifname, XdpMode::Driver) {
+                Ok(link) => attachment.links.push(Link::Xdp(link)),
+                Err(source) => {
+                    self.detach_all(attachment.links);
+                    return Err(LoadError::Program {
+                        name: EXTERNAL_XDP_PROGRAM,
+                        action: format!(
+                            "attach to {ifname} in native (driver) mode; the driver may not \
+                             support XDP: run without --xdp"
+                        ),
                         source,
                     });
                 }
@@ -372,13 +425,20 @@ impl Dataplane {
         Ok(true)
     }
 
+    fn detach_all(&mut self, links: Vec<Link>) {
+        for link in links {
+            // A link may already be gone with its device; either way it is no longer ours.
+            let _ = match link {
+                Link::Tc(name, link) => self.program(name).detach(link),
+                Link::Xdp(link) => self.external_xdp().detach(link),
+            };
+        }
+    }
+
     /// Detaches from `ifname`, if attached. A device that is already gone took its links with it.
     pub fn forget(&mut self, ifname: &str) {
         if let Some(old) = self.attached.remove(ifname) {
-            for (name, link) in old.links {
-                // The link may already be gone with its device; either way it is no longer ours.
-                let _ = self.program(name).detach(link);
-            }
+            self.detach_all(old.links);
         }
     }
 }

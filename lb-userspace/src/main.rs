@@ -72,6 +72,11 @@ struct AgentArgs {
     /// unreachable, as kube-proxy) or `drop`.
     #[arg(long, default_value = "reject", value_parser = ["reject", "drop"])]
     no_endpoints: String,
+    /// Also attach the XDP fast path (native mode) to the external interfaces: SNATed traffic to
+    /// and from other nodes is turned around before the kernel allocates a packet buffer. The
+    /// tc programs still handle everything else. On veth this costs bulk TCP throughput (no GRO).
+    #[arg(long)]
+    xdp: bool,
     /// Directory on a BPF filesystem for pinned maps; they keep state across restarts.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs_dir: PathBuf,
@@ -127,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 snat_address: args.snat_address,
                 snat_ports: args.snat_ports,
                 reject_no_endpoints: args.no_endpoints == "reject",
+                xdp: args.xdp,
                 bpffs_dir: args.bpffs_dir,
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
             };

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{conntrack::FlowKey, hash::slot_for, maglev};
+use lb_common::{conntrack::FlowKey, counters::Counter, hash::slot_for, maglev};
 use support::{
     cluster::{Running, at, example_manifest, pods, set, tcp_many, tcp_outcome, udp_many},
     privileged,
@@ -117,7 +117,7 @@ fn clusterip_from_pods_follows_manifest_changes_and_new_pods() {
 }
 
 /// NodePort from outside on every node, LoadBalancer and externalIPs via either node.
-fn external_traffic(xdp: bool) {
+fn external_traffic(xdp: bool) -> Running {
     let run = Running::start(xdp);
     // web: both endpoints on node-2. Through node-1 (no local endpoint) the traffic is SNATed to
     // node-1 so the answer comes back through it; through node-2 it stays local, source kept.
@@ -214,12 +214,28 @@ fn external_traffic(xdp: bool) {
         set(&["pod-b", "pod-d"]),
         "pod -> LoadBalancer IP"
     );
+    run
 }
 
 #[test]
 fn nodeport_loadbalancer_external_ips_tc() {
     if privileged("nodeport_loadbalancer_external_ips_tc") {
-        external_traffic(false);
+        let run = external_traffic(false);
+        let counters = lb_userspace::loader::pinned_counters(run.agents[0].bpffs_dir()).unwrap();
+        assert_eq!(counters[&Counter::XdpTransmitted], 0, "{counters:?}");
+    }
+}
+
+#[test]
+fn nodeport_loadbalancer_external_ips_xdp() {
+    if privileged("nodeport_loadbalancer_external_ips_xdp") {
+        let run = external_traffic(true);
+        // node-1 SNATs NodePort traffic to node-2's pods: XDP turned those packets around.
+        let counters = lb_userspace::loader::pinned_counters(run.agents[0].bpffs_dir()).unwrap();
+        assert!(
+            counters[&Counter::XdpTransmitted] >= 2 * N as u64,
+            "{counters:?}"
+        );
     }
 }
 

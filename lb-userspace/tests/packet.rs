@@ -29,6 +29,8 @@ use xtask::netns::Netns;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -237,14 +239,19 @@ fn predicted_backend(backends: &[[u8; 4]], sport: u16, dport: u16, proto: u8) ->
     predicted(backends, CLIENT, sport, VIP, dport, proto)
 }
 
-/// The SNAT port the packet path claims first for this client flow (free in a fresh conntrack).
+/// The SNAT port the packet path claims first for this TCP client flow (free in a fresh
+/// conntrack).
 fn predicted_snat_port(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> u16 {
+    predicted_snat_port_proto(src, sport, dst, dport, 6)
+}
+
+fn predicted_snat_port_proto(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> u16 {
     let flow = FlowKey::new(
         lb_common::addr_be(src),
         lb_common::addr_be(dst),
         sport.to_be(),
         dport.to_be(),
-        6,
+        proto,
     );
     let range = (SNAT_PORTS.1 - SNAT_PORTS.0) as u32 + 1;
     SNAT_PORTS.0 + (flow_hash(&flow) % range) as u16
@@ -406,6 +413,10 @@ enum Expect {
     Rewritten(Vec<u8>),
     /// Redirected by the program (FIB or reject) and leaving exactly as this one.
     Redirected(Vec<u8>),
+    /// Sent back out of the interface it came in on by XDP, exactly as this one.
+    XdpTransmitted(Vec<u8>),
+    /// Left to the tc programs by XDP, untouched.
+    XdpPassed,
     Unchanged,
     Dropped,
 }
@@ -416,6 +427,8 @@ enum Entry {
     FromPod,
     /// Arrives from the network: the external-ingress program on the external interface.
     FromNetwork,
+    /// Arrives from the network with `--xdp`: the XDP program on the external interface.
+    XdpFromNetwork,
 }
 
 struct Case {
@@ -462,6 +475,13 @@ impl Case {
         }
     }
 
+    fn through_xdp(self) -> Self {
+        Self {
+            entry: Entry::XdpFromNetwork,
+            ..self
+        }
+    }
+
     fn after(self, wait: Duration) -> Self {
         Self {
             wait: Some(wait),
@@ -478,6 +498,14 @@ fn skb_context(ifindex: u32) -> Vec<u8> {
     ctx
 }
 
+/// An `xdp_md` context: `data_end` must equal the packet length; `ingress_ifindex` at 12.
+fn xdp_context(ifindex: u32, len: usize) -> Vec<u8> {
+    let mut ctx = vec![0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
     if let Some(backends) = case.provision {
         provision(path, backends);
@@ -485,23 +513,31 @@ fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
     if let Some(wait) = case.wait {
         std::thread::sleep(wait);
     }
-    let (program, dev) = match case.entry {
-        Entry::FromPod => (POD_INGRESS_PROGRAM, "pod0"),
-        Entry::FromNetwork => (EXTERNAL_INGRESS_PROGRAM, "ext0"),
-    };
-    let ctx = skb_context(net.ifindex(dev));
     let before = path.counters();
     let mut out = vec![0u8; case.input.len() + 256];
-    let result = path
-        .dataplane
-        .program(program)
-        .test_run(TestRunOptions {
-            data_in: Some(&case.input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN failed: {e}", case.description));
+    let ctx = match case.entry {
+        Entry::FromPod => skb_context(net.ifindex("pod0")),
+        Entry::FromNetwork => skb_context(net.ifindex("ext0")),
+        Entry::XdpFromNetwork => xdp_context(net.ifindex("ext0"), case.input.len()),
+    };
+    let options = TestRunOptions {
+        data_in: Some(&case.input),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..Default::default()
+    };
+    let result = match case.entry {
+        Entry::FromPod => path
+            .dataplane
+            .program(POD_INGRESS_PROGRAM)
+            .test_run(options),
+        Entry::FromNetwork => path
+            .dataplane
+            .program(EXTERNAL_INGRESS_PROGRAM)
+            .test_run(options),
+        Entry::XdpFromNetwork => path.dataplane.external_xdp().test_run(options),
+    }
+    .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN failed: {e}", case.description));
     out.truncate(result.data_size_out as usize);
     let after = path.counters();
 
@@ -526,6 +562,19 @@ fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
     match &case.expect {
         Expect::Rewritten(want) => expect_packet(TC_ACT_OK, want),
         Expect::Redirected(want) => expect_packet(TC_ACT_REDIRECT, want),
+        Expect::XdpTransmitted(want) => expect_packet(XDP_TX, want),
+        Expect::XdpPassed => {
+            assert_eq!(
+                result.return_value, XDP_PASS,
+                "{}: verdict",
+                case.description
+            );
+            assert_eq!(
+                out, case.input,
+                "{}: packet must pass unchanged",
+                case.description
+            );
+        }
         Expect::Unchanged => {
             assert_eq!(
                 result.return_value, TC_ACT_OK,
@@ -599,6 +648,8 @@ fn packet_table() {
     // NOP, NOP, NOP, end of list: one extra 32-bit word, IHL 6.
     const OPTIONS: &[u8] = &[1, 1, 1, 0];
     let snat_port = predicted_snat_port(OUTSIDE, 40100, NODE, 30080);
+    let xdp_snat_port = predicted_snat_port(OUTSIDE, 40110, NODE, 30080);
+    let xdp_udp_snat_port = predicted_snat_port_proto(OUTSIDE, 40111, NODE, 30053, 17);
     let first = sport_choosing(POD_A, 41000);
     let other = sport_choosing(POD_B, 41000);
     let later = sport_choosing(POD_B, other + 1);
@@ -752,6 +803,56 @@ fn packet_table() {
             )),
             &[(Counter::ReverseTranslated, 1), (Counter::Redirected, 1)],
         ),
+        Case::new(
+            "XDP: NodePort from outside to a backend on another node is SNATed and sent back out",
+            tcp(plain(OUTSIDE, 40110, NODE, 30080, true)),
+            Expect::XdpTransmitted(with_macs(
+                tcp(plain(NODE, xdp_snat_port, REMOTE_POD, 8080, true)),
+                NODE2_MAC,
+                EXT_MAC,
+            )),
+            &[(Counter::Translated, 1), (Counter::XdpTransmitted, 1)],
+        )
+        .through_xdp(),
+        Case::new(
+            "XDP: its reply from node-2 is reverse-SNATed and sent back out to the client",
+            tcp(plain(REMOTE_POD, 8080, NODE, xdp_snat_port, false)),
+            Expect::XdpTransmitted(with_macs(
+                tcp(plain(NODE, 30080, OUTSIDE, 40110, false)),
+                OUTSIDE_MAC,
+                EXT_MAC,
+            )),
+            &[
+                (Counter::ReverseTranslated, 1),
+                (Counter::XdpTransmitted, 1),
+            ],
+        )
+        .through_xdp(),
+        Case::new(
+            "XDP: UDP to the NodePort is SNATed with a correct checksum",
+            udp(OUTSIDE, 40111, NODE, 30053, false),
+            Expect::XdpTransmitted(with_macs(
+                udp(NODE, xdp_udp_snat_port, REMOTE_POD, 5353, false),
+                NODE2_MAC,
+                EXT_MAC,
+            )),
+            &[(Counter::Translated, 1), (Counter::XdpTransmitted, 1)],
+        )
+        .through_xdp(),
+        Case::new(
+            "XDP: a local backend (DNAT only) is left to tc, untouched",
+            tcp(plain(OUTSIDE, 40112, NODE, 30081, true)),
+            Expect::XdpPassed,
+            &[],
+        )
+        .through_xdp(),
+        Case::new(
+            "... and tc then translates it with the flow XDP recorded",
+            tcp(plain(OUTSIDE, 40112, NODE, 30081, true)),
+            Expect::Rewritten(tcp(plain(OUTSIDE, 40112, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
         Case::new(
             "NodePort with externalTrafficPolicy Local and no endpoint on this node: dropped",
             tcp(plain(OUTSIDE, 40102, NODE, 30082, true)),

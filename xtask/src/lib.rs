@@ -7,3 +7,4 @@ pub mod echo;
 pub mod host;
 pub mod netns;
 pub mod testbed;
+pub mod xdp_pass;

@@ -45,6 +45,28 @@ impl Netns {
         ip(&full)
     }
 
+    /// `ip <args>` with only the network namespace switched (`ip -n` also remounts /sys, which
+    /// hides bpffs pins under /sys/fs/bpf).
+    pub fn ip_keeping_mounts(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut cmd = Command::new("ip");
+        cmd.args(args);
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = self.spawn(&mut cmd)?;
+        let pid = child.id();
+        let out = child.wait_with_output()?;
+        cleanup::forget_child(pid);
+        if !out.status.success() {
+            bail!(
+                "ip {} in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Sets a sysctl inside the namespace (`/proc/sys/net` is per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -79,7 +101,7 @@ impl Netns {
     /// Spawns `cmd` inside this namespace. Only the network namespace changes (unlike
     /// `ip netns exec`, which also remounts /sys and would hide /sys/fs/bpf). The child gets
     /// SIGTERM if this process dies, so it never outlives its testbed.
-    pub fn spawn(&self, mut cmd: Command) -> anyhow::Result<Child> {
+    pub fn spawn(&self, cmd: &mut Command) -> anyhow::Result<Child> {
         let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
         // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
         // system calls (setns, prctl) on a descriptor opened before the fork.
@@ -123,6 +145,54 @@ impl Netns {
     pub fn persist(self) {
         cleanup::forget_netns(&self.name);
         std::mem::forget(self);
+    }
+}
+
+impl Netns {
+    /// Turns on GRO for `ifname` (`ethtool -K <if> gro on`). A veth only accepts frames its peer
+    /// sends with XDP_TX/XDP_REDIRECT when it has GRO (or an XDP program) enabled.
+    pub fn enable_gro(&self, ifname: &str) -> anyhow::Result<()> {
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        self.ethtool_set(ifname, ETHTOOL_SGRO, 1)
+    }
+
+    /// Turns off TX checksum offload for `ifname` (`ethtool -K <if> tx off`), so packets leave
+    /// with complete checksums, as on a physical wire. Between namespaces a veth otherwise passes
+    /// partial checksums along, which an XDP program cannot tell from complete ones.
+    pub fn disable_tx_checksum(&self, ifname: &str) -> anyhow::Result<()> {
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        self.ethtool_set(ifname, ETHTOOL_STXCSUM, 0)
+    }
+
+    /// One legacy ethtool "set value" ioctl (no ethtool binary needed).
+    fn ethtool_set(&self, ifname: &str, cmd: u32, data: u32) -> anyhow::Result<()> {
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        let name = std::ffi::CString::new(ifname)?;
+        let ifname = ifname.to_owned();
+        self.run(move || -> anyhow::Result<()> {
+            let mut value = EthtoolValue { cmd, data };
+            // SAFETY: ifreq is plain data; all zeroes is valid.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes_with_nul()) {
+                *dst = *src as libc::c_char;
+            }
+            req.ifr_ifru.ifru_data = (&raw mut value).cast();
+            // SAFETY: a plain socket call; the descriptor is closed below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `req` names the interface and points at `value`, both alive for the call.
+            let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
+            let err = std::io::Error::last_os_error();
+            // SAFETY: closing the descriptor opened above.
+            unsafe { libc::close(fd) };
+            anyhow::ensure!(rc == 0, "ethtool command {cmd:#x} on {ifname}: {err}");
+            Ok(())
+        })?
     }
 }
 

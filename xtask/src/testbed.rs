@@ -223,6 +223,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Makes the underlay behave like a physical network for the nodes' XDP programs:
+    /// - the switch ports facing the nodes run an XDP_PASS program, without which a veth does
+    ///   not promptly pick up frames its peer sends with XDP_TX (see [`crate::xdp_pass`]);
+    /// - everything sending onto the underlay (the outside client, the nodes, the pods) computes
+    ///   full checksums, as a NIC does before the wire; veth would otherwise carry partial ones,
+    ///   which an XDP program cannot tell from complete ones.
+    pub fn prepare_for_xdp(&self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            let port: String = format!("lan-{}", node.name).chars().take(15).collect();
+            let pin = PathBuf::from(format!(
+                "/sys/fs/bpf/{}-xdp-pass-{}",
+                self.run_id, node.name
+            ));
+            crate::xdp_pass::attach(&self.lan, &port, &pin)?;
+            node.ns.disable_tx_checksum(EXTERNAL_INTERFACE)?;
+            for pod in &node.pods {
+                pod.ns.disable_tx_checksum("eth0")?;
+            }
+        }
+        self.outside.ns.disable_tx_checksum("eth0")?;
+        Ok(())
+    }
+
     /// Keeps every namespace after this process exits (`cargo xtask testbed up`).
     pub fn persist(self) {
         let Cluster {
@@ -396,7 +419,7 @@ impl AgentProcess {
         let child = if options.detached {
             node.ns.spawn_detached(cmd)?
         } else {
-            node.ns.spawn(cmd)?
+            node.ns.spawn(&mut cmd)?
         };
         let mut agent = Self {
             child: Some(child),

@@ -35,6 +35,11 @@ impl Running {
     pub fn start(xdp: bool) -> Self {
         xtask::cleanup::install_interrupt_handler();
         let cluster = Cluster::two_nodes().expect("build the testbed");
+        if xdp {
+            cluster
+                .prepare_for_xdp()
+                .expect("prepare the underlay for XDP");
+        }
         let servers = cluster
             .pods()
             .filter(|p| p.name != "client-1")

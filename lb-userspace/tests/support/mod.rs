@@ -70,7 +70,7 @@ pub struct LoadedPath {
 impl LoadedPath {
     pub fn load(test: &str) -> Self {
         let pins = PinDir::new(test);
-        let dataplane = Dataplane::load(&pins.0).expect("load the packet path");
+        let dataplane = Dataplane::load(&pins.0, false).expect("load the packet path");
         Self {
             dataplane,
             programmer: Programmer::default(),
