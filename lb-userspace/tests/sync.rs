@@ -330,3 +330,34 @@ fn a_failed_write_is_resumed_by_the_next_sync() {
         "no table was left half-written"
     );
 }
+
+#[test]
+fn no_endpoints_are_rejected_unless_the_agent_is_told_to_drop() {
+    let want = desired(&[("empty", "10.96.0.9", &[])]);
+    let flags = |reject_no_endpoints| {
+        let programmer = Programmer::adopt(
+            MapContents::default(),
+            Settings {
+                reject_no_endpoints,
+                ..Settings::default()
+            },
+        );
+        let target = programmer.target(&want).contents;
+        let entry = target
+            .services
+            .values()
+            .next()
+            .expect("the frontend is programmed");
+        assert_eq!(entry.table_size, 0);
+        entry.flags
+    };
+    assert_eq!(
+        flags(true) & lb_common::service::SERVICE_F_REJECT,
+        lb_common::service::SERVICE_F_REJECT
+    );
+    assert_eq!(
+        flags(false) & lb_common::service::SERVICE_F_REJECT,
+        0,
+        "--no-endpoints drop"
+    );
+}

@@ -29,10 +29,21 @@ pub struct EchoServer {
 impl EchoServer {
     /// Listens on `0.0.0.0:tcp_port` (TCP) and `0.0.0.0:udp_port` (UDP) inside `ns`.
     pub fn start(ns: &Netns, pod: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let tcp = ns.run(move || TcpListener::bind(("0.0.0.0", tcp_port)))??;
-        tcp.set_nonblocking(true)?;
         let udp = ns.run(move || UdpSocket::bind(("0.0.0.0", udp_port)))??;
+        Self::serve(pod, tcp, udp)
+    }
+
+    /// Listens in the namespace this process is in (a pod process of `cargo xtask testbed up`).
+    pub fn start_here(pod: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let tcp = TcpListener::bind(("0.0.0.0", tcp_port))?;
+        let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
+        Self::serve(pod, tcp, udp)
+    }
+
+    fn serve(pod: &str, tcp: TcpListener, udp: UdpSocket) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
         // Sockets keep the namespace they were created in, so plain threads can serve them.
         let threads = vec![

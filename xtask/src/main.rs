@@ -2,6 +2,7 @@
 
 mod demo;
 mod setup;
+mod testbed_cmd;
 
 use std::{path::PathBuf, process::Command};
 
@@ -29,9 +30,30 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Bring up the testbed, run the agent on the bundled example and show real requests to the
-    /// Services being answered (needs root). Tears everything down at the end or on Ctrl-C.
+    /// Bring up the two-node testbed, run an agent per node on the bundled example and show real
+    /// requests to every Service type being answered (needs root). Tears everything down at the
+    /// end or on Ctrl-C.
     Demo,
+    /// The two-node testbed (docs/testbed.md), left running to explore (needs root).
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
+    /// (internal) An echo pod's server, run inside its namespace by `testbed up`.
+    #[command(hide = true)]
+    EchoPod { name: String },
+}
+
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Build it, start echo pods and one `lb agent` per node on deploy/examples/services.yaml.
+    Up {
+        /// Attach the agents' XDP fast path to the nodes' external interfaces too.
+        #[arg(long)]
+        xdp: bool,
+    },
+    /// Stop the agents and pods and remove every testbed namespace and pin.
+    Down,
 }
 
 fn main() {
@@ -69,6 +91,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cargo(&["build", "--package", "lb-userspace"])?;
             demo::run(&target_dir().join("debug/lb"))
         }
+        Cmd::Testbed { action } => {
+            anyhow::ensure!(
+                nix::unistd::Uid::effective().is_root(),
+                "the testbed is made of network namespaces and BPF programs: run it as root"
+            );
+            match action {
+                TestbedAction::Up { xdp } => {
+                    setup::ensure()?;
+                    step("building lb");
+                    cargo(&["build", "--package", "lb-userspace"])?;
+                    testbed_cmd::up(&target_dir().join("debug/lb"), xdp)
+                }
+                TestbedAction::Down => testbed_cmd::down(),
+            }
+        }
+        Cmd::EchoPod { name } => testbed_cmd::echo_pod(&name),
     }
 }
 

@@ -122,6 +122,10 @@ fn new_run_id() -> String {
 }
 
 impl Cluster {
+    /// The run id of the long-lived testbed of `cargo xtask testbed up`. Not `lbt<pid>`, so
+    /// test runs never sweep it as stale.
+    pub const PERSISTENT_RUN_ID: &str = "lbtb";
+
     /// Builds [`LAYOUT`] under a fresh run id (cleaned up with this process).
     pub fn two_nodes() -> anyhow::Result<Self> {
         cleanup::sweep_stale();
@@ -361,6 +365,8 @@ pub struct AgentOptions {
     pub xdp: bool,
     /// Keep running after this process exits (`cargo xtask testbed up`).
     pub detached: bool,
+    /// Where the agent's log goes (default: the temp directory).
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -369,6 +375,7 @@ impl Default for AgentOptions {
             poll_ms: 100,
             xdp: false,
             detached: false,
+            log_dir: None,
         }
     }
 }
@@ -391,7 +398,11 @@ impl AgentProcess {
         options: &AgentOptions,
     ) -> anyhow::Result<Self> {
         let node = cluster.node(node);
-        let log = std::env::temp_dir().join(format!("{}-{}-agent.log", cluster.run_id, node.name));
+        let log = options
+            .log_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!("{}-{}-agent.log", cluster.run_id, node.name));
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{}", cluster.run_id, node.name));
         if !options.detached {
             cleanup::register_pin_dir(pin_dir.clone());
