@@ -2,11 +2,7 @@
 //! port unreachable for UDP. The packet is rewritten in place into the answer and sent back the
 //! way it came.
 
-use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
-    helpers::bpf_redirect,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_redirect, programs::TcContext};
 use lb_common::IPPROTO_TCP;
 
 use crate::{
@@ -192,6 +188,3 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
-
-/// Keeps `TC_ACT_SHOT` visible to callers that fall back to dropping.
-pub const DROP: i32 = TC_ACT_SHOT as i32;

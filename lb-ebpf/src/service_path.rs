@@ -69,10 +69,8 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome {
                     verdict,
                     counter: Counter::Rejected,
                 },
-                Err(_) => Outcome {
-                    verdict: reject::DROP,
-                    counter: Counter::DroppedNoBackend,
-                },
+                // Not answerable (a reset, or UDP with IPv4 options): drop instead.
+                Err(_) => shoot(Counter::DroppedNoBackend),
             }
         }
         Err(NoFlow::NoBackend) => shoot(Counter::DroppedNoBackend),

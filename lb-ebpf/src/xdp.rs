@@ -95,8 +95,8 @@ fn try_process(ctx: &XdpContext) -> Option<u32> {
     if ct.flags & CT_F_REDIRECT == 0 {
         return None; // DNAT only: the stack delivers it, through tc
     }
-    let out_ifindex = fib_ifindex_and_macs(ctx, &ct, proto)?;
-    if out_ifindex.0 != ctx.ingress_ifindex() as u32 {
+    let (out_ifindex, dst_mac, src_mac) = fib_ifindex_and_macs(ctx, &ct, proto)?;
+    if out_ifindex != ctx.ingress_ifindex() as u32 {
         return None; // leaves by another interface: tc redirects it
     }
     // From here on the packet is rewritten and must be sent.
@@ -104,8 +104,8 @@ fn try_process(ctx: &XdpContext) -> Option<u32> {
     // resized.
     unsafe {
         rewrite(ip, ports, csum, proto, &flow, &ct);
-        (*eth).dst_addr = out_ifindex.1;
-        (*eth).src_addr = out_ifindex.2;
+        (*eth).dst_addr = dst_mac;
+        (*eth).src_addr = src_mac;
     }
     count(if ct.kind == CT_KIND_FORWARD {
         Counter::Translated

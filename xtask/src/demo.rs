@@ -333,6 +333,10 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
 
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
+    // Wrap cells to fit a real terminal; leave the table alone when the width is unknown or tiny.
+    if table.width().is_some_and(|w| w >= 80) {
+        table.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+    }
     table.set_header([
         "SERVICE",
         "ADDRESS",

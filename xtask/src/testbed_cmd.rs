@@ -44,10 +44,40 @@ pub fn up(lb: &Path, xdp: bool) -> anyhow::Result<()> {
             return Err(err);
         }
     };
+    let mut pids = Vec::new();
+    match start_everything(&cluster, lb, &manifest, xdp, &mut pids) {
+        Ok(logs) => {
+            std::fs::write(
+                state.join("pids"),
+                pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+            )?;
+            cluster.persist();
+            print_guide(lb, &manifest, &logs);
+            Ok(())
+        }
+        Err(err) => {
+            for pid in pids {
+                // SAFETY: kill(2) on a process this function started.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            drop(cluster);
+            let _ = down();
+            Err(err)
+        }
+    }
+}
+
+/// Echo pods and agents; every started pid goes into `pids` as soon as it exists.
+fn start_everything(
+    cluster: &Cluster,
+    lb: &Path,
+    manifest: &Path,
+    xdp: bool,
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<Vec<(&'static str, PathBuf, PathBuf)>> {
     if xdp {
         cluster.prepare_for_xdp()?;
     }
-    let mut pids = Vec::new();
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     for pod in cluster.pods().filter(|p| p.name != "client-1") {
         let mut cmd = Command::new(&xtask);
@@ -61,12 +91,12 @@ pub fn up(lb: &Path, xdp: bool) -> anyhow::Result<()> {
     let options = AgentOptions {
         xdp,
         detached: true,
-        log_dir: Some(state.clone()),
+        log_dir: Some(state_dir()),
         ..AgentOptions::default()
     };
     let mut logs = Vec::new();
     for node in ["node-1", "node-2"] {
-        let agent = AgentProcess::start(&cluster, node, lb, &manifest, &options)?;
+        let agent = AgentProcess::start(cluster, node, lb, manifest, &options)?;
         pids.extend(agent.pid());
         logs.push((
             node,
@@ -75,12 +105,10 @@ pub fn up(lb: &Path, xdp: bool) -> anyhow::Result<()> {
         ));
         agent.leave_running();
     }
-    std::fs::write(
-        state.join("pids"),
-        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
-    )?;
-    cluster.persist();
+    Ok(logs)
+}
 
+fn print_guide(lb: &Path, manifest: &Path, logs: &[(&str, PathBuf, PathBuf)]) {
     println!("The testbed is up (docs/testbed.md):");
     for node in &LAYOUT {
         let pods: Vec<String> = node
@@ -105,7 +133,7 @@ pub fn up(lb: &Path, xdp: bool) -> anyhow::Result<()> {
     println!(
         "  ip netns exec {RUN_ID}-client-1 bash -c 'exec 3<>/dev/tcp/10.96.0.10/80; echo hi >&3; head -1 <&3'"
     );
-    for (node, log, pins) in &logs {
+    for (node, log, pins) in logs {
         println!(
             "  {node}: log {}, counters: {} stats --bpffs-dir {}",
             log.display(),
@@ -118,7 +146,6 @@ pub fn up(lb: &Path, xdp: bool) -> anyhow::Result<()> {
         manifest.display()
     );
     println!("`cargo xtask testbed down` removes everything.");
-    Ok(())
 }
 
 pub fn down() -> anyhow::Result<()> {
