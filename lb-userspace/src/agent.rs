@@ -1,9 +1,20 @@
-//! `lb agent --manifests`: load the packet path, program it from a manifest file, follow file
-//! changes and new interfaces, and detach cleanly on SIGINT/SIGTERM.
+//! `lb agent`: load the packet path, keep it programmed from the Kubernetes API (or a manifest
+//! file), follow new interfaces and node addresses, serve health and metrics, and detach cleanly
+//! on SIGINT/SIGTERM.
+//!
+//! Syncs are level-triggered and coalesced: any change marks the state dirty; a sync (translate
+//! everything, write only the difference) runs at most every `min_sync_interval`.
 
-use std::{net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::{
     signal::unix::{SignalKind, signal},
     time::{Instant, MissedTickBehavior},
@@ -11,37 +22,129 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    health::{HealthCheckServers, HealthState},
+    kube_source::KubeSource,
     loader::{Dataplane, InterfaceRole},
-    model::Severity,
+    metrics::Metrics,
+    model::{Object, Problem, Severity},
     source::ManifestSource,
     sync::{Programmer, Settings},
     translate::{NodeContext, translate},
 };
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Standalone: a multi-document YAML file, re-read when it changes and on SIGHUP.
+    Manifests(PathBuf),
+    /// The API server: this kubeconfig, or in-cluster configuration when `None` (then also
+    /// `KUBECONFIG` and `~/.kube/config` are tried).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+/// An IPv4 CIDR, e.g. for `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|e| format!("{text:?}: {e} (IPv4 CIDRs only for now)"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{text:?}: bad prefix length"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
-    /// This node's name, for the `Local` traffic policies.
+    pub source: SourceConfig,
+    /// This node's name, as EndpointSlices' `nodeName` and its Node object.
     pub node_name: Option<String>,
     pub pod_interfaces: Vec<glob::Pattern>,
     /// Interfaces towards the network: their addresses answer NodePorts.
     pub external_interfaces: Vec<glob::Pattern>,
-    /// SNAT source address; default: the first address of the first external interface.
+    /// Only external addresses in these CIDRs answer NodePorts (empty: all).
+    pub nodeport_addresses: Vec<Cidr>,
+    /// SNAT source address; default: the first NodePort address.
     pub snat_address: Option<Ipv4Addr>,
     pub snat_ports: RangeInclusive<u16>,
     pub reject_no_endpoints: bool,
     /// Attach the XDP fast path to external interfaces too.
     pub xdp: bool,
+    /// Handle Services labelled `service.kubernetes.io/service-proxy-name: <this>`.
+    pub service_proxy_name: Option<String>,
+    /// Maglev table size for Services without the annotation.
+    pub maglev_table_size: Option<u32>,
     pub bpffs_dir: PathBuf,
+    /// How often to look for new interfaces, address changes and manifest changes.
     pub poll_interval: Duration,
+    /// Changes closer together than this are applied in one sync.
+    pub min_sync_interval: Duration,
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// A change waiting longer than this makes `/healthz` report unhealthy.
+    pub healthz_timeout: Duration,
+    pub metrics_bind_address: Option<SocketAddr>,
+}
+
+enum Source {
+    Manifests(ManifestSource),
+    Kube(KubeSource),
 }
 
 struct Agent {
     config: AgentConfig,
     dataplane: Dataplane,
     programmer: Programmer,
-    source: ManifestSource,
-    /// What NodePorts answer on: the external interfaces' addresses, as last seen.
+    source: Source,
     node: NodeContext,
+    health: Arc<HealthState>,
+    metrics: Arc<Metrics>,
+    health_checks: HealthCheckServers,
+    /// A change is waiting for a sync since then; the sync runs at `next_sync`.
+    dirty_since: Option<Instant>,
+    last_sync: Option<Instant>,
+    /// SIGHUP: re-read the manifest even if it looks unchanged.
+    force_reload: bool,
+}
+
+/// A client from `kubeconfig`, or from in-cluster configuration (then `KUBECONFIG` and
+/// `~/.kube/config`). Does not contact the server.
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no in-cluster configuration, KUBECONFIG or ~/.kube/config; pass --kubeconfig",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} address {addr}"))
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -57,44 +160,91 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         backends = adopted.backends.len(),
         "packet path loaded; adopting what is already programmed"
     );
+    let source = match &config.source {
+        SourceConfig::Manifests(path) => Source::Manifests(ManifestSource::new(path)),
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_ref()).await?;
+            let node = config
+                .node_name
+                .as_deref()
+                .context("the node name is needed to watch the Node (--hostname-override)")?;
+            Source::Kube(KubeSource::start(client, node))
+        }
+    };
+    let health = Arc::new(HealthState::new(config.healthz_timeout));
+    let metrics = Arc::new(Metrics::new(config.bpffs_dir.clone()));
+    let mut servers = Vec::new();
+    if let Some(addr) = config.healthz_bind_address {
+        servers.push(crate::health::serve_healthz(
+            bind("healthz", addr).await?,
+            health.clone(),
+        ));
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        servers.push(crate::metrics::serve(
+            bind("metrics", addr).await?,
+            metrics.clone(),
+        ));
+    }
     let mut agent = Agent {
-        source: ManifestSource::new(&config.manifests),
+        source,
         programmer: Programmer::adopt(adopted, Settings::default()),
         dataplane,
         node: NodeContext {
             name: config.node_name.clone(),
-            addresses: Vec::new(),
+            service_proxy_name: config.service_proxy_name.clone(),
+            default_table_size: config.maglev_table_size,
+            ..NodeContext::default()
         },
+        health,
+        metrics,
+        health_checks: HealthCheckServers::default(),
+        dirty_since: Some(Instant::now()),
+        last_sync: None,
+        force_reload: true,
         config,
     };
     agent.programmer.set_settings(agent.settings());
     agent.scan_interfaces();
+    if let Source::Manifests(_) = agent.source {
+        agent.sync().await;
+    } else {
+        info!("waiting for the API server's first lists; what is pinned keeps serving meanwhile");
+    }
+    info!(
+        interfaces = agent.dataplane.attached().count(),
+        "agent ready"
+    );
+
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(agent.config.poll_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-
-    agent.reload();
-    info!(
-        interfaces = agent.dataplane.attached().count(),
-        "agent ready"
-    );
     loop {
+        let next_sync = agent.next_sync();
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                info!("SIGHUP: re-reading {}", agent.source.path().display());
-                agent.reload();
+                info!("SIGHUP: resyncing");
+                agent.force_reload = true;
+                agent.mark_dirty();
             }
             _ = tick.tick() => {
-                let addresses_changed = agent.scan_interfaces();
-                if addresses_changed || agent.source.changed() {
-                    agent.reload();
+                if agent.scan_interfaces() {
+                    agent.mark_dirty();
+                }
+                if let Source::Manifests(m) = &agent.source && m.changed() {
+                    agent.mark_dirty();
                 }
             }
+            _ = kube_changed(&agent.source) => agent.mark_dirty(),
+            _ = sleep_until(next_sync) => agent.sync().await,
         }
+    }
+    for server in servers {
+        server.abort();
     }
     let interfaces: Vec<String> = agent.dataplane.attached().map(str::to_owned).collect();
     for ifname in &interfaces {
@@ -108,31 +258,93 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves when the Kubernetes source reports a change; never for the manifest source.
+async fn kube_changed(source: &Source) {
+    match source {
+        Source::Kube(kube) => kube.changed().await,
+        Source::Manifests(_) => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Agent {
-    /// Reads the manifests (keeping the last good version of any object that became invalid),
-    /// translates, and writes only the difference.
-    fn reload(&mut self) {
-        let started = Instant::now();
-        let reload = match self.source.reload() {
-            Ok(reload) => reload,
-            Err(err) => {
-                error!(
-                    "cannot read {}: {err}; keeping what is programmed",
-                    self.source.path().display()
-                );
-                return;
+    fn mark_dirty(&mut self) {
+        self.dirty_since.get_or_insert_with(Instant::now);
+        self.health.queued();
+    }
+
+    /// When the pending sync may run: not before `min_sync_interval` after the last one, and for
+    /// the API source not before its first lists are complete.
+    fn next_sync(&self) -> Option<Instant> {
+        let since = self.dirty_since?;
+        if let Source::Kube(kube) = &self.source
+            && !kube.ready()
+        {
+            return None;
+        }
+        let earliest = self
+            .last_sync
+            .map_or(since, |last| last + self.config.min_sync_interval);
+        Some(earliest.max(since))
+    }
+
+    /// The objects to translate from the source, with their problems.
+    fn objects(&mut self) -> Option<(Vec<Object>, Vec<Problem>)> {
+        match &mut self.source {
+            Source::Manifests(manifests) => {
+                if !manifests.changed() && !std::mem::take(&mut self.force_reload) {
+                    // Only a node address change: the objects are the same.
+                    return Some((manifests.objects().cloned().collect(), Vec::new()));
+                }
+                self.force_reload = false;
+                match manifests.reload() {
+                    Ok(reload) => {
+                        for id in &reload.kept_last_good {
+                            warn!("{id} is invalid now; its last good version stays programmed");
+                        }
+                        Some((manifests.objects().cloned().collect(), reload.problems))
+                    }
+                    Err(err) => {
+                        error!(
+                            "cannot read {}: {err}; keeping what is programmed",
+                            manifests.path().display()
+                        );
+                        None
+                    }
+                }
             }
+            Source::Kube(kube) => {
+                self.node.zone = kube.node_zone();
+                let snapshot = kube.snapshot();
+                for id in &snapshot.kept_last_good {
+                    warn!("{id} is invalid now; its last good version stays programmed");
+                }
+                Some((snapshot.objects, snapshot.problems))
+            }
+        }
+    }
+
+    /// Translates everything and writes the difference.
+    async fn sync(&mut self) {
+        let started = Instant::now();
+        let dirty_since = self.dirty_since.take().unwrap_or(started);
+        self.last_sync = Some(started);
+        let Some((objects, problems)) = self.objects() else {
+            return;
         };
-        for problem in &reload.problems {
+        for problem in &problems {
             match problem.severity {
                 Severity::Error => error!("{problem}"),
                 Severity::Warning => warn!("{problem}"),
             }
         }
-        for id in &reload.kept_last_good {
-            warn!("{id} is invalid now; its last good version stays programmed");
-        }
-        let desired = translate(self.source.objects(), &self.node);
+        let desired = translate(&objects, &self.node);
         for problem in &desired.problems {
             error!("{problem}");
         }
@@ -144,6 +356,13 @@ impl Agent {
                 for frontend in unplaced {
                     error!("{frontend}: no room left in the slots array; not programmed");
                 }
+                self.health.applied();
+                self.metrics.syncs.inc();
+                self.metrics
+                    .sync_latency
+                    .observe(dirty_since.elapsed().as_secs_f64());
+                self.metrics.frontends.set(desired.frontends.len() as i64);
+                self.metrics.backends.set(desired.backends().len() as i64);
                 info!(
                     frontends = desired.frontends.len(),
                     backends = desired.backends().len(),
@@ -151,13 +370,16 @@ impl Agent {
                     deletes = stats.deletes,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "synced"
-                )
+                );
             }
-            Err(err) => error!(
-                "sync failed, will retry on the next change: {:#}",
-                anyhow::Error::new(err)
-            ),
+            Err(err) => {
+                self.metrics.sync_failures.inc();
+                // Retried on the next change, or at the next poll.
+                self.dirty_since = Some(Instant::now());
+                error!("sync failed, will retry: {:#}", anyhow::Error::new(err));
+            }
         }
+        self.health_checks.reconcile(&desired.health_checks).await;
     }
 
     /// Attaches to matching interfaces that appeared, forgets ones that went away, and refreshes
@@ -199,14 +421,27 @@ impl Agent {
                 continue;
             };
             match self.dataplane.attach(&name, index, role) {
-                Ok(true) => {
-                    info!(interface = %name, ?role, xdp = self.config.xdp && role == InterfaceRole::External, "attached")
-                }
+                Ok(true) => info!(
+                    interface = %name,
+                    ?role,
+                    xdp = self.config.xdp && role == InterfaceRole::External,
+                    "attached"
+                ),
                 Ok(false) => {}
                 Err(err) => error!("{:#}", anyhow::Error::new(err)),
             }
         }
-        let addresses = external_addresses(&external);
+        let addresses: Vec<Ipv4Addr> = external_addresses(&external)
+            .into_iter()
+            .filter(|ip| {
+                self.config.nodeport_addresses.is_empty()
+                    || self
+                        .config
+                        .nodeport_addresses
+                        .iter()
+                        .any(|c| c.contains(*ip))
+            })
+            .collect();
         if addresses == self.node.addresses {
             return false;
         }
@@ -251,4 +486,26 @@ fn external_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn cidrs_match_their_range_only() {
+        let cidr: Cidr = "172.30.0.0/24".parse().unwrap();
+        assert!(cidr.contains("172.30.0.11".parse().unwrap()));
+        assert!(!cidr.contains("172.30.1.11".parse().unwrap()));
+        let host: Cidr = "10.0.0.1".parse().unwrap();
+        assert_eq!(host.prefix, 32);
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/8".parse::<Cidr>().is_err());
+    }
 }

@@ -5,7 +5,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
@@ -62,8 +65,9 @@ pub trait MapWriter {
 pub struct MapContents {
     pub node: NodeConfig,
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
-    /// Every table a service points at.
-    pub tables: BTreeMap<TableRange, Vec<BackendId>>,
+    /// Every table a service points at. Shared (`Arc`) so copies of the contents are cheap; a
+    /// write copies a table only if someone else holds it.
+    pub tables: BTreeMap<TableRange, Arc<Vec<BackendId>>>,
     pub backends: BTreeMap<BackendId, Backend>,
 }
 
@@ -99,10 +103,11 @@ impl MapWriter for MapContents {
         range: TableRange,
         changes: &[(u32, BackendId)],
     ) -> Result<(), WriteError> {
-        let table = self
-            .tables
-            .entry(range)
-            .or_insert_with(|| vec![NO_BACKEND; range.size as usize]);
+        let table = Arc::make_mut(
+            self.tables
+                .entry(range)
+                .or_insert_with(|| Arc::new(vec![NO_BACKEND; range.size as usize])),
+        );
         for &(index, id) in changes {
             table[index as usize] = id;
         }
@@ -232,9 +237,11 @@ impl BpfMaps {
                 size: entry.table_size,
             };
             tables.entry(range).or_insert_with(|| {
-                (range.offset..range.offset + range.size)
-                    .map(|i| self.slots.get(i).unwrap_or(NO_BACKEND))
-                    .collect()
+                Arc::new(
+                    (range.offset..range.offset + range.size)
+                        .map(|i| self.slots.get(i).unwrap_or(NO_BACKEND))
+                        .collect(),
+                )
             });
         }
         Ok(MapContents {

@@ -13,6 +13,13 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Annotation overriding a Service's Maglev table size (a prime from
 /// [`lb_common::maglev::TABLE_SIZES`]; raised if too small for the number of backends).
 pub const MAGLEV_TABLE_SIZE_ANNOTATION: &str = "lb.rs/maglev-table-size";
+/// A Service with this label belongs to the named service proxy, not to the default one.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the control plane on headless Services' EndpointSlices (and honoured on Services).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Topology-aware routing: `Auto` (or the older `service.kubernetes.io/topology-aware-hints`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API's default, 3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -164,6 +171,13 @@ pub struct ServiceSpec {
     pub affinity_timeout_s: Option<u32>,
     /// From [`MAGLEV_TABLE_SIZE_ANNOTATION`].
     pub maglev_table_size: Option<u32>,
+    /// The [`SERVICE_PROXY_NAME_LABEL`], if set: only the proxy of that name handles it.
+    pub proxy_name: Option<String>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
+    /// Topology-aware routing asked for (annotation `Auto`, or `trafficDistribution:
+    /// PreferClose`): endpoints' zone hints are followed when complete.
+    pub topology_aware: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +198,9 @@ pub struct EndpointSpec {
     pub terminating: bool,
     /// The node hosting the endpoint, for the `Local` traffic policies.
     pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones`: the zones that should use this endpoint (topology-aware routing).
+    pub hints_for_zones: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -369,7 +386,12 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
             } else {
                 "spec.clusterIP"
             };
-            if ips.first().map(String::as_str) == Some("None") {
+            let headless_label = svc
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(HEADLESS_LABEL));
+            if ips.first().map(String::as_str) == Some("None") || headless_label {
                 kind = ServiceKind::Headless;
             } else if ips.is_empty() {
                 check.error(
@@ -496,6 +518,25 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                 }
             }
         });
+    let proxy_name = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+        .cloned();
+    let health_check_node_port = spec
+        .health_check_node_port
+        .and_then(|p| check.port("spec.healthCheckNodePort".to_owned(), Some(p)));
+    let annotation = |key: &str| {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(|v| v.to_ascii_lowercase())
+    };
+    let topology_aware = annotation(TOPOLOGY_MODE_ANNOTATION).as_deref() == Some("auto")
+        || annotation(TOPOLOGY_HINTS_ANNOTATION).as_deref() == Some("auto")
+        || spec.traffic_distribution.as_deref() == Some("PreferClose");
     let object = (!check.has_errors()).then(|| {
         Object::Service(ServiceSpec {
             id: id.clone(),
@@ -509,6 +550,9 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
             internal_traffic_policy,
             affinity_timeout_s,
             maglev_table_size,
+            proxy_name,
+            health_check_node_port,
+            topology_aware,
         })
     });
     Validated {
@@ -575,6 +619,12 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
                         serving: conditions.serving.unwrap_or(ready),
                         terminating: conditions.terminating.unwrap_or(false),
                         node_name: ep.node_name.clone(),
+                        zone: ep.zone.clone(),
+                        hints_for_zones: ep.hints.as_ref().and_then(|h| {
+                            h.for_zones
+                                .as_ref()
+                                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                        }),
                     }),
                     Err(_) => check.error(
                         format!("endpoints[{i}].addresses[0]"),

@@ -8,7 +8,10 @@
 //! no longer used is not reused until the next sync, so a packet that read the old entry a moment
 //! ago never reads a slot that already means something else.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use lb_common::{
     addr_be, maglev,
@@ -78,14 +81,24 @@ impl SyncStats {
 pub struct Target {
     pub contents: MapContents,
     pub unplaced: Vec<Frontend>,
+    table_contents: BTreeMap<TableRange, TableContent>,
+    /// service id -> the backends its table spreads over.
+    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
 }
 
 /// Owns the view of what is programmed and moves it towards what is desired.
 #[derive(Debug, Default)]
 pub struct Programmer {
     programmed: MapContents,
+    /// What each programmed table holds, when this process wrote it (adopted tables are unknown
+    /// and compared slot by slot once). A table whose content is unchanged is not even compared.
+    table_contents: BTreeMap<TableRange, TableContent>,
+    /// Maglev tables built for contents still in use: a sync only builds what changed.
+    built: HashMap<TableContent, Arc<Vec<BackendId>>>,
     /// Tables freed by the last sync: not reused until the next one.
     quarantine: Vec<TableRange>,
+    /// Each frontend's backends as of the last sync, to tell when affinity needs pruning.
+    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
     settings: Settings,
 }
 
@@ -130,6 +143,22 @@ impl Tracked<'_> {
     }
 }
 
+/// The Maglev table for `content`: each slot names one of its backends.
+fn build_table(content: &TableContent, backends: &BTreeMap<BackendId, Backend>) -> Vec<BackendId> {
+    let keys: Vec<u64> = content
+        .backends
+        .iter()
+        .map(|id| {
+            let b = backends[id];
+            maglev::backend_key(b.addr_be, b.port_be)
+        })
+        .collect();
+    maglev::build(&keys, content.size)
+        .into_iter()
+        .map(|i| content.backends[i as usize])
+        .collect()
+}
+
 /// The lowest ids from `first` on that are not in `taken`, handed out in order.
 struct IdAllocator {
     taken: BTreeSet<u32>,
@@ -151,40 +180,44 @@ impl IdAllocator {
 }
 
 /// A table's content: its size and the backends it spreads over (sorted ids).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct TableContent {
     size: u32,
     backends: Vec<BackendId>,
 }
 
-/// First-fit placement of tables in the slots array, around ranges in use.
+/// First-fit placement of tables in the slots array, around ranges in use: the free gaps are
+/// computed once, so placing thousands of tables stays linear.
 struct SlotSpace {
-    used: BTreeMap<u32, u32>,
+    /// offset -> length of every free gap, in order.
+    gaps: BTreeMap<u32, u32>,
 }
 
 impl SlotSpace {
     fn new(used: impl IntoIterator<Item = TableRange>) -> Self {
-        Self {
-            used: used.into_iter().map(|r| (r.offset, r.size)).collect(),
+        let mut used: Vec<TableRange> = used.into_iter().collect();
+        used.sort();
+        let mut gaps = BTreeMap::new();
+        let mut cursor = 0u32;
+        for range in used {
+            if range.offset > cursor {
+                gaps.insert(cursor, range.offset - cursor);
+            }
+            cursor = cursor.max(range.offset + range.size);
         }
+        if cursor < MAX_SLOTS {
+            gaps.insert(cursor, MAX_SLOTS - cursor);
+        }
+        Self { gaps }
     }
 
     fn allocate(&mut self, size: u32) -> Option<TableRange> {
-        let mut start = 0u32;
-        for (&offset, &len) in &self.used {
-            if offset >= start && offset - start >= size {
-                break;
-            }
-            start = start.max(offset + len);
+        let (&offset, &len) = self.gaps.iter().find(|(_, len)| **len >= size)?;
+        self.gaps.remove(&offset);
+        if len > size {
+            self.gaps.insert(offset + size, len - size);
         }
-        if MAX_SLOTS - start.min(MAX_SLOTS) < size {
-            return None;
-        }
-        self.used.insert(start, size);
-        Some(TableRange {
-            offset: start,
-            size,
-        })
+        Some(TableRange { offset, size })
     }
 }
 
@@ -194,8 +227,8 @@ impl Programmer {
     pub fn adopt(programmed: MapContents, settings: Settings) -> Self {
         Self {
             programmed,
-            quarantine: Vec::new(),
             settings,
+            ..Self::default()
         }
     }
 
@@ -234,7 +267,7 @@ impl Programmer {
                 node: self.settings.node,
                 ..MapContents::default()
             },
-            unplaced: Vec::new(),
+            ..Target::default()
         };
         for backend in desired.backends() {
             let value = backend_value(&backend);
@@ -269,7 +302,7 @@ impl Programmer {
                 (service_key(frontend), content)
             })
             .collect();
-        let placement = self.place_tables(&wants, &mut target.contents);
+        let placement = self.place_tables(&wants, &mut target);
 
         for (frontend, plan) in &desired.frontends {
             let key = service_key(frontend);
@@ -285,6 +318,13 @@ impl Programmer {
                 Some(entry) => entry.service_id,
                 None => service_ids.allocate(),
             };
+            target.affinity_scope.insert(
+                service_id,
+                wants
+                    .get(&key)
+                    .map(|c| c.backends.clone())
+                    .unwrap_or_default(),
+            );
             let mut flags = 0;
             if plan.kind == FrontendKind::NodePort {
                 flags |= SERVICE_F_NODE_ADDRESS;
@@ -308,43 +348,51 @@ impl Programmer {
         target
     }
 
-    /// Decides where each distinct table lives and fills `contents.tables`. A table already
+    /// Decides where each distinct table lives and fills the target's tables. A table already
     /// programmed is updated in place (writing only the slots that differ) when every frontend
     /// using it wants the new content or is going away; otherwise the content gets a fresh range.
     fn place_tables(
         &self,
         wants: &BTreeMap<ServiceKey, TableContent>,
-        contents: &mut MapContents,
+        target: &mut Target,
     ) -> BTreeMap<TableContent, TableRange> {
+        let range_of = |entry: &ServiceEntry| TableRange {
+            offset: entry.table_offset,
+            size: entry.table_size,
+        };
+        // Which frontends use each programmed table, and which tables each content could reuse.
         let mut users: BTreeMap<TableRange, Vec<ServiceKey>> = BTreeMap::new();
         for (key, entry) in &self.programmed.services {
             if entry.table_size > 0 {
-                users
-                    .entry(TableRange {
-                        offset: entry.table_offset,
-                        size: entry.table_size,
-                    })
+                users.entry(range_of(entry)).or_default().push(*key);
+            }
+        }
+        let mut candidates: BTreeMap<&TableContent, BTreeSet<TableRange>> = BTreeMap::new();
+        for (key, content) in wants {
+            if let Some(entry) = self.programmed.services.get(key)
+                && entry.table_size == content.size
+            {
+                candidates
+                    .entry(content)
                     .or_default()
-                    .push(*key);
+                    .insert(range_of(entry));
+            }
+        }
+        let mut placement = BTreeMap::new();
+        let mut claimed = BTreeSet::new();
+        for (content, ranges) in candidates {
+            let reusable = ranges.into_iter().find(|range| {
+                !claimed.contains(range)
+                    && users[range]
+                        .iter()
+                        .all(|k| wants.get(k).is_none_or(|w| w == content))
+            });
+            if let Some(range) = reusable {
+                claimed.insert(range);
+                placement.insert(content.clone(), range);
             }
         }
         let distinct: BTreeSet<&TableContent> = wants.values().collect();
-        let mut placement = BTreeMap::new();
-        let mut claimed = BTreeSet::new();
-        for content in &distinct {
-            let reusable = users.iter().find(|(range, keys)| {
-                range.size == content.size
-                    && !claimed.contains(*range)
-                    && keys.iter().any(|k| wants.get(k) == Some(content))
-                    && keys
-                        .iter()
-                        .all(|k| wants.get(k).is_none_or(|w| w == *content))
-            });
-            if let Some((range, _)) = reusable {
-                claimed.insert(*range);
-                placement.insert((*content).clone(), *range);
-            }
-        }
         let mut space = SlotSpace::new(
             self.programmed
                 .tables
@@ -361,24 +409,13 @@ impl Programmer {
             }
         }
         for (content, range) in &placement {
-            let table = maglev::build(
-                &content
-                    .backends
-                    .iter()
-                    .map(|id| {
-                        let b = contents.backends[id];
-                        maglev::backend_key(b.addr_be, b.port_be)
-                    })
-                    .collect::<Vec<_>>(),
-                content.size,
-            );
-            contents.tables.insert(
-                *range,
-                table
-                    .into_iter()
-                    .map(|i| content.backends[i as usize])
-                    .collect(),
-            );
+            let table = self
+                .built
+                .get(content)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(build_table(content, &target.contents.backends)));
+            target.contents.tables.insert(*range, table);
+            target.table_contents.insert(*range, content.clone());
         }
         placement
     }
@@ -393,6 +430,8 @@ impl Programmer {
         let Target {
             contents: target,
             unplaced,
+            table_contents,
+            affinity_scope,
         } = self.target(desired);
         let current = self.programmed.clone();
         let mut w = Tracked {
@@ -410,6 +449,9 @@ impl Programmer {
             }
         }
         for (range, slots) in &target.tables {
+            if self.table_contents.get(range) == table_contents.get(range) {
+                continue; // written by an earlier sync with exactly this content
+            }
             let old = current.tables.get(range);
             let changes: Vec<(u32, BackendId)> = slots
                 .iter()
@@ -433,26 +475,11 @@ impl Programmer {
         }
 
         // Affinity memories must not outlive their backend's membership in the service.
-        let backends_of = |contents: &MapContents| -> BTreeMap<u32, BTreeSet<BackendId>> {
-            contents
-                .services
-                .values()
-                .map(|e| {
-                    let range = TableRange {
-                        offset: e.table_offset,
-                        size: e.table_size,
-                    };
-                    let ids = contents
-                        .tables
-                        .get(&range)
-                        .map(|t| t.iter().copied().collect())
-                        .unwrap_or_default();
-                    (e.service_id, ids)
-                })
-                .collect()
-        };
-        let keep = backends_of(&target);
-        if keep != backends_of(&current) {
+        if affinity_scope != self.affinity_scope {
+            let keep: BTreeMap<u32, BTreeSet<BackendId>> = affinity_scope
+                .iter()
+                .map(|(id, backends)| (*id, backends.iter().copied().collect()))
+                .collect();
             w.writer.forget_affinity(&keep)?;
         }
 
@@ -471,6 +498,13 @@ impl Programmer {
         self.programmed
             .tables
             .retain(|range, _| target.tables.contains_key(range));
+        // Remember what was written, sharing the built tables for the next sync.
+        self.built = table_contents
+            .iter()
+            .map(|(range, content)| (content.clone(), target.tables[range].clone()))
+            .collect();
+        self.table_contents = table_contents;
+        self.affinity_scope = affinity_scope;
         Ok((stats, unplaced))
     }
 }

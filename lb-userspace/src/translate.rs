@@ -10,8 +10,8 @@ use std::{
 use lb_common::maglev;
 
 use crate::model::{
-    EndpointSpec, Object, ObjectRef, Problem, Protocol, ServiceKind, ServiceSpec, Severity,
-    SliceSpec, TrafficPolicy,
+    EndpointSpec, Object, ObjectRef, Problem, Protocol, SERVICE_PROXY_NAME_LABEL, ServiceKind,
+    ServiceSpec, Severity, SliceSpec, TrafficPolicy,
 };
 
 /// An address, port and protocol a client sends to.
@@ -109,17 +109,36 @@ pub struct Unprogrammed {
     pub reason: String,
 }
 
-/// The node being programmed: its name (for `Local` policies) and the addresses its NodePorts
-/// answer on.
+/// The node being programmed and the agent's settings that shape translation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
+    /// The node's name, as EndpointSlices' `nodeName` (for `Local` policies).
     pub name: Option<String>,
+    /// The addresses its NodePorts answer on.
     pub addresses: Vec<Ipv4Addr>,
+    /// The node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<String>,
+    /// This agent handles Services labelled `service.kubernetes.io/service-proxy-name` with this
+    /// name (and no other labelled ones).
+    pub service_proxy_name: Option<String>,
+    /// Maglev table size for Services without the annotation (default 16381).
+    pub default_table_size: Option<u32>,
+}
+
+/// What kube-proxy's `healthCheckNodePort` server answers for an `externalTrafficPolicy: Local`
+/// LoadBalancer Service on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectRef,
+    /// Ready endpoints on this node: 0 means answer 503, so the load balancer avoids the node.
+    pub local_endpoints: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendPlan>,
+    /// `healthCheckNodePort` -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub unprogrammed: Vec<Unprogrammed>,
     /// Conflicts found while translating (e.g. two Services claiming one ClusterIP port).
     pub problems: Vec<Problem>,
@@ -173,12 +192,22 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeC
             }
             ServiceKind::Virtual => {}
         }
+        if svc.proxy_name != node.service_proxy_name && svc.proxy_name.is_some() {
+            desired.unprogrammed.push(Unprogrammed {
+                service: svc.id.clone(),
+                reason: format!(
+                    "handled by service proxy {:?} (label {SERVICE_PROXY_NAME_LABEL}), not this one",
+                    svc.proxy_name.as_deref().unwrap_or_default()
+                ),
+            });
+            continue;
+        }
         let svc_slices = slices
             .get(&(svc.id.namespace.as_str(), svc.id.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
         for port in &svc.ports {
-            let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node);
+            let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
             let mut add = |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &str| {
                 let frontend = Frontend {
                     addr,
@@ -215,7 +244,10 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeC
                         service: svc.id.clone(),
                         kind,
                         port_name: port.name.clone(),
-                        table_size: maglev::table_size(backends.len(), svc.maglev_table_size),
+                        table_size: maglev::table_size(
+                            backends.len(),
+                            svc.maglev_table_size.or(node.default_table_size),
+                        ),
                         backends,
                         terminating_fallback,
                         when_empty,
@@ -254,8 +286,48 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeC
                 );
             }
         }
+        if let Some(port) = svc.health_check_node_port {
+            add_health_check(&mut desired, svc, svc_slices, node, port);
+        }
     }
     desired
+}
+
+/// The `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service: its ready endpoints
+/// on this node, over all its slices.
+fn add_health_check(
+    desired: &mut Desired,
+    svc: &ServiceSpec,
+    slices: &[&SliceSpec],
+    node: &NodeContext,
+    port: u16,
+) {
+    if svc.external_traffic_policy != TrafficPolicy::Local {
+        return;
+    }
+    if let Some(owner) = desired.health_checks.get(&port) {
+        desired.problems.push(Problem {
+            severity: Severity::Error,
+            object: Some(svc.id.clone()),
+            location: "translation".to_owned(),
+            field: "spec.healthCheckNodePort".to_owned(),
+            message: format!("port {port} is already used by {}; left out", owner.service),
+        });
+        return;
+    }
+    let local: BTreeSet<Ipv4Addr> = slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|ep| ep.ready && node.name.is_some() && ep.node_name == node.name)
+        .map(|ep| ep.addr)
+        .collect();
+    desired.health_checks.insert(
+        port,
+        HealthCheck {
+            service: svc.id.clone(),
+            local_endpoints: local.len(),
+        },
+    );
 }
 
 /// One Service port's endpoints, as candidates for every traffic policy.
@@ -263,6 +335,8 @@ struct PortEndpoints {
     /// address -> (endpoint, target port)
     all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)>,
     node: Option<String>,
+    /// Follow zone hints for this zone (topology-aware routing asked for and the zone known).
+    hints_zone: Option<String>,
 }
 
 impl PortEndpoints {
@@ -287,11 +361,36 @@ impl PortEndpoints {
         };
         let ready = pick(&|ep| ep.ready);
         if !ready.is_empty() {
-            return (ready, false);
+            return (self.follow_hints(ready, policy), false);
         }
         let terminating = pick(&|ep| ep.serving && ep.terminating);
         let fallback = !terminating.is_empty();
         (terminating, fallback)
+    }
+
+    /// Topology-aware routing, as kube-proxy does it: with `Cluster` policy, when every chosen
+    /// endpoint has zone hints and some are meant for this node's zone, only those.
+    fn follow_hints(&self, chosen: Vec<BackendAddr>, policy: TrafficPolicy) -> Vec<BackendAddr> {
+        let Some(zone) = &self.hints_zone else {
+            return chosen;
+        };
+        if policy != TrafficPolicy::Cluster {
+            return chosen;
+        }
+        let hints = |b: &BackendAddr| {
+            self.all
+                .get(&b.addr)
+                .and_then(|(ep, _)| ep.hints_for_zones.as_ref())
+        };
+        if !chosen.iter().all(|b| hints(b).is_some()) {
+            return chosen;
+        }
+        let here: Vec<BackendAddr> = chosen
+            .iter()
+            .copied()
+            .filter(|b| hints(b).is_some_and(|zones| zones.contains(zone)))
+            .collect();
+        if here.is_empty() { chosen } else { here }
     }
 
     /// Whether any endpoint anywhere could serve (before a `Local` policy narrows it down).
@@ -310,6 +409,7 @@ fn endpoints_for(
     port_name: &str,
     protocol: Protocol,
     node: &NodeContext,
+    svc: &ServiceSpec,
 ) -> PortEndpoints {
     let mut all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)> = BTreeMap::new();
     for slice in slices {
@@ -332,5 +432,6 @@ fn endpoints_for(
     PortEndpoints {
         all,
         node: node.name.clone(),
+        hints_zone: node.zone.clone().filter(|_| svc.topology_aware),
     }
 }

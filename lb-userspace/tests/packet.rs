@@ -202,6 +202,7 @@ fn node_context() -> NodeContext {
     NodeContext {
         name: Some("node-1".to_owned()),
         addresses: vec![Ipv4Addr::from(NODE)],
+        ..NodeContext::default()
     }
 }
 

@@ -325,7 +325,7 @@ fn a_failed_write_is_resumed_by_the_next_sync() {
             .maps
             .tables
             .values()
-            .flatten()
+            .flat_map(|t| t.iter())
             .all(|&id| id != NO_BACKEND),
         "no table was left half-written"
     );

@@ -51,6 +51,7 @@ fn node(name: &str, addresses: &[[u8; 4]]) -> NodeContext {
     NodeContext {
         name: Some(name.to_owned()),
         addresses: addresses.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        ..NodeContext::default()
     }
 }
 
@@ -400,4 +401,89 @@ items:
     let read = manifest::parse(text, "list.yaml");
     assert!(read.problems.is_empty(), "{:?}", read.problems);
     assert_eq!(read.objects.len(), 1);
+}
+
+#[test]
+fn topology_hints_are_followed_only_when_asked_for_and_complete() {
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: zoned, namespace: t, annotations: {service.kubernetes.io/topology-mode: Auto}}
+spec: {clusterIP: 10.96.9.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: zoned-1, namespace: t, labels: {kubernetes.io/service-name: zoned}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.1"], zone: a, hints: {forZones: [{name: a}]}}
+- {addresses: ["10.244.2.1"], zone: b, hints: {forZones: [{name: b}]}}
+"#;
+    let read = manifest::parse(text, "t.yaml");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    let in_zone = |zone: Option<&str>| {
+        let node = NodeContext {
+            zone: zone.map(str::to_owned),
+            ..NodeContext::default()
+        };
+        backends(
+            &translate(&read.objects, &node),
+            fe([10, 96, 9, 1], 80, Protocol::Tcp),
+        )
+    };
+    assert_eq!(in_zone(Some("a")), vec![be([10, 244, 1, 1], 8080)]);
+    assert_eq!(in_zone(Some("b")), vec![be([10, 244, 2, 1], 8080)]);
+    assert_eq!(in_zone(None).len(), 2, "zone unknown: every endpoint");
+    assert_eq!(
+        in_zone(Some("c")).len(),
+        2,
+        "no endpoint hinted for this zone: every endpoint"
+    );
+    // Without the annotation hints are ignored.
+    let plain = text.replace(
+        ", annotations: {service.kubernetes.io/topology-mode: Auto}",
+        "",
+    );
+    let read = manifest::parse(&plain, "t.yaml");
+    let node = NodeContext {
+        zone: Some("a".to_owned()),
+        ..NodeContext::default()
+    };
+    assert_eq!(
+        backends(
+            &translate(&read.objects, &node),
+            fe([10, 96, 9, 1], 80, Protocol::Tcp)
+        )
+        .len(),
+        2
+    );
+}
+
+#[test]
+fn health_check_node_ports_count_local_ready_endpoints() {
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: t}
+spec: {type: LoadBalancer, clusterIP: 10.96.9.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{port: 80, nodePort: 30000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: t, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.1"], nodeName: node-1}
+- {addresses: ["10.244.1.2"], nodeName: node-1, conditions: {ready: false}}
+- {addresses: ["10.244.2.1"], nodeName: node-2}
+"#;
+    let read = manifest::parse(text, "t.yaml");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    for (name, count) in [("node-1", 1), ("node-2", 1), ("node-3", 0)] {
+        let desired = translate(&read.objects, &node(name, &[NODE1]));
+        let check = &desired.health_checks[&32000];
+        assert_eq!(check.local_endpoints, count, "{name}");
+        assert_eq!(check.service.name, "lb");
+    }
 }

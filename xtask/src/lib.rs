@@ -4,6 +4,7 @@
 
 pub mod cleanup;
 pub mod echo;
+pub mod fake_api;
 pub mod host;
 pub mod netns;
 pub mod testbed;

@@ -84,6 +84,23 @@ impl Netns {
             .map_err(|panic| anyhow::anyhow!("thread in {} panicked: {panic:?}", self.name))
     }
 
+    /// A tokio runtime whose worker threads live in this namespace, so sockets its tasks open
+    /// (e.g. a Kubernetes client's) belong to it. Call `block_on` from a thread in the namespace
+    /// too (inside [`Self::run`]).
+    pub fn tokio_runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        let file = std::sync::Arc::new(file);
+        let name = self.name.clone();
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                setns(file.as_ref(), CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns into {name}: {e}"));
+            })
+            .build()?)
+    }
+
     /// Starts `f` on a new thread inside this namespace.
     pub fn spawn_thread<T: Send + 'static>(
         &self,

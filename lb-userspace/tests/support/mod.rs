@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod cluster;
+pub mod controller;
 
 use std::{
     collections::BTreeMap,

@@ -1,0 +1,179 @@
+//! Health endpoints like kube-proxy's: `/healthz` and `/livez` report whether programmed state
+//! is fresh, and one `healthCheckNodePort` server per `externalTrafficPolicy: Local`
+//! LoadBalancer Service tells the external load balancer whether this node has a local endpoint.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::translate::HealthCheck;
+
+#[derive(Default)]
+struct Times {
+    /// A change is waiting to be applied since then.
+    pending_since: Option<Instant>,
+    /// The last sync that succeeded.
+    last_applied: Option<(Instant, SystemTime)>,
+}
+
+/// Whether the agent keeps up: healthy once a first sync succeeded and no change has been waiting
+/// longer than the timeout (kube-proxy's `--healthz` semantics).
+pub struct HealthState {
+    times: Mutex<Times>,
+    timeout: Duration,
+}
+
+impl HealthState {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            times: Mutex::new(Times::default()),
+            timeout,
+        }
+    }
+
+    fn times(&self) -> std::sync::MutexGuard<'_, Times> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A change arrived that is not programmed yet.
+    pub fn queued(&self) {
+        let mut times = self.times();
+        times.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Everything queued so far is programmed.
+    pub fn applied(&self) {
+        let mut times = self.times();
+        times.pending_since = None;
+        times.last_applied = Some((Instant::now(), SystemTime::now()));
+    }
+
+    pub fn healthy(&self) -> bool {
+        let times = self.times();
+        times.last_applied.is_some()
+            && times
+                .pending_since
+                .is_none_or(|since| since.elapsed() < self.timeout)
+    }
+
+    fn report(&self) -> (StatusCode, Json<Value>) {
+        let healthy = self.healthy();
+        let unix = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let last = self.times().last_applied.map(|(_, wall)| unix(wall));
+        let status = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (
+            status,
+            Json(json!({
+                "lastUpdated": last,
+                "currentTime": unix(SystemTime::now()),
+                "nodeEligible": true,
+            })),
+        )
+    }
+}
+
+/// Serves `/healthz` and `/livez` on `listener` until the task is dropped.
+pub fn serve_healthz(listener: tokio::net::TcpListener, state: Arc<HealthState>) -> JoinHandle<()> {
+    let app = Router::new()
+        .route(
+            "/healthz",
+            get(|State(s): State<Arc<HealthState>>| async move { s.report() }),
+        )
+        .route(
+            "/livez",
+            get(|State(s): State<Arc<HealthState>>| async move { s.report() }),
+        )
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            warn!("healthz server stopped: {err}");
+        }
+    })
+}
+
+/// The `healthCheckNodePort` servers, one per port, following the desired set.
+#[derive(Default)]
+pub struct HealthCheckServers {
+    servers: BTreeMap<u16, (JoinHandle<()>, Arc<RwLock<HealthCheck>>)>,
+}
+
+impl HealthCheckServers {
+    /// Starts servers for new ports, updates the answers of existing ones and stops the rest.
+    pub async fn reconcile(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+        self.servers.retain(|port, (task, _)| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                task.abort();
+                info!(port, "healthCheckNodePort server stopped");
+            }
+            keep
+        });
+        for (port, check) in wanted {
+            if let Some((_, current)) = self.servers.get(port) {
+                *current.write().unwrap_or_else(|p| p.into_inner()) = check.clone();
+                continue;
+            }
+            let addr = SocketAddr::from(([0, 0, 0, 0], *port));
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let shared = Arc::new(RwLock::new(check.clone()));
+                    let task = serve_health_check(listener, shared.clone());
+                    info!(port, service = %check.service, "healthCheckNodePort server started");
+                    self.servers.insert(*port, (task, shared));
+                }
+                Err(err) => {
+                    warn!(port, service = %check.service, "cannot serve healthCheckNodePort: {err}")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for HealthCheckServers {
+    fn drop(&mut self) {
+        for (task, _) in self.servers.values() {
+            task.abort();
+        }
+    }
+}
+
+fn serve_health_check(
+    listener: tokio::net::TcpListener,
+    check: Arc<RwLock<HealthCheck>>,
+) -> JoinHandle<()> {
+    let answer = |State(check): State<Arc<RwLock<HealthCheck>>>| async move {
+        let check = check.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = if check.local_endpoints > 0 {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (
+            status,
+            Json(json!({
+                "service": { "namespace": check.service.namespace, "name": check.service.name },
+                "localEndpoints": check.local_endpoints,
+                "serviceProxyHealthy": true,
+            })),
+        )
+    };
+    let app = Router::new().fallback(get(answer)).with_state(check);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}

@@ -1,0 +1,325 @@
+//! The Kubernetes API as a source of objects: watchers (list + watch, relisting on `410 Gone` or a
+//! dropped connection, retrying with backoff while the API server is away) feeding reflector
+//! stores of trimmed objects. Like the manifest source it hands out validated objects with
+//! last-known-good semantics; validation is cached per resourceVersion, so a sync only
+//! re-validates what changed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    Metadata,
+    api::{
+        core::v1::{Node, NodeStatus, Service, ServiceStatus},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::model::{
+    self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION,
+};
+
+/// The label carrying a Node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Where API objects come from, in problem reports.
+const LOCATION: &str = "API server";
+
+/// Annotations translation reads; every other annotation is dropped from the cache.
+const KEPT_ANNOTATIONS: [&str; 3] = [
+    MAGLEV_TABLE_SIZE_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION,
+    TOPOLOGY_HINTS_ANNOTATION,
+];
+
+/// What one validation of an object version produced.
+struct Validation {
+    resource_version: Option<String>,
+    object: Option<Object>,
+    problems: Vec<Problem>,
+}
+
+/// The objects of one sync.
+pub struct Snapshot {
+    pub objects: Vec<Object>,
+    pub problems: Vec<Problem>,
+    /// Rejected objects whose previous version is kept.
+    pub kept_last_good: Vec<ObjectRef>,
+}
+
+/// Watches Services, EndpointSlices and this agent's Node.
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    changed: Arc<Notify>,
+    /// Per watched resource: its initial list has completed at least once.
+    listed: Vec<Arc<AtomicBool>>,
+    tasks: Vec<JoinHandle<()>>,
+    validated: HashMap<ObjectRef, Validation>,
+    last_good: BTreeMap<ObjectRef, Object>,
+}
+
+impl KubeSource {
+    /// Starts the watchers on the current tokio runtime. Nothing is contacted synchronously: an
+    /// API server that is down is retried with backoff while the caller keeps serving.
+    pub fn start(client: Client, node_name: &str) -> Self {
+        let changed = Arc::new(Notify::new());
+        let mut listed = Vec::new();
+        let mut tasks = Vec::new();
+        let services = watch(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            trim_service,
+            &changed,
+            &mut listed,
+            &mut tasks,
+        );
+        let slices = watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            trim_slice,
+            &changed,
+            &mut listed,
+            &mut tasks,
+        );
+        let nodes = watch(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            trim_node,
+            &changed,
+            &mut listed,
+            &mut tasks,
+        );
+        Self {
+            services,
+            slices,
+            nodes,
+            changed,
+            listed,
+            tasks,
+            validated: HashMap::new(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    /// Waits for the next change (coalesced: many changes wake it once).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Every watcher has completed its initial list: a sync now reflects the cluster. Before
+    /// that, the agent keeps what is programmed (e.g. adopted pins) rather than flush it.
+    pub fn ready(&self) -> bool {
+        self.listed.iter().all(|l| l.load(Ordering::Acquire))
+    }
+
+    /// The zone of this agent's Node, once seen.
+    pub fn node_zone(&self) -> Option<String> {
+        self.nodes
+            .state()
+            .first()
+            .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+    }
+
+    /// Validated objects from the stores, re-validating only versions not seen before.
+    pub fn snapshot(&mut self) -> Snapshot {
+        let mut seen: HashMap<ObjectRef, ()> = HashMap::new();
+        let mut problems = Vec::new();
+        let mut rejected = Vec::new();
+        let mut objects: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+        let services = self.services.state();
+        let slices = self.slices.state();
+        let validations = services
+            .iter()
+            .map(|s| {
+                (
+                    id_of(model::Kind::Service, s.metadata()),
+                    s.metadata(),
+                    Either::Service(s),
+                )
+            })
+            .chain(slices.iter().map(|s| {
+                (
+                    id_of(model::Kind::EndpointSlice, s.metadata()),
+                    s.metadata(),
+                    Either::Slice(s),
+                )
+            }));
+        for (id, meta, object) in validations {
+            seen.insert(id.clone(), ());
+            let fresh = self
+                .validated
+                .get(&id)
+                .is_none_or(|v| v.resource_version != meta.resource_version);
+            if fresh {
+                let validated = match object {
+                    Either::Service(s) => model::validate_service(s, LOCATION),
+                    Either::Slice(s) => model::validate_slice(s, LOCATION),
+                };
+                self.validated.insert(
+                    id.clone(),
+                    Validation {
+                        resource_version: meta.resource_version.clone(),
+                        object: validated.object,
+                        problems: validated.problems,
+                    },
+                );
+            }
+            let validation = &self.validated[&id];
+            problems.extend(validation.problems.iter().cloned());
+            match &validation.object {
+                Some(object) => {
+                    objects.insert(id, object.clone());
+                }
+                None => rejected.push(id),
+            }
+        }
+        self.validated.retain(|id, _| seen.contains_key(id));
+        let mut kept_last_good = Vec::new();
+        for id in rejected {
+            if let Some(previous) = self.last_good.get(&id) {
+                objects.insert(id.clone(), previous.clone());
+                kept_last_good.push(id);
+            }
+        }
+        self.last_good = objects.clone();
+        Snapshot {
+            objects: objects.into_values().collect(),
+            problems,
+            kept_last_good,
+        }
+    }
+}
+
+enum Either<'a> {
+    Service(&'a Service),
+    Slice(&'a EndpointSlice),
+}
+
+fn id_of(kind: model::Kind, meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs one watcher into a reflector store; every change wakes `changed` once its first list is
+/// complete. Relists (after `410 Gone` or a dropped watch) swap the store's contents in one step
+/// when the new list is complete, so a relist never looks like everything was deleted.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    changed: &Arc<Notify>,
+    listed: &mut Vec<Arc<AtomicBool>>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let done = Arc::new(AtomicBool::new(false));
+    listed.push(done.clone());
+    let changed = changed.clone();
+    let kind = K::kind(&());
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
+    tasks.push(tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => info!(%kind, "listing"),
+                Ok(watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::InitDone) => {
+                    info!(%kind, "listed; watching");
+                    done.store(true, Ordering::Release);
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    if done.load(Ordering::Acquire) {
+                        changed.notify_one();
+                    }
+                }
+                // The watcher retries with backoff (and relists if its version is gone).
+                Err(err) => warn!(%kind, "watch failed, retrying: {err}"),
+            }
+        }
+    }));
+    reader
+}
+
+fn trim_meta(meta: &mut ObjectMeta, keep_annotations: bool) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    match (&mut meta.annotations, keep_annotations) {
+        (Some(annotations), true) => {
+            annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
+        }
+        (annotations, _) => *annotations = None,
+    }
+}
+
+/// Keeps what translation reads: spec, labels, our annotations, the load balancer status.
+fn trim_service(svc: &mut Service) {
+    trim_meta(&mut svc.metadata, true);
+    let load_balancer = svc.status.take().and_then(|s| s.load_balancer);
+    svc.status = load_balancer.map(|lb| ServiceStatus {
+        load_balancer: Some(lb),
+        ..ServiceStatus::default()
+    });
+}
+
+fn trim_slice(slice: &mut EndpointSlice) {
+    trim_meta(&mut slice.metadata, false);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+        ep.deprecated_topology = None;
+    }
+}
+
+/// Only the labels (zone) and addresses of our own Node; its status is otherwise large.
+fn trim_node(node: &mut Node) {
+    trim_meta(&mut node.metadata, false);
+    node.spec = None;
+    let addresses = node.status.take().and_then(|s| s.addresses);
+    node.status = Some(NodeStatus {
+        addresses,
+        ..NodeStatus::default()
+    });
+}

@@ -1,0 +1,123 @@
+//! Prometheus metrics on `--metrics-bind-address`: how syncs go, and the packet path's outcome
+//! counters read from the pinned maps at scrape time.
+
+use std::{path::PathBuf, sync::Arc};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        gauge::Gauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+/// The agent's own metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub syncs: Counter,
+    pub sync_failures: Counter,
+    /// From the first unapplied change to the end of the sync that applied it.
+    pub sync_latency: Histogram,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+}
+
+impl Metrics {
+    pub fn new(bpffs_dir: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let syncs = Counter::default();
+        let sync_failures = Counter::default();
+        let sync_latency = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        let frontends = Gauge::default();
+        let backends = Gauge::default();
+        registry.register("syncs", "Syncs of the maps that succeeded", syncs.clone());
+        registry.register(
+            "sync_failures",
+            "Syncs that failed (retried on the next change)",
+            sync_failures.clone(),
+        );
+        registry.register(
+            "sync_latency_seconds",
+            "From a change arriving to the maps holding it",
+            sync_latency.clone(),
+        );
+        registry.register(
+            "frontends",
+            "Programmed frontends (address, port, protocol)",
+            frontends.clone(),
+        );
+        registry.register("backends", "Programmed backends", backends.clone());
+        registry.register_collector(Box::new(PacketCounters { bpffs_dir }));
+        Self {
+            registry,
+            syncs,
+            sync_failures,
+            sync_latency,
+            frontends,
+            backends,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            warn!("encoding metrics: {err}");
+        }
+        text
+    }
+}
+
+/// `lb_packets_total{outcome=...}`, summed over CPUs, read when scraped.
+#[derive(Debug)]
+struct PacketCounters {
+    bpffs_dir: PathBuf,
+}
+
+impl Collector for PacketCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(counters) = crate::loader::pinned_counters(&self.bpffs_dir) else {
+            return Ok(());
+        };
+        let mut metric = encoder.encode_descriptor(
+            "packets",
+            "Packets the packet path handled, by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (counter, packets) in counters {
+            let labels = [("outcome", counter.name())];
+            ConstCounter::new(packets).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` on `listener` until the task is dropped.
+pub fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> JoinHandle<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    m.render(),
+                )
+                    .into_response()
+            }),
+        )
+        .with_state(metrics);
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            warn!("metrics server stopped: {err}");
+        }
+    })
+}

@@ -1,0 +1,309 @@
+//! The controller against a fake API server over real HTTP, inside a network namespace of its
+//! own (the fake listens on that namespace's loopback; the client's runtime lives there too).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort, ServiceSpec,
+            ServiceStatus,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use lb_common::{addr_octets, port_host};
+use lb_userspace::{
+    dataplane::{MapContents, TableRange},
+    kube_source::KubeSource,
+    model::Problem,
+    sync::{Programmer, SyncStats},
+    translate::{Desired, NodeContext, translate},
+};
+use xtask::{fake_api::FakeApi, netns::Netns};
+
+/// A namespace with the fake API server listening on its loopback.
+pub struct ApiHarness {
+    pub fake: FakeApi,
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    // Dropped last: the fake's listener lives in it.
+    pub ns: Netns,
+}
+
+impl ApiHarness {
+    pub fn new(test: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        xtask::cleanup::install_interrupt_handler();
+        xtask::cleanup::sweep_stale();
+        let ns = Netns::create(&format!(
+            "{}{}-api{}",
+            xtask::cleanup::NETNS_PREFIX,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+        .expect("create the test namespace");
+        let fake = FakeApi::new().expect("fake API server");
+        let addr = fake
+            .listen_in(&ns, "127.0.0.1:0".parse().unwrap())
+            .expect("listen in the namespace");
+        let kubeconfig = std::env::temp_dir().join(format!("{}-{test}.kubeconfig", ns.name()));
+        FakeApi::write_kubeconfig(&kubeconfig, &format!("http://{addr}")).unwrap();
+        Self {
+            fake,
+            addr,
+            kubeconfig,
+            ns,
+        }
+    }
+
+    /// Runs `test` on a tokio runtime whose threads live in the namespace.
+    pub fn run<F, T>(&self, test: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        F: Future<Output = T>,
+        T: Send + 'static,
+    {
+        let runtime = self.ns.tokio_runtime().expect("runtime in the namespace");
+        self.ns
+            .run(move || {
+                let out = runtime.block_on(test());
+                runtime.shutdown_background();
+                out
+            })
+            .expect("test thread")
+    }
+}
+
+impl Drop for ApiHarness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// The agent's sync loop without BPF: the Kubernetes source, translation, and the programmer
+/// writing to in-memory maps.
+pub struct Controller {
+    pub source: KubeSource,
+    pub programmer: Programmer,
+    pub maps: MapContents,
+    pub node: NodeContext,
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+    /// Every sync's write counts, in order.
+    pub syncs: Vec<SyncStats>,
+}
+
+impl Controller {
+    pub async fn start(kubeconfig: &PathBuf, node: NodeContext) -> Self {
+        let client = lb_userspace::agent::kube_client(Some(kubeconfig))
+            .await
+            .expect("client");
+        let source = KubeSource::start(client, node.name.as_deref().unwrap_or("node-1"));
+        Self {
+            source,
+            programmer: Programmer::default(),
+            maps: MapContents::default(),
+            node,
+            desired: Desired::default(),
+            problems: Vec::new(),
+            syncs: Vec::new(),
+        }
+    }
+
+    /// One sync, as the agent does it (only once the first lists are complete).
+    pub fn sync(&mut self) {
+        if !self.source.ready() {
+            return;
+        }
+        self.node.zone = self.source.node_zone();
+        let snapshot = self.source.snapshot();
+        self.problems = snapshot.problems;
+        self.desired = translate(&snapshot.objects, &self.node);
+        let (stats, unplaced) = self
+            .programmer
+            .sync(&self.desired, &mut self.maps)
+            .expect("in-memory writes cannot fail");
+        assert!(unplaced.is_empty(), "{unplaced:?}");
+        self.syncs.push(stats);
+    }
+
+    /// Syncs on every change until `done` holds, or panics after 10 s saying what it waited for.
+    pub async fn wait_until(&mut self, what: &str, done: impl Fn(&Controller) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            self.sync();
+            if self.source.ready() && done(self) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; programmed: {:#?}; problems: {:#?}",
+                    programmed(&self.maps),
+                    self.problems
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.source.changed()).await;
+        }
+    }
+
+    pub fn frontends(&self) -> BTreeMap<String, BTreeSet<String>> {
+        programmed(&self.maps)
+    }
+}
+
+/// `"10.96.0.1:80/TCP" -> {"10.244.1.1:8080", ...}` as the packet path would see it.
+pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
+    maps.services
+        .iter()
+        .map(|(key, entry)| {
+            let proto = if key.proto == lb_common::IPPROTO_TCP {
+                "TCP"
+            } else {
+                "UDP"
+            };
+            let frontend = format!(
+                "{}:{}/{proto}",
+                Ipv4Addr::from(addr_octets(key.addr_be)),
+                port_host(key.port_be)
+            );
+            let range = TableRange {
+                offset: entry.table_offset,
+                size: entry.table_size,
+            };
+            let backends = maps
+                .tables
+                .get(&range)
+                .map(|table| {
+                    table
+                        .iter()
+                        .filter_map(|id| maps.backends.get(id))
+                        .map(|b| {
+                            format!(
+                                "{}:{}",
+                                Ipv4Addr::from(addr_octets(b.addr_be)),
+                                port_host(b.port_be)
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (frontend, backends)
+        })
+        .collect()
+}
+
+/// A ClusterIP Service `ns/name` on `ip` with one TCP port 80 -> named port `http`.
+pub fn service(ns: &str, name: &str, ip: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.to_owned()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: 80,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+pub fn with_label(mut svc: Service, key: &str, value: &str) -> Service {
+    svc.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(key.to_owned(), value.to_owned());
+    svc
+}
+
+/// A LoadBalancer with `externalTrafficPolicy: Local`, NodePort 30100 and healthCheckNodePort.
+pub fn local_load_balancer(ns: &str, name: &str, ip: &str, lb_ip: &str, hc_port: i32) -> Service {
+    let mut svc = service(ns, name, ip);
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some("LoadBalancer".to_owned());
+    spec.external_traffic_policy = Some("Local".to_owned());
+    spec.health_check_node_port = Some(hc_port);
+    spec.ports.as_mut().unwrap()[0].node_port = Some(30100);
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(lb_ip.to_owned()),
+                ..LoadBalancerIngress::default()
+            }]),
+        }),
+        ..ServiceStatus::default()
+    });
+    svc
+}
+
+/// A slice of Service `service` with port `http` 8080 and ready endpoints `(address, node)`.
+pub fn slice(ns: &str, name: &str, service: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            labels: Some(
+                [(
+                    lb_userspace::model::SERVICE_NAME_LABEL.to_owned(),
+                    service.to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".to_owned(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".to_owned()),
+            port: Some(8080),
+            ..EndpointPort::default()
+        }]),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(addr, node)| Endpoint {
+                    addresses: vec![(*addr).to_owned()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    node_name: Some((*node).to_owned()),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+pub fn node(name: &str, zone: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(
+                [(
+                    lb_userspace::kube_source::ZONE_LABEL.to_owned(),
+                    zone.to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    }
+}
+
+pub fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
