@@ -85,7 +85,7 @@ fn bundled_example_has_every_frontend_kind_on_each_node() {
         assert_eq!(kind([172, 30, 2, 10], 8080), FrontendKind::ExternalIp);
         // A LoadBalancer Service is a ClusterIP and a NodePort too.
         assert_eq!(kind([10, 96, 0, 30], 80), FrontendKind::ClusterIp);
-        assert_eq!(desired.frontends.len(), 18, "{name}");
+        assert_eq!(desired.frontends.len(), 19, "{name}");
         let unprogrammed: Vec<_> = desired
             .unprogrammed
             .iter()

@@ -367,6 +367,8 @@ pub struct AgentOptions {
     pub detached: bool,
     /// Where the agent's log goes (default: the temp directory).
     pub log_dir: Option<PathBuf>,
+    /// Watch the API server through this kubeconfig instead of reading the manifest file.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -376,6 +378,7 @@ impl Default for AgentOptions {
             xdp: false,
             detached: false,
             log_dir: None,
+            kubeconfig: None,
         }
     }
 }
@@ -388,8 +391,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts the agent on `node` and waits until it reports ready (programs attached, maps
-    /// synced).
+    /// Starts the agent on `node` and waits until it reports ready (programs attached; with a
+    /// manifest file also synced). With `options.kubeconfig` the manifest file is not read.
     pub fn start(
         cluster: &Cluster,
         node: &str,
@@ -410,10 +413,12 @@ impl AgentProcess {
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(lb);
-        cmd.arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
-            .args(["--node-name", &node.name])
+        cmd.arg("agent");
+        match &options.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            None => cmd.arg("--manifests").arg(manifests),
+        };
+        cmd.args(["--node-name", &node.name])
             .args(["--pod-interfaces", POD_INTERFACE_GLOB])
             .args(["--external-interfaces", EXTERNAL_INTERFACE])
             .arg("--bpffs-dir")

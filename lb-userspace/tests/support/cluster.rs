@@ -6,22 +6,54 @@ use std::{
     time::Duration,
 };
 
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use xtask::{
     echo::{Conversation, EchoServer, Reply},
+    fake_api::FakeApi,
     testbed::{AgentOptions, AgentProcess, Cluster},
 };
 
 pub const ECHO_TCP_PORT: u16 = 8080;
 pub const ECHO_UDP_PORT: u16 = 5353;
 
-/// The testbed, its echo pods and agents, and the manifest file the agents read.
+/// The testbed, its echo pods and agents, and the manifest file (or fake API server) the agents
+/// read.
 pub struct Running {
     pub agents: Vec<AgentProcess>,
     _servers: Vec<EchoServer>,
     pub manifest: PathBuf,
     manifest_dir: PathBuf,
+    /// With [`Running::start_kubernetes`]: the API server the agents watch.
+    pub api: Option<FakeApi>,
     // Dropped last, after the agents stopped.
     pub cluster: Cluster,
+}
+
+/// Where the fake API server listens in each node's namespace (its loopback).
+pub const API_ADDRESS: &str = "127.0.0.1:6443";
+
+/// The Services and EndpointSlices of a multi-document YAML text, as API objects.
+pub fn api_objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    use serde::Deserialize as _;
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value = serde_yaml_ng::Value::deserialize(document).expect("valid YAML");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_yaml_ng::from_value(value).expect("a Service")),
+            Some("EndpointSlice") => {
+                slices.push(serde_yaml_ng::from_value(value).expect("a slice"))
+            }
+            _ => {}
+        }
+    }
+    (services, slices)
 }
 
 pub fn example_manifest() -> String {
@@ -33,6 +65,16 @@ impl Running {
     /// Builds the testbed, starts echo servers in every pod but `client-1`, and an agent per
     /// node on the bundled example.
     pub fn start(xdp: bool) -> Self {
+        Self::start_with(xdp, false)
+    }
+
+    /// Like [`Running::start`], but the agents watch a fake API server (listening on each node's
+    /// loopback) holding the example's objects and the two Nodes.
+    pub fn start_kubernetes() -> Self {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(xdp: bool, kubernetes: bool) -> Self {
         xtask::cleanup::install_interrupt_handler();
         let cluster = Cluster::two_nodes().expect("build the testbed");
         if xdp {
@@ -52,10 +94,35 @@ impl Running {
         std::fs::create_dir_all(&manifest_dir).unwrap();
         let manifest = manifest_dir.join("services.yaml");
         std::fs::write(&manifest, example_manifest()).unwrap();
-        let options = AgentOptions {
+        let mut options = AgentOptions {
             xdp,
             ..AgentOptions::default()
         };
+        let api = kubernetes.then(|| {
+            let api = FakeApi::new().expect("fake API server");
+            for node in &cluster.nodes {
+                api.listen_in(&node.ns, API_ADDRESS.parse().unwrap())
+                    .expect("listen in the node's namespace");
+                api.apply(&Node {
+                    metadata: ObjectMeta {
+                        name: Some(node.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    ..Node::default()
+                });
+            }
+            let (services, slices) = api_objects(&example_manifest());
+            for svc in &services {
+                api.apply(svc);
+            }
+            for slice in &slices {
+                api.apply(slice);
+            }
+            let kubeconfig = manifest_dir.join("kubeconfig");
+            FakeApi::write_kubeconfig(&kubeconfig, &format!("http://{API_ADDRESS}")).unwrap();
+            options.kubeconfig = Some(kubeconfig);
+            api
+        });
         let agents = ["node-1", "node-2"]
             .iter()
             .map(|node| {
@@ -74,6 +141,7 @@ impl Running {
             _servers: servers,
             manifest,
             manifest_dir,
+            api,
             cluster,
         }
     }
@@ -120,6 +188,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.agents.clear();
+        self.api = None;
         let _ = std::fs::remove_dir_all(&self.manifest_dir);
     }
 }

@@ -1,0 +1,111 @@
+//! The real `lb agent` binary in Kubernetes mode on the two-node testbed: each node's agent
+//! watches a fake API server (real HTTP, on the node's own loopback) holding the bundled
+//! example's objects, and real traffic follows changes made through the API. Also checks what a
+//! cluster's load balancer and kubelet would ask: /healthz and the healthCheckNodePort.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Service;
+use support::{
+    cluster::{Running, api_objects, at, example_manifest, pods, set, tcp_many, tcp_outcome},
+    privileged,
+};
+
+const N: usize = 24;
+
+/// `GET path` over plain HTTP/1.1; the status line and body.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+#[test]
+fn agents_follow_the_api_server_and_serve_health_checks() {
+    if !privileged("agents_follow_the_api_server_and_serve_health_checks") {
+        return;
+    }
+    let mut run = Running::start_kubernetes();
+    for node in ["node-1", "node-2"] {
+        run.agent(node)
+            .wait_for_log("synced", Duration::from_secs(20))
+            .expect("the agent syncs from the API server");
+    }
+    let echo = at([10, 96, 0, 10], 80);
+    assert_eq!(
+        pods(&run.from("client-1", move || tcp_many(echo, N))),
+        set(&["pod-a", "pod-c"])
+    );
+    let nodeport = run.from("outside", || tcp_many(at([172, 30, 0, 11], 30080), N));
+    assert_eq!(pods(&nodeport), set(&["pod-c", "pod-d"]));
+
+    // What kubelet's probes and a cloud load balancer ask, from outside the nodes.
+    let healthz = run.from("outside", || http_get("172.30.0.11:10256", "/healthz"));
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let here = run.from("outside", || http_get("172.30.0.11:32081", "/"));
+    assert!(
+        here.starts_with("HTTP/1.1 200") && here.contains("\"localEndpoints\":1"),
+        "{here}"
+    );
+    let there = run.from("outside", || http_get("172.30.0.12:32081", "/"));
+    assert!(
+        there.starts_with("HTTP/1.1 503") && there.contains("\"localEndpoints\":0"),
+        "{there}"
+    );
+
+    // Changes through the API: pod-c leaves echo's slice; web is deleted.
+    let api = run.api.as_ref().expect("kubernetes mode").clone_handle();
+    let syncs: Vec<usize> = run
+        .agents
+        .iter()
+        .map(|a| a.log().matches("synced").count())
+        .collect();
+    let (_, slices) = api_objects(&example_manifest());
+    let mut echo_slice = slices
+        .into_iter()
+        .find(|s| s.metadata.name.as_deref() == Some("echo-x7k2p"))
+        .unwrap();
+    echo_slice
+        .endpoints
+        .as_mut()
+        .unwrap()
+        .retain(|e| e.addresses[0] != "10.244.2.11");
+    api.apply(&echo_slice);
+    assert!(api.delete::<Service>("demo", "web"));
+    for (agent, before) in run.agents.iter_mut().zip(syncs) {
+        agent
+            .wait_for_log_count("synced", before + 1, Duration::from_secs(10))
+            .expect("the agent applies the API change");
+    }
+    // Both changes may arrive in one sync or two; wait until both are programmed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let gone = run.from("outside", || {
+            tcp_outcome(at([172, 30, 0, 11], 30080), Duration::from_millis(500)).is_err()
+        });
+        if gone || std::time::Instant::now() > deadline {
+            assert!(gone, "the deleted Service's NodePort must stop answering");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        pods(&run.from("client-1", move || tcp_many(echo, N))),
+        set(&["pod-a"])
+    );
+}
