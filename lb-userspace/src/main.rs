@@ -30,6 +30,12 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/lb")]
         bpffs_dir: PathBuf,
     },
+    /// Mount a BPF filesystem at PATH unless one is there already (the DaemonSet's init
+    /// container runs this so pinned maps survive agent restarts).
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
     /// Show what a manifest translates to, without touching the kernel.
     Translate {
         /// Multi-document YAML with Services and discovery.k8s.io/v1 EndpointSlices.
@@ -70,6 +76,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MountBpffs { path } => {
+            let mounted = nix::sys::statfs::statfs(&path)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+            if mounted {
+                println!("{} is already a BPF filesystem", path.display());
+            } else {
+                std::fs::create_dir_all(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                nix::mount::mount(
+                    Some("bpf"),
+                    &path,
+                    Some("bpf"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .with_context(|| format!("mounting bpffs at {}", path.display()))?;
+                println!("mounted bpffs at {}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Stats { bpffs_dir } => {

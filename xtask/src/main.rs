@@ -20,7 +20,12 @@ struct Cli {
 enum Cmd {
     /// Make sure of the toolchain: nightly with rust-src, a bpf-linker built against the
     /// nightly's LLVM, and a mounted bpffs. Quick when already done.
-    Setup,
+    Setup {
+        /// Only the build toolchain (nightly, rust-src, bpf-linker); leave bpffs alone, e.g. in a
+        /// container image build.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build everything (the agent embeds the eBPF object).
     Build,
     /// Run all tests: formatting, clippy, unit tests, the packet-test table and the
@@ -65,7 +70,13 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Setup => setup::ensure(),
+        Cmd::Setup { toolchain_only } => {
+            if toolchain_only {
+                setup::ensure_toolchain()
+            } else {
+                setup::ensure()
+            }
+        }
         Cmd::Build => {
             setup::ensure()?;
             cargo(&["build"])

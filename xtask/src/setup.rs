@@ -42,10 +42,16 @@ pub fn tools_dir() -> anyhow::Result<PathBuf> {
 }
 
 pub fn ensure() -> anyhow::Result<()> {
-    ensure_nightly()?;
-    ensure_bpf_linker()?;
+    ensure_toolchain()?;
     ensure_bpffs()?;
     Ok(())
+}
+
+/// What building needs (nightly with rust-src, bpf-linker), without touching the host (e.g. in a
+/// container image build).
+pub fn ensure_toolchain() -> anyhow::Result<()> {
+    ensure_nightly()?;
+    ensure_bpf_linker()
 }
 
 fn ensure_nightly() -> anyhow::Result<()> {
