@@ -32,9 +32,14 @@ use kube::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{
-    self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
-    TOPOLOGY_MODE_ANNOTATION,
+use crate::{
+    dataplane::{MapWriter, WriteError},
+    model::{
+        self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
+        TOPOLOGY_MODE_ANNOTATION,
+    },
+    sync::{Programmer, SyncStats},
+    translate::{Desired, Frontend, NodeContext, translate},
 };
 
 /// The label carrying a Node's zone.
@@ -62,6 +67,15 @@ pub struct Snapshot {
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version is kept.
     pub kept_last_good: Vec<ObjectRef>,
+}
+
+/// What one [`KubeSource::sync_into`] did.
+pub struct SyncOutcome {
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+    pub kept_last_good: Vec<ObjectRef>,
+    pub stats: SyncStats,
+    pub unplaced: Vec<Frontend>,
 }
 
 /// Watches Services, EndpointSlices and this agent's Node.
@@ -137,6 +151,27 @@ impl KubeSource {
             .state()
             .first()
             .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+    }
+
+    /// One sync as the agent runs it: snapshot, translate for `node` (its zone refreshed from the
+    /// Node), write the difference through `programmer`.
+    pub fn sync_into(
+        &mut self,
+        node: &mut NodeContext,
+        programmer: &mut Programmer,
+        writer: &mut dyn MapWriter,
+    ) -> Result<SyncOutcome, WriteError> {
+        node.zone = self.node_zone();
+        let snapshot = self.snapshot();
+        let desired = translate(&snapshot.objects, node);
+        let (stats, unplaced) = programmer.sync(&desired, writer)?;
+        Ok(SyncOutcome {
+            desired,
+            problems: snapshot.problems,
+            kept_last_good: snapshot.kept_last_good,
+            stats,
+            unplaced,
+        })
     }
 
     /// Validated objects from the stores, re-validating only versions not seen before.

@@ -26,7 +26,7 @@ use lb_userspace::{
     kube_source::KubeSource,
     model::Problem,
     sync::{Programmer, SyncStats},
-    translate::{Desired, NodeContext, translate},
+    translate::{Desired, NodeContext},
 };
 use xtask::{fake_api::FakeApi, netns::Netns};
 
@@ -123,16 +123,14 @@ impl Controller {
         if !self.source.ready() {
             return;
         }
-        self.node.zone = self.source.node_zone();
-        let snapshot = self.source.snapshot();
-        self.problems = snapshot.problems;
-        self.desired = translate(&snapshot.objects, &self.node);
-        let (stats, unplaced) = self
-            .programmer
-            .sync(&self.desired, &mut self.maps)
+        let outcome = self
+            .source
+            .sync_into(&mut self.node, &mut self.programmer, &mut self.maps)
             .expect("in-memory writes cannot fail");
-        assert!(unplaced.is_empty(), "{unplaced:?}");
-        self.syncs.push(stats);
+        assert!(outcome.unplaced.is_empty(), "{:?}", outcome.unplaced);
+        self.problems = outcome.problems;
+        self.desired = outcome.desired;
+        self.syncs.push(outcome.stats);
     }
 
     /// Syncs on every change until `done` holds, or panics after 10 s saying what it waited for.
