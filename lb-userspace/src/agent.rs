@@ -27,9 +27,10 @@ use crate::{
     loader::{Dataplane, InterfaceRole},
     metrics::Metrics,
     model::{Object, Problem, Severity},
+    translate::Translator,
     source::ManifestSource,
     sync::{Programmer, Settings},
-    translate::{NodeContext, translate},
+    translate::NodeContext,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -113,6 +114,8 @@ struct Agent {
     programmer: Programmer,
     source: Source,
     node: NodeContext,
+    /// Remembers the translation of Services whose objects did not change.
+    translator: Translator,
     health: Arc<HealthState>,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
@@ -196,6 +199,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             default_table_size: config.maglev_table_size,
             ..NodeContext::default()
         },
+        translator: Translator::default(),
         health,
         metrics,
         health_checks: HealthCheckServers::default(),
@@ -295,12 +299,12 @@ impl Agent {
     }
 
     /// The objects to translate from the source, with their problems.
-    fn objects(&mut self) -> Option<(Vec<Object>, Vec<Problem>)> {
+    fn objects(&mut self) -> Option<(Vec<Arc<Object>>, Vec<Problem>)> {
         match &mut self.source {
             Source::Manifests(manifests) => {
                 if !manifests.changed() && !std::mem::take(&mut self.force_reload) {
                     // Only a node address change: the objects are the same.
-                    return Some((manifests.objects().cloned().collect(), Vec::new()));
+                    return Some((shared(manifests.objects()), Vec::new()));
                 }
                 self.force_reload = false;
                 match manifests.reload() {
@@ -308,7 +312,7 @@ impl Agent {
                         for id in &reload.kept_last_good {
                             warn!("{id} is invalid now; its last good version stays programmed");
                         }
-                        Some((manifests.objects().cloned().collect(), reload.problems))
+                        Some((shared(manifests.objects()), reload.problems))
                     }
                     Err(err) => {
                         error!(
@@ -344,7 +348,7 @@ impl Agent {
                 Severity::Warning => warn!("{problem}"),
             }
         }
-        let desired = translate(&objects, &self.node);
+        let desired = self.translator.translate(&objects, &self.node);
         for problem in &desired.problems {
             error!("{problem}");
         }
@@ -466,6 +470,10 @@ impl Agent {
             },
         }
     }
+}
+
+fn shared<'a>(objects: impl Iterator<Item = &'a Object>) -> Vec<Arc<Object>> {
+    objects.cloned().map(Arc::new).collect()
 }
 
 /// The IPv4 addresses of `interfaces`, in interface order, without duplicates.

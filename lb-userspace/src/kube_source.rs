@@ -5,7 +5,7 @@
 //! re-validates what changed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -39,7 +39,7 @@ use crate::{
         TOPOLOGY_MODE_ANNOTATION,
     },
     sync::{Programmer, SyncStats},
-    translate::{Desired, Frontend, NodeContext, translate},
+    translate::{Desired, Frontend, NodeContext, Translator},
 };
 
 /// The label carrying a Node's zone.
@@ -57,13 +57,16 @@ const KEPT_ANNOTATIONS: [&str; 3] = [
 /// What one validation of an object version produced.
 struct Validation {
     resource_version: Option<String>,
-    object: Option<Object>,
+    object: Option<Arc<Object>>,
     problems: Vec<Problem>,
+    /// The snapshot that last saw the object (older ones are gone from the store).
+    seen_in: u64,
 }
 
-/// The objects of one sync.
+/// The objects of one sync. Unchanged objects are the same `Arc`s as in the previous snapshot,
+/// so translation can reuse its work for them.
 pub struct Snapshot {
-    pub objects: Vec<Object>,
+    pub objects: Vec<Arc<Object>>,
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version is kept.
     pub kept_last_good: Vec<ObjectRef>,
@@ -88,7 +91,10 @@ pub struct KubeSource {
     listed: Vec<Arc<AtomicBool>>,
     tasks: Vec<JoinHandle<()>>,
     validated: HashMap<ObjectRef, Validation>,
-    last_good: BTreeMap<ObjectRef, Object>,
+    last_good: HashMap<ObjectRef, Arc<Object>>,
+    snapshots: u64,
+    /// For [`Self::sync_into`]: remembers translations of unchanged Services.
+    translator: Translator,
 }
 
 impl KubeSource {
@@ -130,7 +136,9 @@ impl KubeSource {
             listed,
             tasks,
             validated: HashMap::new(),
-            last_good: BTreeMap::new(),
+            last_good: HashMap::new(),
+            snapshots: 0,
+            translator: Translator::default(),
         }
     }
 
@@ -163,7 +171,7 @@ impl KubeSource {
     ) -> Result<SyncOutcome, WriteError> {
         node.zone = self.node_zone();
         let snapshot = self.snapshot();
-        let desired = translate(&snapshot.objects, node);
+        let desired = self.translator.translate(&snapshot.objects, node);
         let (stats, unplaced) = programmer.sync(&desired, writer)?;
         Ok(SyncOutcome {
             desired,
@@ -176,68 +184,63 @@ impl KubeSource {
 
     /// Validated objects from the stores, re-validating only versions not seen before.
     pub fn snapshot(&mut self) -> Snapshot {
-        let mut seen: HashMap<ObjectRef, ()> = HashMap::new();
-        let mut problems = Vec::new();
-        let mut rejected = Vec::new();
-        let mut objects: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+        self.snapshots += 1;
+        let generation = self.snapshots;
         let services = self.services.state();
         let slices = self.slices.state();
-        let validations = services
-            .iter()
-            .map(|s| {
-                (
-                    id_of(model::Kind::Service, s.metadata()),
-                    s.metadata(),
-                    Either::Service(s),
-                )
-            })
-            .chain(slices.iter().map(|s| {
-                (
-                    id_of(model::Kind::EndpointSlice, s.metadata()),
-                    s.metadata(),
-                    Either::Slice(s),
-                )
-            }));
-        for (id, meta, object) in validations {
-            seen.insert(id.clone(), ());
-            let fresh = self
-                .validated
-                .get(&id)
-                .is_none_or(|v| v.resource_version != meta.resource_version);
-            if fresh {
-                let validated = match object {
-                    Either::Service(s) => model::validate_service(s, LOCATION),
-                    Either::Slice(s) => model::validate_slice(s, LOCATION),
-                };
-                self.validated.insert(
-                    id.clone(),
-                    Validation {
-                        resource_version: meta.resource_version.clone(),
-                        object: validated.object,
-                        problems: validated.problems,
-                    },
-                );
-            }
-            let validation = &self.validated[&id];
-            problems.extend(validation.problems.iter().cloned());
-            match &validation.object {
-                Some(object) => {
-                    objects.insert(id, object.clone());
-                }
-                None => rejected.push(id),
-            }
-        }
-        self.validated.retain(|id, _| seen.contains_key(id));
+        let mut objects = Vec::with_capacity(services.len() + slices.len());
+        let mut problems = Vec::new();
         let mut kept_last_good = Vec::new();
-        for id in rejected {
-            if let Some(previous) = self.last_good.get(&id) {
-                objects.insert(id.clone(), previous.clone());
-                kept_last_good.push(id);
-            }
+        let mut last_good = HashMap::with_capacity(objects.capacity());
+        let all = services
+            .iter()
+            .map(|s| (model::Kind::Service, s.metadata(), Either::Service(s)))
+            .chain(
+                slices
+                    .iter()
+                    .map(|s| (model::Kind::EndpointSlice, s.metadata(), Either::Slice(s))),
+            );
+        for (kind, meta, object) in all {
+            let id = id_of(kind, meta);
+            let validation = match self.validated.get_mut(&id) {
+                Some(v) if v.resource_version == meta.resource_version => v,
+                _ => {
+                    let validated = match object {
+                        Either::Service(s) => model::validate_service(s, LOCATION),
+                        Either::Slice(s) => model::validate_slice(s, LOCATION),
+                    };
+                    self.validated.insert(
+                        id.clone(),
+                        Validation {
+                            resource_version: meta.resource_version.clone(),
+                            object: validated.object.map(Arc::new),
+                            problems: validated.problems,
+                            seen_in: generation,
+                        },
+                    );
+                    self.validated.get_mut(&id).expect("just inserted")
+                }
+            };
+            validation.seen_in = generation;
+            problems.extend(validation.problems.iter().cloned());
+            let object = match &validation.object {
+                Some(object) => object.clone(),
+                // Rejected now: its previous good version stays, if it had one.
+                None => match self.last_good.get(&id) {
+                    Some(previous) => {
+                        kept_last_good.push(id.clone());
+                        previous.clone()
+                    }
+                    None => continue,
+                },
+            };
+            objects.push(object.clone());
+            last_good.insert(id, object);
         }
-        self.last_good = objects.clone();
+        self.validated.retain(|_, v| v.seen_in == generation);
+        self.last_good = last_good;
         Snapshot {
-            objects: objects.into_values().collect(),
+            objects,
             problems,
             kept_last_good,
         }

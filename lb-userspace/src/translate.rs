@@ -2,7 +2,8 @@
 //! should have. No I/O, no map ids, deterministic (same objects in any order, same result).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
     fmt,
     net::Ipv4Addr,
 };
@@ -136,7 +137,8 @@ pub struct HealthCheck {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendPlan>,
+    /// Shared (`Arc`) so an unchanged Service's plans are reused from one sync to the next.
+    pub frontends: BTreeMap<Frontend, Arc<FrontendPlan>>,
     /// `healthCheckNodePort` -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub unprogrammed: Vec<Unprogrammed>,
@@ -154,180 +156,240 @@ impl Desired {
     }
 }
 
+/// Translates `objects` for `node`. Pure: the same objects in any order give the same result.
 pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeContext) -> Desired {
-    let mut services: Vec<&ServiceSpec> = Vec::new();
-    // (namespace, service name) -> slices
-    let mut slices: BTreeMap<(&str, &str), Vec<&SliceSpec>> = BTreeMap::new();
-    for object in objects {
-        match object {
-            Object::Service(svc) => services.push(svc),
-            Object::Slice(slice) => slices
-                .entry((slice.id.namespace.as_str(), slice.service_name.as_str()))
-                .or_default()
-                .push(slice),
-        }
-    }
-    // Conflicts resolve the same way whatever order the objects came in: first by namespace/name.
-    services.sort_by(|a, b| a.id.cmp(&b.id));
+    let objects: Vec<Arc<Object>> = objects.into_iter().cloned().map(Arc::new).collect();
+    Translator::default().translate(&objects, node)
+}
 
-    let mut desired = Desired::default();
-    for svc in services {
-        match &svc.kind {
-            ServiceKind::Headless => {
-                desired.unprogrammed.push(Unprogrammed {
-                    service: svc.id.clone(),
-                    reason: "headless (clusterIP: None): DNS returns the pod IPs, nothing to load-balance"
-                        .to_owned(),
-                });
-                continue;
-            }
-            ServiceKind::ExternalName(name) => {
-                desired.unprogrammed.push(Unprogrammed {
-                    service: svc.id.clone(),
-                    reason: format!(
-                        "ExternalName: only a DNS CNAME to {name:?}, nothing to load-balance"
-                    ),
-                });
-                continue;
-            }
-            ServiceKind::Virtual => {}
+/// What one Service translates to, before it meets the other Services (conflicts).
+#[derive(Clone, Debug)]
+struct ServiceOutput {
+    unprogrammed: Option<Unprogrammed>,
+    /// (frontend, the field it comes from, its plan)
+    frontends: Vec<(Frontend, &'static str, Arc<FrontendPlan>)>,
+    health_check: Option<(u16, HealthCheck)>,
+}
+
+/// The inputs a Service's output came from, by identity: the same `Arc`s mean the same output.
+struct Memo {
+    service: Arc<Object>,
+    slices: Vec<Arc<Object>>,
+    output: ServiceOutput,
+}
+
+/// [`translate`] with memory: a Service whose objects are the very same `Arc`s as last time (the
+/// API source hands out unchanged objects that way) reuses its previous output, so a sync with
+/// 10,000 Services only translates the ones that changed. The result equals [`translate`]'s.
+#[derive(Default)]
+pub struct Translator {
+    memo: HashMap<ObjectRef, Memo>,
+    node: Option<NodeContext>,
+}
+
+impl Translator {
+    pub fn translate(&mut self, objects: &[Arc<Object>], node: &NodeContext) -> Desired {
+        if self.node.as_ref() != Some(node) {
+            self.memo.clear();
+            self.node = Some(node.clone());
         }
-        if svc.proxy_name != node.service_proxy_name && svc.proxy_name.is_some() {
-            desired.unprogrammed.push(Unprogrammed {
-                service: svc.id.clone(),
-                reason: format!(
-                    "handled by service proxy {:?} (label {SERVICE_PROXY_NAME_LABEL}), not this one",
-                    svc.proxy_name.as_deref().unwrap_or_default()
+        let mut services: Vec<(&ServiceSpec, &Arc<Object>)> = Vec::new();
+        // (namespace, service name) -> slices
+        let mut slices: HashMap<(&str, &str), Vec<(&SliceSpec, &Arc<Object>)>> = HashMap::new();
+        for object in objects {
+            match object.as_ref() {
+                Object::Service(svc) => services.push((svc, object)),
+                Object::Slice(slice) => slices
+                    .entry((slice.id.namespace.as_str(), slice.service_name.as_str()))
+                    .or_default()
+                    .push((slice, object)),
+            }
+        }
+        // Conflicts resolve the same way whatever order the objects came in: first by
+        // namespace/name; slices in name order too.
+        services.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        for list in slices.values_mut() {
+            list.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        }
+
+        let mut memo = HashMap::with_capacity(services.len());
+        let mut desired = Desired::default();
+        for (svc, svc_object) in services {
+            let svc_slices = slices
+                .get(&(svc.id.namespace.as_str(), svc.id.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let reusable = self.memo.remove(&svc.id).filter(|m| {
+                Arc::ptr_eq(&m.service, svc_object)
+                    && m.slices.len() == svc_slices.len()
+                    && m.slices
+                        .iter()
+                        .zip(svc_slices)
+                        .all(|(a, (_, b))| Arc::ptr_eq(a, b))
+            });
+            let memo_entry = match reusable {
+                Some(previous) => previous,
+                None => {
+                    let specs: Vec<&SliceSpec> = svc_slices.iter().map(|(s, _)| *s).collect();
+                    Memo {
+                        service: svc_object.clone(),
+                        slices: svc_slices.iter().map(|(_, o)| (*o).clone()).collect(),
+                        output: service_output(svc, &specs, node),
+                    }
+                }
+            };
+            assemble(&mut desired, svc, &memo_entry.output);
+            memo.insert(svc.id.clone(), memo_entry);
+        }
+        self.memo = memo;
+        desired
+    }
+}
+
+/// Adds one Service's output to `desired`, reporting what another Service already claimed.
+fn assemble(desired: &mut Desired, svc: &ServiceSpec, output: &ServiceOutput) {
+    desired.unprogrammed.extend(output.unprogrammed.clone());
+    for (frontend, field, plan) in &output.frontends {
+        if let Some(owner) = desired.frontends.get(frontend) {
+            desired.problems.push(Problem {
+                severity: Severity::Error,
+                object: Some(svc.id.clone()),
+                location: "translation".to_owned(),
+                field: (*field).to_owned(),
+                message: format!(
+                    "{frontend} ({}) is already used by {} ({}); left out",
+                    plan.kind, owner.service, owner.kind
                 ),
             });
             continue;
         }
-        let svc_slices = slices
-            .get(&(svc.id.namespace.as_str(), svc.id.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for port in &svc.ports {
-            let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
-            let mut add = |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &str| {
-                let frontend = Frontend {
-                    addr,
-                    port: port_number,
-                    protocol: port.protocol,
-                };
-                if let Some(owner) = desired.frontends.get(&frontend) {
-                    desired.problems.push(Problem {
-                        severity: Severity::Error,
-                        object: Some(svc.id.clone()),
-                        location: "translation".to_owned(),
-                        field: field.to_owned(),
-                        message: format!(
-                            "{frontend} ({kind}) is already used by {} ({}); left out",
-                            owner.service, owner.kind
-                        ),
-                    });
-                    return;
-                }
-                let policy = if kind.is_external() {
-                    svc.external_traffic_policy
-                } else {
-                    svc.internal_traffic_policy
-                };
-                let (backends, terminating_fallback) = endpoints.choose(policy);
-                let when_empty = if endpoints.any_usable() {
-                    WhenEmpty::Drop
-                } else {
-                    WhenEmpty::Reject
-                };
-                desired.frontends.insert(
-                    frontend,
-                    FrontendPlan {
-                        service: svc.id.clone(),
-                        kind,
-                        port_name: port.name.clone(),
-                        table_size: maglev::table_size(
-                            backends.len(),
-                            svc.maglev_table_size.or(node.default_table_size),
-                        ),
-                        backends,
-                        terminating_fallback,
-                        when_empty,
-                        affinity_timeout_s: svc.affinity_timeout_s,
-                        policy,
-                    },
-                );
-            };
-            for &addr in &svc.cluster_ips {
-                add(FrontendKind::ClusterIp, addr, port.port, "spec.clusterIP");
-            }
-            if let Some(node_port) = port.node_port {
-                for &addr in &node.addresses {
-                    add(
-                        FrontendKind::NodePort,
-                        addr,
-                        node_port,
-                        "spec.ports.nodePort",
-                    );
-                }
-            }
-            for &addr in &svc.external_ips {
-                add(
-                    FrontendKind::ExternalIp,
-                    addr,
-                    port.port,
-                    "spec.externalIPs",
-                );
-            }
-            for &addr in &svc.load_balancer_ips {
-                add(
-                    FrontendKind::LoadBalancer,
-                    addr,
-                    port.port,
-                    "status.loadBalancer.ingress",
-                );
-            }
-        }
-        if let Some(port) = svc.health_check_node_port {
-            add_health_check(&mut desired, svc, svc_slices, node, port);
+        desired.frontends.insert(*frontend, plan.clone());
+    }
+    if let Some((port, check)) = &output.health_check {
+        if let Some(owner) = desired.health_checks.get(port) {
+            desired.problems.push(Problem {
+                severity: Severity::Error,
+                object: Some(svc.id.clone()),
+                location: "translation".to_owned(),
+                field: "spec.healthCheckNodePort".to_owned(),
+                message: format!("port {port} is already used by {}; left out", owner.service),
+            });
+        } else {
+            desired.health_checks.insert(*port, check.clone());
         }
     }
-    desired
 }
 
-/// The `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service: its ready endpoints
-/// on this node, over all its slices.
-fn add_health_check(
-    desired: &mut Desired,
-    svc: &ServiceSpec,
-    slices: &[&SliceSpec],
-    node: &NodeContext,
-    port: u16,
-) {
-    if svc.external_traffic_policy != TrafficPolicy::Local {
-        return;
+/// One Service on its own: its frontends and their plans, or why it has none.
+fn service_output(svc: &ServiceSpec, svc_slices: &[&SliceSpec], node: &NodeContext) -> ServiceOutput {
+    let mut output = ServiceOutput {
+        unprogrammed: None,
+        frontends: Vec::new(),
+        health_check: None,
+    };
+    let skipped = |reason: String| Unprogrammed {
+        service: svc.id.clone(),
+        reason,
+    };
+    match &svc.kind {
+        ServiceKind::Headless => {
+            output.unprogrammed = Some(skipped(
+                "headless (clusterIP: None): DNS returns the pod IPs, nothing to load-balance"
+                    .to_owned(),
+            ));
+            return output;
+        }
+        ServiceKind::ExternalName(name) => {
+            output.unprogrammed = Some(skipped(format!(
+                "ExternalName: only a DNS CNAME to {name:?}, nothing to load-balance"
+            )));
+            return output;
+        }
+        ServiceKind::Virtual => {}
     }
-    if let Some(owner) = desired.health_checks.get(&port) {
-        desired.problems.push(Problem {
-            severity: Severity::Error,
-            object: Some(svc.id.clone()),
-            location: "translation".to_owned(),
-            field: "spec.healthCheckNodePort".to_owned(),
-            message: format!("port {port} is already used by {}; left out", owner.service),
-        });
-        return;
+    if svc.proxy_name != node.service_proxy_name && svc.proxy_name.is_some() {
+        output.unprogrammed = Some(skipped(format!(
+            "handled by service proxy {:?} (label {SERVICE_PROXY_NAME_LABEL}), not this one",
+            svc.proxy_name.as_deref().unwrap_or_default()
+        )));
+        return output;
     }
+    for port in &svc.ports {
+        let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
+        let mut add = |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &'static str| {
+            let policy = if kind.is_external() {
+                svc.external_traffic_policy
+            } else {
+                svc.internal_traffic_policy
+            };
+            let (backends, terminating_fallback) = endpoints.choose(policy);
+            let when_empty = if endpoints.any_usable() {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Reject
+            };
+            let plan = FrontendPlan {
+                service: svc.id.clone(),
+                kind,
+                port_name: port.name.clone(),
+                table_size: maglev::table_size(
+                    backends.len(),
+                    svc.maglev_table_size.or(node.default_table_size),
+                ),
+                backends,
+                terminating_fallback,
+                when_empty,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                policy,
+            };
+            let frontend = Frontend {
+                addr,
+                port: port_number,
+                protocol: port.protocol,
+            };
+            output.frontends.push((frontend, field, Arc::new(plan)));
+        };
+        for &addr in &svc.cluster_ips {
+            add(FrontendKind::ClusterIp, addr, port.port, "spec.clusterIP");
+        }
+        if let Some(node_port) = port.node_port {
+            for &addr in &node.addresses {
+                add(FrontendKind::NodePort, addr, node_port, "spec.ports.nodePort");
+            }
+        }
+        for &addr in &svc.external_ips {
+            add(FrontendKind::ExternalIp, addr, port.port, "spec.externalIPs");
+        }
+        for &addr in &svc.load_balancer_ips {
+            add(
+                FrontendKind::LoadBalancer,
+                addr,
+                port.port,
+                "status.loadBalancer.ingress",
+            );
+        }
+    }
+    if let Some(port) = svc.health_check_node_port
+        && svc.external_traffic_policy == TrafficPolicy::Local
+    {
+        output.health_check = Some((port, health_check(svc, svc_slices, node)));
+    }
+    output
+}
+
+/// What the `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service reports: its
+/// ready endpoints on this node, over all its slices.
+fn health_check(svc: &ServiceSpec, slices: &[&SliceSpec], node: &NodeContext) -> HealthCheck {
     let local: BTreeSet<Ipv4Addr> = slices
         .iter()
         .flat_map(|s| &s.endpoints)
         .filter(|ep| ep.ready && node.name.is_some() && ep.node_name == node.name)
         .map(|ep| ep.addr)
         .collect();
-    desired.health_checks.insert(
-        port,
-        HealthCheck {
-            service: svc.id.clone(),
-            local_endpoints: local.len(),
-        },
-    );
+    HealthCheck {
+        service: svc.id.clone(),
+        local_endpoints: local.len(),
+    }
 }
 
 /// One Service port's endpoints, as candidates for every traffic policy.
