@@ -27,10 +27,10 @@ use crate::{
     loader::{Dataplane, InterfaceRole},
     metrics::Metrics,
     model::{Object, Problem, Severity},
-    translate::Translator,
     source::ManifestSource,
     sync::{Programmer, Settings},
     translate::NodeContext,
+    translate::Translator,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -105,7 +105,7 @@ pub struct AgentConfig {
 
 enum Source {
     Manifests(ManifestSource),
-    Kube(KubeSource),
+    Kube(Box<KubeSource>),
 }
 
 struct Agent {
@@ -171,7 +171,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .node_name
                 .as_deref()
                 .context("the node name is needed to watch the Node (--hostname-override)")?;
-            Source::Kube(KubeSource::start(client, node))
+            Source::Kube(Box::new(KubeSource::start(client, node)))
         }
     };
     let health = Arc::new(HealthState::new(config.healthz_timeout));

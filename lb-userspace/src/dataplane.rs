@@ -57,6 +57,12 @@ pub trait MapWriter {
         &mut self,
         keep: &BTreeMap<u32, BTreeSet<BackendId>>,
     ) -> Result<(), WriteError>;
+    /// Like [`Self::forget_affinity`] for the service ids in `scope` only (an empty set forgets
+    /// all of that service's memories); other services' memories stay.
+    fn forget_affinity_of(
+        &mut self,
+        scope: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError>;
 }
 
 /// The full contents of the service maps: what user space believes is programmed. Also the
@@ -124,6 +130,12 @@ impl MapWriter for MapContents {
     fn forget_affinity(
         &mut self,
         _keep: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError> {
+        Ok(())
+    }
+    fn forget_affinity_of(
+        &mut self,
+        _scope: &BTreeMap<u32, BTreeSet<BackendId>>,
     ) -> Result<(), WriteError> {
         Ok(())
     }
@@ -320,15 +332,35 @@ impl MapWriter for BpfMaps {
         &mut self,
         keep: &BTreeMap<u32, BTreeSet<BackendId>>,
     ) -> Result<(), WriteError> {
+        self.forget_affinity_where(|k, v| {
+            !keep
+                .get(&k.service_id)
+                .is_some_and(|ids| ids.contains(&v.backend_id))
+        })
+    }
+    fn forget_affinity_of(
+        &mut self,
+        scope: &BTreeMap<u32, BTreeSet<BackendId>>,
+    ) -> Result<(), WriteError> {
+        self.forget_affinity_where(|k, v| {
+            scope
+                .get(&k.service_id)
+                .is_some_and(|ids| !ids.contains(&v.backend_id))
+        })
+    }
+}
+
+impl BpfMaps {
+    /// Deletes every affinity memory `stale` selects.
+    fn forget_affinity_where(
+        &mut self,
+        stale: impl Fn(&AffinityKey, &AffinityValue) -> bool,
+    ) -> Result<(), WriteError> {
         let stale: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                !keep
-                    .get(&k.service_id)
-                    .is_some_and(|ids| ids.contains(&v.backend_id))
-            })
+            .filter(|(k, v)| stale(k, v))
             .map(|(k, _)| k)
             .collect();
         for key in stale {

@@ -25,7 +25,7 @@ use lb_common::{
 
 use crate::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
-    translate::{BackendAddr, Desired, Frontend, FrontendKind, WhenEmpty},
+    translate::{BackendAddr, Desired, Frontend, FrontendKind, FrontendPlan, WhenEmpty},
 };
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -84,6 +84,29 @@ pub struct Target {
     table_contents: BTreeMap<TableRange, TableContent>,
     /// service id -> the backends its table spreads over.
     affinity_scope: BTreeMap<u32, Vec<BackendId>>,
+    /// Each frontend's table content (frontends with backends only).
+    wants: BTreeMap<ServiceKey, TableContent>,
+}
+
+/// Indexes kept after a sync so the next one only works on the frontends that changed: at
+/// 10,000 Services a change to one should not cost a pass over all of them.
+#[derive(Debug)]
+struct Incremental {
+    /// The plans programmed, by frontend.
+    plans: BTreeMap<Frontend, Arc<FrontendPlan>>,
+    /// Each programmed frontend's table content (frontends with backends only).
+    contents: HashMap<ServiceKey, TableContent>,
+    /// Content -> where its table is and how many frontends use it.
+    tables: HashMap<TableContent, (TableRange, usize)>,
+    backend_ids: HashMap<Backend, BackendId>,
+    /// Backend id -> how many frontends' tables name it.
+    backend_users: HashMap<BackendId, usize>,
+    /// Free ranges of the slots array (quarantined ones excluded until the next sync).
+    space: SlotSpace,
+    next_backend_id: u32,
+    next_service_id: u32,
+    /// The settings the indexes were built for; other settings mean a full sync.
+    settings: Settings,
 }
 
 /// Owns the view of what is programmed and moves it towards what is desired.
@@ -97,9 +120,11 @@ pub struct Programmer {
     built: HashMap<TableContent, Arc<Vec<BackendId>>>,
     /// Tables freed by the last sync: not reused until the next one.
     quarantine: Vec<TableRange>,
-    /// Each frontend's backends as of the last sync, to tell when affinity needs pruning.
+    /// Each frontend's backends as of the last full sync, to tell when affinity needs pruning.
     affinity_scope: BTreeMap<u32, Vec<BackendId>>,
     settings: Settings,
+    /// Present after a successful sync: the next one may work on changes only.
+    incremental: Option<Incremental>,
 }
 
 /// Applies each write to the maps, then to the mirror, so the mirror never claims a write that
@@ -145,14 +170,15 @@ impl Tracked<'_> {
 
 /// The Maglev table for `content`: each slot names one of its backends.
 fn build_table(content: &TableContent, backends: &BTreeMap<BackendId, Backend>) -> Vec<BackendId> {
-    let keys: Vec<u64> = content
-        .backends
-        .iter()
-        .map(|id| {
-            let b = backends[id];
-            maglev::backend_key(b.addr_be, b.port_be)
-        })
-        .collect();
+    build_table_keyed(content, |id| {
+        let b = backends[&id];
+        maglev::backend_key(b.addr_be, b.port_be)
+    })
+}
+
+/// [`build_table`] with each backend's Maglev key from `key_of`.
+fn build_table_keyed(content: &TableContent, key_of: impl Fn(BackendId) -> u64) -> Vec<BackendId> {
+    let keys: Vec<u64> = content.backends.iter().map(|id| key_of(*id)).collect();
     maglev::build(&keys, content.size)
         .into_iter()
         .map(|i| content.backends[i as usize])
@@ -188,6 +214,7 @@ struct TableContent {
 
 /// First-fit placement of tables in the slots array, around ranges in use: the free gaps are
 /// computed once, so placing thousands of tables stays linear.
+#[derive(Debug)]
 struct SlotSpace {
     /// offset -> length of every free gap, in order.
     gaps: BTreeMap<u32, u32>,
@@ -218,6 +245,24 @@ impl SlotSpace {
             self.gaps.insert(offset + size, len - size);
         }
         Some(TableRange { offset, size })
+    }
+
+    /// Returns a range to the free space, merging it with free neighbours.
+    fn free(&mut self, range: TableRange) {
+        let mut offset = range.offset;
+        let mut len = range.size;
+        if let Some((&before, &before_len)) = self.gaps.range(..offset).next_back()
+            && before + before_len == offset
+        {
+            self.gaps.remove(&before);
+            offset = before;
+            len += before_len;
+        }
+        if let Some(&after_len) = self.gaps.get(&(offset + len)) {
+            self.gaps.remove(&(offset + len));
+            len += after_len;
+        }
+        self.gaps.insert(offset, len);
     }
 }
 
@@ -303,6 +348,7 @@ impl Programmer {
             })
             .collect();
         let placement = self.place_tables(&wants, &mut target);
+        target.wants = wants.clone();
 
         for (frontend, plan) in &desired.frontends {
             let key = service_key(frontend);
@@ -422,7 +468,24 @@ impl Programmer {
 
     /// Writes the difference between what is programmed and `desired`. Returns the stats and
     /// the frontends that could not be placed (out of slots).
+    ///
+    /// After a successful sync with the same settings, only the frontends whose plan changed are
+    /// worked on; otherwise (the first sync, new settings, after a failed write) everything is
+    /// compared with what is programmed.
     pub fn sync(
+        &mut self,
+        desired: &Desired,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        match self.incremental.take() {
+            Some(indexes) if indexes.settings == self.settings => {
+                self.sync_changes(indexes, desired, writer)
+            }
+            _ => self.sync_full(desired, writer),
+        }
+    }
+
+    fn sync_full(
         &mut self,
         desired: &Desired,
         writer: &mut dyn MapWriter,
@@ -432,6 +495,7 @@ impl Programmer {
             unplaced,
             table_contents,
             affinity_scope,
+            wants,
         } = self.target(desired);
         let current = self.programmed.clone();
         let mut w = Tracked {
@@ -505,6 +569,363 @@ impl Programmer {
             .collect();
         self.table_contents = table_contents;
         self.affinity_scope = affinity_scope;
+        self.incremental = Some(self.indexes(desired, &wants, &unplaced));
         Ok((stats, unplaced))
     }
+
+    /// The indexes for incremental syncs, from what a full sync just programmed.
+    fn indexes(
+        &self,
+        desired: &Desired,
+        wants: &BTreeMap<ServiceKey, TableContent>,
+        unplaced: &[Frontend],
+    ) -> Incremental {
+        let programmed = &self.programmed;
+        let mut plans = desired.frontends.clone();
+        for frontend in unplaced {
+            plans.remove(frontend);
+        }
+        let contents: HashMap<ServiceKey, TableContent> = wants
+            .iter()
+            .filter(|(key, _)| programmed.services.contains_key(key))
+            .map(|(k, c)| (*k, c.clone()))
+            .collect();
+        let mut tables: HashMap<TableContent, (TableRange, usize)> = self
+            .table_contents
+            .iter()
+            .map(|(range, content)| (content.clone(), (*range, 0)))
+            .collect();
+        let mut backend_users: HashMap<BackendId, usize> = HashMap::new();
+        for content in contents.values() {
+            if let Some(table) = tables.get_mut(content) {
+                table.1 += 1;
+            }
+            for id in &content.backends {
+                *backend_users.entry(*id).or_default() += 1;
+            }
+        }
+        Incremental {
+            plans,
+            contents,
+            tables,
+            backend_ids: programmed
+                .backends
+                .iter()
+                .map(|(id, b)| (*b, *id))
+                .collect(),
+            backend_users,
+            space: SlotSpace::new(
+                programmed
+                    .tables
+                    .keys()
+                    .copied()
+                    .chain(self.quarantine.iter().copied()),
+            ),
+            next_backend_id: programmed.backends.keys().max().map_or(1, |id| id + 1),
+            next_service_id: programmed
+                .services
+                .values()
+                .map(|e| e.service_id)
+                .max()
+                .map_or(1, |id| id + 1),
+            settings: self.settings,
+        }
+    }
+
+    /// The entry `plan` gets for frontend `key` with table `range`.
+    fn entry_for(&self, plan: &FrontendPlan, range: TableRange, service_id: u32) -> ServiceEntry {
+        let mut flags = 0;
+        if plan.kind == FrontendKind::NodePort {
+            flags |= SERVICE_F_NODE_ADDRESS;
+        }
+        if plan.when_empty == WhenEmpty::Reject && self.settings.reject_no_endpoints {
+            flags |= SERVICE_F_REJECT;
+        }
+        ServiceEntry {
+            service_id,
+            table_offset: range.offset,
+            table_size: range.size,
+            affinity_timeout_s: plan.affinity_timeout_s.unwrap_or(0),
+            flags,
+            _pad: 0,
+            _reserved: 0,
+        }
+    }
+
+    /// An incremental sync: the frontends whose plan changed since the last sync, and nothing
+    /// else, in the same write order as a full sync.
+    fn sync_changes(
+        &mut self,
+        mut ix: Incremental,
+        desired: &Desired,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        // Ranges freed by the previous sync may be reused from now on.
+        for range in self.quarantine.drain(..) {
+            ix.space.free(range);
+        }
+        let changes = changed_frontends(&ix.plans, &desired.frontends);
+        if changes.is_empty() {
+            self.incremental = Some(ix);
+            return Ok((SyncStats::default(), Vec::new()));
+        }
+
+        // Release what the changed frontends used.
+        let mut released: BTreeMap<ServiceKey, TableContent> = BTreeMap::new();
+        for (frontend, _) in &changes {
+            let key = service_key(frontend);
+            if let Some(old) = ix.contents.remove(&key) {
+                if let Some(table) = ix.tables.get_mut(&old) {
+                    table.1 -= 1;
+                }
+                for id in &old.backends {
+                    if let Some(users) = ix.backend_users.get_mut(id) {
+                        *users -= 1;
+                    }
+                }
+                released.insert(key, old);
+            }
+        }
+
+        // Decide the new state of each changed frontend.
+        let mut new_backends: Vec<(BackendId, Backend)> = Vec::new();
+        let mut slot_writes: Vec<(TableRange, Vec<(u32, BackendId)>)> = Vec::new();
+        let mut entries: Vec<(ServiceKey, ServiceEntry)> = Vec::new();
+        let mut removed: Vec<ServiceKey> = Vec::new();
+        let mut unplaced: Vec<Frontend> = Vec::new();
+        let mut scope: BTreeMap<u32, BTreeSet<BackendId>> = BTreeMap::new();
+        let mut tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)> = Vec::new();
+        for (frontend, plan) in &changes {
+            let key = service_key(frontend);
+            let service_id = self.programmed.services.get(&key).map(|e| e.service_id);
+            let Some(plan) = plan else {
+                removed.push(key);
+                if let Some(id) = service_id {
+                    scope.insert(id, BTreeSet::new());
+                }
+                continue;
+            };
+            // id -> Maglev key of this plan's backends (new ones are not in the maps yet).
+            let mut keys: HashMap<BackendId, u64> = HashMap::with_capacity(plan.backends.len());
+            for b in &plan.backends {
+                let value = backend_value(b);
+                let id = *ix.backend_ids.entry(value).or_insert_with(|| {
+                    let id = ix.next_backend_id;
+                    ix.next_backend_id += 1;
+                    new_backends.push((id, value));
+                    // Tracked from the start, so it is deleted again if nothing ends up using it.
+                    ix.backend_users.insert(id, 0);
+                    id
+                });
+                keys.insert(id, maglev::backend_key(value.addr_be, value.port_be));
+            }
+            let mut ids: Vec<BackendId> = keys.keys().copied().collect();
+            ids.sort_unstable();
+            let key_of = |id: BackendId| keys[&id];
+            let range = if ids.is_empty() {
+                TableRange { offset: 0, size: 0 }
+            } else {
+                let content = TableContent {
+                    size: plan.table_size,
+                    backends: ids.clone(),
+                };
+                let old = released.get(&key);
+                let range = if let Some(table) = ix.tables.get_mut(&content) {
+                    table.1 += 1;
+                    Some(table.0)
+                } else if let Some(old) = old
+                    && old.size == content.size
+                    && ix.tables.get(old).is_some_and(|t| t.1 == 0)
+                {
+                    // Nobody else uses the frontend's old table: rewrite it in place, only the
+                    // slots whose backend changes.
+                    let (range, _) = ix.tables.remove(old).expect("checked");
+                    let table = table_for(&mut self.built, &content, key_of);
+                    let before = self.programmed.tables.get(&range).cloned();
+                    let changes: Vec<(u32, BackendId)> = table
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, id)| before.as_ref().and_then(|b| b.get(*i)) != Some(*id))
+                        .map(|(i, id)| (i as u32, *id))
+                        .collect();
+                    self.built.remove(old);
+                    ix.tables.insert(content.clone(), (range, 1));
+                    slot_writes.push((range, changes));
+                    tables_written.push((range, content.clone(), table));
+                    Some(range)
+                } else {
+                    ix.space.allocate(content.size).inspect(|&range| {
+                        let table = table_for(&mut self.built, &content, key_of);
+                        let all = table
+                            .iter()
+                            .enumerate()
+                            .map(|(i, id)| (i as u32, *id))
+                            .collect();
+                        ix.tables.insert(content.clone(), (range, 1));
+                        slot_writes.push((range, all));
+                        tables_written.push((range, content.clone(), table));
+                    })
+                };
+                let Some(range) = range else {
+                    unplaced.push(*frontend);
+                    removed.push(key);
+                    continue;
+                };
+                for id in &content.backends {
+                    *ix.backend_users.entry(*id).or_default() += 1;
+                }
+                ix.contents.insert(key, content);
+                range
+            };
+            let service_id = service_id.unwrap_or_else(|| {
+                let id = ix.next_service_id;
+                ix.next_service_id += 1;
+                id
+            });
+            scope.insert(service_id, ids.into_iter().collect());
+            entries.push((key, self.entry_for(plan, range, service_id)));
+        }
+        let freed: Vec<(TableContent, TableRange)> = ix
+            .tables
+            .iter()
+            .filter(|(_, (_, users))| *users == 0)
+            .map(|(content, (range, _))| (content.clone(), *range))
+            .collect();
+        let mut unused: Vec<(BackendId, Backend)> = ix
+            .backend_users
+            .iter()
+            .filter(|(_, users)| **users == 0)
+            .filter_map(|(id, _)| {
+                let value = self.programmed.backends.get(id).copied().or_else(|| {
+                    new_backends
+                        .iter()
+                        .find(|(new, _)| new == id)
+                        .map(|(_, b)| *b)
+                })?;
+                Some((*id, value))
+            })
+            .collect();
+        unused.sort_unstable();
+
+        // Write, in the order that keeps the packet path consistent.
+        let result = (|| {
+            let mut w = Tracked {
+                writer,
+                mirror: &mut self.programmed,
+                stats: SyncStats::default(),
+            };
+            for (id, backend) in &new_backends {
+                w.put_backend(*id, *backend)?;
+            }
+            for (range, changes) in &slot_writes {
+                if !changes.is_empty() {
+                    w.put_slots(*range, changes)?;
+                }
+            }
+            for (key, entry) in &entries {
+                if w.mirror.services.get(key) != Some(entry) {
+                    w.put_service(*key, *entry)?;
+                }
+            }
+            for key in &removed {
+                if w.mirror.services.contains_key(key) {
+                    w.delete_service(*key)?;
+                }
+            }
+            if !scope.is_empty() {
+                w.writer.forget_affinity_of(&scope)?;
+            }
+            for (id, _) in &unused {
+                w.delete_backend(*id)?;
+            }
+            Ok(w.stats)
+        })();
+        // On a failed write the indexes no longer match the maps (the mirror does): they are
+        // dropped, so the next sync runs in full from the mirror.
+        let stats = result?;
+
+        // Remember what is programmed now.
+        for (content, range) in freed {
+            ix.tables.remove(&content);
+            self.built.remove(&content);
+            self.table_contents.remove(&range);
+            self.programmed.tables.remove(&range);
+            self.quarantine.push(range);
+        }
+        for (id, value) in unused {
+            ix.backend_users.remove(&id);
+            ix.backend_ids.remove(&value);
+        }
+        for (range, content, table) in tables_written {
+            self.table_contents.insert(range, content.clone());
+            self.built.insert(content, table);
+        }
+        for (frontend, plan) in changes {
+            match plan {
+                Some(plan) if !unplaced.contains(&frontend) => {
+                    ix.plans.insert(frontend, plan.clone());
+                }
+                _ => {
+                    ix.plans.remove(&frontend);
+                }
+            }
+        }
+        self.incremental = Some(ix);
+        Ok((stats, unplaced))
+    }
+}
+
+/// The Maglev table for `content`, built once and shared through `built`.
+fn table_for(
+    built: &mut HashMap<TableContent, Arc<Vec<BackendId>>>,
+    content: &TableContent,
+    key_of: impl Fn(BackendId) -> u64,
+) -> Arc<Vec<BackendId>> {
+    built
+        .entry(content.clone())
+        .or_insert_with(|| Arc::new(build_table_keyed(content, key_of)))
+        .clone()
+}
+
+/// The frontends whose plan differs between `before` and `after` (added: `Some`, changed:
+/// `Some`, removed: `None`), by walking both sorted maps once. Plans shared from the last
+/// translation compare by pointer.
+fn changed_frontends<'a>(
+    before: &BTreeMap<Frontend, Arc<FrontendPlan>>,
+    after: &'a BTreeMap<Frontend, Arc<FrontendPlan>>,
+) -> Vec<(Frontend, Option<&'a Arc<FrontendPlan>>)> {
+    let mut changes = Vec::new();
+    let mut old = before.iter().peekable();
+    let mut new = after.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((f, _)), None) => {
+                changes.push((**f, None));
+                old.next();
+            }
+            (None, Some((f, plan))) => {
+                changes.push((**f, Some(*plan)));
+                new.next();
+            }
+            (Some((fo, po)), Some((fa, pa))) => match fo.cmp(fa) {
+                std::cmp::Ordering::Less => {
+                    changes.push((**fo, None));
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changes.push((**fa, Some(*pa)));
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(po, pa) && po != pa {
+                        changes.push((**fa, Some(*pa)));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    changes
 }

@@ -3,9 +3,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::maglev;
@@ -171,6 +171,9 @@ struct ServiceOutput {
     health_check: Option<(u16, HealthCheck)>,
 }
 
+/// A slice and the shared object it is part of.
+type SliceOf<'a> = (&'a SliceSpec, &'a Arc<Object>);
+
 /// The inputs a Service's output came from, by identity: the same `Arc`s mean the same output.
 struct Memo {
     service: Arc<Object>,
@@ -195,7 +198,7 @@ impl Translator {
         }
         let mut services: Vec<(&ServiceSpec, &Arc<Object>)> = Vec::new();
         // (namespace, service name) -> slices
-        let mut slices: HashMap<(&str, &str), Vec<(&SliceSpec, &Arc<Object>)>> = HashMap::new();
+        let mut slices: HashMap<(&str, &str), Vec<SliceOf>> = HashMap::new();
         for object in objects {
             match object.as_ref() {
                 Object::Service(svc) => services.push((svc, object)),
@@ -281,7 +284,11 @@ fn assemble(desired: &mut Desired, svc: &ServiceSpec, output: &ServiceOutput) {
 }
 
 /// One Service on its own: its frontends and their plans, or why it has none.
-fn service_output(svc: &ServiceSpec, svc_slices: &[&SliceSpec], node: &NodeContext) -> ServiceOutput {
+fn service_output(
+    svc: &ServiceSpec,
+    svc_slices: &[&SliceSpec],
+    node: &NodeContext,
+) -> ServiceOutput {
     let mut output = ServiceOutput {
         unprogrammed: None,
         frontends: Vec::new(),
@@ -316,49 +323,60 @@ fn service_output(svc: &ServiceSpec, svc_slices: &[&SliceSpec], node: &NodeConte
     }
     for port in &svc.ports {
         let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
-        let mut add = |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &'static str| {
-            let policy = if kind.is_external() {
-                svc.external_traffic_policy
-            } else {
-                svc.internal_traffic_policy
+        let mut add =
+            |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &'static str| {
+                let policy = if kind.is_external() {
+                    svc.external_traffic_policy
+                } else {
+                    svc.internal_traffic_policy
+                };
+                let (backends, terminating_fallback) = endpoints.choose(policy);
+                let when_empty = if endpoints.any_usable() {
+                    WhenEmpty::Drop
+                } else {
+                    WhenEmpty::Reject
+                };
+                let plan = FrontendPlan {
+                    service: svc.id.clone(),
+                    kind,
+                    port_name: port.name.clone(),
+                    table_size: maglev::table_size(
+                        backends.len(),
+                        svc.maglev_table_size.or(node.default_table_size),
+                    ),
+                    backends,
+                    terminating_fallback,
+                    when_empty,
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    policy,
+                };
+                let frontend = Frontend {
+                    addr,
+                    port: port_number,
+                    protocol: port.protocol,
+                };
+                output.frontends.push((frontend, field, Arc::new(plan)));
             };
-            let (backends, terminating_fallback) = endpoints.choose(policy);
-            let when_empty = if endpoints.any_usable() {
-                WhenEmpty::Drop
-            } else {
-                WhenEmpty::Reject
-            };
-            let plan = FrontendPlan {
-                service: svc.id.clone(),
-                kind,
-                port_name: port.name.clone(),
-                table_size: maglev::table_size(
-                    backends.len(),
-                    svc.maglev_table_size.or(node.default_table_size),
-                ),
-                backends,
-                terminating_fallback,
-                when_empty,
-                affinity_timeout_s: svc.affinity_timeout_s,
-                policy,
-            };
-            let frontend = Frontend {
-                addr,
-                port: port_number,
-                protocol: port.protocol,
-            };
-            output.frontends.push((frontend, field, Arc::new(plan)));
-        };
         for &addr in &svc.cluster_ips {
             add(FrontendKind::ClusterIp, addr, port.port, "spec.clusterIP");
         }
         if let Some(node_port) = port.node_port {
             for &addr in &node.addresses {
-                add(FrontendKind::NodePort, addr, node_port, "spec.ports.nodePort");
+                add(
+                    FrontendKind::NodePort,
+                    addr,
+                    node_port,
+                    "spec.ports.nodePort",
+                );
             }
         }
         for &addr in &svc.external_ips {
-            add(FrontendKind::ExternalIp, addr, port.port, "spec.externalIPs");
+            add(
+                FrontendKind::ExternalIp,
+                addr,
+                port.port,
+                "spec.externalIPs",
+            );
         }
         for &addr in &svc.load_balancer_ips {
             add(
