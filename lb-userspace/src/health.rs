@@ -25,7 +25,8 @@ struct Times {
 }
 
 /// Whether the agent keeps up: healthy once a first sync succeeded and no change has been waiting
-/// longer than the timeout (kube-proxy's `--healthz` semantics).
+/// longer than the timeout (kube-proxy's `--healthz` semantics). `/healthz` (readiness) reports
+/// that; `/livez` (liveness) only fails once state that was fresh has gone stale.
 pub struct HealthState {
     times: Mutex<Times>,
     timeout: Duration,
@@ -64,8 +65,13 @@ impl HealthState {
                 .is_none_or(|since| since.elapsed() < self.timeout)
     }
 
-    fn report(&self) -> (StatusCode, Json<Value>) {
-        let healthy = self.healthy();
+    /// Alive unless programmed state went stale: before a first sync (e.g. the API server is
+    /// still away) the pinned state serves, and restarting the agent would not help.
+    pub fn live(&self) -> bool {
+        self.times().last_applied.is_none() || self.healthy()
+    }
+
+    fn report(&self, healthy: bool) -> (StatusCode, Json<Value>) {
         let unix = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
@@ -92,11 +98,11 @@ pub fn serve_healthz(listener: tokio::net::TcpListener, state: Arc<HealthState>)
     let app = Router::new()
         .route(
             "/healthz",
-            get(|State(s): State<Arc<HealthState>>| async move { s.report() }),
+            get(|State(s): State<Arc<HealthState>>| async move { s.report(s.healthy()) }),
         )
         .route(
             "/livez",
-            get(|State(s): State<Arc<HealthState>>| async move { s.report() }),
+            get(|State(s): State<Arc<HealthState>>| async move { s.report(s.live()) }),
         )
         .with_state(state);
     tokio::spawn(async move {
@@ -176,4 +182,28 @@ fn serve_health_check(
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_after_a_sync_and_stale_when_a_change_waits_too_long() {
+        let state = HealthState::new(Duration::from_millis(50));
+        assert!(!state.healthy(), "not ready before the first sync");
+        assert!(state.live(), "but alive: the pinned state serves");
+        state.queued();
+        state.applied();
+        assert!(state.healthy() && state.live());
+        state.queued();
+        assert!(state.healthy(), "a fresh change is fine");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            !state.healthy() && !state.live(),
+            "a change waiting past the timeout is not"
+        );
+        state.applied();
+        assert!(state.healthy());
+    }
 }
