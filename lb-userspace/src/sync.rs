@@ -477,12 +477,18 @@ impl Programmer {
         desired: &Desired,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
-        match self.incremental.take() {
+        let result = match self.incremental.take() {
             Some(indexes) if indexes.settings == self.settings => {
                 self.sync_changes(indexes, desired, writer)
             }
             _ => self.sync_full(desired, writer),
+        };
+        if result.is_err() {
+            // A table may be half rewritten: compare every table slot by slot next time, in full.
+            self.table_contents.clear();
+            self.incremental = None;
         }
+        result
     }
 
     fn sync_full(

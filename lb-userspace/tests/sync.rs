@@ -462,3 +462,30 @@ fn desired_mixed(services: &[(&str, &str, &[&str], u32)]) -> Desired {
     }
     translate(&objects, &NodeContext::default())
 }
+
+#[test]
+fn a_table_left_half_written_is_repaired_even_if_the_old_content_comes_back() {
+    let first = desired(&[("web", "10.96.0.1", &[A, B])]);
+    let second = desired(&[("web", "10.96.0.1", &[C, D])]);
+    let mut programmer = Programmer::default();
+    let mut writer = CheckingWriter::new();
+    sync(&mut programmer, &first, &mut writer);
+    // The in-place rewrite to C, D fails half way; then the Service goes back to A, B.
+    writer.fail_at = Some(writer.ops + 2 + TABLE as usize / 4);
+    assert!(programmer.sync(&second, &mut writer).is_err());
+    writer.fail_at = None;
+    sync(&mut programmer, &first, &mut writer);
+    assert_eq!(reachable(&writer.maps), programmer.target(&first).contents);
+    assert_eq!(
+        reachable(&writer.maps)
+            .tables
+            .values()
+            .next()
+            .unwrap()
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .len(),
+        2,
+        "only A and B are in the table again"
+    );
+}
