@@ -1,0 +1,421 @@
+//! kube-proxy's Service rule layouts, reproduced for the side-by-side benchmark: the iptables-mode
+//! chains (for `iptables-restore`) and the nftables-mode table (for `nft -f`) for a synthetic
+//! cluster, plus the same cluster as Services and EndpointSlices for lb. These reproduce the
+//! layouts kube-proxy writes (chain structure, matches, random endpoint choice, masquerade
+//! marking); they are not kube-proxy itself.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+/// One synthetic Service: a ClusterIP port with a NodePort, and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyntheticService {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: u16,
+    /// (pod address, target port)
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
+}
+
+/// `count` Services in 10.96.0.0/12 with 2-10 endpoints each in 10.200.0.0/14 (addresses no
+/// testbed pod has), then `measured` last, where iptables' linear KUBE-SERVICES reaches it last.
+pub fn synthetic_cluster(count: usize, measured: SyntheticService) -> Vec<SyntheticService> {
+    let mut services = Vec::with_capacity(count + 1);
+    let mut next_pod = u32::from(Ipv4Addr::new(10, 200, 0, 1));
+    for i in 0..count {
+        let endpoints = (0..2 + i % 9)
+            .map(|_| {
+                let pod = Ipv4Addr::from(next_pod);
+                next_pod += 1;
+                (pod, 8080)
+            })
+            .collect();
+        services.push(SyntheticService {
+            namespace: "bench".to_owned(),
+            name: format!("svc-{i}"),
+            // 10.97.0.0 upwards: clear of the testbed's own Services in 10.96.0.0/16.
+            cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i as u32),
+            port: 80,
+            // NodePorts are only 2768 wide: synthetic ones repeat in the 40000s, which no
+            // measured Service uses.
+            node_port: 40000 + (i % 20000) as u16,
+            endpoints,
+        });
+    }
+    services.push(measured);
+    services
+}
+
+/// kube-proxy's chain-name suffix: a stable hash of what the chain is for.
+fn chain_suffix(parts: &[&str]) -> String {
+    // FNV-1a, 64 bits: stable across runs and platforms, and plenty for distinct names.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= byte as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016X}")
+}
+
+fn service_port_name(svc: &SyntheticService) -> String {
+    format!("{}/{}:http", svc.namespace, svc.name)
+}
+
+/// The iptables-mode layout as `iptables-restore --noflush` input for the nat table.
+/// `cluster_cidr` is kube-proxy's `--cluster-cidr`: traffic from outside it to a ClusterIP is
+/// masqueraded.
+pub fn iptables_restore(services: &[SyntheticService], cluster_cidr: &str) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    let _ = writeln!(chains, "*nat");
+    for chain in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
+        let _ = writeln!(chains, ":{chain} - [0:0]");
+    }
+    let _ = writeln!(
+        rules,
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+    );
+    for svc in services {
+        let name = service_port_name(svc);
+        let suffix = chain_suffix(&[&name, "tcp"]);
+        let (svc_chain, ext_chain) = (format!("KUBE-SVC-{suffix}"), format!("KUBE-EXT-{suffix}"));
+        let _ = writeln!(chains, ":{svc_chain} - [0:0]\n:{ext_chain} - [0:0]");
+        let ip = svc.cluster_ip;
+        let port = svc.port;
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc_chain}\n\
+             -A KUBE-NODEPORTS -p tcp -m comment --comment \"{name}\" -m tcp --dport {np} -j {ext_chain}\n\
+             -A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+             -A {ext_chain} -j {svc_chain}\n\
+             -A {svc_chain} ! -s {cluster_cidr} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ",
+            np = svc.node_port,
+        );
+        let n = svc.endpoints.len();
+        for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
+            let sep = format!(
+                "KUBE-SEP-{}",
+                chain_suffix(&[&name, "tcp", &format!("{pod}:{target}")])
+            );
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            // Endpoint i of n is taken with probability 1/(n-i), so each gets 1/n overall.
+            let choice = if i + 1 < n {
+                format!(
+                    " -m statistic --mode random --probability {:.11}",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                rules,
+                "-A {svc_chain} -m comment --comment \"{name} -> {pod}:{target}\"{choice} -j {sep}\n\
+                 -A {sep} -s {pod}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
+                 -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {pod}:{target}"
+            );
+        }
+    }
+    let _ = writeln!(
+        rules,
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT"
+    );
+    chains + &rules
+}
+
+/// The nftables-mode layout as `nft -f` input: one `ip kube-proxy` table whose `services` chain
+/// finds a Service with a single verdict-map lookup.
+pub fn nft_script(services: &[SyntheticService], cluster_cidr: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "table ip kube-proxy {{\n\
+         \tchain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}\n\
+         \tchain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}\n\
+         \tchain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}\n\
+         \tchain mark-for-masquerade {{ mark set mark or 0x4000; }}\n\
+         \tchain masquerading {{ mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random; }}"
+    );
+    let mut service_ips = Vec::new();
+    let mut node_ports = Vec::new();
+    for svc in services {
+        let name = service_port_name(svc);
+        let suffix = chain_suffix(&[&name, "tcp"]);
+        let (svc_chain, ext_chain) = (format!("service-{suffix}"), format!("external-{suffix}"));
+        service_ips.push(format!(
+            "{} . tcp . {} : goto {svc_chain}",
+            svc.cluster_ip, svc.port
+        ));
+        node_ports.push(format!("tcp . {} : goto {ext_chain}", svc.node_port));
+        let mut endpoints = Vec::new();
+        for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
+            let chain = format!(
+                "endpoint-{}",
+                chain_suffix(&[&name, "tcp", &format!("{pod}:{target}")])
+            );
+            let _ = writeln!(
+                out,
+                "\tchain {chain} {{ ip saddr {pod} jump mark-for-masquerade; meta l4proto tcp dnat to {pod}:{target}; }}"
+            );
+            endpoints.push(format!("{i} : goto {chain}"));
+        }
+        let _ = writeln!(
+            out,
+            "\tchain {svc_chain} {{ ip daddr {ip} tcp dport {port} ip saddr != {cluster_cidr} jump mark-for-masquerade; numgen random mod {n} vmap {{ {eps} }}; }}\n\
+             \tchain {ext_chain} {{ jump mark-for-masquerade; goto {svc_chain}; }}",
+            ip = svc.cluster_ip,
+            port = svc.port,
+            n = svc.endpoints.len(),
+            eps = endpoints.join(", "),
+        );
+    }
+    // Synthetic NodePorts repeat: a verdict map takes each key once.
+    let mut seen = std::collections::BTreeSet::new();
+    node_ports.retain(|element| seen.insert(element.split(" : ").next().map(str::to_owned)));
+    let _ = writeln!(
+        out,
+        "\tmap service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ {} }}; }}\n\
+         \tmap service-nodeports {{ type inet_proto . inet_service : verdict; elements = {{ {} }}; }}\n\
+         \tchain services {{\n\
+         \t\tip daddr . meta l4proto . th dport vmap @service-ips\n\
+         \t\tfib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n\
+         \t}}\n}}",
+        service_ips.join(", "),
+        node_ports.join(", "),
+    );
+    out
+}
+
+/// The same cluster as Services and EndpointSlices, for `lb agent --manifests`.
+pub fn manifests_yaml(services: &[SyntheticService]) -> String {
+    let mut out = String::new();
+    for svc in services {
+        let _ = writeln!(
+            out,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\n\
+             spec: {{type: NodePort, clusterIP: {ip}, ports: [{{name: http, port: {port}, nodePort: {np}}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {n}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {n}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {tp}}}]\nendpoints:",
+            n = svc.name,
+            ns = svc.namespace,
+            ip = svc.cluster_ip,
+            port = svc.port,
+            np = svc.node_port,
+            tp = svc.endpoints.first().map_or(8080, |e| e.1),
+        );
+        for (pod, _) in &svc.endpoints {
+            let _ = writeln!(out, "- addresses: [\"{pod}\"]");
+        }
+        let _ = writeln!(out, "---");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured() -> SyntheticService {
+        SyntheticService {
+            namespace: "demo".to_owned(),
+            name: "measured".to_owned(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            node_port: 30080,
+            endpoints: vec![
+                (Ipv4Addr::new(10, 244, 2, 11), 8080),
+                (Ipv4Addr::new(10, 244, 2, 12), 8080),
+                (Ipv4Addr::new(10, 244, 2, 13), 8080),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_measured_service_comes_last_and_sizes_vary() {
+        let cluster = synthetic_cluster(100, measured());
+        assert_eq!(cluster.len(), 101);
+        assert_eq!(cluster.last().unwrap().name, "measured");
+        let sizes: std::collections::BTreeSet<usize> =
+            cluster[..100].iter().map(|s| s.endpoints.len()).collect();
+        assert_eq!(sizes, (2..=10).collect());
+        let ips: std::collections::BTreeSet<Ipv4Addr> =
+            cluster.iter().map(|s| s.cluster_ip).collect();
+        assert_eq!(ips.len(), 101, "distinct ClusterIPs");
+    }
+
+    #[test]
+    fn iptables_layout_has_kube_proxys_chains_and_even_random_choice() {
+        let text = iptables_restore(&synthetic_cluster(3, measured()), "10.244.0.0/16");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        let services: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
+            .collect();
+        assert_eq!(services.len(), 5, "4 Services, then the NodePort jump");
+        assert!(
+            services[3].contains("-d 10.96.0.10/32"),
+            "measured last: {}",
+            services[3]
+        );
+        assert!(services[4].contains("-j KUBE-NODEPORTS"));
+        // Three endpoints: 1/3, then 1/2, then the rest.
+        let svc_chain = services[3].rsplit(' ').next().unwrap();
+        let choices: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {svc_chain} -m comment")))
+            .collect();
+        assert_eq!(choices.len(), 3);
+        assert!(choices[0].contains("--probability 0.33333333333"));
+        assert!(choices[1].contains("--probability 0.50000000000"));
+        assert!(!choices[2].contains("--probability"));
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains("-j DNAT --to-destination 10.244.2.1"))
+                .count(),
+            3
+        );
+        // Every chain used is declared.
+        for line in lines.iter().filter(|l| l.starts_with("-A ")) {
+            let target = line
+                .rsplit("-j ")
+                .next()
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
+            if target.starts_with("KUBE-") {
+                assert!(
+                    text.contains(&format!(":{target} - [0:0]")),
+                    "{target} declared"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nftables_layout_finds_services_with_one_map_lookup() {
+        let text = nft_script(&synthetic_cluster(3, measured()), "10.244.0.0/16");
+        assert!(text.contains("ip daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(text.contains("10.96.0.10 . tcp . 80 : goto service-"));
+        assert!(text.contains("numgen random mod 3 vmap"));
+        assert_eq!(text.matches("dnat to 10.244.2.1").count(), 3);
+        assert_eq!(
+            text.matches('{').count(),
+            text.matches('}').count(),
+            "balanced braces"
+        );
+    }
+
+    #[test]
+    fn lb_gets_the_same_cluster_as_manifests() {
+        let cluster = synthetic_cluster(3, measured());
+        let yaml = manifests_yaml(&cluster);
+        assert_eq!(yaml.matches("kind: Service\n").count(), 4);
+        assert_eq!(yaml.matches("kind: EndpointSlice").count(), 4);
+        assert!(yaml.contains("clusterIP: 10.96.0.10"));
+        assert_eq!(yaml.matches("- addresses: [\"10.244.2.1").count(), 3);
+    }
+}
+
+/// The generated rules load into the real tools, inside a namespace of the test's own.
+#[cfg(test)]
+mod load {
+    use super::*;
+    use crate::netns::Netns;
+
+    fn tools_present() -> bool {
+        let root = nix::unistd::Uid::effective().is_root();
+        let present = |tool: &str| {
+            std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if root && present("iptables-restore") && present("nft") {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root with iptables and nftables installed (.ci/run installs them)"
+        );
+        eprintln!(
+            "SKIPPED layouts_load_into_iptables_and_nft: needs root, iptables-restore and nft"
+        );
+        false
+    }
+
+    fn load_in(ns: &Netns, tool: &str, args: &[&str], input: String) {
+        use std::io::Write as _;
+        let mut cmd = std::process::Command::new(tool);
+        cmd.args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = ns.spawn(&mut cmd).expect("spawn");
+        let pid = child.id();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        crate::cleanup::forget_child(pid);
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} refused the layout: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn layouts_load_into_iptables_and_nft() {
+        if !tools_present() {
+            return;
+        }
+        let ns = Netns::create(&format!(
+            "{}{}-layouts",
+            crate::cleanup::NETNS_PREFIX,
+            std::process::id()
+        ))
+        .expect("namespace");
+        let measured = SyntheticService {
+            namespace: "demo".to_owned(),
+            name: "measured".to_owned(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            node_port: 30080,
+            endpoints: vec![(Ipv4Addr::new(10, 244, 2, 11), 8080)],
+        };
+        let cluster = synthetic_cluster(50, measured);
+        load_in(
+            &ns,
+            "iptables-restore",
+            &["--noflush"],
+            iptables_restore(&cluster, "10.244.0.0/16"),
+        );
+        load_in(
+            &ns,
+            "nft",
+            &["-f", "-"],
+            nft_script(&cluster, "10.244.0.0/16"),
+        );
+    }
+}
