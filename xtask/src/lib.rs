@@ -7,6 +7,7 @@ pub mod echo;
 pub mod fake_api;
 pub mod host;
 pub mod kube_proxy_layouts;
+pub mod loadgen;
 pub mod netns;
 pub mod testbed;
 pub mod xdp_pass;
