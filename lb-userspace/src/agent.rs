@@ -306,7 +306,6 @@ impl Agent {
                     // Only a node address change: the objects are the same.
                     return Some((shared(manifests.objects()), Vec::new()));
                 }
-                self.force_reload = false;
                 match manifests.reload() {
                     Ok(reload) => {
                         for id in &reload.kept_last_good {
@@ -365,11 +364,12 @@ impl Agent {
                 self.metrics
                     .sync_latency
                     .observe(dirty_since.elapsed().as_secs_f64());
+                let backends = desired.backends().len();
                 self.metrics.frontends.set(desired.frontends.len() as i64);
-                self.metrics.backends.set(desired.backends().len() as i64);
+                self.metrics.backends.set(backends as i64);
                 info!(
                     frontends = desired.frontends.len(),
-                    backends = desired.backends().len(),
+                    backends,
                     writes = stats.writes,
                     deletes = stats.deletes,
                     elapsed_us = started.elapsed().as_micros() as u64,

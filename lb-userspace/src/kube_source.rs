@@ -201,7 +201,7 @@ impl KubeSource {
                     .map(|s| (model::Kind::EndpointSlice, s.metadata(), Either::Slice(s))),
             );
         for (kind, meta, object) in all {
-            let id = id_of(kind, meta);
+            let id = model::object_ref(kind, meta);
             let validation = match self.validated.get_mut(&id) {
                 Some(v) if v.resource_version == meta.resource_version => v,
                 _ => {
@@ -250,17 +250,6 @@ impl KubeSource {
 enum Either<'a> {
     Service(&'a Service),
     Slice(&'a EndpointSlice),
-}
-
-fn id_of(kind: model::Kind, meta: &ObjectMeta) -> ObjectRef {
-    ObjectRef {
-        kind,
-        namespace: meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
-        name: meta.name.clone().unwrap_or_default(),
-    }
 }
 
 impl Drop for KubeSource {

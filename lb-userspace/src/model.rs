@@ -342,7 +342,8 @@ pub struct Validated {
     pub problems: Vec<Problem>,
 }
 
-fn object_ref(
+/// How an object is named in messages and keyed in caches: `Kind namespace/name`.
+pub fn object_ref(
     kind: Kind,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> ObjectRef {

@@ -348,7 +348,6 @@ impl Programmer {
             })
             .collect();
         let placement = self.place_tables(&wants, &mut target);
-        target.wants = wants.clone();
 
         for (frontend, plan) in &desired.frontends {
             let key = service_key(frontend);
@@ -371,26 +370,12 @@ impl Programmer {
                     .map(|c| c.backends.clone())
                     .unwrap_or_default(),
             );
-            let mut flags = 0;
-            if plan.kind == FrontendKind::NodePort {
-                flags |= SERVICE_F_NODE_ADDRESS;
-            }
-            if plan.when_empty == WhenEmpty::Reject && self.settings.reject_no_endpoints {
-                flags |= SERVICE_F_REJECT;
-            }
-            target.contents.services.insert(
-                key,
-                ServiceEntry {
-                    service_id,
-                    table_offset: range.offset,
-                    table_size: range.size,
-                    affinity_timeout_s: plan.affinity_timeout_s.unwrap_or(0),
-                    flags,
-                    _pad: 0,
-                    _reserved: 0,
-                },
-            );
+            target
+                .contents
+                .services
+                .insert(key, self.entry_for(plan, range, service_id));
         }
+        target.wants = wants;
         target
     }
 
@@ -638,7 +623,7 @@ impl Programmer {
         }
     }
 
-    /// The entry `plan` gets for frontend `key` with table `range`.
+    /// The entry a frontend with `plan`, table `range` and `service_id` gets.
     fn entry_for(&self, plan: &FrontendPlan, range: TableRange, service_id: u32) -> ServiceEntry {
         let mut flags = 0;
         if plan.kind == FrontendKind::NodePort {

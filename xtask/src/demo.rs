@@ -296,12 +296,7 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
         .map(|p| EchoServer::start(&p.ns, &p.name, 8080, 5353))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for node in &LAYOUT {
-        let pods: Vec<String> = node
-            .pods
-            .iter()
-            .map(|(n, ip)| format!("{n} {ip}"))
-            .collect();
-        eprintln!("    {} {}: {}", node.name, node.ip, pods.join(", "));
+        eprintln!("    {} {}: {}", node.name, node.ip, node.pods_line());
     }
     eprintln!("    outside {OUTSIDE_IP} (a client on the network, not a node)");
 

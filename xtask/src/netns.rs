@@ -166,13 +166,6 @@ impl Netns {
 }
 
 impl Netns {
-    /// Turns on GRO for `ifname` (`ethtool -K <if> gro on`). A veth only accepts frames its peer
-    /// sends with XDP_TX/XDP_REDIRECT when it has GRO (or an XDP program) enabled.
-    pub fn enable_gro(&self, ifname: &str) -> anyhow::Result<()> {
-        const ETHTOOL_SGRO: u32 = 0x2c;
-        self.ethtool_set(ifname, ETHTOOL_SGRO, 1)
-    }
-
     /// Turns off TX checksum offload for `ifname` (`ethtool -K <if> tx off`), so packets leave
     /// with complete checksums, as on a physical wire. Between namespaces a veth otherwise passes
     /// partial checksums along, which an XDP program cannot tell from complete ones.

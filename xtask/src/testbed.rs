@@ -79,6 +79,17 @@ pub const LAYOUT: [NodeLayout; 2] = [
     },
 ];
 
+impl NodeLayout {
+    /// `pod-a 10.244.1.11, pod-b 10.244.1.12`, for guides and reports.
+    pub fn pods_line(&self) -> String {
+        self.pods
+            .iter()
+            .map(|(name, ip)| format!("{name} {ip}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// A pod: its own namespace and address.
 pub struct Pod {
     pub name: String,

@@ -111,17 +111,12 @@ fn start_everything(
 fn print_guide(lb: &Path, manifest: &Path, logs: &[(&str, PathBuf, PathBuf)]) {
     println!("The testbed is up (docs/testbed.md):");
     for node in &LAYOUT {
-        let pods: Vec<String> = node
-            .pods
-            .iter()
-            .map(|(n, ip)| format!("{n} {ip}"))
-            .collect();
         println!(
             "  {} {} (namespace {RUN_ID}-{}): {}",
             node.name,
             node.ip,
             node.name,
-            pods.join(", ")
+            node.pods_line()
         );
     }
     println!("  outside {OUTSIDE_IP} (namespace {RUN_ID}-outside), a client that is not a node");
