@@ -6,12 +6,38 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+/// The transport protocol of a synthetic Service's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As iptables and nft spell it.
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// As a Service manifest spells it.
+    pub fn upper(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
 /// One synthetic Service: a ClusterIP port with a NodePort, and its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyntheticService {
     pub namespace: String,
     pub name: String,
     pub cluster_ip: Ipv4Addr,
+    pub protocol: Protocol,
     pub port: u16,
     pub node_port: u16,
     /// (pod address, target port)
@@ -19,9 +45,13 @@ pub struct SyntheticService {
 }
 
 /// `count` Services in 10.96.0.0/12 with 2-10 endpoints each in 10.200.0.0/14 (addresses no
-/// testbed pod has), then `measured` last, where iptables' linear KUBE-SERVICES reaches it last.
-pub fn synthetic_cluster(count: usize, measured: SyntheticService) -> Vec<SyntheticService> {
-    let mut services = Vec::with_capacity(count + 1);
+/// testbed pod has), then the `measured` ones last, where iptables' linear KUBE-SERVICES reaches
+/// them last.
+pub fn synthetic_cluster(
+    count: usize,
+    measured: impl IntoIterator<Item = SyntheticService>,
+) -> Vec<SyntheticService> {
+    let mut services = Vec::with_capacity(count + 4);
     let mut next_pod = u32::from(Ipv4Addr::new(10, 200, 0, 1));
     for i in 0..count {
         let endpoints = (0..2 + i % 9)
@@ -36,6 +66,7 @@ pub fn synthetic_cluster(count: usize, measured: SyntheticService) -> Vec<Synthe
             name: format!("svc-{i}"),
             // 10.97.0.0 upwards: clear of the testbed's own Services in 10.96.0.0/16.
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i as u32),
+            protocol: Protocol::Tcp,
             port: 80,
             // NodePorts are only 2768 wide: synthetic ones repeat in the 40000s, which no
             // measured Service uses.
@@ -43,7 +74,7 @@ pub fn synthetic_cluster(count: usize, measured: SyntheticService) -> Vec<Synthe
             endpoints,
         });
     }
-    services.push(measured);
+    services.extend(measured);
     services
 }
 
@@ -61,79 +92,181 @@ fn chain_suffix(parts: &[&str]) -> String {
 }
 
 fn service_port_name(svc: &SyntheticService) -> String {
-    format!("{}/{}:http", svc.namespace, svc.name)
+    format!("{}/{}:port", svc.namespace, svc.name)
+}
+
+/// One Service's part of the iptables-mode layout.
+struct IptablesService {
+    /// Chains of its own (KUBE-SVC, KUBE-EXT, KUBE-SEP-*), declared (and so flushed) on restore.
+    chains: Vec<String>,
+    /// Its rule in KUBE-SERVICES.
+    cluster_ip_rule: String,
+    /// Its rule in KUBE-NODEPORTS.
+    node_port_rule: String,
+    /// The rules of its own chains.
+    rules: String,
+}
+
+fn iptables_service(svc: &SyntheticService, cluster_cidr: &str) -> IptablesService {
+    let name = service_port_name(svc);
+    let proto = svc.protocol.lower();
+    let suffix = chain_suffix(&[&name, proto]);
+    let (svc_chain, ext_chain) = (format!("KUBE-SVC-{suffix}"), format!("KUBE-EXT-{suffix}"));
+    let (ip, port, np) = (svc.cluster_ip, svc.port, svc.node_port);
+    let mut rules = format!(
+        "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+         -A {ext_chain} -j {svc_chain}\n\
+         -A {svc_chain} ! -s {cluster_cidr} -d {ip}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {port} -j KUBE-MARK-MASQ\n"
+    );
+    let mut chains = vec![svc_chain.clone(), ext_chain.clone()];
+    let n = svc.endpoints.len();
+    for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
+        let sep = format!(
+            "KUBE-SEP-{}",
+            chain_suffix(&[&name, proto, &format!("{pod}:{target}")])
+        );
+        // Endpoint i of n is taken with probability 1/(n-i), so each gets 1/n overall.
+        let choice = if i + 1 < n {
+            format!(
+                " -m statistic --mode random --probability {:.11}",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            rules,
+            "-A {svc_chain} -m comment --comment \"{name} -> {pod}:{target}\"{choice} -j {sep}\n\
+             -A {sep} -s {pod}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
+             -A {sep} -p {proto} -m comment --comment \"{name}\" -m {proto} -j DNAT --to-destination {pod}:{target}"
+        );
+        chains.push(sep);
+    }
+    IptablesService {
+        chains,
+        cluster_ip_rule: format!(
+            "-A KUBE-SERVICES -d {ip}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {port} -j {svc_chain}"
+        ),
+        node_port_rule: format!(
+            "-A KUBE-NODEPORTS -p {proto} -m comment --comment \"{name}\" -m {proto} --dport {np} -j {ext_chain}"
+        ),
+        rules,
+    }
+}
+
+/// `*nat` with the chains declared, KUBE-SERVICES and KUBE-NODEPORTS in full, the `own` Services'
+/// chains and `extra` rules: what both a full load and a partial sync write.
+fn iptables_nat_table(
+    services: &[SyntheticService],
+    own: &[&SyntheticService],
+    cluster_cidr: &str,
+    extra_chains: &[&str],
+    extra_rules: &str,
+) -> String {
+    let own: Vec<IptablesService> = own
+        .iter()
+        .map(|svc| iptables_service(svc, cluster_cidr))
+        .collect();
+    let mut out = String::from("*nat\n");
+    let declared = ["KUBE-SERVICES", "KUBE-NODEPORTS"]
+        .iter()
+        .chain(extra_chains)
+        .map(|c| c.to_string())
+        .chain(own.iter().flat_map(|s| s.chains.iter().cloned()));
+    for chain in declared {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    out.push_str(extra_rules);
+    for svc in services {
+        let pieces = iptables_service(svc, cluster_cidr);
+        let _ = writeln!(out, "{}\n{}", pieces.cluster_ip_rule, pieces.node_port_rule);
+    }
+    for svc in &own {
+        out.push_str(&svc.rules);
+    }
+    out.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n",
+    );
+    out
 }
 
 /// The iptables-mode layout as `iptables-restore --noflush` input for the nat table.
 /// `cluster_cidr` is kube-proxy's `--cluster-cidr`: traffic from outside it to a ClusterIP is
 /// masqueraded.
 pub fn iptables_restore(services: &[SyntheticService], cluster_cidr: &str) -> String {
-    let mut chains = String::new();
-    let mut rules = String::new();
-    let _ = writeln!(chains, "*nat");
-    for chain in [
-        "KUBE-SERVICES",
-        "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING",
-        "KUBE-MARK-MASQ",
-    ] {
-        let _ = writeln!(chains, ":{chain} - [0:0]");
-    }
-    let _ = writeln!(
-        rules,
+    let all: Vec<&SyntheticService> = services.iter().collect();
+    iptables_nat_table(
+        services,
+        &all,
+        cluster_cidr,
+        &["KUBE-POSTROUTING", "KUBE-MARK-MASQ"],
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
          -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
          -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
          -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
-    );
-    for svc in services {
-        let name = service_port_name(svc);
-        let suffix = chain_suffix(&[&name, "tcp"]);
-        let (svc_chain, ext_chain) = (format!("KUBE-SVC-{suffix}"), format!("KUBE-EXT-{suffix}"));
-        let _ = writeln!(chains, ":{svc_chain} - [0:0]\n:{ext_chain} - [0:0]");
-        let ip = svc.cluster_ip;
-        let port = svc.port;
-        let _ = writeln!(
-            rules,
-            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc_chain}\n\
-             -A KUBE-NODEPORTS -p tcp -m comment --comment \"{name}\" -m tcp --dport {np} -j {ext_chain}\n\
-             -A {ext_chain} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
-             -A {ext_chain} -j {svc_chain}\n\
-             -A {svc_chain} ! -s {cluster_cidr} -d {ip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ",
-            np = svc.node_port,
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+    )
+}
+
+/// What kube-proxy's iptables mode restores when one Service changed with `services` present (a
+/// partial sync): KUBE-SERVICES and KUBE-NODEPORTS rewritten whole, plus the changed Service's
+/// own chains.
+pub fn iptables_partial_sync(
+    services: &[SyntheticService],
+    changed: &SyntheticService,
+    cluster_cidr: &str,
+) -> String {
+    iptables_nat_table(services, &[changed], cluster_cidr, &[], "")
+}
+
+/// One Service's chains in the nftables-mode layout, and its map elements.
+struct NftService {
+    chain_names: Vec<String>,
+    chains: String,
+    service_ip: String,
+    node_port: String,
+}
+
+fn nft_service(svc: &SyntheticService, cluster_cidr: &str) -> NftService {
+    let name = service_port_name(svc);
+    let proto = svc.protocol.lower();
+    let suffix = chain_suffix(&[&name, proto]);
+    let (svc_chain, ext_chain) = (format!("service-{suffix}"), format!("external-{suffix}"));
+    let mut chains = String::new();
+    let mut chain_names = vec![svc_chain.clone(), ext_chain.clone()];
+    let mut endpoints = Vec::new();
+    for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
+        let chain = format!(
+            "endpoint-{}",
+            chain_suffix(&[&name, proto, &format!("{pod}:{target}")])
         );
-        let n = svc.endpoints.len();
-        for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
-            let sep = format!(
-                "KUBE-SEP-{}",
-                chain_suffix(&[&name, "tcp", &format!("{pod}:{target}")])
-            );
-            let _ = writeln!(chains, ":{sep} - [0:0]");
-            // Endpoint i of n is taken with probability 1/(n-i), so each gets 1/n overall.
-            let choice = if i + 1 < n {
-                format!(
-                    " -m statistic --mode random --probability {:.11}",
-                    1.0 / (n - i) as f64
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                rules,
-                "-A {svc_chain} -m comment --comment \"{name} -> {pod}:{target}\"{choice} -j {sep}\n\
-                 -A {sep} -s {pod}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n\
-                 -A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {pod}:{target}"
-            );
-        }
+        let _ = writeln!(
+            chains,
+            "\tchain {chain} {{ ip saddr {pod} jump mark-for-masquerade; meta l4proto {proto} dnat to {pod}:{target}; }}"
+        );
+        endpoints.push(format!("{i} : goto {chain}"));
+        chain_names.push(chain);
     }
     let _ = writeln!(
-        rules,
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT"
+        chains,
+        "\tchain {svc_chain} {{ ip daddr {ip} {proto} dport {port} ip saddr != {cluster_cidr} jump mark-for-masquerade; numgen random mod {n} vmap {{ {eps} }}; }}\n\
+         \tchain {ext_chain} {{ jump mark-for-masquerade; goto {svc_chain}; }}",
+        ip = svc.cluster_ip,
+        port = svc.port,
+        n = svc.endpoints.len(),
+        eps = endpoints.join(", "),
     );
-    chains + &rules
+    NftService {
+        chain_names,
+        chains,
+        service_ip: format!(
+            "{} . {proto} . {} : goto {svc_chain}",
+            svc.cluster_ip, svc.port
+        ),
+        node_port: format!("{proto} . {} : goto {ext_chain}", svc.node_port),
+    }
 }
 
 /// The nftables-mode layout as `nft -f` input: one `ip kube-proxy` table whose `services` chain
@@ -152,35 +285,10 @@ pub fn nft_script(services: &[SyntheticService], cluster_cidr: &str) -> String {
     let mut service_ips = Vec::new();
     let mut node_ports = Vec::new();
     for svc in services {
-        let name = service_port_name(svc);
-        let suffix = chain_suffix(&[&name, "tcp"]);
-        let (svc_chain, ext_chain) = (format!("service-{suffix}"), format!("external-{suffix}"));
-        service_ips.push(format!(
-            "{} . tcp . {} : goto {svc_chain}",
-            svc.cluster_ip, svc.port
-        ));
-        node_ports.push(format!("tcp . {} : goto {ext_chain}", svc.node_port));
-        let mut endpoints = Vec::new();
-        for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
-            let chain = format!(
-                "endpoint-{}",
-                chain_suffix(&[&name, "tcp", &format!("{pod}:{target}")])
-            );
-            let _ = writeln!(
-                out,
-                "\tchain {chain} {{ ip saddr {pod} jump mark-for-masquerade; meta l4proto tcp dnat to {pod}:{target}; }}"
-            );
-            endpoints.push(format!("{i} : goto {chain}"));
-        }
-        let _ = writeln!(
-            out,
-            "\tchain {svc_chain} {{ ip daddr {ip} tcp dport {port} ip saddr != {cluster_cidr} jump mark-for-masquerade; numgen random mod {n} vmap {{ {eps} }}; }}\n\
-             \tchain {ext_chain} {{ jump mark-for-masquerade; goto {svc_chain}; }}",
-            ip = svc.cluster_ip,
-            port = svc.port,
-            n = svc.endpoints.len(),
-            eps = endpoints.join(", "),
-        );
+        let pieces = nft_service(svc, cluster_cidr);
+        out.push_str(&pieces.chains);
+        service_ips.push(pieces.service_ip);
+        node_ports.push(pieces.node_port);
     }
     // Synthetic NodePorts repeat: a verdict map takes each key once.
     let mut seen = std::collections::BTreeSet::new();
@@ -199,6 +307,21 @@ pub fn nft_script(services: &[SyntheticService], cluster_cidr: &str) -> String {
     out
 }
 
+/// What kube-proxy's nftables mode sends when one Service's endpoints changed: that Service's
+/// chains (new ones created) flushed and rewritten, in one transaction; the maps stay.
+pub fn nft_partial_sync(changed: &SyntheticService, cluster_cidr: &str) -> String {
+    let pieces = nft_service(changed, cluster_cidr);
+    let mut out = String::new();
+    for chain in &pieces.chain_names {
+        let _ = writeln!(
+            out,
+            "add chain ip kube-proxy {chain}\nflush chain ip kube-proxy {chain}"
+        );
+    }
+    let _ = writeln!(out, "table ip kube-proxy {{\n{}}}", pieces.chains);
+    out
+}
+
 /// The same cluster as Services and EndpointSlices, for `lb agent --manifests`.
 pub fn manifests_yaml(services: &[SyntheticService]) -> String {
     let mut out = String::new();
@@ -206,14 +329,15 @@ pub fn manifests_yaml(services: &[SyntheticService]) -> String {
         let _ = writeln!(
             out,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\n\
-             spec: {{type: NodePort, clusterIP: {ip}, ports: [{{name: http, port: {port}, nodePort: {np}}}]}}\n---\n\
+             spec: {{type: NodePort, clusterIP: {ip}, ports: [{{name: port, protocol: {proto}, port: {port}, nodePort: {np}}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: {n}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {n}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {tp}}}]\nendpoints:",
+             addressType: IPv4\nports: [{{name: port, protocol: {proto}, port: {tp}}}]\nendpoints:",
             n = svc.name,
             ns = svc.namespace,
             ip = svc.cluster_ip,
             port = svc.port,
+            proto = svc.protocol.upper(),
             np = svc.node_port,
             tp = svc.endpoints.first().map_or(8080, |e| e.1),
         );
@@ -234,6 +358,7 @@ mod tests {
             namespace: "demo".to_owned(),
             name: "measured".to_owned(),
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            protocol: Protocol::Tcp,
             port: 80,
             node_port: 30080,
             endpoints: vec![
@@ -246,7 +371,7 @@ mod tests {
 
     #[test]
     fn the_measured_service_comes_last_and_sizes_vary() {
-        let cluster = synthetic_cluster(100, measured());
+        let cluster = synthetic_cluster(100, [measured()]);
         assert_eq!(cluster.len(), 101);
         assert_eq!(cluster.last().unwrap().name, "measured");
         let sizes: std::collections::BTreeSet<usize> =
@@ -259,7 +384,7 @@ mod tests {
 
     #[test]
     fn iptables_layout_has_kube_proxys_chains_and_even_random_choice() {
-        let text = iptables_restore(&synthetic_cluster(3, measured()), "10.244.0.0/16");
+        let text = iptables_restore(&synthetic_cluster(3, [measured()]), "10.244.0.0/16");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.first(), Some(&"*nat"));
         assert_eq!(lines.last(), Some(&"COMMIT"));
@@ -311,7 +436,7 @@ mod tests {
 
     #[test]
     fn nftables_layout_finds_services_with_one_map_lookup() {
-        let text = nft_script(&synthetic_cluster(3, measured()), "10.244.0.0/16");
+        let text = nft_script(&synthetic_cluster(3, [measured()]), "10.244.0.0/16");
         assert!(text.contains("ip daddr . meta l4proto . th dport vmap @service-ips"));
         assert!(text.contains("10.96.0.10 . tcp . 80 : goto service-"));
         assert!(text.contains("numgen random mod 3 vmap"));
@@ -325,7 +450,7 @@ mod tests {
 
     #[test]
     fn lb_gets_the_same_cluster_as_manifests() {
-        let cluster = synthetic_cluster(3, measured());
+        let cluster = synthetic_cluster(3, [measured()]);
         let yaml = manifests_yaml(&cluster);
         assert_eq!(yaml.matches("kind: Service\n").count(), 4);
         assert_eq!(yaml.matches("kind: EndpointSlice").count(), 4);
@@ -400,11 +525,19 @@ mod load {
             namespace: "demo".to_owned(),
             name: "measured".to_owned(),
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            protocol: Protocol::Tcp,
             port: 80,
             node_port: 30080,
             endpoints: vec![(Ipv4Addr::new(10, 244, 2, 11), 8080)],
         };
-        let cluster = synthetic_cluster(50, measured);
+        let udp = SyntheticService {
+            name: "measured-udp".to_owned(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 11),
+            protocol: Protocol::Udp,
+            node_port: 30081,
+            ..measured.clone()
+        };
+        let cluster = synthetic_cluster(50, [measured, udp]);
         load_in(
             &ns,
             "iptables-restore",
@@ -417,5 +550,59 @@ mod load {
             &["-f", "-"],
             nft_script(&cluster, "10.244.0.0/16"),
         );
+
+        // One Service gains an endpoint: the partial syncs apply on top and leave one copy of
+        // every Service rule.
+        let mut changed = cluster[7].clone();
+        changed.endpoints.push((Ipv4Addr::new(10, 244, 9, 9), 8080));
+        let mut after = cluster.clone();
+        after[7] = changed.clone();
+        load_in(
+            &ns,
+            "iptables-restore",
+            &["--noflush"],
+            iptables_partial_sync(&after, &changed, "10.244.0.0/16"),
+        );
+        load_in(
+            &ns,
+            "nft",
+            &["-f", "-"],
+            nft_partial_sync(&changed, "10.244.0.0/16"),
+        );
+        let saved = output_in(&ns, "iptables-save", &["-t", "nat"]);
+        assert_eq!(
+            saved.matches("-A KUBE-SERVICES ").count(),
+            cluster.len() + 1,
+            "KUBE-SERVICES rewritten, not appended to"
+        );
+        assert_eq!(saved.matches("--to-destination 10.244.9.9:8080").count(), 1);
+        let ruleset = output_in(&ns, "nft", &["list", "table", "ip", "kube-proxy"]);
+        assert_eq!(ruleset.matches("dnat to 10.244.9.9:8080").count(), 1);
+        assert_eq!(
+            ruleset
+                .matches(&format!(
+                    "numgen random mod {} vmap",
+                    changed.endpoints.len()
+                ))
+                .count(),
+            1 + cluster
+                .iter()
+                .filter(|s| s.endpoints.len() == changed.endpoints.len())
+                .count(),
+            "the changed Service's chain picks among its new endpoint count"
+        );
+    }
+
+    fn output_in(ns: &Netns, tool: &str, args: &[&str]) -> String {
+        let mut cmd = std::process::Command::new(tool);
+        cmd.args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = ns.spawn(&mut cmd).expect("spawn");
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        crate::cleanup::forget_child(pid);
+        assert!(out.status.success(), "{tool} {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
     }
 }
