@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: setup, build, test, demo. See README.md.
 
+mod bench;
 mod demo;
 mod setup;
 mod testbed_cmd;
@@ -39,6 +40,24 @@ enum Cmd {
     /// requests to every Service type being answered (needs root). Tears everything down at the
     /// end or on Ctrl-C.
     Demo,
+    /// Benchmark lb against no load balancer and kube-proxy's iptables and nftables layouts on
+    /// the testbed (needs root; installs iperf3 and sockperf when missing). Writes
+    /// bench/results/<timestamp>.{json,md} and PNG charts. See BENCHMARKS.md.
+    Bench {
+        /// One round, 4 and 1,004 Services, 1-second measurements: a smoke run (< 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Rounds per scale [default: 5, or 1 with --quick].
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Synthetic Services per scale, comma-separated; the 4 measured ones come on top
+        /// [default: 0,1000,10000, or 0,1000 with --quick].
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<usize>>,
+        /// Where results go [default: bench/results].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The two-node testbed (docs/testbed.md), left running to explore (needs root).
     Testbed {
         #[command(subcommand)]
@@ -88,13 +107,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             step("clippy");
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             step("tests (unit, packet table, network namespaces)");
+            let filtered = !cargo_test_args.is_empty();
             let mut args = vec!["test".to_owned()];
-            if !cargo_test_args.is_empty() {
+            if filtered {
                 args.push("--".to_owned());
                 args.extend(cargo_test_args);
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            cargo_test(&args)
+            let totals = cargo_test(&args)?;
+            let smoke = if filtered || !nix::unistd::Uid::effective().is_root() {
+                "benchmark smoke run skipped (filtered run, or not root)"
+            } else {
+                step("benchmark smoke run (cargo xtask bench --quick; timings not judged)");
+                let out =
+                    std::env::temp_dir().join(format!("lb-bench-smoke-{}", std::process::id()));
+                let lb = build_release_lb()?;
+                let ran = bench::run(
+                    &lb,
+                    &bench::Options {
+                        quick: true,
+                        rounds: None,
+                        synthetic: None,
+                        out_dir: out.clone(),
+                    },
+                );
+                let _ = std::fs::remove_dir_all(&out);
+                ran.context("the benchmark smoke run failed")?;
+                "benchmark smoke run ok"
+            };
+            println!(
+                "{} passed, {} failed, {} skipped; {smoke}",
+                totals.passed, totals.failed, totals.ignored
+            );
+            Ok(())
+        }
+        Cmd::Bench {
+            quick,
+            rounds,
+            services,
+            out,
+        } => {
+            setup::ensure()?;
+            let lb = build_release_lb()?;
+            bench::run(
+                &lb,
+                &bench::Options {
+                    quick,
+                    rounds,
+                    synthetic: services,
+                    out_dir: out.unwrap_or_else(|| workspace_root().join("bench/results")),
+                },
+            )
+            .map(|_| ())
         }
         Cmd::Demo => {
             setup::ensure()?;
@@ -138,9 +202,16 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Runs `cargo test`, streaming its output, and ends with one line totalling every test binary
-/// (`N passed, N failed, N skipped`), so the result of the whole run is in its last line.
-fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+/// The release `lb`: benchmarks measure what users run.
+fn build_release_lb() -> anyhow::Result<PathBuf> {
+    step("building lb (release)");
+    cargo(&["build", "--release", "--package", "lb-userspace"])?;
+    Ok(target_dir().join("release/lb"))
+}
+
+/// Runs `cargo test`, streaming its output, and totals every test binary; on failure prints
+/// the totals (`N passed, N failed, N skipped`) as the last line before failing.
+fn cargo_test(args: &[&str]) -> anyhow::Result<TestTotals> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut child = Command::new(&cargo)
         .args(args)
@@ -156,14 +227,14 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
         totals.add(&line);
     }
     let status = child.wait()?;
-    println!(
-        "{} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
     if !status.success() {
+        println!(
+            "{} passed, {} failed, {} skipped",
+            totals.passed, totals.failed, totals.ignored
+        );
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
-    Ok(())
+    Ok(totals)
 }
 
 /// Sums libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` lines.

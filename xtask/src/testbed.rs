@@ -380,6 +380,8 @@ pub struct AgentOptions {
     pub log_dir: Option<PathBuf>,
     /// Watch the API server through this kubeconfig instead of reading the manifest file.
     pub kubeconfig: Option<PathBuf>,
+    /// More `lb agent` flags, e.g. `--maglev-table-size 1021`.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -390,6 +392,7 @@ impl Default for AgentOptions {
             detached: false,
             log_dir: None,
             kubeconfig: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -443,6 +446,7 @@ impl AgentProcess {
         if options.xdp {
             cmd.arg("--xdp");
         }
+        cmd.args(&options.extra_args);
         let child = if options.detached {
             node.ns.spawn_detached(cmd)?
         } else {

@@ -1,0 +1,400 @@
+//! The variants under test, each on a testbed of its own: the same two-node layout, the same
+//! measured Services and servers, and only the Service implementation differs. All beds exist at
+//! once, so the rounds can alternate between them without reloading 10,000 Services each time;
+//! an idle bed costs nothing (netfilter hooks and BPF programs are per namespace).
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use xtask::{
+    cleanup,
+    kube_proxy_layouts::{
+        Protocol, SyntheticService, iptables_restore, manifests_yaml, nft_script, synthetic_cluster,
+    },
+    loadgen::{AcceptServer, UdpCounter},
+    netns::Netns,
+    testbed::{AgentOptions, AgentProcess, Cluster, POD_CIDR},
+};
+
+/// A Service implementation being compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// No load balancer: clients address the backend pod itself.
+    Direct,
+    /// kube-proxy's iptables-mode rule layout, loaded with iptables-restore.
+    Iptables,
+    /// kube-proxy's nftables-mode layout, loaded with nft -f.
+    Nftables,
+    /// lb's tc programs.
+    LbTc,
+    /// lb's tc programs plus its XDP fast path on the external interfaces.
+    LbXdp,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] = [
+        Variant::Direct,
+        Variant::Iptables,
+        Variant::Nftables,
+        Variant::LbTc,
+        Variant::LbXdp,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Iptables => "iptables layout",
+            Variant::Nftables => "nftables layout",
+            Variant::LbTc => "lb (tc)",
+            Variant::LbXdp => "lb (xdp)",
+        }
+    }
+
+    /// Whether the variant changes anything on `path`. lb's XDP program sits on the external
+    /// interfaces only: pod-to-ClusterIP traffic takes exactly lb (tc)'s path, so it is not
+    /// measured twice.
+    pub fn applies_to(self, path: TrafficPath) -> bool {
+        !(self == Variant::LbXdp && path == TrafficPath::ClusterIp)
+    }
+}
+
+/// Which way traffic reaches the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrafficPath {
+    /// client-1 (a pod on node-1) to a ClusterIP whose endpoint is pod-c on node-2.
+    ClusterIp,
+    /// The outside client to node-1's address and a NodePort whose endpoint is pod-c on node-2.
+    NodePort,
+}
+
+impl TrafficPath {
+    pub fn label(self) -> &'static str {
+        match self {
+            TrafficPath::ClusterIp => "pod → ClusterIP → remote pod",
+            TrafficPath::NodePort => "external → NodePort → remote pod",
+        }
+    }
+}
+
+/// The servers the workloads talk to, all in pod-c, and their Services (placed last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Iperf,
+    Sockperf,
+    Accept,
+    Udp,
+}
+
+impl Server {
+    const ALL: [Server; 4] = [Server::Iperf, Server::Sockperf, Server::Accept, Server::Udp];
+
+    /// The pod port, which is also the Service port.
+    pub fn port(self) -> u16 {
+        match self {
+            Server::Iperf => 5201,
+            Server::Sockperf => 11111,
+            Server::Accept => 9000,
+            Server::Udp => 9001,
+        }
+    }
+
+    fn node_port(self) -> u16 {
+        match self {
+            Server::Iperf => 30201,
+            Server::Sockperf => 31111,
+            Server::Accept => 30900,
+            Server::Udp => 30901,
+        }
+    }
+
+    fn cluster_ip(self) -> Ipv4Addr {
+        let last = match self {
+            Server::Iperf => 1,
+            Server::Sockperf => 2,
+            Server::Accept => 3,
+            Server::Udp => 4,
+        };
+        Ipv4Addr::new(10, 96, 100, last)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Server::Iperf => "iperf",
+            Server::Sockperf => "sockperf",
+            Server::Accept => "accept",
+            Server::Udp => "udp-sink",
+        }
+    }
+}
+
+/// The backend pod of every measured Service: on node-2, so both paths cross the underlay.
+pub const BACKEND_POD: &str = "pod-c";
+/// The pod client of the ClusterIP path: on node-1.
+pub const CLIENT_POD: &str = "client-1";
+/// The node the outside client sends NodePort traffic to.
+pub const ENTRY_NODE: &str = "node-1";
+
+/// The measured Services, one per server, with pod-c as their only endpoint (iperf3 opens a
+/// control and a data connection that must reach the same server).
+pub fn measured_services(backend: Ipv4Addr) -> Vec<SyntheticService> {
+    Server::ALL
+        .iter()
+        .map(|&server| SyntheticService {
+            namespace: "bench".to_owned(),
+            name: format!("measured-{}", server.name()),
+            cluster_ip: server.cluster_ip(),
+            protocol: if server == Server::Udp {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            },
+            port: server.port(),
+            node_port: server.node_port(),
+            endpoints: vec![(backend, server.port())],
+        })
+        .collect()
+}
+
+/// `synthetic` Services plus the measured ones, last.
+pub fn cluster_services(synthetic: usize) -> Vec<SyntheticService> {
+    let backend = xtask::testbed::LAYOUT
+        .iter()
+        .flat_map(|n| n.pods)
+        .find(|(name, _)| *name == BACKEND_POD)
+        .map(|(_, ip)| *ip)
+        .expect("the layout has the backend pod");
+    synthetic_cluster(synthetic, measured_services(backend))
+}
+
+/// lb's flags in every bed: at 10,000 Services the default Maglev table (16381 slots per
+/// Service) would not fit the slots array, so every Service gets 1021 (>= 100 per backend).
+pub fn lb_agent_args() -> Vec<String> {
+    vec!["--maglev-table-size".to_owned(), "1021".to_owned()]
+}
+
+/// A child process killed when dropped.
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    pub fn spawn(ns: &Netns, cmd: &mut Command) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Ok(Self(Some(ns.spawn(cmd)?)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            cleanup::forget_child(child.id());
+        }
+    }
+}
+
+/// One variant's testbed, programmed with a cluster and serving the workloads.
+pub struct Bed {
+    pub variant: Variant,
+    // Dropped before the cluster: servers and agents live in its namespaces.
+    _servers: (Daemon, Daemon, AcceptServer),
+    pub udp_sink: UdpCounter,
+    agents: Vec<AgentProcess>,
+    pub cluster: Cluster,
+}
+
+impl Bed {
+    /// Builds the testbed, starts the servers and programs `services` the variant's way, on both
+    /// nodes (in a real cluster every node has every rule, and the backend's node walks them too).
+    pub fn start(
+        variant: Variant,
+        services: &[SyntheticService],
+        lb: &Path,
+        manifests: &Path,
+    ) -> anyhow::Result<Self> {
+        let cluster = Cluster::two_nodes()?;
+        // Connection-rate clients cycle through source ports quickly.
+        for ns in [&cluster.pod(CLIENT_POD).ns, &cluster.outside.ns] {
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        }
+        let backend = &cluster.pod(BACKEND_POD).ns;
+        let iperf = Daemon::spawn(
+            backend,
+            Command::new("iperf3").args(["--server", "--port", &Server::Iperf.port().to_string()]),
+        )?;
+        let sockperf = Daemon::spawn(
+            backend,
+            Command::new("sockperf").args([
+                "server",
+                "--tcp",
+                "--ip",
+                "0.0.0.0",
+                "--port",
+                &Server::Sockperf.port().to_string(),
+            ]),
+        )?;
+        let accept = AcceptServer::start(backend, Server::Accept.port())?;
+        let udp_sink = UdpCounter::start(backend, Server::Udp.port())?;
+
+        let mut agents = Vec::new();
+        match variant {
+            Variant::Direct => {
+                // The outside client reaches pods through node-1, as a routed network would.
+                let via = cluster.node(ENTRY_NODE).ip.to_string();
+                cluster
+                    .outside
+                    .ns
+                    .ip(&["route", "add", POD_CIDR, "via", &via])?;
+            }
+            Variant::Iptables => {
+                let rules = iptables_restore(services, POD_CIDR);
+                for node in &cluster.nodes {
+                    load(&node.ns, "iptables-restore", &["--noflush"], &rules)?;
+                }
+            }
+            Variant::Nftables => {
+                let script = nft_script(services, POD_CIDR);
+                for node in &cluster.nodes {
+                    load(&node.ns, "nft", &["-f", "-"], &script)?;
+                }
+            }
+            Variant::LbTc | Variant::LbXdp => {
+                let xdp = variant == Variant::LbXdp;
+                if xdp {
+                    cluster.prepare_for_xdp()?;
+                }
+                std::fs::write(manifests, manifests_yaml(services))
+                    .with_context(|| format!("writing {}", manifests.display()))?;
+                let options = AgentOptions {
+                    xdp,
+                    // The manifest never changes during the run.
+                    poll_ms: 60_000,
+                    extra_args: lb_agent_args(),
+                    ..AgentOptions::default()
+                };
+                for node in &cluster.nodes {
+                    agents.push(AgentProcess::start(
+                        &cluster, &node.name, lb, manifests, &options,
+                    )?);
+                }
+            }
+        }
+        let bed = Self {
+            variant,
+            _servers: (iperf, sockperf, accept),
+            udp_sink,
+            agents,
+            cluster,
+        };
+        bed.wait_for_servers()?;
+        Ok(bed)
+    }
+
+    /// Where `server` is reached on `path` in this variant.
+    pub fn target(&self, path: TrafficPath, server: Server) -> SocketAddrV4 {
+        let pod = self.cluster.pod(BACKEND_POD).ip;
+        match (self.variant, path) {
+            (Variant::Direct, _) => SocketAddrV4::new(pod, server.port()),
+            (_, TrafficPath::ClusterIp) => SocketAddrV4::new(server.cluster_ip(), server.port()),
+            (_, TrafficPath::NodePort) => {
+                SocketAddrV4::new(self.cluster.node(ENTRY_NODE).ip, server.node_port())
+            }
+        }
+    }
+
+    /// The namespace that sends on `path`.
+    pub fn client(&self, path: TrafficPath) -> &Netns {
+        match path {
+            TrafficPath::ClusterIp => &self.cluster.pod(CLIENT_POD).ns,
+            TrafficPath::NodePort => &self.cluster.outside.ns,
+        }
+    }
+
+    /// Agents' log tails, for an error report.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| {
+                let log = a.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    /// The TCP servers accept through every path before any measurement starts.
+    fn wait_for_servers(&self) -> anyhow::Result<()> {
+        for path in [TrafficPath::ClusterIp, TrafficPath::NodePort] {
+            for server in [Server::Iperf, Server::Sockperf, Server::Accept] {
+                let target = self.target(path, server);
+                let reached = self.client(path).run(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        if std::net::TcpStream::connect_timeout(
+                            &target.into(),
+                            Duration::from_millis(500),
+                        )
+                        .is_ok()
+                        {
+                            return true;
+                        }
+                        if std::time::Instant::now() > deadline {
+                            return false;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })?;
+                anyhow::ensure!(
+                    reached,
+                    "{}: {target} ({}) does not answer on the {:?} path{}",
+                    self.variant.label(),
+                    server.name(),
+                    path,
+                    if self.agents.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; agent logs:\n{}", self.agent_logs())
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pipes `input` into `tool args` inside `ns` and fails with its stderr.
+pub fn load(ns: &Netns, tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut cmd = Command::new(tool);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = ns.spawn(&mut cmd)?;
+    let pid = child.id();
+    child
+        .stdin
+        .take()
+        .context("stdin is piped")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("feeding {tool}"))?;
+    let out = child.wait_with_output()?;
+    cleanup::forget_child(pid);
+    anyhow::ensure!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! PNG charts of a run (plotters, bitmap backend): bars are medians, whiskers min–max.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use plotters::{
+    coord::Shift,
+    prelude::*,
+    style::{FontStyle, register_font},
+};
+
+use super::{
+    beds::{TrafficPath, Variant},
+    report::{Results, Summary, fmt},
+    workloads::{Kind, Workload},
+};
+
+const FONT: &str = "sans-serif";
+const FONT_FILES: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+/// Makes the text font known to plotters (once); fails if no DejaVu Sans is installed
+/// (the bench installs fonts-dejavu-core with its other tools).
+pub fn register_text_font() -> anyhow::Result<()> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let path = FONT_FILES
+                .iter()
+                .find(|p| Path::new(p).exists())
+                .ok_or_else(|| format!("no font for the charts: none of {FONT_FILES:?}"))?;
+            let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+            // plotters keeps fonts for the life of the process.
+            register_font(FONT, FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+                .map_err(|_| format!("{path} is not a usable font"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn color(variant: Variant) -> RGBColor {
+    match variant {
+        Variant::Direct => RGBColor(140, 140, 140),
+        Variant::Iptables => RGBColor(230, 115, 0),
+        Variant::Nftables => RGBColor(150, 80, 180),
+        Variant::LbTc => RGBColor(30, 110, 200),
+        Variant::LbXdp => RGBColor(20, 160, 90),
+    }
+}
+
+/// One bar series: a name, a colour and per group a summary (or nothing).
+struct Series<'a> {
+    name: String,
+    color: RGBColor,
+    values: Vec<Option<&'a Summary>>,
+}
+
+/// Writes the run's charts next to `stem` (`<stem>-throughput.png`, ...) and returns their paths.
+pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    register_text_font()?;
+    let path_for = |name: &str| {
+        let mut file = stem.as_os_str().to_owned();
+        file.push(format!("-{name}.png"));
+        PathBuf::from(file)
+    };
+    let mut written = Vec::new();
+
+    // Throughput: groups are path × Services, bars are variants.
+    let throughput = path_for("throughput");
+    let mut groups = Vec::new();
+    let mut per_group: Vec<(Workload, usize)> = Vec::new();
+    for path in [TrafficPath::ClusterIp, TrafficPath::NodePort] {
+        for &services in &results.method.service_counts {
+            groups.push(format!(
+                "{} · {services} Services",
+                match path {
+                    TrafficPath::ClusterIp => "pod → ClusterIP",
+                    TrafficPath::NodePort => "external → NodePort",
+                }
+            ));
+            per_group.push((
+                Workload {
+                    kind: Kind::Throughput,
+                    path,
+                },
+                services,
+            ));
+        }
+    }
+    let series = variant_series(results, &per_group, "gbit_per_s");
+    bar_chart(
+        &throughput,
+        "TCP throughput to a pod on the other node (iperf3, one stream)",
+        "Gbit/s",
+        &groups,
+        &series,
+    )?;
+    written.push(throughput);
+
+    // Latency: groups are variants, bars are percentiles; one chart per path at the most
+    // Services.
+    let large = results.largest();
+    let latency = path_for("latency");
+    let mut groups = Vec::new();
+    let mut percentiles: Vec<Series> = [("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99")]
+        .iter()
+        .zip([
+            RGBColor(120, 170, 230),
+            RGBColor(40, 110, 200),
+            RGBColor(10, 40, 120),
+        ])
+        .map(|((_, name), color)| Series {
+            name: (*name).to_owned(),
+            color,
+            values: Vec::new(),
+        })
+        .collect();
+    for path in [TrafficPath::ClusterIp, TrafficPath::NodePort] {
+        let workload = Workload {
+            kind: Kind::RequestResponse,
+            path,
+        };
+        for variant in Variant::ALL.into_iter().filter(|v| v.applies_to(path)) {
+            groups.push(format!(
+                "{} · {}",
+                match path {
+                    TrafficPath::ClusterIp => "ClusterIP",
+                    TrafficPath::NodePort => "NodePort",
+                },
+                variant.label()
+            ));
+            for (series, figure) in percentiles.iter_mut().zip(["p50_us", "p90_us", "p99_us"]) {
+                series
+                    .values
+                    .push(results.find(large, variant, &workload.id(), figure));
+            }
+        }
+    }
+    bar_chart(
+        &latency,
+        &format!("Request/response round trip, 64-byte messages (sockperf), {large} Services"),
+        "µs (lower is better)",
+        &groups,
+        &percentiles,
+    )?;
+    written.push(latency);
+
+    // Connection rate against the number of Services.
+    let connections = path_for("connections");
+    connection_chart(results, &connections)?;
+    written.push(connections);
+
+    // Small packets through a NodePort.
+    let packets = path_for("packets");
+    let workload = Workload {
+        kind: Kind::SmallPackets,
+        path: TrafficPath::NodePort,
+    };
+    let groups: Vec<String> = results
+        .method
+        .service_counts
+        .iter()
+        .map(|n| format!("{n} Services"))
+        .collect();
+    let per_group: Vec<(Workload, usize)> = results
+        .method
+        .service_counts
+        .iter()
+        .map(|&n| (workload, n))
+        .collect();
+    bar_chart(
+        &packets,
+        "UDP 64-byte packets delivered through a NodePort to a pod on the other node",
+        "packets/s",
+        &groups,
+        &variant_series(results, &per_group, "delivered_pps"),
+    )?;
+    written.push(packets);
+    Ok(written)
+}
+
+/// One series per variant, over groups of (workload, Services).
+fn variant_series<'a>(
+    results: &'a Results,
+    groups: &[(Workload, usize)],
+    figure: &str,
+) -> Vec<Series<'a>> {
+    Variant::ALL
+        .into_iter()
+        .filter(|v| groups.iter().any(|(w, _)| v.applies_to(w.path)))
+        .map(|variant| Series {
+            name: variant.label().to_owned(),
+            color: color(variant),
+            values: groups
+                .iter()
+                .map(|(workload, services)| {
+                    results.find(*services, variant, &workload.id(), figure)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn bar_chart(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    groups: &[String],
+    series: &[Series],
+) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
+    draw_bars(&root, title, unit, groups, series)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("drawing {}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw_bars(
+    root: &DrawingArea<BitMapBackend, Shift>,
+    title: &str,
+    unit: &str,
+    groups: &[String],
+    series: &[Series],
+) -> DrawResult {
+    root.fill(&WHITE)?;
+    let top = series
+        .iter()
+        .flat_map(|s| s.values.iter().flatten())
+        .map(|s| s.max)
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.15;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..groups.len() as f64, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(unit)
+        .y_label_formatter(&|v| fmt(*v))
+        .label_style((FONT, 14))
+        .draw()?;
+
+    let width = 0.8 / series.len().max(1) as f64;
+    for (index, s) in series.iter().enumerate() {
+        let color = s.color;
+        let offset = 0.1 + index as f64 * width;
+        chart
+            .draw_series(s.values.iter().enumerate().filter_map(|(g, v)| {
+                v.map(|v| {
+                    let x = g as f64 + offset;
+                    Rectangle::new([(x, 0.0), (x + width * 0.9, v.median)], color.filled())
+                })
+            }))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
+        // Whiskers (min–max) and the median's value.
+        for (g, v) in s.values.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let x = g as f64 + offset + width * 0.45;
+            if v.n > 1 {
+                chart.draw_series(std::iter::once(PathElement::new(
+                    vec![(x, v.min), (x, v.max)],
+                    BLACK.stroke_width(2),
+                )))?;
+            }
+            chart.draw_series(std::iter::once(Text::new(
+                fmt(v.median),
+                (x, v.max.max(v.median) + top * 0.01),
+                TextStyle::from((FONT, 12)).pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Bottom,
+                )),
+            )))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()?;
+    // Group names under the axis, centred on each group.
+    for (g, name) in groups.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+        root.draw(&Text::new(
+            name.clone(),
+            (px, py + 10),
+            TextStyle::from((FONT, 14)).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            )),
+        ))?;
+    }
+    Ok(())
+}
+
+/// New connections per second (ClusterIP path) against the number of Services, one line per
+/// variant, log scale in Services.
+fn connection_chart(results: &Results, path: &Path) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
+    draw_connections(&root, results)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("drawing {}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn draw_connections(root: &DrawingArea<BitMapBackend, Shift>, results: &Results) -> DrawResult {
+    root.fill(&WHITE)?;
+    let workload = Workload {
+        kind: Kind::ConnectionRate,
+        path: TrafficPath::ClusterIp,
+    }
+    .id();
+    let counts = &results.method.service_counts;
+    let lines: Vec<(Variant, Vec<(f64, &Summary)>)> = Variant::ALL
+        .into_iter()
+        .filter(|v| v.applies_to(TrafficPath::ClusterIp))
+        .map(|variant| {
+            let points = counts
+                .iter()
+                .filter_map(|&n| {
+                    results
+                        .find(n, variant, &workload, "per_s")
+                        .map(|s| (n as f64, s))
+                })
+                .collect();
+            (variant, points)
+        })
+        .collect();
+    let top = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, s)| s.max))
+        .fold(0.0_f64, f64::max)
+        .max(1.0)
+        * 1.15;
+    let (low, high) = (
+        counts.iter().copied().min().unwrap_or(1).max(1) as f64 / 1.5,
+        counts.iter().copied().max().unwrap_or(10).max(2) as f64 * 1.5,
+    );
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "New TCP connections per second, pod → ClusterIP → remote pod (closed with RST)",
+            (FONT, 22),
+        )
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d((low..high).log_scale(), 0.0..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services programmed (log scale)")
+        .y_desc("connections/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| fmt(*v))
+        .label_style((FONT, 14))
+        .draw()?;
+    for (variant, points) in &lines {
+        let color = color(*variant);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|(x, s)| (*x, s.median)),
+                color.stroke_width(3),
+            ))?
+            .label(variant.label())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(3))
+            });
+        chart.draw_series(
+            points
+                .iter()
+                .map(|(x, s)| Circle::new((*x, s.median), 5, color.filled())),
+        )?;
+        chart.draw_series(points.iter().filter(|(_, s)| s.n > 1).map(|(x, s)| {
+            PathElement::new(vec![(*x, s.min), (*x, s.max)], color.stroke_width(2))
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()?;
+    Ok(())
+}

@@ -1,0 +1,347 @@
+//! `cargo xtask bench`: lb side by side with kube-proxy's iptables and nftables layouts and with
+//! no load balancer at all, on the namespace testbed, in one run. See BENCHMARKS.md for the
+//! method. Every variant has a testbed of its own; rounds alternate between them
+//! (A B C D E, A B C D E, ...) so that a noisy neighbour hits all of them alike.
+
+mod beds;
+mod charts;
+mod control_plane;
+mod report;
+mod tools;
+mod workloads;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use xtask::{cleanup, testbed::Cluster};
+
+use beds::{Bed, Variant};
+use report::{CONTROL_PLANE, Machine, Method, Results, Sample};
+use workloads::{Durations, Workload};
+
+pub struct Options {
+    /// One round, fewer Services, short measurements: a smoke run.
+    pub quick: bool,
+    pub rounds: Option<usize>,
+    /// Synthetic Services per scale (the measured ones come on top).
+    pub synthetic: Option<Vec<usize>>,
+    pub out_dir: PathBuf,
+}
+
+struct Plan {
+    rounds: usize,
+    synthetic: Vec<usize>,
+    durations: Durations,
+}
+
+impl Plan {
+    fn new(options: &Options) -> Self {
+        let (rounds, synthetic, durations) = if options.quick {
+            let second = Duration::from_secs(1);
+            (
+                1,
+                vec![0, 1000],
+                Durations {
+                    throughput: second,
+                    request_response: second,
+                    connection_rate: second,
+                    small_packets: second,
+                },
+            )
+        } else {
+            (
+                5,
+                vec![0, 1000, 10_000],
+                Durations {
+                    throughput: Duration::from_secs(4),
+                    request_response: Duration::from_secs(3),
+                    connection_rate: Duration::from_secs(2),
+                    small_packets: Duration::from_secs(2),
+                },
+            )
+        };
+        let mut synthetic = options.synthetic.clone().unwrap_or(synthetic);
+        synthetic.sort_unstable();
+        synthetic.dedup();
+        Self {
+            rounds: options.rounds.unwrap_or(rounds).max(1),
+            synthetic,
+            durations,
+        }
+    }
+
+    fn measurements(&self) -> u64 {
+        let per_round: usize = Workload::ALL
+            .iter()
+            .map(|w| Variant::ALL.iter().filter(|v| v.applies_to(w.path)).count())
+            .sum();
+        (self.synthetic.len() * self.rounds * per_round
+            + self.rounds * control_plane::VARIANTS.len()) as u64
+    }
+}
+
+/// Runs the benchmark with the `lb` binary at `lb`; returns the JSON results' path.
+pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "the benchmark builds network namespaces and loads BPF programs: run it as root"
+    );
+    cleanup::install_interrupt_handler();
+    tools::ensure_installed()?;
+    charts::register_text_font()?;
+    let plan = Plan::new(options);
+    let started = jiff::Timestamp::now();
+    let scratch = tempdir()?;
+
+    let progress = ProgressBar::new(plan.measurements()).with_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} measurements, about {eta} left\n{msg}",
+        )
+        .expect("a valid template"),
+    );
+    progress.enable_steady_tick(Duration::from_millis(250));
+
+    let mut samples = Vec::new();
+    for &synthetic in &plan.synthetic {
+        let services = beds::cluster_services(synthetic);
+        let count = services.len();
+        let mut beds = Vec::new();
+        for variant in Variant::ALL {
+            progress.set_message(format!("{count} Services: setting up {}", variant.label()));
+            let manifests = scratch.join(format!("{variant:?}.yaml"));
+            let started = Instant::now();
+            beds.push(
+                Bed::start(variant, &services, lb, &manifests)
+                    .with_context(|| format!("setting up {}", variant.label()))?,
+            );
+            progress.println(format!(
+                "{count} Services: {} ready in {:.1} s",
+                variant.label(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        for round in 0..plan.rounds {
+            for workload in Workload::ALL {
+                for bed in beds.iter().filter(|b| b.variant.applies_to(workload.path)) {
+                    progress.set_message(format!(
+                        "{count} Services, round {}/{}: {} on {}",
+                        round + 1,
+                        plan.rounds,
+                        workload.label(),
+                        bed.variant.label()
+                    ));
+                    let figures = measure_with_retry(bed, workload, &plan.durations)?;
+                    samples.push(Sample {
+                        services: count,
+                        round,
+                        variant: bed.variant,
+                        workload: workload.id(),
+                        figures,
+                    });
+                    progress.inc(1);
+                }
+            }
+        }
+    }
+
+    let largest = *plan.synthetic.last().context("at least one scale")?;
+    let change = control_plane::Change::new(largest);
+    let control_bed = Cluster::two_nodes()?;
+    let mut control = Vec::new();
+    for round in 0..plan.rounds {
+        for variant in control_plane::VARIANTS {
+            progress.set_message(format!(
+                "control plane, round {}/{}: {} Services into {}",
+                round + 1,
+                plan.rounds,
+                change.before.len(),
+                variant.label()
+            ));
+            let figures =
+                control_plane::measure(variant, &change, round, lb, &control_bed, &scratch)
+                    .with_context(|| format!("control plane of {}", variant.label()))?;
+            control.push(Sample {
+                services: change.before.len(),
+                round,
+                variant,
+                workload: CONTROL_PLANE.to_owned(),
+                figures,
+            });
+            progress.inc(1);
+        }
+    }
+    drop(control_bed);
+    progress.finish_with_message("measured");
+
+    let mut results = Results {
+        started: started.to_string(),
+        quick: options.quick,
+        machine: machine()?,
+        method: Method {
+            rounds: plan.rounds,
+            service_counts: plan
+                .synthetic
+                .iter()
+                .map(|&n| beds::cluster_services(n).len())
+                .collect(),
+            measured_services: beds::cluster_services(0).len(),
+            durations: plan.durations,
+            notes: notes(),
+        },
+        samples,
+        control_plane: control,
+        summary: Vec::new(),
+        targets: Vec::new(),
+    };
+    results.summarize();
+    check_complete(&results)?;
+    let written = write_outputs(&results, &options.out_dir, &started);
+    let _ = std::fs::remove_dir_all(&scratch);
+    written
+}
+
+/// One retry: a tool failing once (say, iperf3's control connection timing out on a loaded
+/// machine) should not cost a half-hour run; failing twice is an error.
+fn measure_with_retry(
+    bed: &Bed,
+    workload: Workload,
+    durations: &Durations,
+) -> anyhow::Result<workloads::Figures> {
+    workloads::measure(bed, workload, durations).or_else(|first| {
+        eprintln!("retrying once after: {first:#}");
+        workloads::measure(bed, workload, durations)
+    })
+}
+
+/// Every (scale, workload, variant) and every control-plane variant has a sample per round
+/// with finite figures: a variant that silently delivered nothing fails the run.
+fn check_complete(results: &Results) -> anyhow::Result<()> {
+    let mut seen: BTreeMap<(usize, Variant, String), usize> = BTreeMap::new();
+    for sample in results.samples.iter().chain(&results.control_plane) {
+        for (figure, value) in &sample.figures {
+            anyhow::ensure!(
+                value.is_finite() && *value >= 0.0,
+                "{} on {} with {} Services: {figure} = {value}",
+                sample.workload,
+                sample.variant.label(),
+                sample.services
+            );
+        }
+        *seen
+            .entry((sample.services, sample.variant, sample.workload.clone()))
+            .or_default() += 1;
+    }
+    let rounds = results.method.rounds;
+    for &services in &results.method.service_counts {
+        for workload in Workload::ALL {
+            for variant in Variant::ALL.iter().filter(|v| v.applies_to(workload.path)) {
+                let n = seen
+                    .get(&(services, *variant, workload.id()))
+                    .copied()
+                    .unwrap_or(0);
+                anyhow::ensure!(
+                    n == rounds,
+                    "{} on {} with {services} Services: {n} of {rounds} samples",
+                    workload.id(),
+                    variant.label()
+                );
+            }
+        }
+    }
+    for variant in control_plane::VARIANTS {
+        let n = seen
+            .get(&(results.largest(), variant, CONTROL_PLANE.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        anyhow::ensure!(
+            n == rounds,
+            "control plane of {}: {n} of {rounds}",
+            variant.label()
+        );
+    }
+    Ok(())
+}
+
+fn write_outputs(
+    results: &Results,
+    out_dir: &Path,
+    started: &jiff::Timestamp,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let stem = out_dir.join(started.strftime("%Y-%m-%dT%H%M%SZ").to_string());
+    let json = stem.with_extension("json");
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let markdown = report::markdown(results);
+    let md = stem.with_extension("md");
+    std::fs::write(&md, &markdown).with_context(|| format!("writing {}", md.display()))?;
+    let charts = charts::write_all(results, &stem)?;
+    println!("{markdown}");
+    eprintln!("results: {}", json.display());
+    eprintln!("report:  {}", md.display());
+    for chart in charts {
+        eprintln!("chart:   {}", chart.display());
+    }
+    Ok(json)
+}
+
+fn notes() -> Vec<String> {
+    vec![
+        "iptables and nftables are reproductions of kube-proxy's rule layouts, loaded with \
+         iptables-restore and nft -f on both nodes; they are not kube-proxy itself."
+            .to_owned(),
+        "New connections: two client threads, each connection closed with RST (SO_LINGER 0), \
+         so no TIME_WAIT state piles up."
+            .to_owned(),
+        format!(
+            "lb runs with {} on every bed: at 10,000 Services the default table would not fit \
+             its slots array.",
+            beds::lb_agent_args().join(" ")
+        ),
+        "lb (xdp) differs from lb (tc) only on the external interfaces, so it is measured on \
+         the NodePort paths only."
+            .to_owned(),
+    ]
+}
+
+fn machine() -> anyhow::Result<Machine> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown CPU".to_owned(), |(_, m)| m.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Ok(Machine {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|r| r.trim().to_owned())
+            .unwrap_or_default(),
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: memory_kib / (1024.0 * 1024.0),
+        tools: tools::versions(),
+    })
+}
+
+/// A scratch directory for manifests, removed with the run's other leftovers.
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "{}{}-bench",
+        cleanup::NETNS_PREFIX,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    cleanup::register_pin_dir(dir.clone());
+    Ok(dir)
+}

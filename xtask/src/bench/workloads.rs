@@ -1,0 +1,300 @@
+//! One measurement of one workload on one bed. Each returns named figures; the report takes
+//! medians and spreads across rounds.
+
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use xtask::{cleanup, loadgen, netns::Netns};
+
+use super::beds::{Bed, Server, TrafficPath};
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// iperf3, one TCP stream, Gbit/s received.
+    Throughput,
+    /// sockperf ping-pong on one established TCP connection, round-trip percentiles.
+    RequestResponse,
+    /// New TCP connections per second and connect() latency.
+    ConnectionRate,
+    /// 64-byte UDP datagrams delivered per second.
+    SmallPackets,
+}
+
+/// A workload: what, along which path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Workload {
+    pub kind: Kind,
+    pub path: TrafficPath,
+}
+
+impl Workload {
+    /// Every workload, in the order a round runs them.
+    pub const ALL: [Workload; 6] = [
+        Workload::new(Kind::Throughput, TrafficPath::ClusterIp),
+        Workload::new(Kind::Throughput, TrafficPath::NodePort),
+        Workload::new(Kind::RequestResponse, TrafficPath::ClusterIp),
+        Workload::new(Kind::RequestResponse, TrafficPath::NodePort),
+        Workload::new(Kind::ConnectionRate, TrafficPath::ClusterIp),
+        Workload::new(Kind::SmallPackets, TrafficPath::NodePort),
+    ];
+
+    const fn new(kind: Kind, path: TrafficPath) -> Self {
+        Self { kind, path }
+    }
+
+    pub fn id(self) -> String {
+        let kind = match self.kind {
+            Kind::Throughput => "throughput",
+            Kind::RequestResponse => "request-response",
+            Kind::ConnectionRate => "connection-rate",
+            Kind::SmallPackets => "udp-64b",
+        };
+        let path = match self.path {
+            TrafficPath::ClusterIp => "clusterip",
+            TrafficPath::NodePort => "nodeport",
+        };
+        format!("{kind}/{path}")
+    }
+
+    pub fn label(self) -> String {
+        let kind = match self.kind {
+            Kind::Throughput => "TCP throughput (iperf3)",
+            Kind::RequestResponse => "request/response RTT (sockperf)",
+            Kind::ConnectionRate => "new connections",
+            Kind::SmallPackets => "UDP 64-byte packets",
+        };
+        format!("{kind}, {}", self.path.label())
+    }
+}
+
+/// Named figures of one measurement, e.g. `gbit_per_s`, `p99_us`.
+pub type Figures = BTreeMap<String, f64>;
+
+/// How long each measurement runs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Durations {
+    pub throughput: Duration,
+    pub request_response: Duration,
+    pub connection_rate: Duration,
+    pub small_packets: Duration,
+}
+
+/// Runs `workload` once on `bed`.
+pub fn measure(bed: &Bed, workload: Workload, durations: &Durations) -> anyhow::Result<Figures> {
+    let client = bed.client(workload.path);
+    let figures = match workload.kind {
+        Kind::Throughput => iperf3(
+            client,
+            bed.target(workload.path, Server::Iperf),
+            durations.throughput,
+        ),
+        Kind::RequestResponse => sockperf(
+            client,
+            bed.target(workload.path, Server::Sockperf),
+            durations.request_response,
+        ),
+        Kind::ConnectionRate => connection_rate(
+            client,
+            bed.target(workload.path, Server::Accept),
+            durations.connection_rate,
+        ),
+        Kind::SmallPackets => small_packets(
+            bed,
+            client,
+            bed.target(workload.path, Server::Udp),
+            durations.small_packets,
+        ),
+    };
+    figures.with_context(|| format!("{} on {}", workload.label(), bed.variant.label()))
+}
+
+/// Runs a measuring tool inside `ns` and returns its stdout; fails with its stderr.
+fn tool_output(ns: &Netns, cmd: &mut Command, timeout: Duration) -> anyhow::Result<String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ns.spawn(cmd)?;
+    let pid = child.id();
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    cleanup::forget_child(pid);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim(),
+        stdout.chars().take(400).collect::<String>()
+    );
+    Ok(stdout)
+}
+
+fn iperf3(
+    client: &Netns,
+    target: std::net::SocketAddrV4,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let out = tool_output(
+        client,
+        Command::new("iperf3").args([
+            "--client",
+            &target.ip().to_string(),
+            "--port",
+            &target.port().to_string(),
+            "--time",
+            &duration.as_secs().max(1).to_string(),
+            "--connect-timeout",
+            "3000",
+            "--json",
+        ]),
+        duration + Duration::from_secs(15),
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&out).context("iperf3 --json output")?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received in iperf3's report: {report}"))?;
+    let retransmits = report["end"]["sum_sent"]["retransmits"]
+        .as_f64()
+        .unwrap_or(0.0);
+    Ok(Figures::from([
+        ("gbit_per_s".to_owned(), bits / 1e9),
+        ("retransmits".to_owned(), retransmits),
+    ]))
+}
+
+fn sockperf(
+    client: &Netns,
+    target: std::net::SocketAddrV4,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let out = tool_output(
+        client,
+        Command::new("sockperf").args([
+            "ping-pong",
+            "--tcp",
+            "--full-rtt",
+            "--msg-size",
+            "64",
+            "--ip",
+            &target.ip().to_string(),
+            "--port",
+            &target.port().to_string(),
+            "--time",
+            &duration.as_secs().max(1).to_string(),
+        ]),
+        duration + Duration::from_secs(15),
+    )?;
+    parse_sockperf(&out)
+}
+
+/// Picks the round-trip percentiles (microseconds) out of sockperf's summary.
+pub fn parse_sockperf(out: &str) -> anyhow::Result<Figures> {
+    let mut figures = Figures::new();
+    for line in out.lines() {
+        let Some((_, rest)) = line.split_once("---> percentile ") else {
+            continue;
+        };
+        let Some((percentile, value)) = rest.split_once('=') else {
+            continue;
+        };
+        let name = match percentile.trim() {
+            "50.000" => "p50_us",
+            "90.000" => "p90_us",
+            "99.000" => "p99_us",
+            _ => continue,
+        };
+        let value: f64 = value
+            .trim()
+            .parse()
+            .with_context(|| format!("sockperf percentile in {line:?}"))?;
+        figures.insert(name.to_owned(), value);
+    }
+    anyhow::ensure!(
+        figures.len() == 3,
+        "sockperf printed no p50/p90/p99 summary:\n{out}"
+    );
+    Ok(figures)
+}
+
+/// Two client threads, each closing every connection with RST (see loadgen).
+fn connection_rate(
+    client: &Netns,
+    target: std::net::SocketAddrV4,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let run = loadgen::connection_rate(client, target, 2, duration)?;
+    anyhow::ensure!(run.connections > 0, "no connection to {target} succeeded");
+    let mut latencies = run.connect_latencies.clone();
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        let index = ((latencies.len() - 1) as f64 * q).round() as usize;
+        latencies[index].as_secs_f64() * 1e6
+    };
+    Ok(Figures::from([
+        ("per_s".to_owned(), run.per_second()),
+        ("connect_p50_us".to_owned(), at(0.50)),
+        ("connect_p99_us".to_owned(), at(0.99)),
+        ("failures".to_owned(), run.failures as f64),
+    ]))
+}
+
+/// Two sender threads of 64-byte datagrams; counts what pod-c's socket received.
+fn small_packets(
+    bed: &Bed,
+    client: &Netns,
+    target: std::net::SocketAddrV4,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let before = bed.udp_sink.received();
+    let sent = loadgen::udp_flood(client, target, 64, 2, duration)?;
+    // Let the receiver drain its socket buffer.
+    std::thread::sleep(Duration::from_millis(200));
+    let delivered = bed.udp_sink.received() - before;
+    anyhow::ensure!(delivered > 0, "no datagram reached {target}'s backend");
+    let seconds = duration.as_secs_f64();
+    Ok(Figures::from([
+        ("delivered_pps".to_owned(), delivered as f64 / seconds),
+        ("sent_pps".to_owned(), sent as f64 / seconds),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockperf_summary_gives_three_percentiles() {
+        let out = "sockperf: ---> <MAX> observation =  778.733\n\
+                   sockperf: ---> percentile 99.999 =  778.733\n\
+                   sockperf: ---> percentile 99.000 =  221.276\n\
+                   sockperf: ---> percentile 90.000 =   81.967\n\
+                   sockperf: ---> percentile 75.000 =   65.366\n\
+                   sockperf: ---> percentile 50.000 =   56.149\n";
+        let figures = parse_sockperf(out).unwrap();
+        assert_eq!(figures["p50_us"], 56.149);
+        assert_eq!(figures["p90_us"], 81.967);
+        assert_eq!(figures["p99_us"], 221.276);
+        assert!(parse_sockperf("sockperf: Test ended\n").is_err());
+    }
+
+    #[test]
+    fn workload_ids_are_distinct() {
+        let ids: std::collections::BTreeSet<String> =
+            Workload::ALL.iter().map(|w| w.id()).collect();
+        assert_eq!(ids.len(), Workload::ALL.len());
+    }
+}
