@@ -124,12 +124,12 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
         };
         for variant in Variant::ALL.into_iter().filter(|v| v.applies_to(path)) {
             groups.push(format!(
-                "{} · {}",
+                "{}\n{}",
+                variant.label(),
                 match path {
                     TrafficPath::ClusterIp => "ClusterIP",
                     TrafficPath::NodePort => "NodePort",
                 },
-                variant.label()
             ));
             for (series, figure) in percentiles.iter_mut().zip(["p50_us", "p90_us", "p99_us"]) {
                 series
@@ -239,7 +239,7 @@ fn draw_bars(
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 22))
         .margin(16)
-        .x_label_area_size(44)
+        .x_label_area_size(52)
         .y_label_area_size(80)
         .build_cartesian_2d(0.0..groups.len() as f64, 0.0..top)?;
     chart
@@ -291,17 +291,19 @@ fn draw_bars(
         .border_style(BLACK)
         .label_font((FONT, 14))
         .draw()?;
-    // Group names under the axis, centred on each group.
+    // Group names under the axis, centred on each group, one text line per `\n`.
     for (g, name) in groups.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
-        root.draw(&Text::new(
-            name.clone(),
-            (px, py + 10),
-            TextStyle::from((FONT, 14)).pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Top,
-            )),
-        ))?;
+        for (line_index, line) in name.lines().enumerate() {
+            root.draw(&Text::new(
+                line.to_owned(),
+                (px, py + 8 + 17 * line_index as i32),
+                TextStyle::from((FONT, 14)).pos(plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Top,
+                )),
+            ))?;
+        }
     }
     Ok(())
 }

@@ -51,7 +51,7 @@ impl Change {
 /// The variants with a control plane.
 pub const VARIANTS: [Variant; 3] = [Variant::Iptables, Variant::Nftables, Variant::LbTc];
 
-/// One round for `variant`: `program_ms`, `change_ms`, and for lb `peak_rss_mib`.
+/// One round for `variant`: `program_ms`, `change_ms`, and for lb its memory.
 pub fn measure(
     variant: Variant,
     change: &Change,
@@ -73,7 +73,7 @@ pub fn measure(
             })?;
             let partial = iptables_partial_sync(&change.after, &change.changed, POD_CIDR);
             let one = timed(|| load(&ns, "iptables-restore", &["--noflush"], &partial))?;
-            Ok(figures(program, one, None))
+            Ok(figures(program, one))
         }
         Variant::Nftables => {
             let ns = fresh_namespace("nft", round)?;
@@ -87,22 +87,18 @@ pub fn measure(
             })?;
             let partial = nft_partial_sync(&change.changed, POD_CIDR);
             let one = timed(|| load(&ns, "nft", &["-f", "-"], &partial))?;
-            Ok(figures(program, one, None))
+            Ok(figures(program, one))
         }
         Variant::LbTc => lb_round(change, lb, lb_bed, scratch),
         other => anyhow::bail!("{} has no control plane", other.label()),
     }
 }
 
-fn figures(program: Duration, change: Duration, rss_mib: Option<f64>) -> Figures {
-    let mut figures = Figures::from([
+fn figures(program: Duration, change: Duration) -> Figures {
+    Figures::from([
         ("program_ms".to_owned(), program.as_secs_f64() * 1e3),
         ("change_ms".to_owned(), change.as_secs_f64() * 1e3),
-    ]);
-    if let Some(rss) = rss_mib {
-        figures.insert("peak_rss_mib".to_owned(), rss);
-    }
-    figures
+    ])
 }
 
 fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
@@ -160,9 +156,12 @@ fn lb_round(
     };
     let program = sync_to(&change.before)?;
     let one = sync_to(&change.after)?;
-    let rss_mib = peak_rss_kib(pid)? as f64 / 1024.0;
+    let mut figures = figures(program, one);
+    for (field, figure) in [("VmHWM", "peak_rss_mib"), ("RssAnon", "anon_rss_mib")] {
+        figures.insert(figure.to_owned(), memory_kib(pid, field)? as f64 / 1024.0);
+    }
     agent.stop()?;
-    Ok(figures(program, one, Some(rss_mib)))
+    Ok(figures)
 }
 
 /// How the agent's log marks a finished sync (its tracing message).
@@ -184,18 +183,20 @@ fn field(line: &str, name: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{name} in {line:?}"))
 }
 
-/// VmHWM: the most resident memory the process has had.
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+/// A memory figure of /proc/<pid>/status in KiB: VmHWM is the most resident memory the
+/// process has had (including its mapping of the slots array, which the kernel populates
+/// whole), RssAnon its own heap and stacks now.
+fn memory_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("VmHWM in /proc/<pid>/status")?;
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .with_context(|| format!("{field} in /proc/<pid>/status"))?;
     line.split_whitespace()
         .nth(1)
-        .context("VmHWM value")?
+        .with_context(|| format!("{field} value"))?
         .parse()
-        .context("VmHWM value")
+        .with_context(|| format!("{field} value"))
 }
 
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -119,11 +119,14 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
                 Bed::start(variant, &services, lb, &manifests)
                     .with_context(|| format!("setting up {}", variant.label()))?,
             );
-            progress.println(format!(
-                "{count} Services: {} ready in {:.1} s",
-                variant.label(),
-                started.elapsed().as_secs_f64()
-            ));
+            say(
+                &progress,
+                format!(
+                    "{count} Services: {} ready in {:.1} s",
+                    variant.label(),
+                    started.elapsed().as_secs_f64()
+                ),
+            );
         }
         for round in 0..plan.rounds {
             for workload in Workload::ALL {
@@ -136,6 +139,7 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
                         bed.variant.label()
                     ));
                     let figures = measure_with_retry(bed, workload, &plan.durations)?;
+                    log_figures(&progress, &figures);
                     samples.push(Sample {
                         services: count,
                         round,
@@ -165,6 +169,7 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
             let figures =
                 control_plane::measure(variant, &change, round, lb, &control_bed, &scratch)
                     .with_context(|| format!("control plane of {}", variant.label()))?;
+            log_figures(&progress, &figures);
             control.push(Sample {
                 services: change.before.len(),
                 round,
@@ -203,6 +208,31 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     let written = write_outputs(&results, &options.out_dir, &started);
     let _ = std::fs::remove_dir_all(&scratch);
     written
+}
+
+/// A line above the progress bar, or on stderr when there is no terminal to draw it on.
+fn say(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("[{:>4}s] {line}", progress.elapsed().as_secs());
+    } else {
+        progress.println(line);
+    }
+}
+
+/// Without a terminal (CI), each measurement is logged with what it was.
+fn log_figures(progress: &ProgressBar, figures: &workloads::Figures) {
+    if progress.is_hidden() {
+        let values: Vec<String> = figures
+            .iter()
+            .map(|(name, value)| format!("{name}={}", report::fmt(*value)))
+            .collect();
+        eprintln!(
+            "[{:>4}s] {}: {}",
+            progress.elapsed().as_secs(),
+            progress.message(),
+            values.join(" ")
+        );
+    }
 }
 
 /// One retry: a tool failing once (say, iperf3's control connection timing out on a loaded

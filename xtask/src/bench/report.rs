@@ -403,6 +403,7 @@ pub fn markdown(results: &Results) -> String {
         "program all (ms)",
         "one change (ms)",
         "peak RSS (MiB)",
+        "own memory, RssAnon (MiB)",
     ]);
     for variant in super::control_plane::VARIANTS {
         table.add_row(vec![
@@ -410,6 +411,7 @@ pub fn markdown(results: &Results) -> String {
             cell(results.find(large, variant, CONTROL_PLANE, "program_ms")),
             cell(results.find(large, variant, CONTROL_PLANE, "change_ms")),
             cell(results.find(large, variant, CONTROL_PLANE, "peak_rss_mib")),
+            cell(results.find(large, variant, CONTROL_PLANE, "anon_rss_mib")),
         ]);
     }
     out.push_str(&format!("{table}\n\n"));

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use xtask::{cleanup, loadgen, netns::Netns};
 
-use super::beds::{Bed, Server, TrafficPath};
+use super::beds::{BACKEND_POD, Bed, Server, TrafficPath};
 
 /// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -252,24 +252,42 @@ fn connection_rate(
     ]))
 }
 
-/// Two sender threads of 64-byte datagrams; counts what pod-c's socket received.
+/// Two sender threads of 64-byte datagrams. Delivered is what arrived on pod-c's interface
+/// (the receiving application, one thread, is not what is measured); what its socket read is
+/// recorded too.
 fn small_packets(
     bed: &Bed,
     client: &Netns,
     target: std::net::SocketAddrV4,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
-    let before = bed.udp_sink.received();
+    let backend = &bed.cluster.pod(BACKEND_POD).ns;
+    let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend)?);
     let sent = loadgen::udp_flood(client, target, 64, 2, duration)?;
-    // Let the receiver drain its socket buffer.
+    // Let the last packets land and the receiver drain its socket buffer.
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = bed.udp_sink.received() - before;
-    anyhow::ensure!(delivered > 0, "no datagram reached {target}'s backend");
+    let delivered = rx_packets(backend)? - interface_before;
+    let read = bed.udp_sink.received() - socket_before;
+    anyhow::ensure!(read > 0, "no datagram reached {target}'s backend");
     let seconds = duration.as_secs_f64();
     Ok(Figures::from([
         ("delivered_pps".to_owned(), delivered as f64 / seconds),
+        ("socket_pps".to_owned(), read as f64 / seconds),
         ("sent_pps".to_owned(), sent as f64 / seconds),
     ]))
+}
+
+/// Packets received on the pod's eth0 (its kernel counter, via `ip -json -statistics`).
+fn rx_packets(pod: &Netns) -> anyhow::Result<u64> {
+    let out = tool_output(
+        pod,
+        Command::new("ip").args(["-json", "-statistics", "link", "show", "dev", "eth0"]),
+        Duration::from_secs(5),
+    )?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("ip -json output")?;
+    links[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no rx packet count in {out}"))
 }
 
 #[cfg(test)]
