@@ -16,7 +16,8 @@ use serde::Serialize;
 use xtask::{
     cleanup,
     kube_proxy_layouts::{
-        Protocol, SyntheticService, iptables_restore, manifests_yaml, nft_script, synthetic_cluster,
+        IPTABLES_RESTORE, Protocol, SyntheticService, iptables_restore, manifests_yaml, nft_script,
+        synthetic_cluster,
     },
     loadgen::{AcceptServer, UdpCounter},
     netns::Netns,
@@ -29,7 +30,7 @@ use xtask::{
 pub enum Variant {
     /// No load balancer: clients address the backend pod itself.
     Direct,
-    /// kube-proxy's iptables-mode rule layout, loaded with iptables-restore.
+    /// kube-proxy's iptables-mode rule layout, loaded with iptables-legacy-restore.
     Iptables,
     /// kube-proxy's nftables-mode layout, loaded with nft -f.
     Nftables,
@@ -258,15 +259,11 @@ impl Bed {
             }
             Variant::Iptables => {
                 let rules = iptables_restore(services, POD_CIDR);
-                for node in &cluster.nodes {
-                    load(&node.ns, "iptables-restore", &["--noflush"], &rules)?;
-                }
+                load_on_every_node(&cluster, IPTABLES_RESTORE, &["--noflush"], &rules)?;
             }
             Variant::Nftables => {
                 let script = nft_script(services, POD_CIDR);
-                for node in &cluster.nodes {
-                    load(&node.ns, "nft", &["-f", "-"], &script)?;
-                }
+                load_on_every_node(&cluster, "nft", &["-f", "-"], &script)?;
             }
             Variant::LbTc | Variant::LbXdp => {
                 let xdp = variant == Variant::LbXdp;
@@ -371,6 +368,28 @@ impl Bed {
         }
         Ok(())
     }
+}
+
+/// Loads the same rules into every node at once (nft -f of 10,000 Services takes minutes, mostly
+/// in the kernel, and the nodes' loads are independent).
+fn load_on_every_node(
+    cluster: &Cluster,
+    tool: &str,
+    args: &[&str],
+    input: &str,
+) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = cluster
+            .nodes
+            .iter()
+            .map(|node| scope.spawn(|| load(&node.ns, tool, args, input)))
+            .collect();
+        loads
+            .into_iter()
+            .map(|l| l.join().expect("a loader thread does not panic"))
+            .collect::<anyhow::Result<Vec<()>>>()
+            .map(drop)
+    })
 }
 
 /// Pipes `input` into `tool args` inside `ns` and fails with its stderr.

@@ -11,8 +11,8 @@ use std::{
 use anyhow::Context as _;
 use xtask::{
     kube_proxy_layouts::{
-        SyntheticService, iptables_partial_sync, iptables_restore, manifests_yaml,
-        nft_partial_sync, nft_script,
+        IPTABLES_RESTORE, SyntheticService, iptables_partial_sync, iptables_restore,
+        manifests_yaml, nft_partial_sync, nft_script,
     },
     netns::Netns,
     testbed::{AgentOptions, AgentProcess, Cluster, POD_CIDR},
@@ -66,13 +66,13 @@ pub fn measure(
             let program = timed(|| {
                 load(
                     &ns,
-                    "iptables-restore",
+                    IPTABLES_RESTORE,
                     &["--noflush"],
                     &iptables_restore(&change.before, POD_CIDR),
                 )
             })?;
             let partial = iptables_partial_sync(&change.after, &change.changed, POD_CIDR);
-            let one = timed(|| load(&ns, "iptables-restore", &["--noflush"], &partial))?;
+            let one = timed(|| load(&ns, IPTABLES_RESTORE, &["--noflush"], &partial))?;
             Ok(figures(program, one))
         }
         Variant::Nftables => {

@@ -323,7 +323,8 @@ fn write_outputs(
 fn notes() -> Vec<String> {
     vec![
         "iptables and nftables are reproductions of kube-proxy's rule layouts, loaded with \
-         iptables-restore and nft -f on both nodes; they are not kube-proxy itself."
+         iptables-legacy-restore (x_tables) and nft -f on both nodes; they are not kube-proxy \
+         itself."
             .to_owned(),
         "New connections: two client threads, each connection closed with RST (SO_LINGER 0), \
          so no TIME_WAIT state piles up."

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 const NEEDED: [(&str, &str); 5] = [
     ("iperf3", "iperf3"),
     ("sockperf", "sockperf"),
-    ("iptables-restore", "iptables"),
+    ("iptables-legacy-restore", "iptables"),
     ("nft", "nftables"),
     (
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -86,7 +86,10 @@ pub fn versions() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("iperf3".to_owned(), version("iperf3", "--version")),
         ("sockperf".to_owned(), version("sockperf", "--version")),
-        ("iptables".to_owned(), version("iptables", "--version")),
+        (
+            "iptables".to_owned(),
+            version("iptables-legacy", "--version"),
+        ),
         ("nft".to_owned(), version("nft", "--version")),
     ])
 }
