@@ -57,6 +57,9 @@ enum Cmd {
         /// Where results go [default: bench/results].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Measure nothing: write the report and charts of an earlier run's JSON again.
+        #[arg(long, value_name = "JSON")]
+        replot: Option<PathBuf>,
     },
     /// The two-node testbed (docs/testbed.md), left running to explore (needs root).
     Testbed {
@@ -142,10 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench {
+            replot: Some(json), ..
+        } => bench::replot(&json),
+        Cmd::Bench {
             quick,
             rounds,
             services,
             out,
+            replot: None,
         } => {
             setup::ensure()?;
             let lb = build_release_lb()?;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xtask::{
     cleanup,
     kube_proxy_layouts::{
@@ -25,7 +25,7 @@ use xtask::{
 };
 
 /// A Service implementation being compared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// No load balancer: clients address the backend pod itself.
@@ -68,7 +68,7 @@ impl Variant {
 }
 
 /// Which way traffic reaches the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrafficPath {
     /// client-1 (a pod on node-1) to a ClusterIP whose endpoint is pod-c on node-2.

@@ -235,7 +235,8 @@ fn draw_bars(
         .map(|s| s.max)
         .fold(0.0_f64, f64::max)
         .max(1e-9)
-        * 1.15;
+        // Headroom for the value labels and the legend.
+        * 1.35;
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 22))
         .margin(16)

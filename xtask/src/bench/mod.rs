@@ -297,6 +297,24 @@ fn check_complete(results: &Results) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the markdown report and the charts again from a run's JSON (e.g. after the charts
+/// changed), next to it.
+pub fn replot(json: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let results: Results =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let stem = json.with_extension("");
+    let md = stem.with_extension("md");
+    std::fs::write(&md, report::markdown(&results))
+        .with_context(|| format!("writing {}", md.display()))?;
+    for chart in charts::write_all(&results, &stem)? {
+        eprintln!("chart:   {}", chart.display());
+    }
+    eprintln!("report:  {}", md.display());
+    Ok(())
+}
+
 fn write_outputs(
     results: &Results,
     out_dir: &Path,

@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use comfy_table::{Table, presets::ASCII_MARKDOWN};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     beds::{TrafficPath, Variant},
     workloads::{Durations, Figures, Kind, Workload},
 };
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     /// UTC, RFC 3339.
     pub started: String,
@@ -26,7 +26,7 @@ pub struct Results {
     pub targets: Vec<TargetResult>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpu: String,
@@ -36,7 +36,7 @@ pub struct Machine {
     pub tools: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Method {
     pub rounds: usize,
     /// Services programmed in each scale: synthetic ones plus the measured ones.
@@ -46,7 +46,7 @@ pub struct Method {
     pub notes: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub services: usize,
     pub round: usize,
@@ -57,7 +57,7 @@ pub struct Sample {
 }
 
 /// Median and spread of one figure over the rounds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     pub services: usize,
     pub variant: Variant,
@@ -69,7 +69,7 @@ pub struct Summary {
     pub n: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TargetResult {
     pub target: String,
     /// What was compared, with the medians.

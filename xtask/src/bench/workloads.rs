@@ -8,13 +8,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use xtask::{cleanup, loadgen, netns::Netns};
 
 use super::beds::{BACKEND_POD, Bed, Server, TrafficPath};
 
 /// What is measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// iperf3, one TCP stream, Gbit/s received.
@@ -28,7 +28,7 @@ pub enum Kind {
 }
 
 /// A workload: what, along which path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Workload {
     pub kind: Kind,
     pub path: TrafficPath,
@@ -78,7 +78,7 @@ impl Workload {
 pub type Figures = BTreeMap<String, f64>;
 
 /// How long each measurement runs.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Durations {
     pub throughput: Duration,
     pub request_response: Duration,
