@@ -394,3 +394,64 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     cleanup::register_pin_dir(dir.clone());
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One sample of every (scale, workload, applicable variant) and every control plane.
+    fn complete_samples() -> (Vec<Sample>, Vec<Sample>) {
+        let mut samples = Vec::new();
+        for services in [4, 10_004] {
+            for workload in Workload::ALL {
+                for variant in Variant::ALL
+                    .into_iter()
+                    .filter(|v| v.applies_to(workload.path))
+                {
+                    samples.push(Sample {
+                        services,
+                        round: 0,
+                        variant,
+                        workload: workload.id(),
+                        figures: workloads::Figures::from([("x".to_owned(), 1.0)]),
+                    });
+                }
+            }
+        }
+        let control = control_plane::VARIANTS
+            .into_iter()
+            .map(|variant| Sample {
+                services: 10_004,
+                round: 0,
+                variant,
+                workload: CONTROL_PLANE.to_owned(),
+                figures: workloads::Figures::from([("program_ms".to_owned(), 1.0)]),
+            })
+            .collect();
+        (samples, control)
+    }
+
+    #[test]
+    fn a_run_with_every_sample_is_complete() {
+        let (samples, control) = complete_samples();
+        check_complete(&report::test_results(1, samples, control)).unwrap();
+    }
+
+    #[test]
+    fn a_missing_variant_or_a_bad_figure_fails_the_run() {
+        let (mut samples, control) = complete_samples();
+        let dropped = samples.remove(7);
+        let error = check_complete(&report::test_results(1, samples, control.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&dropped.workload), "{error}");
+        assert!(error.contains("0 of 1"), "{error}");
+
+        let (mut samples, _) = complete_samples();
+        samples[0].figures.insert("gbit_per_s".to_owned(), f64::NAN);
+        assert!(check_complete(&report::test_results(1, samples, control.clone())).is_err());
+
+        let (samples, _) = complete_samples();
+        assert!(check_complete(&report::test_results(1, samples, control[1..].to_vec())).is_err());
+    }
+}

@@ -440,42 +440,47 @@ fn cell(summary: Option<&Summary>) -> String {
     }
 }
 
+/// Results of `rounds` rounds at 4 and 10,004 Services, summarized (for tests).
+#[cfg(test)]
+pub fn test_results(rounds: usize, samples: Vec<Sample>, control_plane: Vec<Sample>) -> Results {
+    use std::time::Duration;
+    let d = Duration::from_secs(1);
+    let mut results = Results {
+        started: "now".to_owned(),
+        quick: false,
+        machine: Machine {
+            kernel: "k".to_owned(),
+            cpu: "c".to_owned(),
+            cpus: 2,
+            memory_gib: 24.0,
+            tools: BTreeMap::new(),
+        },
+        method: Method {
+            rounds,
+            service_counts: vec![4, 10_004],
+            measured_services: 4,
+            durations: Durations {
+                throughput: d,
+                request_response: d,
+                connection_rate: d,
+                small_packets: d,
+            },
+            notes: Vec::new(),
+        },
+        samples,
+        control_plane,
+        summary: Vec::new(),
+        targets: Vec::new(),
+    };
+    results.summarize();
+    results
+}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn results(samples: Vec<Sample>, control_plane: Vec<Sample>) -> Results {
-        let d = Duration::from_secs(1);
-        let mut results = Results {
-            started: "now".to_owned(),
-            quick: false,
-            machine: Machine {
-                kernel: "k".to_owned(),
-                cpu: "c".to_owned(),
-                cpus: 2,
-                memory_gib: 24.0,
-                tools: BTreeMap::new(),
-            },
-            method: Method {
-                rounds: 3,
-                service_counts: vec![4, 10_004],
-                measured_services: 4,
-                durations: Durations {
-                    throughput: d,
-                    request_response: d,
-                    connection_rate: d,
-                    small_packets: d,
-                },
-                notes: Vec::new(),
-            },
-            samples,
-            control_plane,
-            summary: Vec::new(),
-            targets: Vec::new(),
-        };
-        results.summarize();
-        results
+        test_results(3, samples, control_plane)
     }
 
     fn sample(
