@@ -210,8 +210,16 @@ fn bar_chart(
     groups: &[String],
     series: &[Series],
 ) -> anyhow::Result<()> {
+    render(path, |root| draw_bars(root, title, unit, groups, series))
+}
+
+/// Draws a 1200x640 PNG at `path` with `draw`.
+fn render(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> DrawResult,
+) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
-    draw_bars(&root, title, unit, groups, series)
+    draw(&root)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("drawing {}", path.display()))?;
     root.present()
@@ -312,13 +320,7 @@ fn draw_bars(
 /// New connections per second (ClusterIP path) against the number of Services, one line per
 /// variant, log scale in Services.
 fn connection_chart(results: &Results, path: &Path) -> anyhow::Result<()> {
-    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
-    draw_connections(&root, results)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("drawing {}", path.display()))?;
-    root.present()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("writing {}", path.display()))
+    render(path, |root| draw_connections(root, results))
 }
 
 fn draw_connections(root: &DrawingArea<BitMapBackend, Shift>, results: &Results) -> DrawResult {
