@@ -96,7 +96,7 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     charts::register_text_font()?;
     let plan = Plan::new(options);
     let started = jiff::Timestamp::now();
-    let scratch = tempdir()?;
+    let scratch = Scratch::create()?;
 
     let progress = ProgressBar::new(plan.measurements()).with_style(
         ProgressStyle::with_template(
@@ -205,9 +205,7 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     };
     results.summarize();
     check_complete(&results)?;
-    let written = write_outputs(&results, &options.out_dir, &started);
-    let _ = std::fs::remove_dir_all(&scratch);
-    written
+    write_outputs(&results, &options.out_dir, &started)
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw it on.
@@ -383,16 +381,35 @@ fn machine() -> anyhow::Result<Machine> {
     })
 }
 
-/// A scratch directory for manifests, removed with the run's other leftovers.
-fn tempdir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "{}{}-bench",
-        cleanup::NETNS_PREFIX,
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    cleanup::register_pin_dir(dir.clone());
-    Ok(dir)
+/// A scratch directory for manifests: removed when dropped, and on Ctrl-C with the run's
+/// namespaces.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "{}{}-bench",
+            cleanup::NETNS_PREFIX,
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        cleanup::register_pin_dir(dir.clone());
+        Ok(Self(dir))
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        cleanup::remove_pin_dir(&self.0);
+    }
 }
 
 #[cfg(test)]
