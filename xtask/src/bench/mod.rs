@@ -106,81 +106,8 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     );
     progress.enable_steady_tick(Duration::from_millis(250));
 
-    let mut samples = Vec::new();
-    for &synthetic in &plan.synthetic {
-        let services = beds::cluster_services(synthetic);
-        let count = services.len();
-        let mut beds = Vec::new();
-        for variant in Variant::ALL {
-            progress.set_message(format!("{count} Services: setting up {}", variant.label()));
-            let manifests = scratch.join(format!("{variant:?}.yaml"));
-            let started = Instant::now();
-            beds.push(
-                Bed::start(variant, &services, lb, &manifests)
-                    .with_context(|| format!("setting up {}", variant.label()))?,
-            );
-            say(
-                &progress,
-                format!(
-                    "{count} Services: {} ready in {:.1} s",
-                    variant.label(),
-                    started.elapsed().as_secs_f64()
-                ),
-            );
-        }
-        for round in 0..plan.rounds {
-            for workload in Workload::ALL {
-                for bed in beds.iter().filter(|b| b.variant.applies_to(workload.path)) {
-                    progress.set_message(format!(
-                        "{count} Services, round {}/{}: {} on {}",
-                        round + 1,
-                        plan.rounds,
-                        workload.label(),
-                        bed.variant.label()
-                    ));
-                    let figures = measure_with_retry(bed, workload, &plan.durations)?;
-                    log_figures(&progress, &figures);
-                    samples.push(Sample {
-                        services: count,
-                        round,
-                        variant: bed.variant,
-                        workload: workload.id(),
-                        figures,
-                    });
-                    progress.inc(1);
-                }
-            }
-        }
-    }
-
-    let largest = *plan.synthetic.last().context("at least one scale")?;
-    let change = control_plane::Change::new(largest);
-    let control_bed = Cluster::two_nodes()?;
-    let mut control = Vec::new();
-    for round in 0..plan.rounds {
-        for variant in control_plane::VARIANTS {
-            progress.set_message(format!(
-                "control plane, round {}/{}: {} Services into {}",
-                round + 1,
-                plan.rounds,
-                change.before.len(),
-                variant.label()
-            ));
-            let figures =
-                control_plane::measure(variant, &change, round, lb, &control_bed, &scratch)
-                    .with_context(|| format!("control plane of {}", variant.label()))?;
-            log_figures(&progress, &figures);
-            control.push(Sample {
-                services: change.before.len(),
-                round,
-                variant,
-                workload: CONTROL_PLANE.to_owned(),
-                figures,
-            });
-            progress.inc(1);
-        }
-    }
-    drop(control_bed);
+    let samples = measure_data_plane(&plan, lb, &scratch, &progress)?;
+    let control = measure_control_plane(&plan, lb, &scratch, &progress)?;
     progress.finish_with_message("measured");
 
     let mut results = Results {
@@ -206,6 +133,99 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
     results.summarize();
     check_complete(&results)?;
     write_outputs(&results, &options.out_dir, &started)
+}
+
+/// Every scale: the five beds, then the rounds, each workload visiting every variant in turn.
+fn measure_data_plane(
+    plan: &Plan,
+    lb: &Path,
+    scratch: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for &synthetic in &plan.synthetic {
+        let services = beds::cluster_services(synthetic);
+        let count = services.len();
+        let mut beds = Vec::new();
+        for variant in Variant::ALL {
+            progress.set_message(format!("{count} Services: setting up {}", variant.label()));
+            let manifests = scratch.join(format!("{variant:?}.yaml"));
+            let started = Instant::now();
+            beds.push(
+                Bed::start(variant, &services, lb, &manifests)
+                    .with_context(|| format!("setting up {}", variant.label()))?,
+            );
+            say(
+                progress,
+                format!(
+                    "{count} Services: {} ready in {:.1} s",
+                    variant.label(),
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        for round in 0..plan.rounds {
+            for workload in Workload::ALL {
+                for bed in beds.iter().filter(|b| b.variant.applies_to(workload.path)) {
+                    progress.set_message(format!(
+                        "{count} Services, round {}/{}: {} on {}",
+                        round + 1,
+                        plan.rounds,
+                        workload.label(),
+                        bed.variant.label()
+                    ));
+                    let figures = measure_with_retry(bed, workload, &plan.durations)?;
+                    log_figures(progress, &figures);
+                    samples.push(Sample {
+                        services: count,
+                        round,
+                        variant: bed.variant,
+                        workload: workload.id(),
+                        figures,
+                    });
+                    progress.inc(1);
+                }
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// At the largest scale: each round programs every control-plane variant from nothing.
+fn measure_control_plane(
+    plan: &Plan,
+    lb: &Path,
+    scratch: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Sample>> {
+    let largest = *plan.synthetic.last().context("at least one scale")?;
+    let change = control_plane::Change::new(largest);
+    let control_bed = Cluster::two_nodes()?;
+    let mut control = Vec::new();
+    for round in 0..plan.rounds {
+        for variant in control_plane::VARIANTS {
+            progress.set_message(format!(
+                "control plane, round {}/{}: {} Services into {}",
+                round + 1,
+                plan.rounds,
+                change.before.len(),
+                variant.label()
+            ));
+            let figures =
+                control_plane::measure(variant, &change, round, lb, &control_bed, scratch)
+                    .with_context(|| format!("control plane of {}", variant.label()))?;
+            log_figures(progress, &figures);
+            control.push(Sample {
+                services: change.before.len(),
+                round,
+                variant,
+                workload: CONTROL_PLANE.to_owned(),
+                figures,
+            });
+            progress.inc(1);
+        }
+    }
+    Ok(control)
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw it on.
