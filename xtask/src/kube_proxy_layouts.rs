@@ -99,8 +99,18 @@ fn chain_suffix(parts: &[&str]) -> String {
     format!("{hash:016X}")
 }
 
-fn service_port_name(svc: &SyntheticService) -> String {
-    format!("{}/{}:port", svc.namespace, svc.name)
+/// kube-proxy's names for a Service port: `namespace/name:port`, its protocol, and the suffix
+/// of its chains.
+fn service_names(svc: &SyntheticService) -> (String, &'static str, String) {
+    let name = format!("{}/{}:port", svc.namespace, svc.name);
+    let proto = svc.protocol.lower();
+    let suffix = chain_suffix(&[&name, proto]);
+    (name, proto, suffix)
+}
+
+/// The suffix of an endpoint's chain.
+fn endpoint_suffix(name: &str, proto: &str, (pod, target): (Ipv4Addr, u16)) -> String {
+    chain_suffix(&[name, proto, &format!("{pod}:{target}")])
 }
 
 /// One Service's part of the iptables-mode layout.
@@ -116,9 +126,7 @@ struct IptablesService {
 }
 
 fn iptables_service(svc: &SyntheticService, cluster_cidr: &str) -> IptablesService {
-    let name = service_port_name(svc);
-    let proto = svc.protocol.lower();
-    let suffix = chain_suffix(&[&name, proto]);
+    let (name, proto, suffix) = service_names(svc);
     let (svc_chain, ext_chain) = (format!("KUBE-SVC-{suffix}"), format!("KUBE-EXT-{suffix}"));
     let (ip, port, np) = (svc.cluster_ip, svc.port, svc.node_port);
     let mut rules = format!(
@@ -131,7 +139,7 @@ fn iptables_service(svc: &SyntheticService, cluster_cidr: &str) -> IptablesServi
     for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
         let sep = format!(
             "KUBE-SEP-{}",
-            chain_suffix(&[&name, proto, &format!("{pod}:{target}")])
+            endpoint_suffix(&name, proto, (*pod, *target))
         );
         // Endpoint i of n is taken with probability 1/(n-i), so each gets 1/n overall.
         let choice = if i + 1 < n {
@@ -238,9 +246,7 @@ struct NftService {
 }
 
 fn nft_service(svc: &SyntheticService, cluster_cidr: &str) -> NftService {
-    let name = service_port_name(svc);
-    let proto = svc.protocol.lower();
-    let suffix = chain_suffix(&[&name, proto]);
+    let (name, proto, suffix) = service_names(svc);
     let (svc_chain, ext_chain) = (format!("service-{suffix}"), format!("external-{suffix}"));
     let mut chains = String::new();
     let mut chain_names = vec![svc_chain.clone(), ext_chain.clone()];
@@ -248,7 +254,7 @@ fn nft_service(svc: &SyntheticService, cluster_cidr: &str) -> NftService {
     for (i, (pod, target)) in svc.endpoints.iter().enumerate() {
         let chain = format!(
             "endpoint-{}",
-            chain_suffix(&[&name, proto, &format!("{pod}:{target}")])
+            endpoint_suffix(&name, proto, (*pod, *target))
         );
         let _ = writeln!(
             chains,
@@ -495,27 +501,9 @@ mod load {
     }
 
     fn load_in(ns: &Netns, tool: &str, args: &[&str], input: String) {
-        use std::io::Write as _;
-        let mut cmd = std::process::Command::new(tool);
-        cmd.args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = ns.spawn(&mut cmd).expect("spawn");
-        let pid = child.id();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        crate::cleanup::forget_child(pid);
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} refused the layout: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(err) = ns.pipe(tool, args, &input) {
+            panic!("{tool} refused the layout: {err:#}");
+        }
     }
 
     #[test]
@@ -602,15 +590,6 @@ mod load {
     }
 
     fn output_in(ns: &Netns, tool: &str, args: &[&str]) -> String {
-        let mut cmd = std::process::Command::new(tool);
-        cmd.args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let child = ns.spawn(&mut cmd).expect("spawn");
-        let pid = child.id();
-        let out = child.wait_with_output().unwrap();
-        crate::cleanup::forget_child(pid);
-        assert!(out.status.success(), "{tool} {args:?} failed");
-        String::from_utf8(out.stdout).unwrap()
+        ns.pipe(tool, args, "").expect("listing the rules")
     }
 }

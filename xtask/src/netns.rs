@@ -140,6 +140,37 @@ impl Netns {
 }
 
 impl Netns {
+    /// Runs `tool args` inside this namespace with `input` on its stdin and returns its stdout;
+    /// fails with its stderr (e.g. `iptables-restore` refusing rules).
+    pub fn pipe(&self, tool: &str, args: &[&str], input: &str) -> anyhow::Result<String> {
+        use std::{io::Write as _, process::Stdio};
+        let mut cmd = Command::new(tool);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.spawn(&mut cmd)?;
+        let pid = child.id();
+        let fed = child
+            .stdin
+            .take()
+            .context("stdin is piped")?
+            .write_all(input.as_bytes());
+        let out = child.wait_with_output();
+        cleanup::forget_child(pid);
+        fed.with_context(|| format!("feeding {tool}"))?;
+        let out = out?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{tool} {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Netns {
     /// Spawns `cmd` inside this namespace in its own session, to outlive this process
     /// (`cargo xtask testbed up`). Not registered for cleanup: `testbed down` stops it.
     pub fn spawn_detached(&self, mut cmd: Command) -> anyhow::Result<Child> {

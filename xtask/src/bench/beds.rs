@@ -4,7 +4,6 @@
 //! an idle bed costs nothing (netfilter hooks and BPF programs are per namespace).
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     process::{Child, Command, Stdio},
@@ -136,6 +135,9 @@ impl Server {
         }
     }
 }
+
+/// How many measured Services every scale adds to its synthetic ones.
+pub const MEASURED_SERVICES: usize = Server::ALL.len();
 
 /// The backend pod of every measured Service: on node-2, so both paths cross the underlay.
 pub const BACKEND_POD: &str = "pod-c";
@@ -382,7 +384,7 @@ fn load_on_every_node(
         let loads: Vec<_> = cluster
             .nodes
             .iter()
-            .map(|node| scope.spawn(|| load(&node.ns, tool, args, input)))
+            .map(|node| scope.spawn(|| node.ns.pipe(tool, args, input).map(drop)))
             .collect();
         loads
             .into_iter()
@@ -390,30 +392,4 @@ fn load_on_every_node(
             .collect::<anyhow::Result<Vec<()>>>()
             .map(drop)
     })
-}
-
-/// Pipes `input` into `tool args` inside `ns` and fails with its stderr.
-pub fn load(ns: &Netns, tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = ns.spawn(&mut cmd)?;
-    let pid = child.id();
-    child
-        .stdin
-        .take()
-        .context("stdin is piped")?
-        .write_all(input.as_bytes())
-        .with_context(|| format!("feeding {tool}"))?;
-    let out = child.wait_with_output()?;
-    cleanup::forget_child(pid);
-    anyhow::ensure!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }

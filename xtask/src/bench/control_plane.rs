@@ -19,7 +19,7 @@ use xtask::{
 };
 
 use super::{
-    beds::{Variant, cluster_services, lb_agent_args, load},
+    beds::{Variant, cluster_services, lb_agent_args},
     workloads::Figures,
 };
 
@@ -99,6 +99,11 @@ fn figures(program: Duration, change: Duration) -> Figures {
         ("program_ms".to_owned(), program.as_secs_f64() * 1e3),
         ("change_ms".to_owned(), change.as_secs_f64() * 1e3),
     ])
+}
+
+/// Pipes `input` into `tool args` in `ns` (a rule loader).
+fn load(ns: &Netns, tool: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    ns.pipe(tool, args, input).map(drop)
 }
 
 fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
