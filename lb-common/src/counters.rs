@@ -25,10 +25,16 @@ pub enum Counter {
     /// Rewritten and sent back out by the XDP fast path (also counted as translated or reverse
     /// translated).
     XdpTransmitted = 9,
+    /// A packet of a known flow whose backend left (or, for UDP, drains): balanced afresh as a
+    /// new flow instead of being sent to a dead address.
+    Rebalanced = 10,
+    /// An ICMP error about a translated flow, rewritten (outer and quoted headers) to match
+    /// what its receiver sent or expects.
+    IcmpTranslated = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
@@ -39,6 +45,8 @@ impl Counter {
         Counter::Redirected,
         Counter::RedirectFailed,
         Counter::XdpTransmitted,
+        Counter::Rebalanced,
+        Counter::IcmpTranslated,
     ];
 
     /// Stable, metric-friendly name.
@@ -54,6 +62,8 @@ impl Counter {
             Counter::Redirected => "redirected",
             Counter::RedirectFailed => "redirect_failed",
             Counter::XdpTransmitted => "xdp_transmitted",
+            Counter::Rebalanced => "rebalanced",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }

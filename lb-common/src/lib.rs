@@ -25,6 +25,8 @@ pub mod service;
 pub const IPPROTO_TCP: u8 = 6;
 /// A protocol number as it appears in the IPv4 header.
 pub const IPPROTO_UDP: u8 = 17;
+/// A protocol number as it appears in the IPv4 header.
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// Converts IPv4 octets to the `u32` whose memory holds them in wire order (what `_be` fields hold).
 #[inline(always)]

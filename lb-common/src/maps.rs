@@ -2,7 +2,12 @@
 
 /// Pinned maps live in `<bpffs dir>/<PIN_LAYOUT_VERSION>/`. Bump it whenever a map's key, value
 /// or type changes, so a new agent never adopts maps of an incompatible layout.
-pub const PIN_LAYOUT_VERSION: &str = "v2";
+pub const PIN_LAYOUT_VERSION: &str = "v3";
+/// Layouts an agent of this version migrates from (their conntrack is carried over).
+pub const PREVIOUS_PIN_LAYOUT_VERSION: &str = "v2";
+/// Under the layout directory: one pinned bpf_link per attached program, so the packet path
+/// keeps running while no agent does.
+pub const LINKS_DIR: &str = "links";
 
 pub const SERVICES_MAP: &str = "LB_SERVICES";
 pub const SLOTS_MAP: &str = "LB_SLOTS";

@@ -5,7 +5,7 @@
 //! then `BackendId -> Backend`. User space decides what every slot holds; the packet path only
 //! reads.
 
-use crate::user_pod;
+use crate::{conntrack::CtTimeouts, user_pod};
 
 /// A frontend: the address, port and protocol a client sends to (e.g. a ClusterIP port).
 #[repr(C)]
@@ -75,6 +75,10 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 /// The backend runs on another node: traffic from outside the node is SNATed to the node so the
 /// reply comes back through it.
 pub const BACKEND_F_REMOTE: u8 = 1 << 0;
+/// The backend takes no new flows (its endpoint is terminating, or no longer ready, while it
+/// still serves): established TCP flows stay on it until it goes; UDP flows and session affinity
+/// move to a live backend at once.
+pub const BACKEND_F_DRAINING: u8 = 1 << 1;
 
 impl Backend {
     pub const fn new(addr_be: u32, port_be: u16, flags: u8) -> Self {
@@ -117,9 +121,11 @@ pub struct NodeConfig {
     /// they never collide with the node's own connections.
     pub snat_port_first: u16,
     pub snat_port_last: u16,
+    /// Conntrack timeouts; all zero (never written) means the defaults.
+    pub timeouts: CtTimeouts,
     pub _reserved: [u32; 2],
 }
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
 
 user_pod!(
     ServiceKey,

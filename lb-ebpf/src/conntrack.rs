@@ -1,23 +1,132 @@
-//! Conntrack lookups and the writes that record a new flow.
+//! Conntrack lookups, the writes that record a new flow, and the flow lifecycle: each packet of
+//! a known flow pushes its entry's expiry on by the timeout of the flow's state; the few events
+//! that change the state (the first reply, a FIN, a RST) are written to both entries.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
-use lb_common::conntrack::{CtEntry, FlowKey};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use lb_common::{
+    IPPROTO_TCP,
+    conntrack::{
+        CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST,
+        CtEntry, CtTimeouts, FlowKey, mono_seconds, partner_key, timeout_s,
+    },
+};
 
-use crate::maps::{LB_CONNTRACK, lookup_lru};
+use crate::{
+    headers::{TCP_FLAG_FIN, TCP_FLAG_RST},
+    maps::{LB_CONNTRACK, lookup_lru, node_config},
+};
+
+/// Monotonic seconds, the clock of `CtEntry::created_s` / `expires_s`.
+#[inline(always)]
+pub fn now_s() -> u32 {
+    // SAFETY: a helper without arguments or side effects.
+    mono_seconds(unsafe { bpf_ktime_get_ns() })
+}
+
+/// The timeouts the agent configured (defaults until it has written any).
+#[inline(always)]
+pub fn timeouts() -> CtTimeouts {
+    let t = node_config().timeouts;
+    if t.udp_s == 0 { CtTimeouts::DEFAULT } else { t }
+}
 
 #[inline(always)]
 pub fn lookup(flow: &FlowKey) -> Option<CtEntry> {
     lookup_lru(&LB_CONNTRACK, flow)
 }
 
-/// Records the reply direction. `exclusive` fails if the tuple is taken (claiming a SNAT port).
+/// Whether the flow `key`'s entry belongs to is alive: this entry or its partner unexpired.
 #[inline(always)]
-pub fn insert_reply(key: &FlowKey, entry: &CtEntry, exclusive: bool) -> Result<(), i32> {
-    let flags = if exclusive { BPF_NOEXIST as u64 } else { 0 };
-    LB_CONNTRACK.insert(key, entry, flags)
+pub fn flow_alive(key: &FlowKey, entry: &CtEntry, now: u32) -> bool {
+    !entry.expired(now) || lookup(&partner_key(key, entry)).is_some_and(|p| !p.expired(now))
+}
+
+/// The entry for `flow` if its flow is alive; a dead flow's entries count as absent.
+#[inline(always)]
+pub fn lookup_live(flow: &FlowKey, now: u32) -> Option<CtEntry> {
+    let entry = lookup(flow)?;
+    flow_alive(flow, &entry, now).then_some(entry)
+}
+
+/// Records one packet of `flow` (whose entry is `entry`): the flow's state from its TCP flags and
+/// direction, and the entry's expiry. Returns the entry as updated.
+#[inline(always)]
+pub fn seen(flow: &FlowKey, entry: &CtEntry, tcp_flags: u8, now: u32) -> CtEntry {
+    let mut state = entry.state;
+    if entry.kind == CT_KIND_REPLY {
+        state |= CT_S_REPLIED;
+    }
+    if flow.proto == IPPROTO_TCP {
+        if tcp_flags & TCP_FLAG_FIN != 0 {
+            state |= if entry.kind == CT_KIND_FORWARD {
+                CT_S_FIN_FORWARD
+            } else {
+                CT_S_FIN_REPLY
+            };
+        }
+        if tcp_flags & TCP_FLAG_RST != 0 {
+            state |= CT_S_RST;
+        }
+    }
+    let t = timeouts();
+    let expires_s = now.saturating_add(timeout_s(flow.proto, state, &t));
+    let mut updated = *entry;
+    updated.state = state;
+    updated.expires_s = expires_s;
+    if state != entry.state {
+        // A once-per-flow event: both entries learn it and take the new state's timeout (which
+        // shortens both on a FIN or RST).
+        write(flow, state, expires_s);
+        let partner = partner_key(flow, entry);
+        if let Some(p) = lookup(&partner) {
+            write(&partner, p.state | state, expires_s);
+        }
+    } else if expires_s != entry.expires_s {
+        // At most one write per entry and second: the expiry moves in whole seconds.
+        write(flow, state, expires_s);
+    }
+    updated
+}
+
+#[inline(always)]
+fn write(key: &FlowKey, state: u8, expires_s: u32) {
+    if let Some(ptr) = LB_CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup and stays valid for this run (an
+        // LRU element is freed only after an RCU grace period). Two CPUs writing one flow at once
+        // race benignly: each writes whole fields, and the last state or expiry wins.
+        unsafe {
+            (*ptr).state = state;
+            (*ptr).expires_s = expires_s;
+        }
+    }
+}
+
+/// Forgets a flow's other entry (when its backend left and the flow is balanced afresh).
+#[inline(always)]
+pub fn remove_partner(flow: &FlowKey, entry: &CtEntry) {
+    let _ = LB_CONNTRACK.remove(&partner_key(flow, entry));
+}
+
+/// Records the reply direction. `exclusive` fails if the tuple is taken by a live flow (claiming
+/// a SNAT port); an entry whose flow is dead is taken over.
+#[inline(always)]
+pub fn insert_reply(key: &FlowKey, entry: &CtEntry, exclusive: bool, now: u32) -> Result<(), i32> {
+    if !exclusive {
+        return LB_CONNTRACK.insert(key, entry, BPF_ANY as u64);
+    }
+    if LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+        return Ok(());
+    }
+    match lookup(key) {
+        Some(old) if !flow_alive(key, &old, now) => LB_CONNTRACK.insert(key, entry, BPF_ANY as u64),
+        _ => Err(-1),
+    }
 }
 
 #[inline(always)]
 pub fn insert_forward(key: &FlowKey, entry: &CtEntry) -> Result<(), i32> {
-    LB_CONNTRACK.insert(key, entry, 0)
+    LB_CONNTRACK.insert(key, entry, BPF_ANY as u64)
 }

@@ -3,7 +3,7 @@
 //! memory problem, and variable-length IPv4 headers (options) need no special casing.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -18,6 +18,16 @@ pub const IPV4_DST_OFF: usize = 16;
 pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
 const TCP_CSUM_OFF: usize = 16;
+/// Offset of the flags byte from the start of the TCP header.
+pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_HDR_LEN: usize = 8;
+const IPV4_MIN_LEN: usize = 20;
 const UDP_CSUM_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
@@ -31,6 +41,31 @@ pub struct Packet {
     pub proto: u8,
     /// Start of the TCP/UDP header.
     pub l4_off: usize,
+    /// The TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+/// An ICMP destination-unreachable or time-exceeded message quoting a TCP/UDP packet: the error
+/// about some flow's packet, travelling the other way.
+pub struct IcmpError {
+    pub outer_saddr_be: u32,
+    pub outer_daddr_be: u32,
+    /// Start of the ICMP header.
+    pub icmp_off: usize,
+    /// Start of the quoted IPv4 header (always 20 bytes: quotes with options are not handled).
+    pub inner_ip_off: usize,
+    /// The quoted packet's addressing, as it was where the error arose.
+    pub inner_saddr_be: u32,
+    pub inner_daddr_be: u32,
+    pub inner_sport_be: u16,
+    pub inner_dport_be: u16,
+    pub inner_proto: u8,
+}
+
+/// What the packet path may act on.
+pub enum Parsed {
+    Flow(Packet),
+    IcmpError(IcmpError),
 }
 
 impl Packet {
@@ -48,14 +83,14 @@ impl Packet {
 
 /// Why a packet is not one the load balancer handles.
 pub enum NotHandled {
-    /// Legitimately not ours: not IPv4, not TCP/UDP, a non-first fragment.
+    /// Legitimately not ours: not IPv4, not TCP/UDP/ICMP error, a non-first fragment.
     Pass,
     /// Claims to be IPv4 TCP/UDP but headers are cut short or inconsistent.
     Malformed,
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, NotHandled> {
+pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
     let eth: EthHdr = ctx.load(0).map_err(|_| NotHandled::Malformed)?;
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return Err(NotHandled::Pass);
@@ -68,12 +103,15 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, NotHandled> {
     if ip.frag_offset() != 0 {
         return Err(NotHandled::Pass);
     }
+    // `ihl()` is in bytes (20..=60), so options are simply skipped.
+    let l4_off = ETH_LEN + (ip.ihl() as usize & 0x3c);
     let proto = ip.proto;
+    if proto == IPPROTO_ICMP {
+        return icmp_error(ctx, &ip, l4_off).map(Parsed::IcmpError);
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(NotHandled::Pass);
     }
-    // `ihl()` is in bytes (20..=60), so options are simply skipped.
-    let l4_off = ETH_LEN + (ip.ihl() as usize & 0x3c);
     let l4_len = if proto == IPPROTO_TCP {
         TCP_MIN_LEN
     } else {
@@ -84,12 +122,53 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, NotHandled> {
     ctx.load::<u8>(last_byte)
         .map_err(|_| NotHandled::Malformed)?;
     let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
-    Ok(Packet {
+    let tcp_flags = if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF)
+            .map_err(|_| NotHandled::Malformed)?
+    } else {
+        0
+    };
+    Ok(Parsed::Flow(Packet {
         saddr_be: u32::from_ne_bytes(ip.src_addr),
         daddr_be: u32::from_ne_bytes(ip.dst_addr),
         sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
         dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
         l4_off,
+        tcp_flags,
+    }))
+}
+
+/// An ICMP error quoting a TCP/UDP packet; anything else ICMP (echo, ...) is not ours.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr, icmp_off: usize) -> Result<IcmpError, NotHandled> {
+    let icmp_type: u8 = ctx.load(icmp_off).map_err(|_| NotHandled::Malformed)?;
+    if icmp_type != ICMP_DEST_UNREACHABLE && icmp_type != ICMP_TIME_EXCEEDED {
+        return Err(NotHandled::Pass);
+    }
+    let inner_ip_off = icmp_off + ICMP_HDR_LEN;
+    let inner: Ipv4Hdr = ctx.load(inner_ip_off).map_err(|_| NotHandled::Malformed)?;
+    if inner.version() != 4 || inner.ihl() as usize != IPV4_MIN_LEN {
+        // A quote with IP options (or garbage) is left alone: rare, and not worth a second
+        // variable-offset parse.
+        return Err(NotHandled::Pass);
+    }
+    if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+        return Err(NotHandled::Pass);
+    }
+    // Every ICMP error quotes at least 8 bytes past the IP header: both ports are there.
+    let ports: [u8; 4] = ctx
+        .load(inner_ip_off + IPV4_MIN_LEN)
+        .map_err(|_| NotHandled::Malformed)?;
+    Ok(IcmpError {
+        outer_saddr_be: u32::from_ne_bytes(ip.src_addr),
+        outer_daddr_be: u32::from_ne_bytes(ip.dst_addr),
+        icmp_off,
+        inner_ip_off,
+        inner_saddr_be: u32::from_ne_bytes(inner.src_addr),
+        inner_daddr_be: u32::from_ne_bytes(inner.dst_addr),
+        inner_sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        inner_dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
+        inner_proto: inner.proto,
     })
 }

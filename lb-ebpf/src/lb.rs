@@ -4,17 +4,23 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    conntrack::{CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CtEntry, FlowKey},
+    IPPROTO_TCP, IPPROTO_UDP,
+    conntrack::{
+        CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_CLOSING, CtEntry, FlowKey,
+        timeout_s,
+    },
+    counters::Counter,
     hash::{flow_hash, slot_for},
     service::{
-        AffinityKey, AffinityValue, BACKEND_F_REMOTE, Backend, BackendId, SERVICE_F_NODE_ADDRESS,
-        ServiceEntry,
+        AffinityKey, AffinityValue, BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend, BackendId,
+        SERVICE_F_NODE_ADDRESS, ServiceEntry,
     },
 };
 
 use crate::{
     conntrack,
-    maps::{LB_AFFINITY, LB_BACKENDS, lookup, lookup_lru, node_config, slot},
+    headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
+    maps::{LB_AFFINITY, LB_BACKENDS, count, lookup, lookup_lru, node_config, slot},
 };
 
 /// Where the packet entered the node's networking.
@@ -39,6 +45,43 @@ pub enum NoFlow {
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 16;
 
+/// The conntrack entry to apply to a packet of a known, live flow, with the packet recorded in
+/// it; `None` when the packet starts a flow: no entry, a dead flow, a TCP SYN reusing a closed
+/// connection's tuple, or a flow whose backend left (for UDP: also one that drains).
+#[inline(always)]
+pub fn established(flow: &FlowKey, tcp_flags: u8) -> Option<CtEntry> {
+    let now = conntrack::now_s();
+    let entry = conntrack::lookup_live(flow, now)?;
+    if entry.kind == CT_KIND_FORWARD {
+        let new_syn = flow.proto == IPPROTO_TCP
+            && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+            && entry.state & CT_S_CLOSING != 0;
+        if new_syn {
+            conntrack::remove_partner(flow, &entry);
+            return None;
+        }
+        if !backend_usable(&entry, flow.proto) {
+            count(Counter::Rebalanced);
+            conntrack::remove_partner(flow, &entry);
+            return None;
+        }
+    }
+    Some(conntrack::seen(flow, &entry, tcp_flags, now))
+}
+
+/// Whether a forward entry's backend is still the one it names, and may keep this flow.
+#[inline(always)]
+fn backend_usable(entry: &CtEntry, proto: u8) -> bool {
+    match lookup(&LB_BACKENDS, &entry.backend_id) {
+        Some(b) => {
+            b.addr_be == entry.new_daddr_be
+                && b.port_be == entry.new_dport_be
+                && !(proto == IPPROTO_UDP && b.flags & BACKEND_F_DRAINING != 0)
+        }
+        None => false,
+    }
+}
+
 /// Starts a flow to `service`: picks its backend, SNATs if needed, records both directions in
 /// the conntrack and returns the forward entry to apply to this packet.
 #[inline(always)]
@@ -57,6 +100,8 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
     } else {
         0
     };
+    let now = conntrack::now_s();
+    let expires_s = now.saturating_add(timeout_s(flow.proto, 0, &conntrack::timeouts()));
     let mut reply = CtEntry {
         new_saddr_be: flow.daddr_be,
         new_daddr_be: flow.saddr_be,
@@ -64,13 +109,16 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
         new_dport_be: flow.sport_be,
         kind: CT_KIND_REPLY,
         flags: reply_redirect,
+        state: 0,
         _pad: 0,
         service_id: service.service_id,
         backend_id,
+        created_s: now,
+        expires_s,
     };
     let (src_addr_be, src_port_be) = if snat {
         reply.flags |= CT_F_SNAT;
-        claim_snat_port(flow, &backend, &reply)?
+        claim_snat_port(flow, &backend, &reply, now)?
     } else {
         let reply_key = FlowKey::new(
             backend.addr_be,
@@ -81,7 +129,7 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
         );
         // If the conntrack is full the LRU evicts; a failed insert only costs this flow its
         // reverse translation, and the forward entry below still keeps it on one backend.
-        let _ = conntrack::insert_reply(&reply_key, &reply, false);
+        let _ = conntrack::insert_reply(&reply_key, &reply, false, now);
         (flow.saddr_be, flow.sport_be)
     };
     // After SNAT the source is a node address; from the host the packet is past routing already:
@@ -98,9 +146,12 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
         new_dport_be: backend.port_be,
         kind: CT_KIND_FORWARD,
         flags: forward_redirect | if snat { CT_F_SNAT } else { 0 },
+        state: 0,
         _pad: 0,
         service_id: service.service_id,
         backend_id,
+        created_s: now,
+        expires_s,
     };
     let _ = conntrack::insert_forward(flow, &forward);
     Ok(forward)
@@ -112,6 +163,7 @@ fn claim_snat_port(
     flow: &FlowKey,
     backend: &Backend,
     reply: &CtEntry,
+    now: u32,
 ) -> Result<(u32, u16), NoFlow> {
     let node = node_config();
     if node.snat_addr_be == 0 || node.snat_port_last < node.snat_port_first {
@@ -129,7 +181,7 @@ fn claim_snat_port(
             port_be,
             flow.proto,
         );
-        if conntrack::insert_reply(&reply_key, reply, true).is_ok() {
+        if conntrack::insert_reply(&reply_key, reply, true, now).is_ok() {
             return Ok((node.snat_addr_be, port_be));
         }
     }
@@ -154,7 +206,9 @@ fn choose_backend(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, 
     let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
     let remembered = lookup_lru(&LB_AFFINITY, &key)
         .filter(|a| now.wrapping_sub(a.last_used_ns) < timeout_ns)
-        .and_then(|a| Some((a.backend_id, lookup(&LB_BACKENDS, &a.backend_id)?)));
+        .and_then(|a| Some((a.backend_id, lookup(&LB_BACKENDS, &a.backend_id)?)))
+        // A draining backend takes no new flows, remembered or not.
+        .filter(|(_, b)| b.flags & BACKEND_F_DRAINING == 0);
     let chosen = match remembered {
         Some(found) => found,
         None => maglev(flow, service)?,

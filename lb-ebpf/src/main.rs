@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod headers;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -12,8 +12,8 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
-    headers::{self, NotHandled, Packet},
+    headers::{self, NotHandled, Packet, Parsed},
+    icmp::{self, IcmpOutcome},
     lb::{self, NoFlow, Origin},
     maps::{LB_SERVICES, lookup},
     nat, redirect, reject,
@@ -42,7 +42,17 @@ const fn shoot(counter: Counter) -> Outcome {
 #[inline(always)]
 pub fn process(ctx: &TcContext, origin: Origin) -> Outcome {
     let pkt = match headers::parse(ctx) {
-        Ok(pkt) => pkt,
+        Ok(Parsed::Flow(pkt)) => pkt,
+        Ok(Parsed::IcmpError(err)) => {
+            return match icmp::translate(ctx, &err, origin) {
+                IcmpOutcome::NotOurs => pass(Counter::Passed),
+                IcmpOutcome::Broken => shoot(Counter::Malformed),
+                IcmpOutcome::Translated(verdict) => Outcome {
+                    verdict,
+                    counter: Counter::IcmpTranslated,
+                },
+            };
+        }
         Err(NotHandled::Pass) => return pass(Counter::Passed),
         Err(NotHandled::Malformed) => return pass(Counter::Malformed),
     };
@@ -53,7 +63,7 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome {
         pkt.dport_be,
         pkt.proto,
     );
-    if let Some(ct) = conntrack::lookup(&flow) {
+    if let Some(ct) = lb::established(&flow, pkt.tcp_flags) {
         return translate(ctx, &pkt, &ct);
     }
     let frontend = ServiceKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto);

@@ -24,7 +24,7 @@ use network_types::{
 };
 
 use crate::{
-    conntrack,
+    headers::TCP_FLAGS_OFF,
     lb::{self, NoFlow, Origin},
     maps::{LB_SERVICES, count, lookup},
 };
@@ -76,8 +76,15 @@ fn try_process(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: checked by `ptr_at`.
     let [sport_be, dport_be] = unsafe { *ports };
     let flow = FlowKey::new(saddr_be, daddr_be, sport_be, dport_be, proto);
+    let tcp_flags = if proto == IPPROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)?;
+        // SAFETY: checked by `ptr_at`.
+        unsafe { *flags }
+    } else {
+        0
+    };
 
-    let ct = match conntrack::lookup(&flow) {
+    let ct = match lb::established(&flow, tcp_flags) {
         Some(ct) => ct,
         None => {
             let service = lookup(&LB_SERVICES, &ServiceKey::new(daddr_be, dport_be, proto))?;

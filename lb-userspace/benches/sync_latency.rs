@@ -118,7 +118,7 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
             runtime.block_on(async move {
                 let mut dataplane =
                     Dataplane::load(&pins_for_run, false).expect("load the packet path");
-                let client = lb_userspace::agent::kube_client(Some(&kubeconfig_for_run))
+                let client = lb_userspace::agent::kube_client(Some(&kubeconfig_for_run), None)
                     .await
                     .expect("client");
                 let mut source = KubeSource::start(client, "node-1");

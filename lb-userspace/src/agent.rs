@@ -1,6 +1,7 @@
 //! `lb agent`: load the packet path, keep it programmed from the Kubernetes API (or a manifest
-//! file), follow new interfaces and node addresses, serve health and metrics, and detach cleanly
-//! on SIGINT/SIGTERM.
+//! file), follow new interfaces and node addresses, serve health and metrics, and sweep dead
+//! flows from the conntrack. On SIGINT/SIGTERM it exits and leaves the packet path attached
+//! (pinned links): the next agent replaces the programs in place.
 //!
 //! Syncs are level-triggered and coalesced: any change marks the state dirty; a sync (translate
 //! everything, write only the difference) runs at most every `min_sync_interval`.
@@ -101,6 +102,11 @@ pub struct AgentConfig {
     /// A change waiting longer than this makes `/healthz` report unhealthy.
     pub healthz_timeout: Duration,
     pub metrics_bind_address: Option<SocketAddr>,
+    /// The API server's URL, overriding the kubeconfig's or in-cluster configuration's.
+    pub master: Option<String>,
+    pub conntrack: lb_common::conntrack::CtTimeouts,
+    /// How often dead flows are swept from the conntrack.
+    pub conntrack_gc_interval: Duration,
 }
 
 enum Source {
@@ -128,8 +134,11 @@ struct Agent {
 
 /// A client from `kubeconfig`, or from in-cluster configuration (then `KUBECONFIG` and
 /// `~/.kube/config`). Does not contact the server.
-pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+pub async fn kube_client(
+    kubeconfig: Option<&PathBuf>,
+    master: Option<&str>,
+) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -141,6 +150,12 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::C
             "no in-cluster configuration, KUBECONFIG or ~/.kube/config; pass --kubeconfig",
         )?,
     };
+    if let Some(master) = master {
+        config.cluster_url = master
+            .parse()
+            .with_context(|| format!("--master {master:?} is not a URL"))?;
+        info!(%master, "API server address from --master / KUBERNETES_SERVICE_HOST");
+    }
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
@@ -151,8 +166,21 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpLis
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let dataplane =
+    let mut dataplane =
         Dataplane::load(&config.bpffs_dir, config.xdp).context("loading the packet path")?;
+    match crate::migrate::from_previous_layout(&config.bpffs_dir, &mut dataplane.maps) {
+        Ok(Some(migrated)) => info!(
+            services = migrated.services,
+            backends = migrated.backends,
+            flows = migrated.conntrack / 2,
+            "carried the previous layout's state over (its flows keep their backends); \
+             removed the old pins"
+        ),
+        Ok(None) => {}
+        Err(err) => {
+            warn!("cannot carry the previous layout's state over: {err:#}; its flows start afresh")
+        }
+    }
     let adopted = dataplane
         .maps
         .read_contents()
@@ -166,7 +194,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let source = match &config.source {
         SourceConfig::Manifests(path) => Source::Manifests(ManifestSource::new(path)),
         SourceConfig::Kubernetes { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_ref()).await?;
+            let client = kube_client(kubeconfig.as_ref(), config.master.as_deref()).await?;
             let node = config
                 .node_name
                 .as_deref()
@@ -209,7 +237,24 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config,
     };
     agent.programmer.set_settings(agent.settings());
+    let pinned_links = agent.dataplane.adoptable_links();
     agent.scan_interfaces();
+    let stale_links = agent.dataplane.drop_unclaimed_links();
+    if pinned_links > 0 {
+        info!(
+            taken_over = pinned_links - stale_links,
+            detached = stale_links,
+            "replaced the programs of the links an earlier agent pinned, in place"
+        );
+    }
+    crate::conntrack::spawn_sweeper(
+        agent
+            .dataplane
+            .pin_dir()
+            .join(lb_common::maps::CONNTRACK_MAP),
+        agent.config.conntrack_gc_interval,
+        agent.metrics.clone(),
+    );
     if let Source::Manifests(_) = agent.source {
         agent.sync().await;
     } else {
@@ -250,13 +295,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     for server in servers {
         server.abort();
     }
-    let interfaces: Vec<String> = agent.dataplane.attached().map(str::to_owned).collect();
-    for ifname in &interfaces {
-        agent.dataplane.forget(ifname);
-    }
     info!(
-        detached = interfaces.len(),
-        "stopped; maps stay pinned in {}",
+        interfaces = agent.dataplane.attached().count(),
+        "stopped; the packet path stays attached and its maps pinned in {} for the next agent \
+         (`lb cleanup` removes them)",
         agent.dataplane.pin_dir().display()
     );
     Ok(())
@@ -466,6 +508,7 @@ impl Agent {
                 snat_addr_be: snat.map_or(0, |a| lb_common::addr_be(a.octets())),
                 snat_port_first: *self.config.snat_ports.start(),
                 snat_port_last: *self.config.snat_ports.end(),
+                timeouts: self.config.conntrack,
                 _reserved: [0; 2],
             },
         }

@@ -12,7 +12,28 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+use lb_common::conntrack::CtTimeouts;
+
 use crate::agent::{AgentConfig, Cidr, SourceConfig};
+
+/// `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT` when both are set, as Cilium's
+/// `k8sServiceHost`/`k8sServicePort` do. Kubernetes injects both for the `kubernetes` ClusterIP
+/// into every pod, so the DaemonSet sets them explicitly to the API server's real address when
+/// the node has no kube-proxy; a ClusterIP found there is still used (lb programs it, once it
+/// has synced, and a pinned one from before a restart keeps working).
+fn master_from_environment() -> Option<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").ok()?;
+    if host.is_empty() || port.is_empty() {
+        return None;
+    }
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Some(format!("https://{host}:{port}"))
+}
 
 /// Host-side veth names of common CNIs (plain veth, Calico, Cilium, AWS VPC CNI, GKE).
 pub const DEFAULT_POD_INTERFACES: &str = "veth*,cali*,lxc*,eni*,gke*";
@@ -97,6 +118,38 @@ pub struct AgentArgs {
     /// Address for /metrics (Prometheus); empty disables. [default: 127.0.0.1:10249]
     #[arg(long)]
     pub metrics_bind_address: Option<String>,
+    /// The API server's URL, overriding the kubeconfig's or in-cluster configuration's (which
+    /// names the `kubernetes` ClusterIP that only lb itself programs on a kube-proxy-free node).
+    /// Also read from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT when set explicitly
+    /// for the agent (see deploy/daemonset.yaml).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Idle timeout of an established TCP flow (e.g. `24h`, `90m`, `30s`). [default: 24h]
+    #[arg(long)]
+    pub conntrack_tcp_timeout_established: Option<String>,
+    /// Idle timeout of a TCP flow after a FIN from one end. [default: 1h]
+    #[arg(long)]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    /// Idle timeout of a TCP flow the backend has not answered yet. [default: 60s]
+    #[arg(long)]
+    pub conntrack_tcp_timeout_syn: Option<String>,
+    /// How long a TCP flow lives after a RST or FINs from both ends. [default: 10s]
+    #[arg(long)]
+    pub conntrack_tcp_timeout_close: Option<String>,
+    /// Idle timeout of a UDP flow never answered. [default: 30s]
+    #[arg(long)]
+    pub conntrack_udp_timeout: Option<String>,
+    /// Idle timeout of a UDP flow that was answered. [default: 120s]
+    #[arg(long)]
+    pub conntrack_udp_timeout_stream: Option<String>,
+    /// How often expired conntrack entries are swept from the map (the packet path already
+    /// ignores them; the sweep makes room and frees SNAT ports). [default: 10s]
+    #[arg(long)]
+    pub conntrack_gc_interval: Option<String>,
+    /// Detach and unpin everything lb made (programs, links, maps under --bpffs-dir), like
+    /// `kube-proxy --cleanup`, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// The config file: the same settings as the flags, in camelCase.
@@ -121,6 +174,14 @@ pub struct ConfigFile {
     pub healthz_bind_address: Option<String>,
     pub healthz_timeout_seconds: Option<u64>,
     pub metrics_bind_address: Option<String>,
+    pub master: Option<String>,
+    pub conntrack_tcp_timeout_established: Option<String>,
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    pub conntrack_tcp_timeout_syn: Option<String>,
+    pub conntrack_tcp_timeout_close: Option<String>,
+    pub conntrack_udp_timeout: Option<String>,
+    pub conntrack_udp_timeout_stream: Option<String>,
+    pub conntrack_gc_interval: Option<String>,
 }
 
 impl ConfigFile {
@@ -168,6 +229,21 @@ fn bind_address(setting: &str, value: &str) -> anyhow::Result<Option<SocketAddr>
         .parse()
         .map(Some)
         .with_context(|| format!("{setting} {value:?} is not ADDRESS:PORT"))
+}
+
+/// A duration setting in seconds: `24h`, `1h30m`, `90s` or plain seconds; at least 1 s.
+pub fn parse_seconds(setting: &str, text: &str) -> anyhow::Result<u32> {
+    let text = text.trim();
+    let duration = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text)
+            .with_context(|| format!("{setting} {text:?} is not a duration like 30s or 24h"))?,
+    };
+    let secs = duration.as_secs();
+    if secs == 0 || secs > u32::MAX as u64 / 2 {
+        bail!("{setting} {text:?} must be between 1 s and 34 years");
+    }
+    Ok(secs as u32)
 }
 
 fn hostname() -> Option<String> {
@@ -241,7 +317,66 @@ impl AgentArgs {
                 lb_common::maglev::TABLE_SIZES
             );
         }
+        let seconds =
+            |setting: &str, flag: Option<String>, file: Option<String>, default: u32| match flag
+                .or(file)
+            {
+                Some(text) => parse_seconds(setting, &text),
+                None => Ok(default),
+            };
+        let d = CtTimeouts::DEFAULT;
+        let conntrack = CtTimeouts {
+            tcp_syn_s: seconds(
+                "--conntrack-tcp-timeout-syn",
+                self.conntrack_tcp_timeout_syn,
+                file.conntrack_tcp_timeout_syn,
+                d.tcp_syn_s,
+            )?,
+            tcp_established_s: seconds(
+                "--conntrack-tcp-timeout-established",
+                self.conntrack_tcp_timeout_established,
+                file.conntrack_tcp_timeout_established,
+                d.tcp_established_s,
+            )?,
+            tcp_close_wait_s: seconds(
+                "--conntrack-tcp-timeout-close-wait",
+                self.conntrack_tcp_timeout_close_wait,
+                file.conntrack_tcp_timeout_close_wait,
+                d.tcp_close_wait_s,
+            )?,
+            tcp_close_s: seconds(
+                "--conntrack-tcp-timeout-close",
+                self.conntrack_tcp_timeout_close,
+                file.conntrack_tcp_timeout_close,
+                d.tcp_close_s,
+            )?,
+            udp_s: seconds(
+                "--conntrack-udp-timeout",
+                self.conntrack_udp_timeout,
+                file.conntrack_udp_timeout,
+                d.udp_s,
+            )?,
+            udp_stream_s: seconds(
+                "--conntrack-udp-timeout-stream",
+                self.conntrack_udp_timeout_stream,
+                file.conntrack_udp_timeout_stream,
+                d.udp_stream_s,
+            )?,
+        };
+        let conntrack_gc_interval = Duration::from_secs(
+            seconds(
+                "--conntrack-gc-interval",
+                self.conntrack_gc_interval,
+                file.conntrack_gc_interval,
+                10,
+            )?
+            .into(),
+        );
+        let master = self.master.or(file.master).or_else(master_from_environment);
         Ok(AgentConfig {
+            master,
+            conntrack,
+            conntrack_gc_interval,
             source,
             node_name,
             pod_interfaces: globs("--pod-interfaces", &pod_interfaces)?,
@@ -339,5 +474,24 @@ mod tests {
         };
         assert!(bad.resolve().is_err());
         assert!(parse_port_range("65535-61000").is_err());
+    }
+
+    #[test]
+    fn conntrack_timeouts_take_durations_and_reject_zero() {
+        assert_eq!(parse_seconds("t", "24h").unwrap(), 86_400);
+        assert_eq!(parse_seconds("t", "1h30m").unwrap(), 5_400);
+        assert_eq!(parse_seconds("t", "24h0m0s").unwrap(), 86_400);
+        assert_eq!(parse_seconds("t", "45").unwrap(), 45);
+        assert!(parse_seconds("t", "0s").is_err());
+        assert!(parse_seconds("t", "soon").is_err());
+        let config = AgentArgs {
+            manifests: Some("x.yaml".into()),
+            conntrack_udp_timeout: Some("5s".to_owned()),
+            ..AgentArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.conntrack.udp_s, 5);
+        assert_eq!(config.conntrack.tcp_established_s, 86_400, "default kept");
     }
 }

@@ -13,6 +13,7 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
+    conntrack::{CtEntry, FlowKey},
     counters::Counter,
     maps::{MAX_SLOTS, NODE_MAP},
     service::{
@@ -212,6 +213,7 @@ pub struct BpfMaps {
     pub slots: MappedSlots,
     pub backends: BpfHashMap<MapData, BackendId, Backend>,
     pub affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    pub conntrack: BpfHashMap<MapData, FlowKey, CtEntry>,
     pub node: Array<MapData, NodeConfig>,
     pub counters: PerCpuArray<MapData, u64>,
 }

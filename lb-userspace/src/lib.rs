@@ -7,12 +7,14 @@
 
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod health;
 pub mod kube_source;
 pub mod loader;
 pub mod manifest;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod report;
 pub mod source;

@@ -2,7 +2,7 @@
 //! attaches the pod-ingress program to interfaces.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     path::{Path, PathBuf},
 };
@@ -11,8 +11,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapError, MapInfo, MapType},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -20,9 +22,9 @@ use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
         AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, EXTERNAL_INGRESS_PROGRAM,
-        EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-        MAX_SERVICES, MAX_SLOTS, NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP,
-        SLOTS_MAP, SLOTS_PER_ELEMENT,
+        EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR, MAX_AFFINITY, MAX_BACKENDS,
+        MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM,
+        SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
@@ -72,6 +74,12 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: io::Error,
+    },
+    #[error("program {name}: cannot pin its link at {path}: {detail}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        detail: String,
     },
     #[error("program {name}: {action} failed")]
     Program {
@@ -221,9 +229,12 @@ const PROGRAMS: [(&str, TcAttachType, InterfaceRole); 3] = [
     ),
 ];
 
-enum Link {
-    Tc(&'static str, SchedClassifierLinkId),
-    Xdp(XdpLinkId),
+/// One attached program: its bpf_link, pinned at `pin` so it outlives this process.
+struct Link {
+    pin: PathBuf,
+    /// Held so the link can be unpinned and closed (detached) on purpose; dropping it alone
+    /// leaves the program attached through the pin.
+    _fd: FdLink,
 }
 
 struct Attachment {
@@ -232,13 +243,32 @@ struct Attachment {
     links: Vec<Link>,
 }
 
+/// Where the link of `program` on `ifname` (device `ifindex`) is pinned: the index is part of
+/// the name so a link of a device that went away (and whose name came back) is never mistaken
+/// for the new device's.
+fn link_pin(links_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
+    links_dir.join(format!("{ifname}@{ifindex}@{program}"))
+}
+
+/// Splits a link pin's file name into interface name, index and program.
+fn parse_link_pin(name: &str) -> Option<(&str, u32, &str)> {
+    let (rest, program) = name.rsplit_once('@')?;
+    let (ifname, ifindex) = rest.rsplit_once('@')?;
+    Some((ifname, ifindex.parse().ok()?, program))
+}
+
 /// The loaded packet path: programs, maps, and the interfaces they are attached to.
-/// Dropping it detaches every interface; pinned maps (and their state) stay for the next run.
+/// Attachments are pinned bpf_links: dropping this (or the process dying) leaves every program
+/// attached and the maps pinned, so the packet path keeps serving until an agent takes over
+/// (replacing each program in place) or `lb cleanup` removes it.
 pub struct Dataplane {
     ebpf: Ebpf,
     pub maps: BpfMaps,
     pin_dir: PathBuf,
+    links_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
+    /// Links pinned by an earlier agent and not taken over yet, by pin path.
+    adoptable: BTreeSet<PathBuf>,
     /// Also attach the XDP fast path (native mode) to external interfaces.
     xdp: bool,
 }
@@ -301,16 +331,58 @@ impl Dataplane {
             slots: take_slots(&mut ebpf)?,
             backends: take_map(&mut ebpf, BACKENDS_MAP)?,
             affinity: take_map(&mut ebpf, AFFINITY_MAP)?,
+            conntrack: take_map(&mut ebpf, CONNTRACK_MAP)?,
             node: take_map(&mut ebpf, NODE_MAP)?,
             counters: take_map(&mut ebpf, COUNTERS_MAP)?,
         };
+        let links_dir = pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
+        let adoptable = std::fs::read_dir(&links_dir)
+            .map_err(|source| LoadError::PinDir {
+                path: links_dir.clone(),
+                source,
+            })?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|path| {
+                let ours = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(parse_link_pin)
+                    .is_some();
+                if !ours {
+                    // Not a name lb writes: nothing to take over.
+                    let _ = std::fs::remove_file(path);
+                }
+                ours
+            })
+            .collect();
         Ok(Self {
             ebpf,
             maps,
             pin_dir,
+            links_dir,
             attached: BTreeMap::new(),
+            adoptable,
             xdp,
         })
+    }
+
+    /// Links an earlier agent pinned that no interface took over (the device is gone, or no
+    /// longer matches): unpinned, which detaches them. Called after the first interface scan.
+    pub fn drop_unclaimed_links(&mut self) -> usize {
+        let stale = std::mem::take(&mut self.adoptable);
+        for path in &stale {
+            let _ = std::fs::remove_file(path);
+        }
+        stale.len()
+    }
+
+    /// How many links were taken over from an earlier agent (replaced in place) so far.
+    pub fn adoptable_links(&self) -> usize {
+        self.adoptable.len()
     }
 
     fn xdp_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
@@ -368,8 +440,10 @@ impl Dataplane {
         self.attached.keys().map(String::as_str)
     }
 
-    /// Attaches the programs for `role` to `ifname` (tcx). Re-attaches when the name now belongs
-    /// to a new device or its role changed. Returns whether anything was attached.
+    /// Attaches the programs for `role` to `ifname` (tcx, pinned links). A link an earlier
+    /// agent pinned for the same device and program is taken over: its program is replaced in
+    /// place (BPF_LINK_UPDATE), so the interface is never without one. Re-attaches when the name
+    /// now belongs to a new device or its role changed. Returns whether anything changed.
     pub fn attach(
         &mut self,
         ifname: &str,
@@ -389,56 +463,183 @@ impl Dataplane {
             role,
             links: Vec::new(),
         };
-        for (name, direction, for_role) in PROGRAMS {
-            if for_role != role {
-                continue;
-            }
-            match self.program(name).attach(ifname, direction) {
-                Ok(link) => attachment.links.push(Link::Tc(name, link)),
-                Err(source) => {
-                    self.detach_all(attachment.links);
-                    return Err(LoadError::Program {
-                        name,
-                        action: format!("attach to {ifname} {direction:?}"),
-                        source,
-                    });
+        let mut wanted: Vec<&'static str> = PROGRAMS
+            .iter()
+            .filter(|(_, _, for_role)| *for_role == role)
+            .map(|(name, _, _)| *name)
+            .collect();
+        if self.xdp && role == InterfaceRole::External {
+            wanted.push(EXTERNAL_XDP_PROGRAM);
+        }
+        for name in wanted {
+            match self.attach_one(ifname, ifindex, name) {
+                Ok(link) => attachment.links.push(link),
+                Err(err) => {
+                    Self::detach_all(attachment.links);
+                    return Err(err);
                 }
             }
         }
-        if self.xdp && role == InterfaceRole::External {
-            match self.external_xdp().attach(ifname, XdpMode::Driver) {
-                Ok(link) => attachment.links.push(Link::Xdp(link)),
-                Err(source) => {
-                    self.detach_all(attachment.links);
-                    return Err(LoadError::Program {
-                        name: EXTERNAL_XDP_PROGRAM,
-                        action: format!(
-                            "attach to {ifname} in native (driver) mode; the driver may not \
-                             support XDP: run without --xdp"
-                        ),
-                        source,
-                    });
-                }
+        // A pinned XDP link from a run with --xdp, on a run without it: detach.
+        if !(self.xdp && role == InterfaceRole::External) {
+            let stale = link_pin(&self.links_dir, ifname, ifindex, EXTERNAL_XDP_PROGRAM);
+            if self.adoptable.remove(&stale) {
+                let _ = std::fs::remove_file(&stale);
             }
         }
         self.attached.insert(ifname.to_owned(), attachment);
         Ok(true)
     }
 
-    fn detach_all(&mut self, links: Vec<Link>) {
+    fn attach_one(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        name: &'static str,
+    ) -> Result<Link, LoadError> {
+        let pin = link_pin(&self.links_dir, ifname, ifindex, name);
+        let failed = |action: String, source: ProgramError| LoadError::Program {
+            name,
+            action,
+            source,
+        };
+        if self.adoptable.remove(&pin) {
+            match self.take_over(&pin, name) {
+                Ok(fd) => return Ok(Link { pin, _fd: fd }),
+                Err(err) => {
+                    // Not usable (e.g. the device went away and came back): start afresh.
+                    tracing::warn!(
+                        "cannot take over the link pinned at {}: {err}; attaching anew",
+                        pin.display()
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let pin_failed = |detail: String| LoadError::PinLink {
+            name,
+            path: pin.clone(),
+            detail,
+        };
+        let fd: FdLink = if name == EXTERNAL_XDP_PROGRAM {
+            let program = self.external_xdp();
+            let id = program.attach(ifname, XdpMode::Driver).map_err(|source| {
+                failed(
+                    format!(
+                        "attach to {ifname} in native (driver) mode; the driver may not \
+                         support XDP: run without --xdp"
+                    ),
+                    source,
+                )
+            })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| failed("take its link".to_owned(), source))?;
+            link.try_into()
+                .map_err(|e: LinkError| pin_failed(e.to_string()))?
+        } else {
+            let direction = PROGRAMS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, d, _)| *d)
+                .expect("a tc program");
+            let program = self.program(name);
+            let id = program
+                .attach(ifname, direction)
+                .map_err(|source| failed(format!("attach to {ifname} {direction:?}"), source))?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| failed("take its link".to_owned(), source))?;
+            link.try_into()
+                .map_err(|e: LinkError| pin_failed(e.to_string()))?
+        };
+        let pinned = fd.pin(&pin).map_err(|e| pin_failed(e.to_string()))?;
+        Ok(Link {
+            pin,
+            _fd: pinned.into(),
+        })
+    }
+
+    /// Replaces the program of the link pinned at `pin` with this agent's `name`, atomically.
+    fn take_over(&mut self, pin: &Path, name: &'static str) -> Result<FdLink, String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        let fd: FdLink = PinnedLink::from_pin(pin).map_err(|e| text(&e))?.into();
+        if name == EXTERNAL_XDP_PROGRAM {
+            let link = XdpLink::try_from(fd).map_err(|e| text(&e))?;
+            let program = self.external_xdp();
+            let id = program.attach_to_link(link).map_err(|e| text(&e))?;
+            let link = program.take_link(id).map_err(|e| text(&e))?;
+            FdLink::try_from(link).map_err(|e| text(&e))
+        } else {
+            let link = SchedClassifierLink::try_from(fd).map_err(|e| text(&e))?;
+            let program = self.program(name);
+            let id = program.attach_to_link(link).map_err(|e| text(&e))?;
+            let link = program.take_link(id).map_err(|e| text(&e))?;
+            FdLink::try_from(link).map_err(|e| text(&e))
+        }
+    }
+
+    /// Unpins and closes each link: the programs are detached.
+    fn detach_all(links: Vec<Link>) {
         for link in links {
-            // A link may already be gone with its device; either way it is no longer ours.
-            let _ = match link {
-                Link::Tc(name, link) => self.program(name).detach(link),
-                Link::Xdp(link) => self.external_xdp().detach(link),
-            };
+            let _ = std::fs::remove_file(&link.pin);
         }
     }
 
     /// Detaches from `ifname`, if attached. A device that is already gone took its links with it.
     pub fn forget(&mut self, ifname: &str) {
         if let Some(old) = self.attached.remove(ifname) {
-            self.detach_all(old.links);
+            Self::detach_all(old.links);
         }
+    }
+}
+
+/// `lb cleanup` / `lb agent --cleanup`: unpins every link (detaching lb's programs from every
+/// interface) and every map lb pinned under `bpffs_dir`, of any layout version. Returns what was
+/// removed. Established flows through lb lose their translation: this is the uninstall.
+pub fn cleanup(bpffs_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(layouts) = std::fs::read_dir(bpffs_dir) else {
+        return Ok(removed);
+    };
+    for layout in layouts {
+        let layout = layout?.path();
+        if !layout.is_dir() {
+            continue;
+        }
+        // Links first, so no program is left attached to maps that are going away.
+        let links = layout.join(LINKS_DIR);
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for entry in entries {
+                let path = entry?.path();
+                std::fs::remove_file(&path)?;
+                removed.push(path);
+            }
+            std::fs::remove_dir(&links)?;
+        }
+        for entry in std::fs::read_dir(&layout)? {
+            let path = entry?.path();
+            std::fs::remove_file(&path)?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&layout)?;
+    }
+    let _ = std::fs::remove_dir(bpffs_dir);
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_name_device_and_program() {
+        let pin = link_pin(Path::new("/x"), "lbp-pod@a", 12, POD_INGRESS_PROGRAM);
+        let name = pin.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            parse_link_pin(name),
+            Some(("lbp-pod@a", 12, POD_INGRESS_PROGRAM))
+        );
+        assert_eq!(parse_link_pin("garbage"), None);
     }
 }

@@ -30,6 +30,14 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/lb")]
         bpffs_dir: PathBuf,
     },
+    /// Detach lb's programs from every interface and unpin its links and maps (of any layout
+    /// version) under --bpffs-dir: the uninstall, like `kube-proxy --cleanup`. Stop the agent
+    /// first (the DaemonSet), or it attaches again.
+    Cleanup {
+        /// The agent's --bpffs-dir.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs_dir: PathBuf,
+    },
     /// Mount a BPF filesystem at PATH unless one is there already (the DaemonSet's init
     /// container runs this so pinned maps survive agent restarts).
     MountBpffs {
@@ -67,8 +75,28 @@ fn main() -> ExitCode {
     }
 }
 
+fn cleanup(bpffs_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let removed = lb_userspace::loader::cleanup(bpffs_dir)
+        .with_context(|| format!("cleaning up {}", bpffs_dir.display()))?;
+    let links = removed
+        .iter()
+        .filter(|p| p.parent().and_then(|d| d.file_name()) == Some("links".as_ref()))
+        .count();
+    println!(
+        "removed {links} links (programs detached) and {} maps under {}",
+        removed.len() - links,
+        bpffs_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Agent(args) if args.cleanup => {
+            let config = args.resolve()?;
+            cleanup(&config.bpffs_dir)
+        }
+        Command::Cleanup { bpffs_dir } => cleanup(&bpffs_dir),
         Command::Agent(args) => {
             let config = args.resolve()?;
             tokio::runtime::Builder::new_multi_thread()

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub sync_latency: Histogram,
     pub frontends: Gauge,
     pub backends: Gauge,
+    /// Conntrack entries (two per flow) at the last sweep.
+    pub conntrack_entries: Gauge,
+    pub conntrack_gc_deleted: Counter,
+    pub conntrack_gc_duration: Histogram,
 }
 
 impl Metrics {
@@ -56,6 +60,25 @@ impl Metrics {
             frontends.clone(),
         );
         registry.register("backends", "Programmed backends", backends.clone());
+        let conntrack_entries = Gauge::default();
+        let conntrack_gc_deleted = Counter::default();
+        let conntrack_gc_duration =
+            Histogram::new([0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries (two per flow) at the last sweep",
+            conntrack_entries.clone(),
+        );
+        registry.register(
+            "conntrack_gc_deleted",
+            "Conntrack entries of dead flows the sweeps deleted",
+            conntrack_gc_deleted.clone(),
+        );
+        registry.register(
+            "conntrack_gc_duration_seconds",
+            "How long one conntrack sweep took",
+            conntrack_gc_duration.clone(),
+        );
         registry.register_collector(Box::new(PacketCounters { bpffs_dir }));
         Self {
             registry,
@@ -64,6 +87,9 @@ impl Metrics {
             sync_latency,
             frontends,
             backends,
+            conntrack_entries,
+            conntrack_gc_deleted,
+            conntrack_gc_duration,
         }
     }
 

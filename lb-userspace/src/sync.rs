@@ -18,8 +18,8 @@ use lb_common::{
     maps::MAX_SLOTS,
     port_be,
     service::{
-        BACKEND_F_REMOTE, Backend, BackendId, NodeConfig, SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT,
-        ServiceEntry, ServiceKey,
+        BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend, BackendId, NodeConfig,
+        SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT, ServiceEntry, ServiceKey,
     },
 };
 
@@ -43,6 +43,28 @@ pub fn backend_value(backend: &BackendAddr) -> Backend {
         BACKEND_F_REMOTE
     };
     Backend::new(addr_be(backend.addr.octets()), port_be(backend.port), flags)
+}
+
+/// What a backend id stands for: its value without the draining mark, so a backend that starts
+/// or stops draining keeps its id (and its flows).
+fn identity(backend: &Backend) -> Backend {
+    Backend {
+        flags: backend.flags & !BACKEND_F_DRAINING,
+        ..*backend
+    }
+}
+
+/// The backends `desired` keeps only for established flows, as programmed (marked draining).
+fn draining_values(desired: &Desired) -> BTreeSet<Backend> {
+    desired
+        .draining_backends()
+        .iter()
+        .map(|b| {
+            let mut value = backend_value(b);
+            value.flags |= BACKEND_F_DRAINING;
+            value
+        })
+        .collect()
 }
 
 /// Agent-wide choices that shape what is programmed.
@@ -107,6 +129,9 @@ struct Incremental {
     next_service_id: u32,
     /// The settings the indexes were built for; other settings mean a full sync.
     settings: Settings,
+    /// The draining backends programmed; a change to them means a full sync (it is the only
+    /// way a backend's value changes under the same id).
+    draining: BTreeSet<Backend>,
 }
 
 /// Owns the view of what is programmed and moves it towards what is desired.
@@ -294,7 +319,7 @@ impl Programmer {
             .programmed
             .backends
             .iter()
-            .map(|(id, b)| (*b, *id))
+            .map(|(id, b)| (identity(b), *id))
             .collect();
         let mut backend_ids =
             IdAllocator::new(self.programmed.backends.keys().copied().collect(), 1);
@@ -314,10 +339,14 @@ impl Programmer {
             },
             ..Target::default()
         };
-        for backend in desired.backends() {
-            let value = backend_value(&backend);
+        let active = desired
+            .backends()
+            .iter()
+            .map(backend_value)
+            .collect::<Vec<_>>();
+        for value in active.into_iter().chain(draining_values(desired)) {
             let id = existing_backends
-                .get(&value)
+                .get(&identity(&value))
                 .copied()
                 .unwrap_or_else(|| backend_ids.allocate());
             target.contents.backends.insert(id, value);
@@ -463,7 +492,10 @@ impl Programmer {
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         let result = match self.incremental.take() {
-            Some(indexes) if indexes.settings == self.settings => {
+            Some(indexes)
+                if indexes.settings == self.settings
+                    && indexes.draining == draining_values(desired) =>
+            {
                 self.sync_changes(indexes, desired, writer)
             }
             _ => self.sync_full(desired, writer),
@@ -498,8 +530,16 @@ impl Programmer {
         if current.node != target.node {
             w.put_node(target.node)?;
         }
+        // A backend that only starts draining is marked after the tables stop naming it.
+        let starts_draining = |id: &BackendId, backend: &Backend| {
+            backend.flags & BACKEND_F_DRAINING != 0
+                && current
+                    .backends
+                    .get(id)
+                    .is_some_and(|old| old.flags & BACKEND_F_DRAINING == 0)
+        };
         for (id, backend) in &target.backends {
-            if current.backends.get(id) != Some(backend) {
+            if current.backends.get(id) != Some(backend) && !starts_draining(id, backend) {
                 w.put_backend(*id, *backend)?;
             }
         }
@@ -526,6 +566,11 @@ impl Programmer {
         for key in current.services.keys() {
             if !target.services.contains_key(key) {
                 w.delete_service(*key)?;
+            }
+        }
+        for (id, backend) in &target.backends {
+            if current.backends.get(id) != Some(backend) && starts_draining(id, backend) {
+                w.put_backend(*id, *backend)?;
             }
         }
 
@@ -602,7 +647,14 @@ impl Programmer {
             backend_ids: programmed
                 .backends
                 .iter()
+                .filter(|(_, b)| b.flags & BACKEND_F_DRAINING == 0)
                 .map(|(id, b)| (*b, *id))
+                .collect(),
+            draining: programmed
+                .backends
+                .values()
+                .filter(|b| b.flags & BACKEND_F_DRAINING != 0)
+                .copied()
                 .collect(),
             backend_users,
             space: SlotSpace::new(

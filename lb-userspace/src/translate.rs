@@ -94,6 +94,10 @@ pub struct FrontendPlan {
     pub backends: Vec<BackendAddr>,
     /// The backends are terminating ones, used because none is ready (KEP-1669).
     pub terminating_fallback: bool,
+    /// Endpoints still listed for this port but not chosen (not ready, terminating, or left out
+    /// by the policy): they take no new flows, but established TCP flows stay on them until they
+    /// leave the EndpointSlices, as with kube-proxy. Sorted, without duplicates.
+    pub draining: Vec<BackendAddr>,
     pub when_empty: WhenEmpty,
     /// Maglev table size (prime, at least 100 slots per backend).
     pub table_size: u32,
@@ -152,6 +156,17 @@ impl Desired {
         self.frontends
             .values()
             .flat_map(|plan| plan.backends.iter().copied())
+            .collect()
+    }
+
+    /// Backends that no frontend chooses for new flows but some still lists: kept in the maps,
+    /// marked draining, for their established TCP flows.
+    pub fn draining_backends(&self) -> BTreeSet<BackendAddr> {
+        let active = self.backends();
+        self.frontends
+            .values()
+            .flat_map(|plan| plan.draining.iter().copied())
+            .filter(|b| !active.contains(b))
             .collect()
     }
 }
@@ -331,6 +346,11 @@ fn service_output(
                     svc.internal_traffic_policy
                 };
                 let (backends, terminating_fallback) = endpoints.choose(policy);
+                let draining = endpoints
+                    .listed()
+                    // Both come in address order, so `backends` is sorted.
+                    .filter(|b| backends.binary_search(b).is_err())
+                    .collect();
                 let when_empty = if endpoints.any_usable() {
                     WhenEmpty::Drop
                 } else {
@@ -346,6 +366,7 @@ fn service_output(
                     ),
                     backends,
                     terminating_fallback,
+                    draining,
                     when_empty,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     policy,
@@ -471,6 +492,15 @@ impl PortEndpoints {
             .filter(|b| hints(b).is_some_and(|zones| zones.contains(zone)))
             .collect();
         if here.is_empty() { chosen } else { here }
+    }
+
+    /// Every endpoint listed, in address order, whatever its conditions.
+    fn listed(&self) -> impl Iterator<Item = BackendAddr> + '_ {
+        self.all.values().map(|(ep, port)| BackendAddr {
+            addr: ep.addr,
+            port: *port,
+            on_this_node: self.on_this_node(ep),
+        })
     }
 
     /// Whether any endpoint anywhere could serve (before a `Local` policy narrows it down).

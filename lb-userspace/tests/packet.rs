@@ -613,6 +613,7 @@ fn load(test: &str) -> LoadedPath {
             snat_addr_be: lb_common::addr_be(NODE),
             snat_port_first: SNAT_PORTS.0,
             snat_port_last: SNAT_PORTS.1,
+            timeouts: lb_common::conntrack::CtTimeouts::DEFAULT,
             _reserved: [0; 2],
         },
     });

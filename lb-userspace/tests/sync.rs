@@ -395,6 +395,16 @@ fn incremental_syncs_match_full_ones_through_random_changes() {
         "10.244.2.3",
         "10.244.2.4",
     ];
+    const TERMINATING_PODS: [&str; 8] = [
+        "10.244.1.1 terminating",
+        "10.244.1.2 terminating",
+        "10.244.1.3 terminating",
+        "10.244.1.4 terminating",
+        "10.244.2.1 terminating",
+        "10.244.2.2 terminating",
+        "10.244.2.3 terminating",
+        "10.244.2.4 terminating",
+    ];
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     let mut programmer = Programmer::default();
     let mut writer = MapContents::default();
@@ -404,9 +414,20 @@ fn incremental_syncs_match_full_ones_through_random_changes() {
         for _ in 0..=rng.below(3) {
             let i = rng.below(services.len() as u64) as usize;
             let service = &mut services[i];
-            match rng.below(4) {
+            match rng.below(5) {
                 0 => service.0 = !service.0,
                 1 => service.2 = if service.2 == TABLE { 1021 } else { TABLE },
+                2 => {
+                    // One endpoint starts terminating (or comes back): it drains.
+                    if !service.1.is_empty() {
+                        let j = rng.below(service.1.len() as u64) as usize;
+                        let pod = service.1[j];
+                        service.1[j] = match pod.strip_suffix(TERMINATING) {
+                            Some(ip) => PODS.iter().copied().find(|p| *p == ip).unwrap(),
+                            None => TERMINATING_PODS[PODS.iter().position(|p| *p == pod).unwrap()],
+                        };
+                    }
+                }
                 _ => {
                     service.1 = PODS
                         .iter()
@@ -443,6 +464,9 @@ fn incremental_syncs_match_full_ones_through_random_changes() {
     }
 }
 
+/// A pod written `"<ip> terminating"` is listed as terminating (and not ready).
+const TERMINATING: &str = " terminating";
+
 /// Like [`desired_sized`] with a table size per Service.
 fn desired_mixed(services: &[(&str, &str, &[&str], u32)]) -> Desired {
     let mut objects = Vec::new();
@@ -450,7 +474,12 @@ fn desired_mixed(services: &[(&str, &str, &[&str], u32)]) -> Desired {
         let mut yaml = String::new();
         let endpoints: String = pods
             .iter()
-            .map(|p| format!("  - addresses: [\"{p}\"]\n"))
+            .map(|p| match p.strip_suffix(TERMINATING) {
+                Some(ip) => format!(
+                    "  - addresses: [\"{ip}\"]\n    conditions: {{ready: false, serving: true, terminating: true}}\n"
+                ),
+                None => format!("  - addresses: [\"{p}\"]\n"),
+            })
             .collect();
         yaml += &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, annotations: {{lb.rs/maglev-table-size: \"{size}\"}}}}\n\
@@ -461,6 +490,55 @@ fn desired_mixed(services: &[(&str, &str, &[&str], u32)]) -> Desired {
         objects.extend(manifest::parse(&yaml, "test").objects);
     }
     translate(&objects, &NodeContext::default())
+}
+
+/// A backend that stops being chosen while still listed keeps its id (so its TCP flows keep
+/// it), marked draining, and is deleted only when it leaves the slice.
+#[test]
+fn a_terminating_backend_drains_under_its_id_until_it_leaves() {
+    let ready = desired_mixed(&[("web", "10.96.0.1", &["10.244.1.1", "10.244.1.2"], TABLE)]);
+    let terminating = desired_mixed(&[(
+        "web",
+        "10.96.0.1",
+        &["10.244.1.1", "10.244.1.2 terminating"],
+        TABLE,
+    )]);
+    let gone = desired_mixed(&[("web", "10.96.0.1", &["10.244.1.1"], TABLE)]);
+    let mut programmer = Programmer::default();
+    let mut maps = MapContents::default();
+    let id_of = |maps: &MapContents, addr: [u8; 4]| {
+        maps.backends
+            .iter()
+            .find(|(_, b)| b.addr_be == lb_common::addr_be(addr))
+            .map(|(id, b)| (*id, b.flags & lb_common::service::BACKEND_F_DRAINING != 0))
+    };
+    sync(&mut programmer, &ready, &mut maps);
+    let (id, draining) = id_of(&maps, [10, 244, 1, 2]).expect("programmed");
+    assert!(!draining);
+    sync(&mut programmer, &terminating, &mut maps);
+    assert_eq!(
+        id_of(&maps, [10, 244, 1, 2]),
+        Some((id, true)),
+        "same id, draining"
+    );
+    let entry = maps.services.values().next().unwrap();
+    assert!(
+        (0..entry.table_size).all(|i| maps.slot(entry, i) != Some(id)),
+        "no slot names a draining backend"
+    );
+    sync(&mut programmer, &ready, &mut maps);
+    assert_eq!(
+        id_of(&maps, [10, 244, 1, 2]),
+        Some((id, false)),
+        "ready again, same id"
+    );
+    sync(&mut programmer, &terminating, &mut maps);
+    sync(&mut programmer, &gone, &mut maps);
+    assert_eq!(
+        id_of(&maps, [10, 244, 1, 2]),
+        None,
+        "deleted once it left the slice"
+    );
 }
 
 #[test]

@@ -103,7 +103,7 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start(kubeconfig: &PathBuf, node: NodeContext) -> Self {
-        let client = lb_userspace::agent::kube_client(Some(kubeconfig))
+        let client = lb_userspace::agent::kube_client(Some(kubeconfig), None)
             .await
             .expect("client");
         let source = KubeSource::start(client, node.name.as_deref().unwrap_or("node-1"));

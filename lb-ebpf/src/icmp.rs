@@ -1,0 +1,162 @@
+//! ICMP errors about translated flows (destination unreachable, including "fragmentation
+//! needed", and time exceeded). An error travels against the packet it quotes, so it is looked up
+//! as a packet of the other direction, and rewritten as that direction's packets are: its quote
+//! becomes the packet its receiver really sent, its destination the receiver, and its source the
+//! Service (or client) address when the flow's far end itself sent the error. Without this, path
+//! MTU discovery through a Service black-holes and port unreachables never reach the socket.
+//!
+//! Checksums: the outer IPv4 header, the quoted IPv4 header and the ICMP checksum (which covers
+//! the quote) are fixed incrementally. The quoted TCP/UDP checksum is left as it was: receivers
+//! do not check it, and the quote is often cut before it.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::conntrack::{CT_F_REDIRECT, FlowKey};
+
+use crate::{
+    conntrack,
+    headers::{ETH_LEN, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IcmpError},
+    lb::Origin,
+    redirect,
+};
+
+const ICMP_CSUM_OFF: usize = 2;
+const INNER_SPORT_OFF: usize = 20;
+const INNER_DPORT_OFF: usize = 22;
+
+pub enum IcmpOutcome {
+    /// Not about a flow lb translated.
+    NotOurs,
+    /// The rewrite failed half-way (a helper refused): the packet is dropped.
+    Broken,
+    /// Rewritten; the verdict sends it on.
+    Translated(i32),
+}
+
+#[inline(always)]
+pub fn translate(ctx: &TcContext, err: &IcmpError, origin: Origin) -> IcmpOutcome {
+    // The quoted packet went one way; the error, and the entry that rewrites it, go the other.
+    let quoted = FlowKey::new(
+        err.inner_saddr_be,
+        err.inner_daddr_be,
+        err.inner_sport_be,
+        err.inner_dport_be,
+        err.inner_proto,
+    );
+    let key = quoted.reversed();
+    let Some(ct) = conntrack::lookup(&key) else {
+        return IcmpOutcome::NotOurs;
+    };
+    // What the receiver sent is the reverse of what this direction's packets become.
+    let new_inner_saddr = ct.new_daddr_be;
+    let new_inner_daddr = ct.new_saddr_be;
+    let new_inner_sport = ct.new_dport_be;
+    let new_inner_dport = ct.new_sport_be;
+    let new_outer_daddr = if err.outer_daddr_be == key.daddr_be {
+        ct.new_daddr_be
+    } else {
+        err.outer_daddr_be
+    };
+    // Sent by the flow's far end itself: it must appear to come from the address the receiver
+    // talks to. A router on the way keeps its own address.
+    let new_outer_saddr = if err.outer_saddr_be == key.saddr_be {
+        ct.new_saddr_be
+    } else {
+        err.outer_saddr_be
+    };
+    if rewrite(
+        ctx,
+        err,
+        [new_inner_saddr, new_inner_daddr],
+        [new_inner_sport, new_inner_dport],
+        [new_outer_saddr, new_outer_daddr],
+    )
+    .is_err()
+    {
+        return IcmpOutcome::Broken;
+    }
+    let verdict = if ct.flags & CT_F_REDIRECT != 0 || origin == Origin::Host {
+        redirect::by_fib(
+            ctx,
+            new_outer_saddr,
+            new_outer_daddr,
+            lb_common::IPPROTO_ICMP,
+        )
+    } else {
+        aya_ebpf::bindings::TC_ACT_OK as i32
+    };
+    IcmpOutcome::Translated(verdict)
+}
+
+struct Failed;
+
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    err: &IcmpError,
+    inner_addrs: [u32; 2],
+    inner_ports: [u16; 2],
+    outer_addrs: [u32; 2],
+) -> Result<(), Failed> {
+    let icmp_csum = err.icmp_off + ICMP_CSUM_OFF;
+    let inner_csum = err.inner_ip_off + IPV4_CSUM_OFF;
+    let old_inner_csum: u16 = ctx.load(inner_csum).map_err(|_| Failed)?;
+    // The quoted header: each address changes the quoted IPv4 checksum and the ICMP checksum.
+    let quoted_addrs = [
+        (
+            err.inner_ip_off + IPV4_SRC_OFF,
+            err.inner_saddr_be,
+            inner_addrs[0],
+        ),
+        (
+            err.inner_ip_off + IPV4_DST_OFF,
+            err.inner_daddr_be,
+            inner_addrs[1],
+        ),
+    ];
+    for (offset, old, new) in quoted_addrs {
+        if old != new {
+            ctx.l3_csum_replace(inner_csum, old as u64, new as u64, 4)
+                .map_err(|_| Failed)?;
+            ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 4)
+                .map_err(|_| Failed)?;
+            ctx.store(offset, &new, 0).map_err(|_| Failed)?;
+        }
+    }
+    let new_inner_csum: u16 = ctx.load(inner_csum).map_err(|_| Failed)?;
+    if new_inner_csum != old_inner_csum {
+        ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
+            .map_err(|_| Failed)?;
+    }
+    let quoted_ports = [
+        (
+            err.inner_ip_off + INNER_SPORT_OFF,
+            err.inner_sport_be,
+            inner_ports[0],
+        ),
+        (
+            err.inner_ip_off + INNER_DPORT_OFF,
+            err.inner_dport_be,
+            inner_ports[1],
+        ),
+    ];
+    for (offset, old, new) in quoted_ports {
+        if old != new {
+            ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 2)
+                .map_err(|_| Failed)?;
+            ctx.store(offset, &new, 0).map_err(|_| Failed)?;
+        }
+    }
+    // The outer header: only the IPv4 checksum covers it (ICMP has no pseudo-header).
+    let outer = [
+        (ETH_LEN + IPV4_SRC_OFF, err.outer_saddr_be, outer_addrs[0]),
+        (ETH_LEN + IPV4_DST_OFF, err.outer_daddr_be, outer_addrs[1]),
+    ];
+    for (offset, old, new) in outer {
+        if old != new {
+            ctx.l3_csum_replace(ETH_LEN + IPV4_CSUM_OFF, old as u64, new as u64, 4)
+                .map_err(|_| Failed)?;
+            ctx.store(offset, &new, 0).map_err(|_| Failed)?;
+        }
+    }
+    Ok(())
+}

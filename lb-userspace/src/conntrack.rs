@@ -1,0 +1,289 @@
+//! The conntrack sweep: deletes the entries of flows that are dead (both entries past their
+//! expiry, or one past it with its partner gone). The packet path already ignores such entries;
+//! the sweep makes room in the map for live flows and hands SNAT ports back.
+//!
+//! Why a sweep from user space and not a BPF timer or iterator: it needs no program type beyond
+//! tc/XDP (aya-ebpf 0.2 has no iterator programs), it costs the packet path nothing, and its cost
+//! is measured (docs/design.md): reading the map in batches of [`BATCH`] entries with
+//! `BPF_MAP_LOOKUP_BATCH`, then deleting the dead ones in batches. While no agent runs, nothing
+//! is swept, but the packet path still treats expired flows as gone and the LRU still evicts.
+
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    time::{Duration, Instant},
+};
+
+use lb_common::conntrack::{CtEntry, FlowKey, mono_seconds, partner_key};
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+pub const BATCH: u32 = 4096;
+
+/// Monotonic seconds, the packet path's clock (`bpf_ktime_get_ns`).
+pub fn now_s() -> u32 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    mono_seconds(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+}
+
+/// What one sweep found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries in the map when it was read.
+    pub entries: usize,
+    /// Entries deleted (both entries of each dead flow).
+    pub deleted: usize,
+    pub elapsed: Duration,
+}
+
+/// The dead entries among `entries` at `now`: an expired entry whose partner is expired too, or
+/// missing. Pure, so the rule is tested without a kernel.
+pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
+    let alive: HashSet<FlowKey> = entries
+        .iter()
+        .filter(|(_, e)| !e.expired(now))
+        .map(|(k, _)| *k)
+        .collect();
+    entries
+        .iter()
+        .filter(|(k, e)| e.expired(now) && !alive.contains(&partner_key(k, e)))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Reads every entry of the conntrack map `fd`.
+pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![FlowKey::new(0, 0, 0, 0, 0); BATCH as usize];
+    let mut values = vec![zero_entry(); BATCH as usize];
+    let mut in_batch = 0u64;
+    let mut out_batch = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut in_batch as *mut u64 as u64
+            },
+            out_batch: &mut out_batch as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err {
+            None => {}
+            // ENOENT: this was the last batch.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
+/// Deletes `keys` from the map `fd` (missing ones are fine: the LRU or the packet path may have
+/// dropped them meanwhile).
+pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
+    let mut deleted = 0;
+    for chunk in keys.chunks(BATCH as usize) {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: chunk.as_ptr() as u64,
+            values: 0,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        if bpf(BPF_MAP_DELETE_BATCH, &mut attr) == 0 {
+            deleted += attr.count as usize;
+            continue;
+        }
+        // The batch stops at the first missing key: delete the rest one by one.
+        deleted += attr.count as usize;
+        for key in &chunk[attr.count as usize..] {
+            let mut one = ElemAttr {
+                map_fd: fd.as_raw_fd() as u32,
+                _pad: 0,
+                key: key as *const FlowKey as u64,
+                value: 0,
+                flags: 0,
+            };
+            if bpf(BPF_MAP_DELETE_ELEM, &mut one) == 0 {
+                deleted += 1;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// One sweep of the conntrack map.
+pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
+    let started = Instant::now();
+    let fd = map.fd().as_fd();
+    let entries = read_all(fd)?;
+    let dead = dead_keys(&entries, now_s());
+    let deleted = delete(fd, &dead)?;
+    Ok(Sweep {
+        entries: entries.len(),
+        deleted,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Sweeps the conntrack pinned at `pin` every `interval` on a thread of its own (a sweep of a
+/// full map takes long enough that it must not hold up syncs), until the process exits.
+pub fn spawn_sweeper(
+    pin: std::path::PathBuf,
+    interval: Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("conntrack-gc".to_owned())
+        .spawn(move || {
+            let map = match aya::maps::MapData::from_pin(&pin) {
+                Ok(map) => map,
+                Err(err) => {
+                    tracing::error!(
+                        "conntrack sweeps disabled: cannot open {}: {err}",
+                        pin.display()
+                    );
+                    return;
+                }
+            };
+            loop {
+                std::thread::sleep(interval);
+                match sweep(&map) {
+                    Ok(done) => {
+                        metrics.conntrack_entries.set(done.entries as i64);
+                        metrics.conntrack_gc_deleted.inc_by(done.deleted as u64);
+                        metrics
+                            .conntrack_gc_duration
+                            .observe(done.elapsed.as_secs_f64());
+                        tracing::debug!(
+                            entries = done.entries,
+                            deleted = done.deleted,
+                            elapsed_us = done.elapsed.as_micros() as u64,
+                            "conntrack swept"
+                        );
+                    }
+                    Err(err) => tracing::warn!("conntrack sweep failed: {err}"),
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!("conntrack sweeps disabled: {err}");
+    }
+}
+
+fn zero_entry() -> CtEntry {
+    CtEntry {
+        new_saddr_be: 0,
+        new_daddr_be: 0,
+        new_sport_be: 0,
+        new_dport_be: 0,
+        kind: 0,
+        flags: 0,
+        state: 0,
+        _pad: 0,
+        service_id: 0,
+        backend_id: 0,
+        created_s: 0,
+        expires_s: 0,
+    }
+}
+
+const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
+
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr`'s element-operation member.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> libc::c_long {
+    // SAFETY: `attr` is a live, correctly laid out bpf_attr member of the size passed; the
+    // pointers inside it point at buffers the caller keeps alive and sized for `count` entries.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{IPPROTO_TCP, conntrack::CT_KIND_FORWARD};
+
+    fn pair(client_port: u16, forward_expires: u32, reply_expires: u32) -> [(FlowKey, CtEntry); 2] {
+        let key = FlowKey::new(1, 2, client_port, 80, IPPROTO_TCP);
+        let forward = CtEntry {
+            new_saddr_be: 1,
+            new_daddr_be: 3,
+            new_sport_be: client_port,
+            new_dport_be: 8080,
+            kind: CT_KIND_FORWARD,
+            expires_s: forward_expires,
+            ..zero_entry()
+        };
+        let reply_key = partner_key(&key, &forward);
+        let reply = CtEntry {
+            new_saddr_be: 2,
+            new_daddr_be: 1,
+            new_sport_be: 80,
+            new_dport_be: client_port,
+            expires_s: reply_expires,
+            ..forward
+        };
+        [(key, forward), (reply_key, reply)]
+    }
+
+    #[test]
+    fn a_flow_dies_only_when_both_entries_expired() {
+        let mut entries = Vec::new();
+        entries.extend(pair(1000, 50, 50)); // dead
+        entries.extend(pair(1001, 50, 200)); // alive through its reply entry
+        entries.extend(pair(1002, 200, 50)); // alive through its forward entry
+        let orphan = pair(1003, 50, 0)[0]; // partner gone, expired: dead
+        entries.push(orphan);
+        let fresh_orphan = pair(1004, 200, 0)[0]; // partner gone, not expired: kept
+        entries.push(fresh_orphan);
+        let mut dead = dead_keys(&entries, 100);
+        dead.sort();
+        let mut want = vec![entries[0].0, entries[1].0, orphan.0];
+        want.sort();
+        assert_eq!(dead, want);
+    }
+}
