@@ -9,7 +9,10 @@ mod support;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::IterableMap as _,
+    programs::{TestRun as _, TestRunOptions},
+};
 use etherparse::{
     IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice,
     icmpv4::DestUnreachableHeader,
@@ -75,8 +78,10 @@ struct PacketNetns {
 
 impl PacketNetns {
     fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = Netns::create(&format!(
-            "{}{}-pkt",
+            "{}{}-pkt{n}",
             xtask::cleanup::NETNS_PREFIX,
             std::process::id()
         ))
@@ -141,11 +146,26 @@ impl PacketNetns {
 }
 
 fn manifest(backends: &[[u8; 4]]) -> String {
+    manifest_with(backends, &[])
+}
+
+/// The test cluster, `web` having `backends` ready and `terminating` terminating (still
+/// serving, not ready).
+fn manifest_with(backends: &[[u8; 4]], terminating: &[[u8; 4]]) -> String {
     let endpoints = |pods: &[[u8; 4]], node: &str| -> String {
         pods.iter()
             .map(|b| format!("  - {{ addresses: [\"{}\"], nodeName: {node} }}\n", ip(*b)))
             .collect()
     };
+    let terminating: String = terminating
+        .iter()
+        .map(|b| {
+            format!(
+                "  - {{ addresses: [\"{}\"], nodeName: node-1, conditions: {{ ready: false, serving: true, terminating: true }} }}\n",
+                ip(*b)
+            )
+        })
+        .collect();
     let slice = |name: &str, service: &str, eps: String| {
         format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: {name}, namespace: t, labels: {{ kubernetes.io/service-name: {service} }} }}\n\
@@ -161,7 +181,7 @@ fn manifest(backends: &[[u8; 4]]) -> String {
     yaml += &service("web", &format!("  clusterIP: {}\n", ip(VIP)))
         .replace(", nodePort: NPU", "")
         .replace(", nodePort: NP", "");
-    yaml += &slice("web-1", "web", endpoints(backends, "node-1"));
+    yaml += &slice("web-1", "web", endpoints(backends, "node-1") + &terminating);
     yaml += &service("empty", &format!("  clusterIP: {}\n", ip(EMPTY_VIP)))
         .replace(", nodePort: NPU", "")
         .replace(", nodePort: NP", "");
@@ -208,6 +228,51 @@ fn node_context() -> NodeContext {
 
 fn provision(path: &mut LoadedPath, backends: &[[u8; 4]]) {
     path.provision_as(&manifest(backends), &node_context());
+}
+
+/// An ICMP error from `src` to `dst` quoting `offending`'s IPv4 header and first 8 bytes.
+fn icmp_error(
+    src: [u8; 4],
+    dst: [u8; 4],
+    kind: etherparse::Icmpv4Type,
+    offending: &[u8],
+) -> Vec<u8> {
+    icmp_error_quoting(src, dst, kind, &offending[14..14 + 28])
+}
+
+fn icmp_error_quoting(
+    src: [u8; 4],
+    dst: [u8; 4],
+    kind: etherparse::Icmpv4Type,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .icmpv4(kind)
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+fn frag_needed() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: 1400,
+    })
+}
+
+fn port_unreachable_type() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+}
+
+/// `backends` without `removed`, as a slice that lives for the whole test run.
+fn without(backends: &[[u8; 4]], removed: &[[u8; 4]]) -> &'static [[u8; 4]] {
+    let rest: Vec<[u8; 4]> = backends
+        .iter()
+        .copied()
+        .filter(|b| !removed.contains(b))
+        .collect();
+    Box::leak(rest.into_boxed_slice())
 }
 
 /// Which of `backends` the Maglev table the agent builds gives a flow from `src:sport` to
@@ -434,8 +499,9 @@ enum Entry {
 
 struct Case {
     description: &'static str,
-    /// Backends of the `web` Service to (re)program before this case, through translate + sync.
-    provision: Option<&'static [[u8; 4]]>,
+    /// Backends of the `web` Service to (re)program before this case, through translate + sync:
+    /// ready ones, and terminating ones.
+    provision: Option<(&'static [[u8; 4]], &'static [[u8; 4]])>,
     entry: Entry,
     /// Wait this long first (to let an affinity expire).
     wait: Option<Duration>,
@@ -464,7 +530,18 @@ impl Case {
 
     fn provision(self, backends: &'static [[u8; 4]]) -> Self {
         Self {
-            provision: Some(backends),
+            provision: Some((backends, &[])),
+            ..self
+        }
+    }
+
+    fn provision_draining(
+        self,
+        ready: &'static [[u8; 4]],
+        terminating: &'static [[u8; 4]],
+    ) -> Self {
+        Self {
+            provision: Some((ready, terminating)),
             ..self
         }
     }
@@ -508,8 +585,8 @@ fn xdp_context(ifindex: u32, len: usize) -> Vec<u8> {
 }
 
 fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
-    if let Some(backends) = case.provision {
-        provision(path, backends);
+    if let Some((ready, terminating)) = case.provision {
+        path.provision_as(&manifest_with(ready, terminating), &node_context());
     }
     if let Some(wait) = case.wait {
         std::thread::sleep(wait);
@@ -656,6 +733,18 @@ fn packet_table() {
     let other = sport_choosing(POD_B, 41000);
     let later = sport_choosing(POD_B, other + 1);
     let empty_udp = udp(CLIENT, 40011, EMPTY_VIP, 53, false);
+    // A flow whose backend then leaves the Service (and every other one).
+    let leaving = predicted_backend(CDE, 40020, 80, 6);
+    let rest = without(CDE, &[leaving]);
+    // Flows whose backends then start terminating (UDP moves, TCP stays).
+    let udp_draining = predicted_backend(CDE, 40021, 53, 17);
+    let tcp_draining = predicted_backend(CDE, 40022, 80, 6);
+    let still_ready = without(CDE, &[udp_draining, tcp_draining]);
+    let terminating: &'static [[u8; 4]] = without(CDE, still_ready);
+    // The backend's UDP reply as the client got it, whose checksum the ICMP quote keeps.
+    let udp_reply_seen = udp(VIP, 53, CLIENT, 40001, false);
+    let mut udp_reply_quote = udp(udp_backend, 5353, CLIENT, 40001, false)[14..42].to_vec();
+    udp_reply_quote[26..28].copy_from_slice(&udp_reply_seen[14 + 26..14 + 28]);
 
     let cases = vec![
         Case::new(
@@ -897,6 +986,96 @@ fn packet_table() {
             &[(Counter::Translated, 1)],
         )
         .after(Duration::from_millis(1100)),
+        Case::new(
+            "ICMP frag-needed from the backend reaches the client from the ClusterIP, quoting what the client sent",
+            icmp_error(
+                syn_backend,
+                CLIENT,
+                frag_needed(),
+                &tcp(plain(CLIENT, 40000, syn_backend, 8080, false)),
+            ),
+            Expect::Rewritten(icmp_error(
+                VIP,
+                CLIENT,
+                frag_needed(),
+                &tcp(plain(CLIENT, 40000, VIP, 80, false)),
+            )),
+            &[(Counter::IcmpTranslated, 1)],
+        ),
+        Case::new(
+            "ICMP port unreachable from the client about a reply reaches the backend, quoting what the backend sent",
+            icmp_error(CLIENT, VIP, port_unreachable_type(), &udp_reply_seen),
+            Expect::Rewritten(icmp_error_quoting(
+                CLIENT,
+                udp_backend,
+                port_unreachable_type(),
+                &udp_reply_quote,
+            )),
+            &[(Counter::IcmpTranslated, 1)],
+        ),
+        Case::new(
+            "an ICMP error about a flow lb never translated passes unchanged",
+            icmp_error(
+                OUTSIDE,
+                CLIENT,
+                port_unreachable_type(),
+                &udp(CLIENT, 40999, POD_C, 9999, false),
+            ),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
+        ),
+        Case::new(
+            "a flow to a backend that will leave: translated to it",
+            tcp(plain(CLIENT, 40020, VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40020, leaving, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(CDE),
+        Case::new(
+            "after its backend left every Service, the flow's next packet is balanced afresh, not sent to the dead address",
+            tcp(plain(CLIENT, 40020, VIP, 80, false)),
+            Expect::Rewritten(tcp(plain(
+                CLIENT,
+                40020,
+                predicted_backend(rest, 40020, 80, 6),
+                8080,
+                false,
+            ))),
+            &[(Counter::Translated, 1), (Counter::Rebalanced, 1)],
+        )
+        .provision(rest),
+        Case::new(
+            "a UDP flow to a backend that will terminate",
+            udp(CLIENT, 40021, VIP, 53, false),
+            Expect::Rewritten(udp(CLIENT, 40021, udp_draining, 5353, false)),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(CDE),
+        Case::new(
+            "a TCP flow to a backend that will terminate",
+            tcp(plain(CLIENT, 40022, VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40022, tcp_draining, 8080, true))),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "once its backend terminates (still serving), the UDP flow moves to a ready one at once",
+            udp(CLIENT, 40021, VIP, 53, false),
+            Expect::Rewritten(udp(
+                CLIENT,
+                40021,
+                predicted_backend(still_ready, 40021, 53, 17),
+                5353,
+                false,
+            )),
+            &[(Counter::Translated, 1), (Counter::Rebalanced, 1)],
+        )
+        .provision_draining(still_ready, terminating),
+        Case::new(
+            "... while the established TCP flow stays on its terminating backend",
+            tcp(plain(CLIENT, 40022, VIP, 80, false)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40022, tcp_draining, 8080, false))),
+            &[(Counter::Translated, 1)],
+        ),
     ];
     for case in &cases {
         run_case(&mut path, &net, case);
@@ -945,5 +1124,263 @@ fn new_flows_follow_the_maglev_table() {
     assert!(
         seen.values().all(|n| *n > 60),
         "roughly even spread over 200 flows: {seen:?}"
+    );
+}
+
+/// A TCP segment with the given flags (no payload), as a client or backend sends it.
+fn tcp_with(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240);
+    for flag in flags.chars() {
+        builder = match flag {
+            'S' => builder.syn(),
+            'A' => builder.ack(1),
+            'F' => builder.fin(),
+            'R' => builder.rst(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    builder.write(&mut out, &[]).unwrap();
+    out
+}
+
+/// Runs `input` through `program` and returns the output packet.
+fn run(path: &mut LoadedPath, program: &'static str, ifindex: u32, input: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; input.len() + 256];
+    let ctx = skb_context(ifindex);
+    let result = path
+        .dataplane
+        .program(program)
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    out
+}
+
+fn ct_entry(path: &LoadedPath, key: FlowKey) -> Option<lb_common::conntrack::CtEntry> {
+    path.dataplane.maps.conntrack.get(&key, 0).ok()
+}
+
+fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> FlowKey {
+    FlowKey::new(
+        lb_common::addr_be(src),
+        lb_common::addr_be(dst),
+        sport.to_be(),
+        dport.to_be(),
+        proto,
+    )
+}
+
+/// The conntrack lifecycle through the real program: timeouts by state, FIN and RST shortening
+/// both entries, a SYN reusing a closed tuple, expiry, the sweep, and SNAT ports coming back.
+#[test]
+fn flows_have_a_lifecycle() {
+    use lb_common::conntrack::{
+        CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST, CtTimeouts,
+    };
+    if !privileged("flows_have_a_lifecycle") {
+        return;
+    }
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let timeouts = CtTimeouts {
+        tcp_syn_s: 30,
+        tcp_established_s: 1000,
+        tcp_close_wait_s: 500,
+        tcp_close_s: 1,
+        udp_s: 1,
+        udp_stream_s: 300,
+    };
+    let mut path = LoadedPath::load("lifecycle");
+    path.programmer.set_settings(Settings {
+        reject_no_endpoints: true,
+        node: NodeConfig {
+            snat_addr_be: lb_common::addr_be(NODE),
+            snat_port_first: SNAT_PORTS.0,
+            snat_port_last: SNAT_PORTS.1,
+            timeouts,
+            _reserved: [0; 2],
+        },
+    });
+    const AB: &[[u8; 4]] = &[POD_A, POD_B];
+    provision(&mut path, AB);
+    let pod = net.ifindex("pod0");
+    let ext = net.ifindex("ext0");
+    let now = lb_userspace::conntrack::now_s;
+    // Within a second of `now + timeout` (the clock may tick between the packet and the check).
+    let expires_in = |entry: &lb_common::conntrack::CtEntry, timeout: u32| {
+        let want = now() + timeout;
+        assert!(
+            entry.expires_s + 1 >= want && entry.expires_s <= want,
+            "expires at {} but now + {timeout} is {want}: {entry:?}",
+            entry.expires_s
+        );
+    };
+
+    // A TCP connection, from handshake to both FINs.
+    let b = predicted_backend(AB, 42000, 80, 6);
+    let fwd = key(CLIENT, 42000, VIP, 80, 6);
+    let rev = key(b, 8080, CLIENT, 42000, 6);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42000, VIP, 80, "S"),
+    );
+    let e = ct_entry(&path, fwd).expect("forward entry");
+    assert_eq!(e.state, 0);
+    expires_in(&e, timeouts.tcp_syn_s);
+    expires_in(
+        &ct_entry(&path, rev).expect("reply entry"),
+        timeouts.tcp_syn_s,
+    );
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(b, 8080, CLIENT, 42000, "SA"),
+    );
+    for k in [fwd, rev] {
+        let e = ct_entry(&path, k).unwrap();
+        assert_eq!(
+            e.state, CT_S_REPLIED,
+            "the first answer reaches both entries"
+        );
+        expires_in(&e, timeouts.tcp_established_s);
+    }
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42000, VIP, 80, "FA"),
+    );
+    for k in [fwd, rev] {
+        let e = ct_entry(&path, k).unwrap();
+        assert_eq!(e.state, CT_S_REPLIED | CT_S_FIN_FORWARD);
+        expires_in(&e, timeouts.tcp_close_wait_s);
+    }
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(b, 8080, CLIENT, 42000, "FA"),
+    );
+    for k in [fwd, rev] {
+        let e = ct_entry(&path, k).unwrap();
+        assert_eq!(e.state, CT_S_REPLIED | CT_S_FIN_FORWARD | CT_S_FIN_REPLY);
+        expires_in(&e, timeouts.tcp_close_s);
+    }
+    // The client reuses the tuple at once: a new connection, not the closing one.
+    let before = ct_entry(&path, fwd).unwrap();
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42000, VIP, 80, "S"),
+    );
+    let after = ct_entry(&path, fwd).unwrap();
+    assert_eq!(
+        after.state, 0,
+        "a SYN on a closed tuple starts a new flow: {before:?}"
+    );
+    expires_in(&after, timeouts.tcp_syn_s);
+
+    // A RST from the backend closes both directions.
+    let b2 = predicted_backend(AB, 42001, 80, 6);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42001, VIP, 80, "S"),
+    );
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(b2, 8080, CLIENT, 42001, "RA"),
+    );
+    for k in [
+        key(CLIENT, 42001, VIP, 80, 6),
+        key(b2, 8080, CLIENT, 42001, 6),
+    ] {
+        let e = ct_entry(&path, k).unwrap();
+        assert_eq!(e.state & CT_S_RST, CT_S_RST);
+        expires_in(&e, timeouts.tcp_close_s);
+    }
+
+    // A UDP flow: idle past its timeout it is dead; the packet path starts afresh and the sweep
+    // deletes what is left.
+    let u = predicted_backend(AB, 42002, 53, 17);
+    let ufwd = key(CLIENT, 42002, VIP, 53, 17);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &udp(CLIENT, 42002, VIP, 53, false),
+    );
+    let first = ct_entry(&path, ufwd).unwrap();
+    expires_in(&first, timeouts.udp_s);
+
+    // SNAT: a NodePort flow from outside to the remote backend claims a port; after a RST and
+    // the close timeout the same port is free for the next flow that hashes to it.
+    let snat_port = predicted_snat_port(OUTSIDE, 42100, NODE, 30080);
+    let out = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp_with(OUTSIDE, 42100, NODE, 30080, "S"),
+    );
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), snat_port);
+    run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp_with(OUTSIDE, 42100, NODE, 30080, "RA"),
+    );
+
+    std::thread::sleep(Duration::from_millis(2100));
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &udp(CLIENT, 42002, VIP, 53, false),
+    );
+    let again = ct_entry(&path, ufwd).unwrap();
+    assert!(
+        again.created_s >= first.created_s + 2,
+        "an expired flow is started afresh: {first:?} then {again:?}"
+    );
+    assert_eq!(again.new_daddr_be, lb_common::addr_be(u));
+
+    let out = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp_with(OUTSIDE, 42100, NODE, 30080, "S"),
+    );
+    assert_eq!(
+        u16::from_be_bytes([out[34], out[35]]),
+        snat_port,
+        "the closed flow's SNAT port came back"
+    );
+
+    // The sweep deletes dead flows (the closed and reset ones), and only those.
+    let swept = lb_userspace::conntrack::sweep(path.dataplane.maps.conntrack.map()).expect("sweep");
+    eprintln!("flows_have_a_lifecycle: {swept:?}");
+    assert!(ct_entry(&path, key(CLIENT, 42001, VIP, 80, 6)).is_none());
+    assert!(ct_entry(&path, key(b2, 8080, CLIENT, 42001, 6)).is_none());
+    assert!(ct_entry(&path, ufwd).is_some(), "the live UDP flow stays");
+    assert!(ct_entry(&path, key(OUTSIDE, 42100, NODE, 30080, 6)).is_some());
+    assert_eq!(
+        swept.deleted, 2,
+        "only the reset flow's two entries (the others were taken over by new flows)"
     );
 }
