@@ -497,11 +497,14 @@ enum Entry {
     XdpFromNetwork,
 }
 
+/// Pod addresses, for the lifetime of the test run.
+type Pods = &'static [[u8; 4]];
+
 struct Case {
     description: &'static str,
     /// Backends of the `web` Service to (re)program before this case, through translate + sync:
     /// ready ones, and terminating ones.
-    provision: Option<(&'static [[u8; 4]], &'static [[u8; 4]])>,
+    provision: Option<(Pods, Pods)>,
     entry: Entry,
     /// Wait this long first (to let an affinity expire).
     wait: Option<Duration>,
