@@ -527,6 +527,32 @@ impl AgentProcess {
         self.terminate()
     }
 
+    /// Stops the agent with `signal` (SIGTERM, or SIGKILL as a crash or OOM kill would) and
+    /// leaves what it pinned in place, as a DaemonSet restart does: the packet path stays
+    /// attached for the next agent on this node.
+    pub fn halt(mut self, signal: i32) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped");
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        cleanup::forget_child(child.id());
+        // Kept for the next agent; the testbed's registry still removes it at the end.
+        self.pin_dir = PathBuf::new();
+        Ok(status)
+    }
+
     /// Leaves a detached agent running (its pin directory and log stay too).
     pub fn leave_running(mut self) {
         self.child = None;

@@ -31,6 +31,8 @@ pub struct Running {
     manifest_dir: PathBuf,
     /// With [`Running::start_kubernetes`]: the API server the agents watch.
     pub api: Option<FakeApi>,
+    /// How the agents were started (for restarts).
+    pub options: AgentOptions,
     // Dropped last, after the agents stopped.
     pub cluster: Cluster,
 }
@@ -74,7 +76,16 @@ impl Running {
         Self::start_with(false, true)
     }
 
+    /// Like [`Running::start`] with another `lb` binary (e.g. an older release) and agent flags.
+    pub fn start_with_agent(lb: &Path, extra_args: &[&str]) -> Self {
+        Self::start_full(false, false, lb, extra_args)
+    }
+
     fn start_with(xdp: bool, kubernetes: bool) -> Self {
+        Self::start_full(xdp, kubernetes, Path::new(env!("CARGO_BIN_EXE_lb")), &[])
+    }
+
+    fn start_full(xdp: bool, kubernetes: bool, lb: &Path, extra_args: &[&str]) -> Self {
         xtask::cleanup::install_interrupt_handler();
         let cluster = Cluster::two_nodes().expect("build the testbed");
         if xdp {
@@ -96,6 +107,7 @@ impl Running {
         std::fs::write(&manifest, example_manifest()).unwrap();
         let mut options = AgentOptions {
             xdp,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             ..AgentOptions::default()
         };
         let api = kubernetes.then(|| {
@@ -126,14 +138,8 @@ impl Running {
         let agents = ["node-1", "node-2"]
             .iter()
             .map(|node| {
-                AgentProcess::start(
-                    &cluster,
-                    node,
-                    Path::new(env!("CARGO_BIN_EXE_lb")),
-                    &manifest,
-                    &options,
-                )
-                .unwrap_or_else(|e| panic!("start the agent on {node}: {e:#}"))
+                AgentProcess::start(&cluster, node, lb, &manifest, &options)
+                    .unwrap_or_else(|e| panic!("start the agent on {node}: {e:#}"))
             })
             .collect();
         Self {
@@ -142,8 +148,41 @@ impl Running {
             manifest,
             manifest_dir,
             api,
+            options,
             cluster,
         }
+    }
+
+    /// Stops both agents with `signal`, leaving the packet path in place, runs `while_down`,
+    /// and starts agents (this build's `lb`) again with the same settings. Returns how long the
+    /// agents were away.
+    pub fn restart_agents(&mut self, signal: i32, while_down: impl FnOnce(&Self)) -> Duration {
+        let stopped = std::time::Instant::now();
+        for agent in std::mem::take(&mut self.agents) {
+            agent.halt(signal).expect("stop the agent");
+        }
+        while_down(self);
+        self.agents = ["node-1", "node-2"]
+            .iter()
+            .map(|node| {
+                AgentProcess::start(
+                    &self.cluster,
+                    node,
+                    Path::new(env!("CARGO_BIN_EXE_lb")),
+                    &self.manifest,
+                    &self.options,
+                )
+                .unwrap_or_else(|e| panic!("restart the agent on {node}: {e:#}"))
+            })
+            .collect();
+        stopped.elapsed()
+    }
+
+    /// Writes the manifest without waiting for an agent (e.g. while none runs).
+    pub fn write_manifest(&self, text: &str) {
+        let staged = self.manifest_dir.join("services.yaml.new");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &self.manifest).unwrap();
     }
 
     pub fn agent(&mut self, node: &str) -> &mut AgentProcess {
