@@ -122,6 +122,8 @@ struct Agent {
     node: NodeContext,
     /// Remembers the translation of Services whose objects did not change.
     translator: Translator,
+    /// What the last successful sync programmed (to tell which UDP backends left).
+    previous: Option<crate::translate::Desired>,
     health: Arc<HealthState>,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
@@ -228,6 +230,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             ..NodeContext::default()
         },
         translator: Translator::default(),
+        previous: None,
         health,
         metrics,
         health_checks: HealthCheckServers::default(),
@@ -396,8 +399,28 @@ impl Agent {
         for skipped in &desired.unprogrammed {
             info!("{}: {}", skipped.service, skipped.reason);
         }
-        match self.programmer.sync(&desired, &mut self.dataplane.maps) {
+        let udp_leaving = self
+            .previous
+            .as_ref()
+            .map(|previous| self.programmer.udp_backends_leaving(previous, &desired))
+            .unwrap_or_default();
+        let result = self.programmer.sync(&desired, &mut self.dataplane.maps);
+        let synced = result.is_ok();
+        match result {
             Ok((stats, unplaced)) => {
+                if !udp_leaving.is_empty() {
+                    use aya::maps::IterableMap as _;
+                    use std::os::fd::AsFd as _;
+                    let map = self.dataplane.maps.conntrack.map();
+                    match crate::conntrack::purge_udp(map.fd().as_fd(), &udp_leaving) {
+                        Ok(flows) => info!(
+                            flows,
+                            backends = udp_leaving.len(),
+                            "UDP flows of backends that left their Service removed"
+                        ),
+                        Err(err) => warn!("cannot purge UDP flows of removed backends: {err}"),
+                    }
+                }
                 for frontend in unplaced {
                     error!("{frontend}: no room left in the slots array; not programmed");
                 }
@@ -426,6 +449,9 @@ impl Agent {
             }
         }
         self.health_checks.reconcile(&desired.health_checks).await;
+        if synced {
+            self.previous = Some(desired);
+        }
     }
 
     /// Attaches to matching interfaces that appeared, forgets ones that went away, and refreshes

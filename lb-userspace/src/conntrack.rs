@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::conntrack::{CtEntry, FlowKey, mono_seconds, partner_key};
+use lb_common::{
+    IPPROTO_UDP,
+    conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},
+};
 
 /// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
 pub const BATCH: u32 = 4096;
@@ -124,6 +127,27 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// Deletes the UDP flows (both entries) whose (service id, backend id) is in `leaving`: their
+/// backend left that Service. Returns how many flows went.
+pub fn purge_udp(fd: BorrowedFd<'_>, leaving: &HashSet<(u32, u32)>) -> std::io::Result<usize> {
+    if leaving.is_empty() {
+        return Ok(0);
+    }
+    let entries = read_all(fd)?;
+    let mut doomed = Vec::new();
+    for (key, entry) in &entries {
+        if key.proto == IPPROTO_UDP
+            && entry.kind == CT_KIND_FORWARD
+            && leaving.contains(&(entry.service_id, entry.backend_id))
+        {
+            doomed.push(*key);
+            doomed.push(partner_key(key, entry));
+        }
+    }
+    delete(fd, &doomed)?;
+    Ok(doomed.len() / 2)
 }
 
 /// One sweep of the conntrack map.
@@ -245,7 +269,7 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> libc::c_long {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::{IPPROTO_TCP, conntrack::CT_KIND_FORWARD};
+    use lb_common::IPPROTO_TCP;
 
     fn pair(client_port: u16, forward_expires: u32, reply_expires: u32) -> [(FlowKey, CtEntry); 2] {
         let key = FlowKey::new(1, 2, client_port, 80, IPPROTO_TCP);

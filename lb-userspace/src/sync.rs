@@ -9,7 +9,7 @@
 //! ago never reads a slot that already means something else.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -25,6 +25,7 @@ use lb_common::{
 
 use crate::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
+    model::Protocol,
     translate::{BackendAddr, Desired, Frontend, FrontendKind, FrontendPlan, WhenEmpty},
 };
 
@@ -309,6 +310,44 @@ impl Programmer {
 
     pub fn programmed(&self) -> &MapContents {
         &self.programmed
+    }
+
+    /// The (service id, backend id) pairs of UDP frontends whose backend leaves them in going
+    /// from `previous` to `next` (removed, draining, or the frontend gone), as programmed now,
+    /// i.e. before the sync to `next`. Their conntrack entries are purged after it, as
+    /// kube-proxy clears UDP conntrack: a UDP client reusing its source port (DNS) would
+    /// otherwise stay on a backend the Service no longer has, as long as it keeps sending.
+    pub fn udp_backends_leaving(
+        &self,
+        previous: &Desired,
+        next: &Desired,
+    ) -> HashSet<(u32, BackendId)> {
+        let ids: HashMap<Backend, BackendId> = self
+            .programmed
+            .backends
+            .iter()
+            .map(|(id, b)| (identity(b), *id))
+            .collect();
+        let mut leaving = HashSet::new();
+        for (frontend, old) in &previous.frontends {
+            if frontend.protocol != Protocol::Udp {
+                continue;
+            }
+            let new = next.frontends.get(frontend);
+            if new.is_some_and(|new| Arc::ptr_eq(new, old)) {
+                continue;
+            }
+            let Some(entry) = self.programmed.services.get(&service_key(frontend)) else {
+                continue;
+            };
+            for backend in &old.backends {
+                let stays = new.is_some_and(|n| n.backends.binary_search(backend).is_ok());
+                if !stays && let Some(id) = ids.get(&backend_value(backend)) {
+                    leaving.insert((entry.service_id, *id));
+                }
+            }
+        }
+        leaving
     }
 
     /// The map contents `desired` maps to. Ids already programmed are kept for the same backend or

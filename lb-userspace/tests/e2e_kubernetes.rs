@@ -109,3 +109,29 @@ fn agents_follow_the_api_server_and_serve_health_checks() {
         set(&["pod-a"])
     );
 }
+
+/// On a node without kube-proxy, in-cluster configuration names the `kubernetes` ClusterIP,
+/// which nobody programs before lb syncs: `--master` (or KUBERNETES_SERVICE_HOST/PORT) gives
+/// the agent the API server's real address.
+#[test]
+fn master_overrides_the_configured_api_server_address() {
+    if !privileged("master_overrides_the_configured_api_server_address") {
+        return;
+    }
+    let mut run = Running::start_kubernetes_via_master();
+    for node in ["node-1", "node-2"] {
+        run.agent(node)
+            .wait_for_log("synced", Duration::from_secs(20))
+            .expect("the agent syncs through --master");
+        assert!(
+            run.agent(node)
+                .log()
+                .contains("API server address from --master")
+        );
+    }
+    let echo = at([10, 96, 0, 10], 80);
+    assert_eq!(
+        pods(&run.from("client-1", move || tcp_many(echo, N))),
+        set(&["pod-a", "pod-c"])
+    );
+}

@@ -37,6 +37,17 @@ pub struct Running {
     pub cluster: Cluster,
 }
 
+/// How the agents find their objects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// The manifest file.
+    None,
+    /// The fake API server, through the kubeconfig.
+    Kubeconfig,
+    /// The fake API server, through `--master` (the kubeconfig's address is dead).
+    ThroughMaster,
+}
+
 /// Where the fake API server listens in each node's namespace (its loopback).
 pub const API_ADDRESS: &str = "127.0.0.1:6443";
 
@@ -78,14 +89,61 @@ impl Running {
 
     /// Like [`Running::start`] with another `lb` binary (e.g. an older release) and agent flags.
     pub fn start_with_agent(lb: &Path, extra_args: &[&str]) -> Self {
-        Self::start_full(false, false, lb, extra_args)
+        Self::start_full(
+            false,
+            Api::None,
+            lb,
+            AgentOptions {
+                extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+                ..AgentOptions::default()
+            },
+        )
+    }
+
+    /// Like [`Running::start`] with these agent options.
+    pub fn start_with_options(options: AgentOptions) -> Self {
+        Self::start_full(
+            false,
+            Api::None,
+            Path::new(env!("CARGO_BIN_EXE_lb")),
+            options,
+        )
+    }
+
+    /// Like [`Running::start_kubernetes`], but the kubeconfig names an address where nothing
+    /// listens (as in-cluster configuration names a ClusterIP nobody programs on a
+    /// kube-proxy-free node) and `--master` gives the real one.
+    pub fn start_kubernetes_via_master() -> Self {
+        Self::start_full(
+            false,
+            Api::ThroughMaster,
+            Path::new(env!("CARGO_BIN_EXE_lb")),
+            AgentOptions {
+                extra_args: vec!["--master".to_owned(), format!("http://{API_ADDRESS}")],
+                ..AgentOptions::default()
+            },
+        )
     }
 
     fn start_with(xdp: bool, kubernetes: bool) -> Self {
-        Self::start_full(xdp, kubernetes, Path::new(env!("CARGO_BIN_EXE_lb")), &[])
+        let api = if kubernetes {
+            Api::Kubeconfig
+        } else {
+            Api::None
+        };
+        Self::start_full(
+            xdp,
+            api,
+            Path::new(env!("CARGO_BIN_EXE_lb")),
+            AgentOptions {
+                xdp,
+                ..AgentOptions::default()
+            },
+        )
     }
 
-    fn start_full(xdp: bool, kubernetes: bool, lb: &Path, extra_args: &[&str]) -> Self {
+    fn start_full(xdp: bool, api_mode: Api, lb: &Path, mut options: AgentOptions) -> Self {
+        let kubernetes = api_mode != Api::None;
         xtask::cleanup::install_interrupt_handler();
         let cluster = Cluster::two_nodes().expect("build the testbed");
         if xdp {
@@ -105,11 +163,6 @@ impl Running {
         std::fs::create_dir_all(&manifest_dir).unwrap();
         let manifest = manifest_dir.join("services.yaml");
         std::fs::write(&manifest, example_manifest()).unwrap();
-        let mut options = AgentOptions {
-            xdp,
-            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
-            ..AgentOptions::default()
-        };
         let api = kubernetes.then(|| {
             let api = FakeApi::new().expect("fake API server");
             for node in &cluster.nodes {
@@ -131,7 +184,13 @@ impl Running {
                 api.apply(slice);
             }
             let kubeconfig = manifest_dir.join("kubeconfig");
-            FakeApi::write_kubeconfig(&kubeconfig, &format!("http://{API_ADDRESS}")).unwrap();
+            let server = if api_mode == Api::ThroughMaster {
+                // Nothing listens there (the node's own loopback).
+                "http://127.0.0.1:1".to_owned()
+            } else {
+                format!("http://{API_ADDRESS}")
+            };
+            FakeApi::write_kubeconfig(&kubeconfig, &server).unwrap();
             options.kubeconfig = Some(kubeconfig);
             api
         });
