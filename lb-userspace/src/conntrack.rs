@@ -14,6 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::bpf_sys::{
+    BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BatchAttr, ElemAttr, bpf,
+};
 use lb_common::{
     IPPROTO_UDP,
     conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},
@@ -77,7 +80,8 @@ pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, CtEntry)>> 
             elem_flags: 0,
             flags: 0,
         };
-        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: the batch buffers hold `BATCH` keys and values; the batch cursors are u64s.
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let err = (rc < 0).then(std::io::Error::last_os_error);
         let n = attr.count as usize;
         out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
@@ -107,7 +111,8 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
             elem_flags: 0,
             flags: 0,
         };
-        if bpf(BPF_MAP_DELETE_BATCH, &mut attr) == 0 {
+        // SAFETY: `keys` points at `count` keys of the map's key size.
+        if unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) } == 0 {
             deleted += attr.count as usize;
             continue;
         }
@@ -121,7 +126,8 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
                 value: 0,
                 flags: 0,
             };
-            if bpf(BPF_MAP_DELETE_ELEM, &mut one) == 0 {
+            // SAFETY: `key` points at one key of the map's key size.
+            if unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut one) } == 0 {
                 deleted += 1;
             }
         }
@@ -223,46 +229,6 @@ fn zero_entry() -> CtEntry {
         backend_id: 0,
         created_s: 0,
         expires_s: 0,
-    }
-}
-
-const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
-
-/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `union bpf_attr`'s element-operation member.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> libc::c_long {
-    // SAFETY: `attr` is a live, correctly laid out bpf_attr member of the size passed; the
-    // pointers inside it point at buffers the caller keeps alive and sized for `count` entries.
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
     }
 }
 

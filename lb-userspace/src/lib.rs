@@ -6,6 +6,7 @@
 //! [`agent`] runs the loop with [`health`] and [`metrics`]; [`config`] resolves its settings.
 
 pub mod agent;
+pub mod bpf_sys;
 pub mod config;
 pub mod conntrack;
 pub mod dataplane;

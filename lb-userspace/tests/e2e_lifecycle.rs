@@ -201,11 +201,11 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
     if !privileged("dead_flows_are_swept_and_snat_ports_come_back") {
         return;
     }
-    // 256 SNAT ports for 1,500 connections.
+    // 1,024 SNAT ports for 2,000 connections.
     let mut running = Running::start_with_options(AgentOptions {
         extra_args: [
             "--snat-ports",
-            "61000-61255",
+            "61000-62023",
             "--conntrack-tcp-timeout-close",
             "1s",
             "--conntrack-gc-interval",
@@ -216,7 +216,7 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
         .collect(),
         ..AgentOptions::default()
     });
-    const FLOWS: usize = 1500;
+    const FLOWS: usize = 2000;
     let started = Instant::now();
     let mut fill: BTreeMap<u64, usize> = BTreeMap::new();
     let mut failures = 0;
@@ -232,7 +232,8 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
                 conntrack_entries(&mut running, "node-1"),
             );
         }
-        // 100 flows a second hold at most about 200 of the 256 ports with a 1 s close timeout.
+        // 100 flows a second hold about 300 of the 1,024 ports: a 1 s close timeout counts in
+        // whole seconds, and the sweep runs every second.
         std::thread::sleep(Duration::from_millis(1100));
         if started.elapsed() > Duration::from_secs(120) {
             panic!("the flood took too long");
@@ -241,11 +242,15 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
     std::thread::sleep(Duration::from_millis(3000));
     let after = conntrack_entries(&mut running, "node-1");
     let peak = fill.values().copied().max().unwrap_or_default();
+    let snat_failed = lb_userspace::loader::pinned_counters(running.agent("node-1").bpffs_dir())
+        .expect("node-1's counters")[&lb_common::counters::Counter::SnatFailed];
     eprintln!(
-        "sweep: {FLOWS} connections through 256 SNAT ports, {failures} failed; conntrack fill \
+        "sweep: {FLOWS} connections through 1024 SNAT ports, {failures} failed ({snat_failed} \
+         found no SNAT port); conntrack fill \
          (ms -> entries) {fill:?}, {after} entries 3 s after the flood"
     );
-    assert_eq!(failures, 0, "every connection got a SNAT port");
+    assert_eq!(snat_failed, 0, "every connection got a SNAT port");
+    assert_eq!(failures, 0, "every connection succeeded");
     assert!(after <= 10, "dead flows swept: {after} entries left");
     // Two entries a flow; at most this batch's and the last one's flows are alive.
     assert!(

@@ -103,18 +103,19 @@ fn clusterip_from_pods_follows_manifest_changes_and_new_pods() {
         .wait_for_log_count("synced", syncs + 1, Duration::from_secs(10))
         .expect("agent re-reads on SIGHUP");
 
-    // Stopped agents detach: the ClusterIP no longer answers.
+    // Stopped agents exit cleanly and leave the packet path attached: the ClusterIP still
+    // answers (the restart tests cover this in depth).
     for agent in run.agents.drain(..) {
         let log = agent.log();
-        let status = agent.stop().expect("stop the agent");
+        let status = agent.halt(libc::SIGTERM).expect("stop the agent");
         assert!(
             status.success(),
             "agent exits cleanly on SIGTERM: {status}\n{log}"
         );
     }
     assert!(
-        run.from("client-1", move || udp_request(echo_udp).is_err()),
-        "nothing answers without the agents"
+        run.from("client-1", move || udp_request(echo_udp).is_ok()),
+        "the ClusterIP still answers while no agent runs"
     );
 }
 

@@ -686,6 +686,10 @@ fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
 }
 
 fn load(test: &str) -> LoadedPath {
+    load_with(test, lb_common::conntrack::CtTimeouts::DEFAULT)
+}
+
+fn load_with(test: &str, timeouts: lb_common::conntrack::CtTimeouts) -> LoadedPath {
     let mut path = LoadedPath::load(test);
     path.programmer.set_settings(Settings {
         reject_no_endpoints: true,
@@ -693,7 +697,7 @@ fn load(test: &str) -> LoadedPath {
             snat_addr_be: lb_common::addr_be(NODE),
             snat_port_first: SNAT_PORTS.0,
             snat_port_last: SNAT_PORTS.1,
-            timeouts: lb_common::conntrack::CtTimeouts::DEFAULT,
+            timeouts,
             _reserved: [0; 2],
         },
     });
@@ -1202,17 +1206,7 @@ fn flows_have_a_lifecycle() {
         udp_s: 1,
         udp_stream_s: 300,
     };
-    let mut path = LoadedPath::load("lifecycle");
-    path.programmer.set_settings(Settings {
-        reject_no_endpoints: true,
-        node: NodeConfig {
-            snat_addr_be: lb_common::addr_be(NODE),
-            snat_port_first: SNAT_PORTS.0,
-            snat_port_last: SNAT_PORTS.1,
-            timeouts,
-            _reserved: [0; 2],
-        },
-    });
+    let mut path = load_with("lifecycle", timeouts);
     const AB: &[[u8; 4]] = &[POD_A, POD_B];
     provision(&mut path, AB);
     let pod = net.ifindex("pod0");

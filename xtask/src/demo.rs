@@ -384,7 +384,8 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "lb stats failed");
     }
     step(
-        "stopping the agents (they detach; maps stay pinned for a restart) and tearing the testbed down",
+        "stopping the agents (the programs would stay attached for the next agent; the demo \
+         unpins them) and tearing the testbed down",
     );
     for agent in agents {
         let status = agent.stop()?;

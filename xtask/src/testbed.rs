@@ -531,6 +531,25 @@ impl AgentProcess {
     /// leaves what it pinned in place, as a DaemonSet restart does: the packet path stays
     /// attached for the next agent on this node.
     pub fn halt(mut self, signal: i32) -> anyhow::Result<ExitStatus> {
+        let status = self.stop_child(signal)?;
+        // Kept for the next agent; the testbed's registry still removes it at the end.
+        self.pin_dir = PathBuf::new();
+        Ok(status)
+    }
+
+    /// Leaves a detached agent running (its pin directory and log stay too).
+    pub fn leave_running(mut self) {
+        self.child = None;
+        self.pin_dir = PathBuf::new();
+        self.log = PathBuf::new();
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.stop_child(libc::SIGTERM)
+    }
+
+    /// Sends `signal` and waits up to 10 s (then SIGKILL) for the agent to exit.
+    fn stop_child(&mut self, signal: i32) -> anyhow::Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped");
         };
@@ -546,36 +565,6 @@ impl AgentProcess {
                 break child.wait()?;
             }
             std::thread::sleep(Duration::from_millis(5));
-        };
-        cleanup::forget_child(child.id());
-        // Kept for the next agent; the testbed's registry still removes it at the end.
-        self.pin_dir = PathBuf::new();
-        Ok(status)
-    }
-
-    /// Leaves a detached agent running (its pin directory and log stay too).
-    pub fn leave_running(mut self) {
-        self.child = None;
-        self.pin_dir = PathBuf::new();
-        self.log = PathBuf::new();
-    }
-
-    fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            bail!("agent already stopped");
-        };
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break child.wait()?;
-            }
-            std::thread::sleep(Duration::from_millis(10));
         };
         cleanup::forget_child(child.id());
         Ok(status)

@@ -286,6 +286,11 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.agents.clear();
+        // Agents halted on purpose left their pins (and attached programs) for a successor.
+        for node in &self.cluster.nodes {
+            let pins = PathBuf::from(format!("/sys/fs/bpf/{}-{}", self.cluster.run_id, node.name));
+            xtask::cleanup::remove_pin_dir(&pins);
+        }
         self.api = None;
         let _ = std::fs::remove_dir_all(&self.manifest_dir);
     }
