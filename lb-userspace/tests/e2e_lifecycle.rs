@@ -252,9 +252,9 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
     assert_eq!(snat_failed, 0, "every connection got a SNAT port");
     assert_eq!(failures, 0, "every connection succeeded");
     assert!(after <= 10, "dead flows swept: {after} entries left");
-    // Two entries a flow; at most this batch's and the last one's flows are alive.
+    // Two entries a flow; at most the flows of the last three batches are alive.
     assert!(
-        peak <= 2 * 2 * 100 + 50,
+        peak <= 3 * 2 * 100 + 50,
         "the map stays small under the flood: {fill:?}"
     );
 }

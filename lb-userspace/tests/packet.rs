@@ -261,6 +261,10 @@ fn frag_needed() -> etherparse::Icmpv4Type {
     })
 }
 
+fn time_exceeded() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit)
+}
+
 fn port_unreachable_type() -> etherparse::Icmpv4Type {
     etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
 }
@@ -1019,6 +1023,33 @@ fn packet_table() {
                 &udp_reply_quote,
             )),
             &[(Counter::IcmpTranslated, 1)],
+        ),
+        Case::new(
+            "ICMP time exceeded from a router on the backend's side reaches the client, the router's address kept",
+            icmp_error(
+                NODE2,
+                CLIENT,
+                time_exceeded(),
+                &tcp(plain(CLIENT, 40000, syn_backend, 8080, false)),
+            ),
+            Expect::Rewritten(icmp_error(
+                NODE2,
+                CLIENT,
+                time_exceeded(),
+                &tcp(plain(CLIENT, 40000, VIP, 80, false)),
+            )),
+            &[(Counter::IcmpTranslated, 1)],
+        ),
+        Case::new(
+            "an ICMP echo request to the ClusterIP passes unchanged",
+            icmp_error_quoting(
+                CLIENT,
+                VIP,
+                etherparse::Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 }),
+                b"ping",
+            ),
+            Expect::Unchanged,
+            &[(Counter::Passed, 1)],
         ),
         Case::new(
             "an ICMP error about a flow lb never translated passes unchanged",
