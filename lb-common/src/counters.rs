@@ -31,10 +31,13 @@ pub enum Counter {
     /// An ICMP error about a translated flow, rewritten (outer and quoted headers) to match
     /// what its receiver sent or expects.
     IcmpTranslated = 11,
+    /// A new flow whose reply tuple another live flow already had (one client port to two
+    /// Services with a common backend): its source port was remapped, as netfilter does.
+    PortRemapped = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
@@ -47,6 +50,7 @@ impl Counter {
         Counter::XdpTransmitted,
         Counter::Rebalanced,
         Counter::IcmpTranslated,
+        Counter::PortRemapped,
     ];
 
     /// Stable, metric-friendly name.
@@ -64,6 +68,7 @@ impl Counter {
             Counter::XdpTransmitted => "xdp_transmitted",
             Counter::Rebalanced => "rebalanced",
             Counter::IcmpTranslated => "icmp_translated",
+            Counter::PortRemapped => "port_remapped",
         }
     }
 }

@@ -110,19 +110,22 @@ pub fn remove_partner(flow: &FlowKey, entry: &CtEntry) {
     let _ = LB_CONNTRACK.remove(&partner_key(flow, entry));
 }
 
-/// Records the reply direction. `exclusive` fails if the tuple is taken by a live flow (claiming
-/// a SNAT port); an entry whose flow is dead is taken over.
+/// Records the reply direction of the flow `owner` at `key`, unless another live flow holds that
+/// tuple: a free tuple, one whose flow is dead, and one `owner` itself held before are taken;
+/// a live entry of another flow is never overwritten (its replies would be translated for the
+/// wrong flow).
 #[inline(always)]
-pub fn insert_reply(key: &FlowKey, entry: &CtEntry, exclusive: bool, now: u32) -> Result<(), i32> {
-    if !exclusive {
-        return LB_CONNTRACK.insert(key, entry, BPF_ANY as u64);
-    }
+pub fn claim_reply(key: &FlowKey, entry: &CtEntry, owner: &FlowKey, now: u32) -> Result<(), i32> {
     if LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         return Ok(());
     }
     match lookup(key) {
-        Some(old) if !flow_alive(key, &old, now) => LB_CONNTRACK.insert(key, entry, BPF_ANY as u64),
-        _ => Err(-1),
+        Some(old) if partner_key(key, &old) == *owner || !flow_alive(key, &old, now) => {
+            LB_CONNTRACK.insert(key, entry, BPF_ANY as u64)
+        }
+        // Gone meanwhile (LRU): try once more.
+        None => LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64),
+        Some(_) => Err(-1),
     }
 }
 

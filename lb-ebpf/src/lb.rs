@@ -118,7 +118,11 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
     };
     let (src_addr_be, src_port_be) = if snat {
         reply.flags |= CT_F_SNAT;
-        claim_snat_port(flow, &backend, &reply, now)?
+        let node = node_config();
+        if node.snat_addr_be == 0 {
+            return Err(NoFlow::SnatFailed);
+        }
+        claim_port(flow, node.snat_addr_be, &backend, &reply, now)?
     } else {
         let reply_key = FlowKey::new(
             backend.addr_be,
@@ -127,10 +131,15 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
             flow.sport_be,
             flow.proto,
         );
-        // If the conntrack is full the LRU evicts; a failed insert only costs this flow its
-        // reverse translation, and the forward entry below still keeps it on one backend.
-        let _ = conntrack::insert_reply(&reply_key, &reply, false, now);
-        (flow.saddr_be, flow.sport_be)
+        if conntrack::claim_reply(&reply_key, &reply, flow, now).is_ok() {
+            (flow.saddr_be, flow.sport_be)
+        } else {
+            // The same client port already talks to this backend through another Service:
+            // both flows would share one reply tuple. Give this one another source port.
+            count(Counter::PortRemapped);
+            reply.flags |= CT_F_SNAT;
+            claim_port(flow, flow.saddr_be, &backend, &reply, now)?
+        }
     };
     // After SNAT the source is a node address; from the host the packet is past routing already:
     // either way it must be sent on by a FIB lookup.
@@ -157,16 +166,19 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
     Ok(forward)
 }
 
-/// Finds a free SNAT source port towards `backend` and records the reply entry on it.
+/// Finds a free source port in the SNAT range for `src_addr_be` (the node's SNAT address, or the
+/// client's own when only its port must change) towards `backend`, and records the reply entry
+/// on it.
 #[inline(always)]
-fn claim_snat_port(
+fn claim_port(
     flow: &FlowKey,
+    src_addr_be: u32,
     backend: &Backend,
     reply: &CtEntry,
     now: u32,
 ) -> Result<(u32, u16), NoFlow> {
     let node = node_config();
-    if node.snat_addr_be == 0 || node.snat_port_last < node.snat_port_first {
+    if node.snat_port_last < node.snat_port_first || node.snat_port_first == 0 {
         return Err(NoFlow::SnatFailed);
     }
     let range = (node.snat_port_last - node.snat_port_first) as u32 + 1;
@@ -176,13 +188,13 @@ fn claim_snat_port(
         let port_be = port.to_be();
         let reply_key = FlowKey::new(
             backend.addr_be,
-            node.snat_addr_be,
+            src_addr_be,
             backend.port_be,
             port_be,
             flow.proto,
         );
-        if conntrack::insert_reply(&reply_key, reply, true, now).is_ok() {
-            return Ok((node.snat_addr_be, port_be));
+        if conntrack::claim_reply(&reply_key, reply, flow, now).is_ok() {
+            return Ok((src_addr_be, port_be));
         }
     }
     Err(NoFlow::SnatFailed)

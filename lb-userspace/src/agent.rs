@@ -392,6 +392,11 @@ impl Agent {
                 Severity::Warning => warn!("{problem}"),
             }
         }
+        let invalid = problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .count();
+        self.metrics.object_errors.set(invalid as i64);
         let desired = self.translator.translate(&objects, &self.node);
         for problem in &desired.problems {
             error!("{problem}");
@@ -421,9 +426,13 @@ impl Agent {
                         Err(err) => warn!("cannot purge UDP flows of removed backends: {err}"),
                     }
                 }
-                for frontend in unplaced {
+                for frontend in &unplaced {
                     error!("{frontend}: no room left in the slots array; not programmed");
                 }
+                self.health.set_unprogrammed(unplaced.len());
+                self.metrics
+                    .frontends_unprogrammed
+                    .set(unplaced.len() as i64);
                 self.health.applied();
                 self.metrics.syncs.inc();
                 self.metrics

@@ -30,6 +30,8 @@ struct Times {
 pub struct HealthState {
     times: Mutex<Times>,
     timeout: Duration,
+    /// Frontends the last sync wanted but could not program (no room): not healthy while any.
+    unprogrammed: std::sync::atomic::AtomicUsize,
 }
 
 impl HealthState {
@@ -37,7 +39,18 @@ impl HealthState {
         Self {
             times: Mutex::new(Times::default()),
             timeout,
+            unprogrammed: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// How many wanted frontends the last sync left unprogrammed.
+    pub fn set_unprogrammed(&self, frontends: usize) {
+        self.unprogrammed
+            .store(frontends, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn unprogrammed(&self) -> usize {
+        self.unprogrammed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn times(&self) -> std::sync::MutexGuard<'_, Times> {
@@ -57,7 +70,12 @@ impl HealthState {
         times.last_applied = Some((Instant::now(), SystemTime::now()));
     }
 
+    /// Fresh (kube-proxy's meaning) and nothing wanted left unprogrammed.
     pub fn healthy(&self) -> bool {
+        self.fresh() && self.unprogrammed() == 0
+    }
+
+    fn fresh(&self) -> bool {
         let times = self.times();
         times.last_applied.is_some()
             && times
@@ -66,9 +84,10 @@ impl HealthState {
     }
 
     /// Alive unless programmed state went stale: before a first sync (e.g. the API server is
-    /// still away) the pinned state serves, and restarting the agent would not help.
+    /// still away) the pinned state serves, and restarting the agent would not help; neither
+    /// would it for a Service that does not fit.
     pub fn live(&self) -> bool {
-        self.times().last_applied.is_none() || self.healthy()
+        self.times().last_applied.is_none() || self.fresh()
     }
 
     fn report(&self, healthy: bool) -> (StatusCode, Json<Value>) {
@@ -88,6 +107,7 @@ impl HealthState {
                 "lastUpdated": last,
                 "currentTime": unix(SystemTime::now()),
                 "nodeEligible": true,
+                "unprogrammedFrontends": self.unprogrammed(),
             })),
         )
     }
@@ -187,6 +207,25 @@ fn serve_health_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frontend_left_unprogrammed_makes_healthz_fail_but_not_livez() {
+        let state = HealthState::new(Duration::from_secs(60));
+        assert!(!state.healthy() && state.live(), "before the first sync");
+        state.applied();
+        assert!(state.healthy());
+        state.set_unprogrammed(2);
+        assert!(
+            !state.healthy(),
+            "a Service that does not fit is not healthy"
+        );
+        assert!(state.live(), "restarting would not make it fit");
+        let (status, Json(body)) = state.report(state.healthy());
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["unprogrammedFrontends"], 2);
+        state.set_unprogrammed(0);
+        assert!(state.healthy());
+    }
 
     #[test]
     fn ready_after_a_sync_and_stale_when_a_change_waits_too_long() {

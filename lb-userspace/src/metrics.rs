@@ -27,6 +27,11 @@ pub struct Metrics {
     pub sync_latency: Histogram,
     pub frontends: Gauge,
     pub backends: Gauge,
+    /// Frontends the last sync wanted but found no room for.
+    pub frontends_unprogrammed: Gauge,
+    /// Errors in Services and EndpointSlices at the last sync (such objects are rejected; their
+    /// last good version, if any, stays).
+    pub object_errors: Gauge,
     /// Conntrack entries (two per flow) at the last sweep.
     pub conntrack_entries: Gauge,
     pub conntrack_gc_deleted: Counter,
@@ -60,6 +65,18 @@ impl Metrics {
             frontends.clone(),
         );
         registry.register("backends", "Programmed backends", backends.clone());
+        let frontends_unprogrammed = Gauge::default();
+        let object_errors = Gauge::default();
+        registry.register(
+            "frontends_unprogrammed",
+            "Frontends wanted but not programmed (no room left); /healthz fails while any",
+            frontends_unprogrammed.clone(),
+        );
+        registry.register(
+            "object_errors",
+            "Errors in Services and EndpointSlices at the last sync (those objects are rejected)",
+            object_errors.clone(),
+        );
         let conntrack_entries = Gauge::default();
         let conntrack_gc_deleted = Counter::default();
         let conntrack_gc_duration =
@@ -87,6 +104,8 @@ impl Metrics {
             sync_latency,
             frontends,
             backends,
+            frontends_unprogrammed,
+            object_errors,
             conntrack_entries,
             conntrack_gc_deleted,
             conntrack_gc_duration,

@@ -361,3 +361,88 @@ fn path_mtu_discovery_works_through_a_service() {
         "both ICMP errors went through lb on node-1: {counters:?}"
     );
 }
+
+/// A TCP connection from `port`, which other sockets may share (SO_REUSEADDR), to `target`;
+/// it closes with a RST.
+fn connect_from(port: u16, target: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // Closed with a RST: no TIME_WAIT holding the tuple when the port is reused.
+    setsockopt(
+        &fd,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(stream)
+}
+
+/// One line to the echo pod; the pod that answered.
+fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
+    use std::io::BufRead as _;
+    conn.write_all(b"hello\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("pod=").map(str::to_owned))
+        .ok_or_else(|| std::io::Error::other(format!("unexpected answer {line:?}")))
+}
+
+/// One client port to two ClusterIPs that share a backend: both connections share the reply
+/// tuple unless lb gives the second another source port, as netfilter does.
+#[test]
+fn one_client_port_to_two_services_with_a_common_backend() {
+    if !privileged("one_client_port_to_two_services_with_a_common_backend") {
+        return;
+    }
+    let mut running = Running::start(false);
+    let outcome = running.from("client-1", || {
+        // echo has pod-a and pod-c; legacy only pod-a. Find a port echo sends to pod-a.
+        let (port, mut first) = (47000..47400u16)
+            .find_map(|port| {
+                let mut conn = connect_from(port, at([10, 96, 0, 10], 80)).ok()?;
+                (ask(&mut conn).ok()? == "pod-a").then_some((port, conn))
+            })
+            .expect("a client port that echo balances to pod-a");
+        let mut second =
+            connect_from(port, at([10, 96, 0, 40], 8080)).expect("the same port to legacy");
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(ask(&mut first).map_err(|e| format!("echo: {e}")));
+            answers.push(ask(&mut second).map_err(|e| format!("legacy: {e}")));
+        }
+        drop((first, second));
+        // The port again, once the two are closed.
+        let mut again =
+            connect_from(port, at([10, 96, 0, 40], 8080)).expect("the port reused for legacy");
+        answers.push(ask(&mut again).map_err(|e| format!("legacy again: {e}")));
+        (port, answers)
+    });
+    let (port, answers) = outcome;
+    assert!(
+        answers.iter().all(|a| a.as_deref() == Ok("pod-a")),
+        "client port {port}, both connections open at once, then reused: {answers:?}"
+    );
+    let remapped = lb_userspace::loader::pinned_counters(running.agent("node-1").bpffs_dir())
+        .expect("node-1's counters")[&lb_common::counters::Counter::PortRemapped];
+    assert!(remapped >= 1, "the second flow's source port was remapped");
+    eprintln!(
+        "clash: client port {port} to echo and legacy (both pod-a): 11 of 11 answers, {remapped} \
+         source port(s) remapped"
+    );
+}

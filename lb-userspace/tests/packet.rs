@@ -752,6 +752,8 @@ fn packet_table() {
     let tcp_draining = predicted_backend(CDE, 40022, 80, 6);
     let still_ready = without(CDE, &[udp_draining, tcp_draining]);
     let terminating: &'static [[u8; 4]] = without(CDE, still_ready);
+    // The port a second flow from CLIENT:43000 to pod A gets (the first one holds 43000).
+    let remapped_port = predicted_snat_port(CLIENT, 43000, SELF_VIP, 80);
     // The backend's UDP reply as the client got it, whose checksum the ICMP quote keeps.
     let udp_reply_seen = udp(VIP, 53, CLIENT, 40001, false);
     let mut udp_reply_quote = udp(udp_backend, 5353, CLIENT, 40001, false)[14..42].to_vec();
@@ -1112,6 +1114,37 @@ fn packet_table() {
             "... while the established TCP flow stays on its terminating backend",
             tcp(plain(CLIENT, 40022, VIP, 80, false)),
             Expect::Rewritten(tcp(plain(CLIENT, 40022, tcp_draining, 8080, false))),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "one client port to web, whose only backend is pod A",
+            tcp(plain(CLIENT, 43000, VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, 43000, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .provision(&[POD_A]),
+        Case::new(
+            "the same client port to another Service on pod A: its reply tuple is taken, so its source port is remapped",
+            tcp(plain(CLIENT, 43000, SELF_VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, remapped_port, POD_A, 8080, true))),
+            &[(Counter::Translated, 1), (Counter::PortRemapped, 1)],
+        ),
+        Case::new(
+            "pod A's reply to the first flow still comes from web",
+            tcp(plain(POD_A, 8080, CLIENT, 43000, false)),
+            Expect::Rewritten(tcp(plain(VIP, 80, CLIENT, 43000, false))),
+            &[(Counter::ReverseTranslated, 1)],
+        ),
+        Case::new(
+            "pod A's reply to the second flow comes from the other Service, to the client's own port",
+            tcp(plain(POD_A, 8080, CLIENT, remapped_port, false)),
+            Expect::Rewritten(tcp(plain(SELF_VIP, 80, CLIENT, 43000, false))),
+            &[(Counter::ReverseTranslated, 1)],
+        ),
+        Case::new(
+            "the second flow's later packets keep the remapped port",
+            tcp(plain(CLIENT, 43000, SELF_VIP, 80, false)),
+            Expect::Rewritten(tcp(plain(CLIENT, remapped_port, POD_A, 8080, false))),
             &[(Counter::Translated, 1)],
         ),
     ];
