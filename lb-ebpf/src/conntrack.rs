@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
     IPPROTO_TCP,
@@ -19,11 +19,12 @@ use crate::{
     maps::{LB_CONNTRACK, lookup_lru, node_config},
 };
 
-/// Monotonic seconds, the clock of `CtEntry::created_s` / `expires_s`.
+/// Monotonic seconds, the clock of `CtEntry::created_s` / `expires_s`. The coarse clock (the
+/// same CLOCK_MONOTONIC, at tick resolution) is enough for seconds and cheaper to read.
 #[inline(always)]
 pub fn now_s() -> u32 {
     // SAFETY: a helper without arguments or side effects.
-    mono_seconds(unsafe { bpf_ktime_get_ns() })
+    mono_seconds(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
 /// The timeouts the agent configured (defaults until it has written any).
@@ -44,11 +45,13 @@ pub fn flow_alive(key: &FlowKey, entry: &CtEntry, now: u32) -> bool {
     !entry.expired(now) || lookup(&partner_key(key, entry)).is_some_and(|p| !p.expired(now))
 }
 
-/// The entry for `flow` if its flow is alive; a dead flow's entries count as absent.
+/// The entry for `flow` and the time, if its flow is alive; a dead flow's entries count as
+/// absent. The clock is read only on a hit.
 #[inline(always)]
-pub fn lookup_live(flow: &FlowKey, now: u32) -> Option<CtEntry> {
+pub fn lookup_live(flow: &FlowKey) -> Option<(CtEntry, u32)> {
     let entry = lookup(flow)?;
-    flow_alive(flow, &entry, now).then_some(entry)
+    let now = now_s();
+    flow_alive(flow, &entry, now).then_some((entry, now))
 }
 
 /// Records one packet of `flow` (whose entry is `entry`): the flow's state from its TCP flags and

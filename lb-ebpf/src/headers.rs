@@ -112,21 +112,14 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(NotHandled::Pass);
     }
-    let l4_len = if proto == IPPROTO_TCP {
-        TCP_MIN_LEN
+    // One load of the whole fixed L4 header: it must all be there (the TCP checksum lies at
+    // its end), and it holds the ports and the TCP flags.
+    let (ports, tcp_flags) = if proto == IPPROTO_TCP {
+        let tcp: [u8; TCP_MIN_LEN] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFF])
     } else {
-        UDP_LEN
-    };
-    // The whole fixed L4 header must be present: the checksum lies at its end for TCP.
-    let last_byte = l4_off + l4_len - 1;
-    ctx.load::<u8>(last_byte)
-        .map_err(|_| NotHandled::Malformed)?;
-    let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF)
-            .map_err(|_| NotHandled::Malformed)?
-    } else {
-        0
+        let udp: [u8; UDP_LEN] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
+        ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
     Ok(Parsed::Flow(Packet {
         saddr_be: u32::from_ne_bytes(ip.src_addr),

@@ -50,8 +50,7 @@ const SNAT_TRIES: u32 = 16;
 /// connection's tuple, or a flow whose backend left (for UDP: also one that drains).
 #[inline(always)]
 pub fn established(flow: &FlowKey, tcp_flags: u8) -> Option<CtEntry> {
-    let now = conntrack::now_s();
-    let entry = conntrack::lookup_live(flow, now)?;
+    let (entry, now) = conntrack::lookup_live(flow)?;
     if entry.kind == CT_KIND_FORWARD {
         let new_syn = flow.proto == IPPROTO_TCP
             && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
