@@ -189,7 +189,7 @@ fn main() {
         return;
     }
     let v2 = v2_object().expect("the v2 object inside tests/fixtures/lb-v2-80bf481.xz");
-    let mut objects = vec![
+    let mut objects = [
         load("v2 (80bf481)", &v2),
         load("this build", lb_userspace::loader::EBPF_OBJECT),
     ];
