@@ -45,11 +45,10 @@ pub fn flow_alive(key: &FlowKey, entry: &CtEntry, now: u32) -> bool {
     !entry.expired(now) || lookup(&partner_key(key, entry)).is_some_and(|p| !p.expired(now))
 }
 
-/// The entry for `flow` and the time, if its flow is alive; a dead flow's entries count as
-/// absent. The clock is read only on a hit.
+/// `entry` (found for `flow`) and the time, if its flow is alive; a dead flow's entries count
+/// as absent. The clock is read only once an entry was found.
 #[inline(always)]
-pub fn lookup_live(flow: &FlowKey) -> Option<(CtEntry, u32)> {
-    let entry = lookup(flow)?;
+pub fn live(flow: &FlowKey, entry: CtEntry) -> Option<(CtEntry, u32)> {
     let now = now_s();
     flow_alive(flow, &entry, now).then_some((entry, now))
 }

@@ -26,8 +26,9 @@ pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_HDR_LEN: usize = 8;
-const IPV4_MIN_LEN: usize = 20;
+pub const ICMP_HDR_LEN: usize = 8;
+/// An IPv4 header without options.
+pub const IPV4_MIN_LEN: usize = 20;
 const UDP_CSUM_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;

@@ -50,7 +50,13 @@ const SNAT_TRIES: u32 = 16;
 /// connection's tuple, or a flow whose backend left (for UDP: also one that drains).
 #[inline(always)]
 pub fn established(flow: &FlowKey, tcp_flags: u8) -> Option<CtEntry> {
-    let (entry, now) = conntrack::lookup_live(flow)?;
+    established_entry(flow, conntrack::lookup(flow)?, tcp_flags)
+}
+
+/// [`established`] for an entry already looked up.
+#[inline(always)]
+pub fn established_entry(flow: &FlowKey, found: CtEntry, tcp_flags: u8) -> Option<CtEntry> {
+    let (entry, now) = conntrack::live(flow, found)?;
     if entry.kind == CT_KIND_FORWARD {
         let new_syn = flow.proto == IPPROTO_TCP
             && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN

@@ -3,24 +3,20 @@
 //! way it came.
 
 use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_redirect, programs::TcContext};
-use lb_common::IPPROTO_TCP;
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
-    headers::{ETH_LEN, Packet},
+    headers::{
+        ETH_LEN, ICMP_HDR_LEN, IPV4_MIN_LEN, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
+        TCP_FLAG_SYN,
+    },
     lb::Origin,
     redirect::ifindex,
 };
 
-const IPV4_HDR_LEN: usize = 20;
 const TCP_HDR_LEN: usize = 20;
-const ICMP_HDR_LEN: usize = 8;
 /// What an ICMP error quotes of the offending packet: its IPv4 header and 8 bytes after it.
-const QUOTE_LEN: usize = IPV4_HDR_LEN + 8;
-const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
-const IPPROTO_ICMP: u8 = 1;
+const QUOTE_LEN: usize = IPV4_MIN_LEN + 8;
 
 pub struct NotRejected;
 
@@ -49,7 +45,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, origin: Origin) -> Result<i32, NotR
 
 /// An IPv4 header for an answer from `saddr_be` to `daddr_be`, checksum filled in.
 #[inline(always)]
-fn ipv4_header(total_len: u16, proto: u8, saddr_be: u32, daddr_be: u32) -> [u8; IPV4_HDR_LEN] {
+fn ipv4_header(total_len: u16, proto: u8, saddr_be: u32, daddr_be: u32) -> [u8; IPV4_MIN_LEN] {
     let len = total_len.to_be_bytes();
     let s = saddr_be.to_ne_bytes();
     let d = daddr_be.to_ne_bytes();
@@ -115,21 +111,21 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
     tcp[16] = csum[0];
     tcp[17] = csum[1];
     let ip = ipv4_header(
-        (IPV4_HDR_LEN + TCP_HDR_LEN) as u16,
+        (IPV4_MIN_LEN + TCP_HDR_LEN) as u16,
         IPPROTO_TCP,
         pkt.daddr_be,
         pkt.saddr_be,
     );
-    resize(ctx, ETH_LEN + IPV4_HDR_LEN + TCP_HDR_LEN)?;
+    resize(ctx, ETH_LEN + IPV4_MIN_LEN + TCP_HDR_LEN)?;
     ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_HDR_LEN, &tcp, 0)
+    ctx.store(ETH_LEN + IPV4_MIN_LEN, &tcp, 0)
         .map_err(|_| NotRejected)
 }
 
 /// ICMP destination unreachable, code 3 (port unreachable), quoting the offending header.
 #[inline(always)]
 fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
-    if pkt.l4_off != ETH_LEN + IPV4_HDR_LEN {
+    if pkt.l4_off != ETH_LEN + IPV4_MIN_LEN {
         return Err(NotRejected); // IPv4 options: not worth quoting; the flow is dropped instead
     }
     let quote: [u8; QUOTE_LEN] = ctx.load(ETH_LEN).map_err(|_| NotRejected)?;
@@ -138,16 +134,16 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejecte
     icmp[2] = csum[0];
     icmp[3] = csum[1];
     let ip = ipv4_header(
-        (IPV4_HDR_LEN + ICMP_HDR_LEN + QUOTE_LEN) as u16,
+        (IPV4_MIN_LEN + ICMP_HDR_LEN + QUOTE_LEN) as u16,
         IPPROTO_ICMP,
         pkt.daddr_be,
         pkt.saddr_be,
     );
-    resize(ctx, ETH_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + QUOTE_LEN)?;
+    resize(ctx, ETH_LEN + IPV4_MIN_LEN + ICMP_HDR_LEN + QUOTE_LEN)?;
     ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_HDR_LEN, &icmp, 0)
+    ctx.store(ETH_LEN + IPV4_MIN_LEN, &icmp, 0)
         .map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN, &quote, 0)
+    ctx.store(ETH_LEN + IPV4_MIN_LEN + ICMP_HDR_LEN, &quote, 0)
         .map_err(|_| NotRejected)
 }
 

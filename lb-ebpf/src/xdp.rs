@@ -24,6 +24,7 @@ use network_types::{
 };
 
 use crate::{
+    conntrack,
     headers::TCP_FLAGS_OFF,
     lb::{self, NoFlow, Origin},
     maps::{LB_SERVICES, count, lookup},
@@ -84,7 +85,13 @@ fn try_process(ctx: &XdpContext) -> Option<u32> {
         0
     };
 
-    let ct = match lb::established(&flow, tcp_flags) {
+    let known = conntrack::lookup(&flow);
+    // A DNAT-only flow is tc's to handle whole: leave its entry untouched here, so each packet
+    // is recorded (and checked) once.
+    if known.is_some_and(|ct| ct.flags & CT_F_REDIRECT == 0) {
+        return None;
+    }
+    let ct = match known.and_then(|found| lb::established_entry(&flow, found, tcp_flags)) {
         Some(ct) => ct,
         None => {
             let service = lookup(&LB_SERVICES, &ServiceKey::new(daddr_be, dport_be, proto))?;

@@ -380,7 +380,7 @@ impl Dataplane {
         stale.len()
     }
 
-    /// How many links were taken over from an earlier agent (replaced in place) so far.
+    /// How many links an earlier agent pinned that no interface has taken over yet.
     pub fn adoptable_links(&self) -> usize {
         self.adoptable.len()
     }

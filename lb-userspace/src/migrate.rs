@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    conntrack::{CT_S_REPLIED, CtEntry, FlowKey, timeout_s},
+    conntrack::{CT_S_REPLIED, CtEntry, CtTimeouts, FlowKey, timeout_s},
     maps::{
         AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, PREVIOUS_PIN_LAYOUT_VERSION, SERVICES_MAP,
         SLOTS_MAP, SLOTS_PER_ELEMENT,
@@ -47,14 +47,7 @@ unsafe impl aya::Pod for CtEntryV2 {}
 
 impl CtEntryV2 {
     /// The v3 entry for this flow, alive for its state's timeout from `now_s`.
-    pub fn upgrade(&self, proto: u8, now_s: u32, maps: &BpfMaps) -> CtEntry {
-        let timeouts = maps
-            .node
-            .get(&0, 0)
-            .ok()
-            .map(|n| n.timeouts)
-            .filter(|t| t.udp_s != 0)
-            .unwrap_or_default();
+    pub fn upgrade(&self, proto: u8, now_s: u32, timeouts: &CtTimeouts) -> CtEntry {
         CtEntry {
             new_saddr_be: self.new_saddr_be,
             new_daddr_be: self.new_daddr_be,
@@ -67,7 +60,7 @@ impl CtEntryV2 {
             service_id: self.service_id,
             backend_id: self.backend_id,
             created_s: now_s,
-            expires_s: now_s.saturating_add(timeout_s(proto, CT_S_REPLIED, &timeouts)),
+            expires_s: now_s.saturating_add(timeout_s(proto, CT_S_REPLIED, timeouts)),
         }
     }
 }
@@ -136,9 +129,11 @@ pub fn from_previous_layout(
         done.services += 1;
     }
     let now = crate::conntrack::now_s();
+    // The first sync writes the configured timeouts; until then the packet path uses these.
+    let timeouts = CtTimeouts::DEFAULT;
     for item in conntrack.iter() {
         let (key, old_entry) = item?;
-        let entry = old_entry.upgrade(key.proto, now, maps);
+        let entry = old_entry.upgrade(key.proto, now, &timeouts);
         maps.conntrack.insert(key, entry, 0)?;
         done.conntrack += 1;
     }

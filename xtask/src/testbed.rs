@@ -207,6 +207,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The `--bpffs-dir` an agent on `node` of this testbed uses.
+    pub fn agent_pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-{node}", self.run_id))
+    }
+
     pub fn node(&self, name: &str) -> &Node {
         self.nodes
             .iter()
@@ -420,7 +425,7 @@ impl AgentProcess {
             .clone()
             .unwrap_or_else(std::env::temp_dir)
             .join(format!("{}-{}-agent.log", cluster.run_id, node.name));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{}", cluster.run_id, node.name));
+        let pin_dir = cluster.agent_pin_dir(&node.name);
         if !options.detached {
             cleanup::register_pin_dir(pin_dir.clone());
         }

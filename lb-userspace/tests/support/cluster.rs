@@ -194,13 +194,7 @@ impl Running {
             options.kubeconfig = Some(kubeconfig);
             api
         });
-        let agents = ["node-1", "node-2"]
-            .iter()
-            .map(|node| {
-                AgentProcess::start(&cluster, node, lb, &manifest, &options)
-                    .unwrap_or_else(|e| panic!("start the agent on {node}: {e:#}"))
-            })
-            .collect();
+        let agents = start_agents(&cluster, lb, &manifest, &options);
         Self {
             agents,
             _servers: servers,
@@ -221,19 +215,12 @@ impl Running {
             agent.halt(signal).expect("stop the agent");
         }
         while_down(self);
-        self.agents = ["node-1", "node-2"]
-            .iter()
-            .map(|node| {
-                AgentProcess::start(
-                    &self.cluster,
-                    node,
-                    Path::new(env!("CARGO_BIN_EXE_lb")),
-                    &self.manifest,
-                    &self.options,
-                )
-                .unwrap_or_else(|e| panic!("restart the agent on {node}: {e:#}"))
-            })
-            .collect();
+        self.agents = start_agents(
+            &self.cluster,
+            Path::new(env!("CARGO_BIN_EXE_lb")),
+            &self.manifest,
+            &self.options,
+        );
         stopped.elapsed()
     }
 
@@ -288,12 +275,27 @@ impl Drop for Running {
         self.agents.clear();
         // Agents halted on purpose left their pins (and attached programs) for a successor.
         for node in &self.cluster.nodes {
-            let pins = PathBuf::from(format!("/sys/fs/bpf/{}-{}", self.cluster.run_id, node.name));
-            xtask::cleanup::remove_pin_dir(&pins);
+            xtask::cleanup::remove_pin_dir(&self.cluster.agent_pin_dir(&node.name));
         }
         self.api = None;
         let _ = std::fs::remove_dir_all(&self.manifest_dir);
     }
+}
+
+/// An agent on each node, ready.
+fn start_agents(
+    cluster: &Cluster,
+    lb: &Path,
+    manifest: &Path,
+    options: &AgentOptions,
+) -> Vec<AgentProcess> {
+    ["node-1", "node-2"]
+        .iter()
+        .map(|node| {
+            AgentProcess::start(cluster, node, lb, manifest, options)
+                .unwrap_or_else(|e| panic!("start the agent on {node}: {e:#}"))
+        })
+        .collect()
 }
 
 pub fn at(addr: [u8; 4], port: u16) -> SocketAddrV4 {

@@ -31,6 +31,16 @@ pub struct FlowReport {
     pub error: Option<String>,
 }
 
+impl FlowReport {
+    /// Records an answer from `pod`, `last` being when the previous one came.
+    fn answered(&mut self, last: &mut Instant, pod: String) {
+        self.max_gap = self.max_gap.max(last.elapsed());
+        *last = Instant::now();
+        self.exchanges += 1;
+        self.pods.insert(pod);
+    }
+}
+
 pub struct Flow {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<FlowReport>,
@@ -39,46 +49,65 @@ pub struct Flow {
 impl Flow {
     /// A TCP conversation from `ns` to `target`, kept open.
     pub fn tcp(ns: &Netns, name: &str, target: SocketAddrV4) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, name) = (stop.clone(), name.to_owned());
-        let thread = ns
-            .spawn_thread(move || {
-                let mut report = FlowReport {
-                    name,
-                    ..FlowReport::default()
-                };
-                let mut conversation = match Conversation::open(target, Duration::from_secs(2)) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        report.error = Some(format!("connect: {e}"));
-                        return report;
-                    }
-                };
-                let mut last = Instant::now();
-                while !flag.load(Ordering::Relaxed) {
-                    match conversation.ask() {
-                        Ok(reply) => {
-                            report.max_gap = report.max_gap.max(last.elapsed());
-                            last = Instant::now();
-                            report.exchanges += 1;
-                            report.pods.insert(reply.pod);
-                        }
-                        Err(e) => {
-                            report.error = Some(format!("{e:#}"));
-                            return report;
-                        }
-                    }
-                    std::thread::sleep(PACE);
+        Self::spawn(ns, name, move |stop, report| {
+            let mut conversation = match Conversation::open(target, Duration::from_secs(2)) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.error = Some(format!("connect: {e}"));
+                    return;
                 }
-                report
-            })
-            .expect("start the flow's thread");
-        Self { stop, thread }
+            };
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                match conversation.ask() {
+                    Ok(reply) => report.answered(&mut last, reply.pod),
+                    Err(e) => {
+                        report.error = Some(format!("{e:#}"));
+                        return;
+                    }
+                }
+                std::thread::sleep(PACE);
+            }
+        })
     }
 
     /// A UDP flow from `ns` to `target` on source port `sport` (one socket, so the same tuple
     /// the whole time).
     pub fn udp(ns: &Netns, name: &str, target: SocketAddrV4, sport: u16) -> Self {
+        Self::spawn(ns, name, move |stop, report| {
+            let socket = UdpSocket::bind(("0.0.0.0", sport)).expect("bind the UDP flow");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            socket.connect(target).unwrap();
+            let mut last = Instant::now();
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                let _ = socket.send(b"hello");
+                match socket.recv(&mut buf) {
+                    Ok(n) => {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        let pod = text
+                            .split_whitespace()
+                            .find_map(|f| f.strip_prefix("pod="))
+                            .unwrap_or_default()
+                            .to_owned();
+                        report.answered(&mut last, pod);
+                    }
+                    Err(_) => report.lost += 1,
+                }
+                std::thread::sleep(PACE);
+            }
+            report.max_gap = report.max_gap.max(last.elapsed());
+        })
+    }
+
+    /// Runs `body` on a thread in `ns` until told to stop; it fills the report.
+    fn spawn(
+        ns: &Netns,
+        name: &str,
+        body: impl FnOnce(&AtomicBool, &mut FlowReport) + Send + 'static,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, name) = (stop.clone(), name.to_owned());
         let thread = ns
@@ -87,32 +116,7 @@ impl Flow {
                     name,
                     ..FlowReport::default()
                 };
-                let socket = UdpSocket::bind(("0.0.0.0", sport)).expect("bind the UDP flow");
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(200)))
-                    .unwrap();
-                socket.connect(target).unwrap();
-                let mut last = Instant::now();
-                let mut buf = [0u8; 1500];
-                while !flag.load(Ordering::Relaxed) {
-                    let _ = socket.send(b"hello");
-                    match socket.recv(&mut buf) {
-                        Ok(n) => {
-                            report.max_gap = report.max_gap.max(last.elapsed());
-                            last = Instant::now();
-                            report.exchanges += 1;
-                            let text = String::from_utf8_lossy(&buf[..n]);
-                            if let Some(pod) =
-                                text.split_whitespace().find_map(|f| f.strip_prefix("pod="))
-                            {
-                                report.pods.insert(pod.to_owned());
-                            }
-                        }
-                        Err(_) => report.lost += 1,
-                    }
-                    std::thread::sleep(PACE);
-                }
-                report.max_gap = report.max_gap.max(last.elapsed());
+                body(&flag, &mut report);
                 report
             })
             .expect("start the flow's thread");
