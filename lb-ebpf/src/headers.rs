@@ -1,8 +1,11 @@
-//! Header parsing for the tc path. Loads go through `bpf_skb_load_bytes` (`TcContext::load`), which
-//! bounds-checks against the packet, so a short packet is an error here rather than a verifier or
-//! memory problem, and variable-length IPv4 headers (options) need no special casing.
+//! Header parsing, one parser for tc and XDP alike through [`PacketAccess`]: on tc a load is
+//! `bpf_skb_load_bytes` (works on non-linear skbs), on XDP a bounds-checked read of the frame.
+//! Either way a short packet is an error here rather than a verifier or memory problem, and
+//! variable-length IPv4 headers (options) need no special casing.
 
-use aya_ebpf::programs::TcContext;
+use core::mem;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -10,6 +13,7 @@ use network_types::{
 };
 
 pub const ETH_LEN: usize = EthHdr::LEN;
+const ETHER_TYPE_OFF: usize = 12;
 /// Offset of the IPv4 header checksum from the start of the IPv4 header.
 pub const IPV4_CSUM_OFF: usize = 10;
 pub const IPV4_SRC_OFF: usize = 12;
@@ -33,6 +37,38 @@ const UDP_CSUM_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 
+/// Reading a value at an offset of the packet, bounds-checked.
+pub trait PacketAccess {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl PacketAccess for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+}
+
+impl PacketAccess for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let at = frame_ptr::<T>(self, offset)?;
+        // SAFETY: `frame_ptr` checked that the value lies inside the frame; unaligned reads of
+        // plain data are allowed.
+        Some(unsafe { core::ptr::read_unaligned(at) })
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `offset` into an XDP frame.
+#[inline(always)]
+pub fn frame_ptr<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
 /// An IPv4 TCP or UDP packet's addressing, with the offsets the rewriters need.
 pub struct Packet {
     pub saddr_be: u32,
@@ -40,6 +76,8 @@ pub struct Packet {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    /// Start of the IP header.
+    pub l3_off: usize,
     /// Start of the TCP/UDP header.
     pub l4_off: usize,
     /// The TCP flags byte (0 for UDP).
@@ -91,12 +129,12 @@ pub enum NotHandled {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| NotHandled::Malformed)?;
-    if eth.ether_type != EtherType::Ipv4 as u16 {
+pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed, NotHandled> {
+    let ether_type: u16 = ctx.read(ETHER_TYPE_OFF).ok_or(NotHandled::Malformed)?;
+    if ether_type != EtherType::Ipv4 as u16 {
         return Err(NotHandled::Pass);
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| NotHandled::Malformed)?;
+    let ip: Ipv4Hdr = ctx.read(ETH_LEN).ok_or(NotHandled::Malformed)?;
     if ip.version() != 4 || ip.ihl() < Ipv4Hdr::LEN as u8 {
         return Err(NotHandled::Malformed);
     }
@@ -116,10 +154,10 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
     // One load of the whole fixed L4 header: it must all be there (the TCP checksum lies at
     // its end), and it holds the ports and the TCP flags.
     let (ports, tcp_flags) = if proto == IPPROTO_TCP {
-        let tcp: [u8; TCP_MIN_LEN] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
+        let tcp: [u8; TCP_MIN_LEN] = ctx.read(l4_off).ok_or(NotHandled::Malformed)?;
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFF])
     } else {
-        let udp: [u8; UDP_LEN] = ctx.load(l4_off).map_err(|_| NotHandled::Malformed)?;
+        let udp: [u8; UDP_LEN] = ctx.read(l4_off).ok_or(NotHandled::Malformed)?;
         ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
     Ok(Parsed::Flow(Packet {
@@ -128,6 +166,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
         sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
         dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
+        l3_off: ETH_LEN,
         l4_off,
         tcp_flags,
     }))
@@ -135,13 +174,17 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, NotHandled> {
 
 /// An ICMP error quoting a TCP/UDP packet; anything else ICMP (echo, ...) is not ours.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr, icmp_off: usize) -> Result<IcmpError, NotHandled> {
-    let icmp_type: u8 = ctx.load(icmp_off).map_err(|_| NotHandled::Malformed)?;
+fn icmp_error<C: PacketAccess>(
+    ctx: &C,
+    ip: &Ipv4Hdr,
+    icmp_off: usize,
+) -> Result<IcmpError, NotHandled> {
+    let icmp_type: u8 = ctx.read(icmp_off).ok_or(NotHandled::Malformed)?;
     if icmp_type != ICMP_DEST_UNREACHABLE && icmp_type != ICMP_TIME_EXCEEDED {
         return Err(NotHandled::Pass);
     }
     let inner_ip_off = icmp_off + ICMP_HDR_LEN;
-    let inner: Ipv4Hdr = ctx.load(inner_ip_off).map_err(|_| NotHandled::Malformed)?;
+    let inner: Ipv4Hdr = ctx.read(inner_ip_off).ok_or(NotHandled::Malformed)?;
     if inner.version() != 4 || inner.ihl() as usize != IPV4_MIN_LEN {
         // A quote with IP options (or garbage) is left alone: rare, and not worth a second
         // variable-offset parse.
@@ -152,8 +195,8 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4Hdr, icmp_off: usize) -> Result<IcmpErro
     }
     // Every ICMP error quotes at least 8 bytes past the IP header: both ports are there.
     let ports: [u8; 4] = ctx
-        .load(inner_ip_off + IPV4_MIN_LEN)
-        .map_err(|_| NotHandled::Malformed)?;
+        .read(inner_ip_off + IPV4_MIN_LEN)
+        .ok_or(NotHandled::Malformed)?;
     Ok(IcmpError {
         outer_saddr_be: u32::from_ne_bytes(ip.src_addr),
         outer_daddr_be: u32::from_ne_bytes(ip.dst_addr),

@@ -10,7 +10,10 @@
 //! do not check it, and the quote is often cut before it.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::conntrack::{CT_F_REDIRECT, FlowKey};
+use lb_common::{
+    conntrack::{CT_F_REDIRECT, FlowKey},
+    counters::Counter,
+};
 
 use crate::{
     conntrack,
@@ -28,8 +31,8 @@ pub enum IcmpOutcome {
     NotOurs,
     /// The rewrite failed half-way (a helper refused): the packet is dropped.
     Broken,
-    /// Rewritten; the verdict sends it on.
-    Translated(i32),
+    /// Rewritten; the verdict sends it on, redirected (`sent` says how) or through the stack.
+    Translated { verdict: i32, sent: Option<Counter> },
 }
 
 #[inline(always)]
@@ -74,17 +77,23 @@ pub fn translate(ctx: &TcContext, err: &IcmpError, origin: Origin) -> IcmpOutcom
     {
         return IcmpOutcome::Broken;
     }
-    let verdict = if ct.flags & CT_F_REDIRECT != 0 || origin == Origin::Host {
-        redirect::by_fib(
+    if ct.flags & CT_F_REDIRECT != 0 || origin == Origin::Host {
+        let (verdict, sent) = redirect::by_fib(
             ctx,
             new_outer_saddr,
             new_outer_daddr,
             lb_common::IPPROTO_ICMP,
-        )
+        );
+        IcmpOutcome::Translated {
+            verdict,
+            sent: Some(sent),
+        }
     } else {
-        aya_ebpf::bindings::TC_ACT_OK as i32
-    };
-    IcmpOutcome::Translated(verdict)
+        IcmpOutcome::Translated {
+            verdict: aya_ebpf::bindings::TC_ACT_OK as i32,
+            sent: None,
+        }
+    }
 }
 
 struct Failed;

@@ -1,6 +1,8 @@
 //! Service decisions that need only the flow and the maps (no packet access), shared by every
-//! entry point: which backend a new flow gets, whether it is SNATed, and the two conntrack
-//! entries that make every later packet of the flow a single lookup.
+//! entry point, tc and XDP: [`classify`] says what to do with a packet (apply a known flow's
+//! entry, start a flow, or why not); a new flow gets its backend, its SNAT and the two conntrack
+//! entries that make every later packet of the flow a single lookup. Nothing here counts: what
+//! happened is returned, and the entry points record it.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
@@ -9,18 +11,17 @@ use lb_common::{
         CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_CLOSING, CtEntry, FlowKey,
         timeout_s,
     },
-    counters::Counter,
     hash::{flow_hash, slot_for},
     service::{
         AffinityKey, AffinityValue, BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend, BackendId,
-        SERVICE_F_NODE_ADDRESS, ServiceEntry,
+        SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT, ServiceEntry, ServiceKey,
     },
 };
 
 use crate::{
     conntrack,
     headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
-    maps::{LB_AFFINITY, LB_BACKENDS, count, lookup, lookup_lru, node_config, slot},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_SERVICES, lookup, lookup_lru, node_config, slot},
 };
 
 /// Where the packet entered the node's networking.
@@ -34,8 +35,84 @@ pub enum Origin {
     Host,
 }
 
+/// Which flows a program handles.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every flow (tc).
+    Every,
+    /// Only flows the program may send on itself (XDP): a known DNAT-only flow is tc's to handle
+    /// whole, and its entry is left untouched, so each packet is recorded (and checked) once.
+    RedirectedOnly,
+}
+
+/// What to do with a packet of `flow`.
+pub enum Action {
+    /// Rewrite it by this entry: a known flow's, or the new flow's just recorded.
+    Translate(CtEntry),
+    /// Not to a Service frontend, and no flow of ours.
+    NotAService,
+    /// A known flow outside the program's [`Scope`].
+    OutOfScope,
+    /// A new flow needed SNAT and found no address or port.
+    SnatFailed,
+    /// A new flow to a frontend without usable backends; `reject`: answer it (kube-proxy's
+    /// REJECT) rather than drop it.
+    NoBackend { reject: bool },
+}
+
+/// What happened to a packet's flow on the way to its [`Action`].
+#[derive(Clone, Copy, Default)]
+pub struct FlowEvents {
+    /// Its backend left (or, for UDP, drains): balanced afresh.
+    pub rebalanced: bool,
+    /// Its reply tuple was another live flow's: its source port was remapped.
+    pub port_remapped: bool,
+}
+
+/// An [`Action`] and what happened to the flow on the way.
+pub struct Decision {
+    pub action: Action,
+    pub events: FlowEvents,
+}
+
+/// The one decision every entry point makes: conntrack first, then the Service frontend.
+#[inline(always)]
+pub fn classify(flow: &FlowKey, tcp_flags: u8, origin: Origin, scope: Scope) -> Decision {
+    let mut events = FlowEvents::default();
+    let action = decide(flow, tcp_flags, origin, scope, &mut events);
+    Decision { action, events }
+}
+
+#[inline(always)]
+fn decide(
+    flow: &FlowKey,
+    tcp_flags: u8,
+    origin: Origin,
+    scope: Scope,
+    events: &mut FlowEvents,
+) -> Action {
+    let known = conntrack::lookup(flow);
+    if scope == Scope::RedirectedOnly && known.is_some_and(|ct| ct.flags & CT_F_REDIRECT == 0) {
+        return Action::OutOfScope;
+    }
+    if let Some(ct) = known.and_then(|found| established_entry(flow, found, tcp_flags, events)) {
+        return Action::Translate(ct);
+    }
+    let frontend = ServiceKey::new(flow.daddr_be, flow.dport_be, flow.proto);
+    let Some(service) = lookup(&LB_SERVICES, &frontend) else {
+        return Action::NotAService;
+    };
+    match new_flow(flow, &service, origin, events) {
+        Ok(forward) => Action::Translate(forward),
+        Err(NoFlow::SnatFailed) => Action::SnatFailed,
+        Err(NoFlow::NoBackend) => Action::NoBackend {
+            reject: service.flags & SERVICE_F_REJECT != 0,
+        },
+    }
+}
+
 /// Why a new flow was not translated.
-pub enum NoFlow {
+enum NoFlow {
     /// The frontend has no backend (or its table is mid-update).
     NoBackend,
     /// SNAT was needed but no node address is set or every tried port was taken.
@@ -45,17 +122,16 @@ pub enum NoFlow {
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 16;
 
-/// The conntrack entry to apply to a packet of a known, live flow, with the packet recorded in
-/// it; `None` when the packet starts a flow: no entry, a dead flow, a TCP SYN reusing a closed
-/// connection's tuple, or a flow whose backend left (for UDP: also one that drains).
+/// The conntrack entry to apply to a packet of a known, live flow (`found` for it), with the
+/// packet recorded in it; `None` when the packet starts a flow: a dead flow, a TCP SYN reusing a
+/// closed connection's tuple, or a flow whose backend left (for UDP: also one that drains).
 #[inline(always)]
-pub fn established(flow: &FlowKey, tcp_flags: u8) -> Option<CtEntry> {
-    established_entry(flow, conntrack::lookup(flow)?, tcp_flags)
-}
-
-/// [`established`] for an entry already looked up.
-#[inline(always)]
-pub fn established_entry(flow: &FlowKey, found: CtEntry, tcp_flags: u8) -> Option<CtEntry> {
+fn established_entry(
+    flow: &FlowKey,
+    found: CtEntry,
+    tcp_flags: u8,
+    events: &mut FlowEvents,
+) -> Option<CtEntry> {
     let (entry, now) = conntrack::live(flow, found)?;
     if entry.kind == CT_KIND_FORWARD {
         let new_syn = flow.proto == IPPROTO_TCP
@@ -66,7 +142,7 @@ pub fn established_entry(flow: &FlowKey, found: CtEntry, tcp_flags: u8) -> Optio
             return None;
         }
         if !backend_usable(&entry, flow.proto) {
-            count(Counter::Rebalanced);
+            events.rebalanced = true;
             conntrack::remove_partner(flow, &entry);
             return None;
         }
@@ -90,7 +166,12 @@ fn backend_usable(entry: &CtEntry, proto: u8) -> bool {
 /// Starts a flow to `service`: picks its backend, SNATs if needed, records both directions in
 /// the conntrack and returns the forward entry to apply to this packet.
 #[inline(always)]
-pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Result<CtEntry, NoFlow> {
+fn new_flow(
+    flow: &FlowKey,
+    service: &ServiceEntry,
+    origin: Origin,
+    events: &mut FlowEvents,
+) -> Result<CtEntry, NoFlow> {
     let (backend_id, backend) = choose_backend(flow, service).ok_or(NoFlow::NoBackend)?;
     // From outside, a remote backend would answer the client directly, bypassing this node's
     // reverse translation: SNAT makes the reply come back here. A pod reaching itself through the
@@ -141,7 +222,7 @@ pub fn new_flow(flow: &FlowKey, service: &ServiceEntry, origin: Origin) -> Resul
         } else {
             // The same client port already talks to this backend through another Service:
             // both flows would share one reply tuple. Give this one another source port.
-            count(Counter::PortRemapped);
+            events.port_remapped = true;
             reply.flags |= CT_F_SNAT;
             claim_port(flow, flow.saddr_be, &backend, &reply, now)?
         }

@@ -1,14 +1,20 @@
-//! The packet path. Entry points only; each is a thin wrapper that turns the outcome of the real
-//! work into a verdict and a counter.
+//! The packet path. Entry points only; each is a thin wrapper that records the [`outcome::Outcome`] of
+//! the real work (its counters) and returns its verdict.
+//!
+//! Layers, shared by tc and XDP: `headers` (parse), `lb` (classify: conntrack, then Service),
+//! `nat` + `checksum` (rewrite), `fib` (where next); tc adds `redirect`, `reject` and `icmp`.
 #![no_std]
 #![no_main]
 
+mod checksum;
 mod conntrack;
+mod fib;
 mod headers;
 mod icmp;
 mod lb;
 mod maps;
 mod nat;
+mod outcome;
 mod redirect;
 mod reject;
 mod service_path;
@@ -23,9 +29,7 @@ use crate::lb::Origin;
 
 #[inline(always)]
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
-    let outcome = service_path::process(ctx, origin);
-    maps::count(outcome.counter);
-    outcome.verdict
+    service_path::process(ctx, origin).record()
 }
 
 /// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
@@ -53,7 +57,7 @@ pub fn lb_host_egress(ctx: TcContext) -> i32 {
 /// everything else goes on to the tc programs untouched.
 #[xdp]
 pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
-    xdp::process(&ctx)
+    xdp::process(&ctx).record()
 }
 
 #[cfg(not(test))]

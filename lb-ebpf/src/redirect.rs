@@ -5,16 +5,13 @@
 use core::ptr;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    bindings::TC_ACT_OK,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use lb_common::counters::Counter;
 
-use crate::maps::count;
-
-const AF_INET: u8 = 2;
+use crate::fib::{self, Route};
 
 /// The interface the packet is on.
 #[inline(always)]
@@ -26,44 +23,32 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 
 /// Looks up where `daddr_be` is reached and redirects there, filling in the MAC addresses (or
 /// letting the kernel resolve the neighbour). Without a route the packet goes to the stack.
+/// Returns the verdict and how the packet was sent on.
+///
+/// Always a forwarding (input) lookup from the interface the packet is on: an output lookup
+/// would be pinned to this interface as the way out, and a host packet translated on egress
+/// usually has to leave by another one (a local pod's veth).
 #[inline(always)]
-pub fn by_fib(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 {
-    // SAFETY: `bpf_fib_lookup` is plain old data; all zeroes is its documented "no input" state.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.ifindex = ifindex(ctx);
-    params.__bindgen_anon_3.ipv4_src = saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = daddr_be;
-    // Always a forwarding (input) lookup from the interface the packet is on: an output lookup
-    // would be pinned to this interface as the way out, and a host packet translated on egress
-    // usually has to leave by another one (a local pod's veth).
-    let flags = 0;
-    // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size passed; the context
-    // pointer is the program's own.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            flags,
-        )
-    };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let macs: [[u8; 6]; 2] = [params.dmac, params.smac];
-        if ctx.store(0, &macs, 0).is_err() {
-            count(Counter::RedirectFailed);
-            return TC_ACT_OK as i32;
+pub fn by_fib(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> (i32, Counter) {
+    match fib::lookup(ctx, ifindex(ctx), saddr_be, daddr_be, proto) {
+        Route::Resolved {
+            ifindex,
+            dst_mac,
+            src_mac,
+        } => {
+            if ctx.store(0, &[dst_mac, src_mac], 0).is_err() {
+                return (TC_ACT_OK as i32, Counter::RedirectFailed);
+            }
+            // SAFETY: a helper taking plain integers.
+            let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
+            (verdict, Counter::Redirected)
         }
-        count(Counter::Redirected);
-        // SAFETY: a helper taking plain integers.
-        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+        Route::Unresolved { ifindex } => {
+            // SAFETY: a null `params` with length 0 is the documented "do the lookup yourself"
+            // call.
+            let verdict = unsafe { bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) } as i32;
+            (verdict, Counter::Redirected)
+        }
+        Route::None => (TC_ACT_OK as i32, Counter::RedirectFailed),
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        count(Counter::Redirected);
-        // SAFETY: a null `params` with length 0 is the documented "do the lookup yourself" call.
-        return unsafe { bpf_redirect_neigh(params.ifindex, ptr::null_mut(), 0, 0) } as i32;
-    }
-    count(Counter::RedirectFailed);
-    TC_ACT_OK as i32
 }

@@ -6,6 +6,7 @@ use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_redirect, programs::TcConte
 use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
+    checksum::{fold, pseudo_header_sum, sum_words},
     headers::{
         ETH_LEN, ICMP_HDR_LEN, IPV4_MIN_LEN, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
         TCP_FLAG_SYN,
@@ -152,35 +153,4 @@ fn resize(ctx: &TcContext, len: usize) -> Result<(), NotRejected> {
     // SAFETY: the context pointer is the program's own; the helper checks the length.
     let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
     if rc == 0 { Ok(()) } else { Err(NotRejected) }
-}
-
-#[inline(always)]
-fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u32 {
-    let s = saddr_be.to_ne_bytes();
-    let d = daddr_be.to_ne_bytes();
-    let l = l4_len.to_be_bytes();
-    sum_words(
-        0,
-        &[
-            s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, proto, l[0], l[1],
-        ],
-    )
-}
-
-/// One's-complement sum of big-endian 16-bit words (`bytes` has an even length).
-#[inline(always)]
-fn sum_words(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-        i += 2;
-    }
-    sum
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

@@ -1,8 +1,10 @@
-//! What the pod-ingress program costs per packet on its main paths, this build beside the v2
-//! release (the last before the conntrack lifecycle), measured in the same run.
+//! What the pod-ingress (tc) and external XDP programs cost per packet on their main paths, this
+//! build beside a baseline measured in the same run: by default the v2 release (the last before
+//! the conntrack lifecycle), or any `lb` binary or BPF object given in LB_PACKET_COST_BASELINE.
 //!
 //!     cargo bench -p lb-userspace --bench packet_cost                 (as root)
 //!     cargo bench -p lb-userspace --bench packet_cost -- 5 1000000     (rounds, repeat)
+//!     LB_PACKET_COST_BASELINE=/tmp/lb-old cargo bench -p lb-userspace --bench packet_cost
 //!
 //! Each object is loaded with maps of its own (pinned in a scratch bpffs directory), one
 //! ClusterIP with two backends is written straight into its maps (the service, backend and slot
@@ -11,6 +13,8 @@
 //! first run creates it), so it is timed as the mean of single runs over distinct source ports.
 //! The v2 object is taken out of the v2 release's `lb` binary (tests/fixtures/). Medians of the
 //! rounds with min-max; objects alternate within a round, as this machine is shared.
+//! The XDP program sees no route in a test run, so its timed paths are the ones that hand the
+//! packet to tc: not a Service, and a known DNAT-only flow.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,12 +24,12 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
     IPPROTO_TCP, addr_be,
-    maps::{BACKENDS_MAP, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP},
+    maps::{BACKENDS_MAP, EXTERNAL_XDP_PROGRAM, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP},
     port_be,
     service::{Backend, BackendId, ServiceEntry, ServiceKey},
 };
@@ -65,6 +69,12 @@ fn load(name: &'static str, object: &[u8]) -> Loaded {
         .try_into()
         .unwrap();
     program.load().expect("verifier");
+    let xdp: &mut Xdp = ebpf
+        .program_mut(EXTERNAL_XDP_PROGRAM)
+        .expect("XDP program")
+        .try_into()
+        .unwrap();
+    xdp.load().expect("verifier (XDP)");
     let mut services: HashMap<_, ServiceKey, ServiceEntry> =
         HashMap::try_from(ebpf.map_mut(SERVICES_MAP).unwrap()).unwrap();
     services
@@ -122,23 +132,43 @@ fn not_ipv4() -> Vec<u8> {
     frame
 }
 
-/// Mean kernel time a run of `packet`, over `repeat` runs; and the output of the last.
-fn run(loaded: &mut Loaded, packet: &[u8], repeat: u32) -> (Duration, Vec<u8>) {
-    let program: &mut SchedClassifier = loaded
-        .ebpf
-        .program_mut(POD_INGRESS_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+#[derive(Clone, Copy)]
+enum Program {
+    PodIngress,
+    ExternalXdp,
+}
+
+/// Mean kernel time a run of `packet` through `program`, over `repeat` runs; and the output of
+/// the last.
+fn run(loaded: &mut Loaded, program: Program, packet: &[u8], repeat: u32) -> (Duration, Vec<u8>) {
     let mut out = vec![0u8; packet.len() + 64];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN: {e}", loaded.name));
+    let options = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
+    let result = match program {
+        Program::PodIngress => {
+            let tc: &mut SchedClassifier = loaded
+                .ebpf
+                .program_mut(POD_INGRESS_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            tc.test_run(options)
+        }
+        Program::ExternalXdp => {
+            let xdp: &mut Xdp = loaded
+                .ebpf
+                .program_mut(EXTERNAL_XDP_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            xdp.test_run(options)
+        }
+    }
+    .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN: {e}", loaded.name));
     out.truncate(result.data_size_out as usize);
     (result.duration, out)
 }
@@ -157,6 +187,25 @@ fn embedded_bpf_object(binary: &[u8]) -> Option<Vec<u8>> {
         let len = shoff + shentsize * shnum;
         (len <= elf.len()).then(|| elf[..len].to_vec())
     })
+}
+
+/// The baseline object: LB_PACKET_COST_BASELINE (an `lb` binary or a BPF object), else v2's.
+fn baseline_object() -> (&'static str, Vec<u8>) {
+    let Some(path) = std::env::var_os("LB_PACKET_COST_BASELINE") else {
+        let v2 = v2_object().expect("the v2 object inside tests/fixtures/lb-v2-80bf481.xz");
+        return ("v2 (80bf481)", v2);
+    };
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("LB_PACKET_COST_BASELINE {}: {e}", path.to_string_lossy()));
+    let object = if u16::from_le_bytes([bytes[18], bytes[19]]) == 247 {
+        bytes
+    } else {
+        embedded_bpf_object(&bytes).expect("a BPF object inside LB_PACKET_COST_BASELINE")
+    };
+    let name = Path::new(&path)
+        .file_name()
+        .map_or("baseline".into(), |n| n.to_string_lossy().into_owned());
+    (Box::leak(name.into_boxed_str()), object)
 }
 
 fn v2_object() -> Option<Vec<u8>> {
@@ -188,47 +237,59 @@ fn main() {
         eprintln!("packet_cost: needs root (BPF_PROG_TEST_RUN); skipped");
         return;
     }
-    let v2 = v2_object().expect("the v2 object inside tests/fixtures/lb-v2-80bf481.xz");
+    let (baseline_name, baseline) = baseline_object();
     let mut objects = [
-        load("v2 (80bf481)", &v2),
+        load(baseline_name, &baseline),
         load("this build", lb_userspace::loader::EBPF_OBJECT),
     ];
-    const PATHS: [&str; 5] = [
-        "not IPv4 (floor)",
-        "not a Service (pass)",
-        "established, client -> Service",
-        "established, reply",
-        "new flow (SYN)",
+    const PATHS: [&str; 8] = [
+        "tc: not IPv4 (floor)",
+        "tc: not a Service (pass)",
+        "tc: established, client -> Service",
+        "tc: established, reply",
+        "xdp: not IPv4 (floor)",
+        "xdp: not a Service (to tc)",
+        "xdp: DNAT-only flow (to tc)",
+        "tc: new flow (SYN)",
     ];
     // [object][path] -> ns per round
     let mut samples = vec![vec![Vec::new(); PATHS.len()]; objects.len()];
     let mut next_port = 20_000u16;
     for _ in 0..rounds {
         for (o, loaded) in objects.iter_mut().enumerate() {
-            let (_, first) = run(loaded, &tcp(CLIENT, 40_000, VIP, 80, true), 1);
+            let (_, first) = run(
+                loaded,
+                Program::PodIngress,
+                &tcp(CLIENT, 40_000, VIP, 80, true),
+                1,
+            );
             let backend: [u8; 4] = first[30..34].try_into().unwrap();
             let packets = [
-                not_ipv4(),
-                tcp(CLIENT, 40_001, PODS[0], 8080, false),
-                tcp(CLIENT, 40_000, VIP, 80, false),
-                tcp(backend, 8080, CLIENT, 40_000, false),
+                (Program::PodIngress, not_ipv4()),
+                (Program::PodIngress, tcp(CLIENT, 40_001, PODS[0], 8080, false)),
+                (Program::PodIngress, tcp(CLIENT, 40_000, VIP, 80, false)),
+                (Program::PodIngress, tcp(backend, 8080, CLIENT, 40_000, false)),
+                (Program::ExternalXdp, not_ipv4()),
+                (Program::ExternalXdp, tcp(CLIENT, 40_001, PODS[0], 8080, false)),
+                (Program::ExternalXdp, tcp(CLIENT, 40_000, VIP, 80, false)),
             ];
-            for (p, packet) in packets.iter().enumerate() {
-                let (mean, _) = run(loaded, packet, repeat);
+            for (p, (program, packet)) in packets.iter().enumerate() {
+                let (mean, _) = run(loaded, *program, packet, repeat);
                 samples[o][p].push(mean.as_nanos() as f64);
             }
             let flows = 20_000u32;
             let mut total = Duration::ZERO;
             for _ in 0..flows {
                 next_port = next_port.wrapping_add(1).max(1024);
-                total += run(loaded, &tcp(CLIENT, next_port, VIP, 80, true), 1).0;
+                let syn = tcp(CLIENT, next_port, VIP, 80, true);
+                total += run(loaded, Program::PodIngress, &syn, 1).0;
             }
-            samples[o][4].push(total.as_nanos() as f64 / flows as f64);
+            samples[o][PATHS.len() - 1].push(total.as_nanos() as f64 / flows as f64);
         }
     }
     println!(
-        "pod-ingress program, ns per packet (BPF_PROG_TEST_RUN, {repeat} runs; new flows: 20,000 \
-         single runs), median of {rounds} rounds (min-max):"
+        "ns per packet (BPF_PROG_TEST_RUN, {repeat} runs; new flows: 20,000 single runs), \
+         median of {rounds} rounds (min-max):"
     );
     println!(
         "{:<32} {:>24} {:>24} {:>7}",

@@ -1,0 +1,52 @@
+//! Internet checksums (RFC 1071) computed in the program itself: for headers built from scratch
+//! (rejections) and for rewrites where no kernel helper applies (XDP works on raw frames). The tc
+//! rewrites use the kernel's `l3/l4_csum_replace`, which also handle offloaded checksums.
+
+/// One's-complement sum of big-endian 16-bit words (`bytes` has an even length).
+#[inline(always)]
+pub fn sum_words(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Folds a one's-complement sum to 16 bits and complements it: the checksum field's value.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The sum of the IPv4 pseudo-header TCP and UDP checksums cover.
+#[inline(always)]
+pub fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u32 {
+    let s = saddr_be.to_ne_bytes();
+    let d = daddr_be.to_ne_bytes();
+    let l = l4_len.to_be_bytes();
+    sum_words(
+        0,
+        &[
+            s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, proto, l[0], l[1],
+        ],
+    )
+}
+
+/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') over every 16-bit word that changed, `old` and
+/// `new` given as 32-bit words in memory (wire) order, which one's-complement sums do not mind.
+#[inline(always)]
+pub fn update(check: u16, old: &[u32], new: &[u32]) -> u16 {
+    let mut sum = (!check) as u32;
+    let mut i = 0;
+    while i < old.len() {
+        sum += (!(old[i] as u16)) as u32 + (!((old[i] >> 16) as u16)) as u32;
+        sum += (new[i] as u16) as u32 + ((new[i] >> 16) as u16) as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,75 @@
+//! What a program run did, as the entry points record it: the verdict for the kernel and the
+//! counters that say why. Nothing below the entry points counts; they return an [`Outcome`].
+
+use lb_common::counters::Counter;
+
+use crate::{lb::FlowEvents, maps::count};
+
+pub struct Outcome<V> {
+    pub verdict: V,
+    /// What became of the packet; `None` when XDP hands it on to tc, which counts it.
+    pub counter: Option<Counter>,
+    /// How a translated packet was sent on (redirected, redirect failed, XDP transmitted).
+    pub sent: Option<Counter>,
+    /// What happened to its flow on the way (rebalanced, port remapped).
+    pub events: FlowEvents,
+}
+
+impl<V> Outcome<V> {
+    #[inline(always)]
+    pub const fn new(verdict: V, counter: Counter) -> Self {
+        Self {
+            verdict,
+            counter: Some(counter),
+            sent: None,
+            events: FlowEvents {
+                rebalanced: false,
+                port_remapped: false,
+            },
+        }
+    }
+
+    /// Handed on uncounted (the next program counts it).
+    #[inline(always)]
+    pub const fn uncounted(verdict: V) -> Self {
+        Self {
+            verdict,
+            counter: None,
+            sent: None,
+            events: FlowEvents {
+                rebalanced: false,
+                port_remapped: false,
+            },
+        }
+    }
+
+    #[inline(always)]
+    pub const fn with_events(mut self, events: FlowEvents) -> Self {
+        self.events = events;
+        self
+    }
+
+    #[inline(always)]
+    pub const fn sent(mut self, how: Option<Counter>) -> Self {
+        self.sent = how;
+        self
+    }
+
+    /// Counts the outcome and returns its verdict.
+    #[inline(always)]
+    pub fn record(self) -> V {
+        if let Some(counter) = self.counter {
+            count(counter);
+        }
+        if let Some(counter) = self.sent {
+            count(counter);
+        }
+        if self.events.rebalanced {
+            count(Counter::Rebalanced);
+        }
+        if self.events.port_remapped {
+            count(Counter::PortRemapped);
+        }
+        self.verdict
+    }
+}
