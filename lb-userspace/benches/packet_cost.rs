@@ -266,11 +266,20 @@ fn main() {
             let backend: [u8; 4] = first[30..34].try_into().unwrap();
             let packets = [
                 (Program::PodIngress, not_ipv4()),
-                (Program::PodIngress, tcp(CLIENT, 40_001, PODS[0], 8080, false)),
+                (
+                    Program::PodIngress,
+                    tcp(CLIENT, 40_001, PODS[0], 8080, false),
+                ),
                 (Program::PodIngress, tcp(CLIENT, 40_000, VIP, 80, false)),
-                (Program::PodIngress, tcp(backend, 8080, CLIENT, 40_000, false)),
+                (
+                    Program::PodIngress,
+                    tcp(backend, 8080, CLIENT, 40_000, false),
+                ),
                 (Program::ExternalXdp, not_ipv4()),
-                (Program::ExternalXdp, tcp(CLIENT, 40_001, PODS[0], 8080, false)),
+                (
+                    Program::ExternalXdp,
+                    tcp(CLIENT, 40_001, PODS[0], 8080, false),
+                ),
                 (Program::ExternalXdp, tcp(CLIENT, 40_000, VIP, 80, false)),
             ];
             for (p, (program, packet)) in packets.iter().enumerate() {

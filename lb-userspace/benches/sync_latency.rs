@@ -24,7 +24,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_userspace::{
-    kube_source::KubeSource, loader::Dataplane, model::SERVICE_NAME_LABEL, sync::Programmer,
+    loader::Dataplane,
+    model::SERVICE_NAME_LABEL,
+    pipeline::Pipeline,
+    sources::{KubeSource, ObjectSource as _},
     translate::NodeContext,
 };
 use xtask::{fake_api::FakeApi, netns::Netns};
@@ -127,21 +130,17 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                     default_table_size: Some(TABLE_SIZE),
                     ..NodeContext::default()
                 };
-                let mut programmer = Programmer::default();
+                let mut pipeline = Pipeline::default();
                 while !source.ready() {
                     source.changed().await;
                 }
                 let started = Instant::now();
-                let outcome = source
-                    .sync_into(&mut node, &mut programmer, &mut dataplane.maps)
-                    .expect("initial sync");
+                let snapshot = source.snapshot().expect("a snapshot");
+                let step = pipeline.step(snapshot, &mut node, &mut dataplane.maps);
+                let (_, unplaced) = step.programmed.expect("initial sync");
                 let initial_sync = started.elapsed();
-                assert_eq!(outcome.desired.frontends.len(), services);
-                assert!(
-                    outcome.unplaced.is_empty(),
-                    "{} unplaced",
-                    outcome.unplaced.len()
-                );
+                assert_eq!(step.desired.frontends.len(), services);
+                assert!(unplaced.is_empty(), "{} unplaced", unplaced.len());
 
                 let mut latencies = Vec::new();
                 for change in 0..changes {
@@ -153,10 +152,11 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                     handle.apply(&slice(i, [pod(2 * i as u32), fresh]));
                     loop {
                         source.changed().await;
-                        source
-                            .sync_into(&mut node, &mut programmer, &mut dataplane.maps)
-                            .expect("sync");
-                        if programmer
+                        let snapshot = source.snapshot().expect("a snapshot");
+                        let step = pipeline.step(snapshot, &mut node, &mut dataplane.maps);
+                        step.programmed.expect("sync");
+                        if pipeline
+                            .programmer()
                             .programmed()
                             .backends
                             .values()

@@ -24,14 +24,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     health::{HealthCheckServers, HealthState},
-    kube_source::KubeSource,
     loader::{Dataplane, InterfaceRole},
     metrics::Metrics,
-    model::{Object, Problem, Severity},
-    source::ManifestSource,
+    model::Severity,
+    pipeline::Pipeline,
+    sources::{KubeSource, ManifestSource, ObjectSource},
     sync::{Programmer, Settings},
     translate::NodeContext,
-    translate::Translator,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -109,29 +108,33 @@ pub struct AgentConfig {
     pub conntrack_gc_interval: Duration,
 }
 
+/// The configured source, for its wake-ups; its snapshots go through [`ObjectSource`].
 enum Source {
     Manifests(ManifestSource),
     Kube(Box<KubeSource>),
 }
 
+impl Source {
+    fn objects(&mut self) -> &mut dyn ObjectSource {
+        match self {
+            Source::Manifests(manifests) => manifests,
+            Source::Kube(kube) => kube.as_mut(),
+        }
+    }
+}
+
 struct Agent {
     config: AgentConfig,
     dataplane: Dataplane,
-    programmer: Programmer,
+    pipeline: Pipeline,
     source: Source,
     node: NodeContext,
-    /// Remembers the translation of Services whose objects did not change.
-    translator: Translator,
-    /// What the last successful sync programmed (to tell which UDP backends left).
-    previous: Option<crate::translate::Desired>,
     health: Arc<HealthState>,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
     /// A change is waiting for a sync since then; the sync runs at `next_sync`.
     dirty_since: Option<Instant>,
     last_sync: Option<Instant>,
-    /// SIGHUP: re-read the manifest even if it looks unchanged.
-    force_reload: bool,
 }
 
 /// A client from `kubeconfig`, or from in-cluster configuration (then `KUBECONFIG` and
@@ -221,7 +224,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent {
         source,
-        programmer: Programmer::adopt(adopted, Settings::default()),
+        pipeline: Pipeline::new(Programmer::adopt(adopted, Settings::default())),
         dataplane,
         node: NodeContext {
             name: config.node_name.clone(),
@@ -229,17 +232,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             default_table_size: config.maglev_table_size,
             ..NodeContext::default()
         },
-        translator: Translator::default(),
-        previous: None,
         health,
         metrics,
         health_checks: HealthCheckServers::default(),
         dirty_since: Some(Instant::now()),
         last_sync: None,
-        force_reload: true,
         config,
     };
-    agent.programmer.set_settings(agent.settings());
+    let settings = agent.settings();
+    agent.pipeline.programmer_mut().set_settings(settings);
     let pinned_links = agent.dataplane.adoptable_links();
     agent.scan_interfaces();
     let stale_links = agent.dataplane.drop_unclaimed_links();
@@ -280,7 +281,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
                 info!("SIGHUP: resyncing");
-                agent.force_reload = true;
+                if let Source::Manifests(m) = &mut agent.source {
+                    m.force_reread();
+                }
                 agent.mark_dirty();
             }
             _ = tick.tick() => {
@@ -343,89 +346,42 @@ impl Agent {
         Some(earliest.max(since))
     }
 
-    /// The objects to translate from the source, with their problems.
-    fn objects(&mut self) -> Option<(Vec<Arc<Object>>, Vec<Problem>)> {
-        match &mut self.source {
-            Source::Manifests(manifests) => {
-                if !manifests.changed() && !std::mem::take(&mut self.force_reload) {
-                    // Only a node address change: the objects are the same.
-                    return Some((shared(manifests.objects()), Vec::new()));
-                }
-                match manifests.reload() {
-                    Ok(reload) => {
-                        for id in &reload.kept_last_good {
-                            warn!("{id} is invalid now; its last good version stays programmed");
-                        }
-                        Some((shared(manifests.objects()), reload.problems))
-                    }
-                    Err(err) => {
-                        error!(
-                            "cannot read {}: {err}; keeping what is programmed",
-                            manifests.path().display()
-                        );
-                        None
-                    }
-                }
-            }
-            Source::Kube(kube) => {
-                self.node.zone = kube.node_zone();
-                let snapshot = kube.snapshot();
-                for id in &snapshot.kept_last_good {
-                    warn!("{id} is invalid now; its last good version stays programmed");
-                }
-                Some((snapshot.objects, snapshot.problems))
-            }
-        }
-    }
-
-    /// Translates everything and writes the difference.
+    /// One pipeline step from the source's snapshot, and what the agent makes of it: logs,
+    /// health, metrics and the health-check servers.
     async fn sync(&mut self) {
         let started = Instant::now();
         let dirty_since = self.dirty_since.take().unwrap_or(started);
         self.last_sync = Some(started);
-        let Some((objects, problems)) = self.objects() else {
+        let Some(snapshot) = self.source.objects().snapshot() else {
             return;
         };
-        for problem in &problems {
+        for id in &snapshot.kept_last_good {
+            warn!("{id} is invalid now; its last good version stays programmed");
+        }
+        for problem in &snapshot.problems {
             match problem.severity {
                 Severity::Error => error!("{problem}"),
                 Severity::Warning => warn!("{problem}"),
             }
         }
-        let invalid = problems
+        let invalid = snapshot
+            .problems
             .iter()
             .filter(|p| p.severity == Severity::Error)
             .count();
         self.metrics.object_errors.set(invalid as i64);
-        let desired = self.translator.translate(&objects, &self.node);
+        let step = self
+            .pipeline
+            .step(snapshot, &mut self.node, &mut self.dataplane.maps);
+        let desired = step.desired;
         for problem in &desired.problems {
             error!("{problem}");
         }
         for skipped in &desired.unprogrammed {
             info!("{}: {}", skipped.service, skipped.reason);
         }
-        let udp_leaving = self
-            .previous
-            .as_ref()
-            .map(|previous| self.programmer.udp_backends_leaving(previous, &desired))
-            .unwrap_or_default();
-        let result = self.programmer.sync(&desired, &mut self.dataplane.maps);
-        let synced = result.is_ok();
-        match result {
+        match step.programmed {
             Ok((stats, unplaced)) => {
-                if !udp_leaving.is_empty() {
-                    use aya::maps::IterableMap as _;
-                    use std::os::fd::AsFd as _;
-                    let map = self.dataplane.maps.conntrack.map();
-                    match crate::conntrack::purge_udp(map.fd().as_fd(), &udp_leaving) {
-                        Ok(flows) => info!(
-                            flows,
-                            backends = udp_leaving.len(),
-                            "UDP flows of backends that left their Service removed"
-                        ),
-                        Err(err) => warn!("cannot purge UDP flows of removed backends: {err}"),
-                    }
-                }
                 for frontend in &unplaced {
                     error!("{frontend}: no room left in the slots array; not programmed");
                 }
@@ -458,9 +414,6 @@ impl Agent {
             }
         }
         self.health_checks.reconcile(&desired.health_checks).await;
-        if synced {
-            self.previous = Some(desired);
-        }
     }
 
     /// Attaches to matching interfaces that appeared, forgets ones that went away, and refreshes
@@ -528,7 +481,8 @@ impl Agent {
         }
         info!(?addresses, "node addresses (NodePorts answer on these)");
         self.node.addresses = addresses;
-        self.programmer.set_settings(self.settings());
+        let settings = self.settings();
+        self.pipeline.programmer_mut().set_settings(settings);
         true
     }
 
@@ -548,10 +502,6 @@ impl Agent {
             },
         }
     }
-}
-
-fn shared<'a>(objects: impl Iterator<Item = &'a Object>) -> Vec<Arc<Object>> {
-    objects.cloned().map(Arc::new).collect()
 }
 
 /// The IPv4 addresses of `interfaces`, in interface order, without duplicates.

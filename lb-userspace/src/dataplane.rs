@@ -2,7 +2,7 @@
 //! ([`BpfMaps`]) and an in-memory one ([`MapContents`]) that unit tests diff against.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
     sync::{
@@ -11,6 +11,7 @@ use std::{
     },
 };
 
+use crate::sync::AffinityPrune;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
@@ -52,18 +53,19 @@ pub trait MapWriter {
     ) -> Result<(), WriteError>;
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
-    /// Forgets every session-affinity memory whose service id is not in `keep` or whose backend
-    /// is not among that service's backends any more.
-    fn forget_affinity(
+    /// Deletes the session-affinity memories `prune` selects; returns how many. The in-memory
+    /// maps hold none (the packet path writes them).
+    fn forget_affinity(&mut self, _prune: &AffinityPrune) -> Result<usize, WriteError> {
+        Ok(0)
+    }
+    /// Deletes the conntrack entries of UDP flows of these (service id, backend id) pairs;
+    /// returns how many. The in-memory maps hold none.
+    fn forget_udp_flows(
         &mut self,
-        keep: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError>;
-    /// Like [`Self::forget_affinity`] for the service ids in `scope` only (an empty set forgets
-    /// all of that service's memories); other services' memories stay.
-    fn forget_affinity_of(
-        &mut self,
-        scope: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError>;
+        _pairs: &HashSet<(u32, BackendId)>,
+    ) -> Result<usize, WriteError> {
+        Ok(0)
+    }
 }
 
 /// The full contents of the service maps: what user space believes is programmed. Also the
@@ -126,18 +128,6 @@ impl MapWriter for MapContents {
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.services.remove(&key);
-        Ok(())
-    }
-    fn forget_affinity(
-        &mut self,
-        _keep: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
-        Ok(())
-    }
-    fn forget_affinity_of(
-        &mut self,
-        _scope: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
         Ok(())
     }
 }
@@ -330,48 +320,34 @@ impl MapWriter for BpfMaps {
             key,
         ))
     }
-    fn forget_affinity(
-        &mut self,
-        keep: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
-        self.forget_affinity_where(|k, v| {
-            !keep
-                .get(&k.service_id)
-                .is_some_and(|ids| ids.contains(&v.backend_id))
-        })
-    }
-    fn forget_affinity_of(
-        &mut self,
-        scope: &BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
-        self.forget_affinity_where(|k, v| {
-            scope
-                .get(&k.service_id)
-                .is_some_and(|ids| !ids.contains(&v.backend_id))
-        })
-    }
-}
-
-impl BpfMaps {
-    /// Deletes every affinity memory `stale` selects.
-    fn forget_affinity_where(
-        &mut self,
-        stale: impl Fn(&AffinityKey, &AffinityValue) -> bool,
-    ) -> Result<(), WriteError> {
+    fn forget_affinity(&mut self, prune: &AffinityPrune) -> Result<usize, WriteError> {
         let stale: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| stale(k, v))
+            .filter(|(k, v)| prune.forgets(k.service_id, v.backend_id))
             .map(|(k, _)| k)
             .collect();
-        for key in stale {
-            ignore_missing(self.affinity.remove(&key)).map_err(write_err(
+        for key in &stale {
+            ignore_missing(self.affinity.remove(key)).map_err(write_err(
                 "delete",
                 lb_common::maps::AFFINITY_MAP,
                 key,
             ))?;
         }
-        Ok(())
+        Ok(stale.len())
+    }
+    fn forget_udp_flows(&mut self, pairs: &HashSet<(u32, BackendId)>) -> Result<usize, WriteError> {
+        use aya::maps::IterableMap as _;
+        crate::conntrack::purge_udp(self.conntrack.map().fd().as_fd(), pairs).map_err(|io_error| {
+            write_err(
+                "purge UDP flows from",
+                lb_common::maps::CONNTRACK_MAP,
+                pairs.len(),
+            )(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_batch",
+                io_error,
+            }))
+        })
     }
 }

@@ -1,9 +1,11 @@
 //! The user-space side of lb: from Kubernetes objects to programmed BPF maps.
 //!
-//! Data flows one way: [`kube_source`] (the API server) or [`source`] (a manifest file) ->
-//! [`model`] validation -> [`translate`] (pure) -> [`sync`] (diff with stable ids, Maglev tables)
-//! -> [`dataplane`] map writes. The [`loader`] owns the eBPF object and its attachments;
-//! [`agent`] runs the loop with [`health`] and [`metrics`]; [`config`] resolves its settings.
+//! Data flows one way: [`sources`] (the API server or a manifest file, validated by [`model`],
+//! as snapshots) -> [`translate`] (pure) -> [`sync`] (diff with stable ids and Maglev tables
+//! into one write plan) -> [`dataplane`] map writes; [`pipeline`] is that step, the one the
+//! agent, the tests and the benchmarks run. The [`loader`] owns the eBPF object and its
+//! attachments; [`agent`] runs the loop with [`health`] and [`metrics`]; [`config`] resolves its
+//! settings.
 
 pub mod agent;
 pub mod bpf_sys;
@@ -11,13 +13,13 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod health;
-pub mod kube_source;
 pub mod loader;
 pub mod manifest;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod pipeline;
 pub mod report;
-pub mod source;
+pub mod sources;
 pub mod sync;
 pub mod translate;

@@ -141,18 +141,6 @@ impl MapWriter for CheckingWriter {
             m.services.remove(&key);
         })
     }
-    fn forget_affinity(
-        &mut self,
-        _keep: &std::collections::BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
-        Ok(())
-    }
-    fn forget_affinity_of(
-        &mut self,
-        _scope: &std::collections::BTreeMap<u32, BTreeSet<BackendId>>,
-    ) -> Result<(), WriteError> {
-        Ok(())
-    }
 }
 
 const A: &str = "10.244.1.1";

@@ -23,9 +23,10 @@ use k8s_openapi::{
 use lb_common::{addr_octets, port_host};
 use lb_userspace::{
     dataplane::{MapContents, TableRange},
-    kube_source::KubeSource,
     model::Problem,
-    sync::{Programmer, SyncStats},
+    pipeline::Pipeline,
+    sources::{KubeSource, ObjectSource as _},
+    sync::SyncStats,
     translate::{Desired, NodeContext},
 };
 use xtask::{fake_api::FakeApi, netns::Netns};
@@ -88,11 +89,11 @@ impl Drop for ApiHarness {
     }
 }
 
-/// The agent's sync loop without BPF: the Kubernetes source, translation, and the programmer
+/// The agent's sync loop without BPF: the Kubernetes source and the agent's own pipeline step,
 /// writing to in-memory maps.
 pub struct Controller {
     pub source: KubeSource,
-    pub programmer: Programmer,
+    pub pipeline: Pipeline,
     pub maps: MapContents,
     pub node: NodeContext,
     pub desired: Desired,
@@ -109,7 +110,7 @@ impl Controller {
         let source = KubeSource::start(client, node.name.as_deref().unwrap_or("node-1"));
         Self {
             source,
-            programmer: Programmer::default(),
+            pipeline: Pipeline::default(),
             maps: MapContents::default(),
             node,
             desired: Desired::default(),
@@ -123,14 +124,16 @@ impl Controller {
         if !self.source.ready() {
             return;
         }
-        let outcome = self
+        let snapshot = self
             .source
-            .sync_into(&mut self.node, &mut self.programmer, &mut self.maps)
-            .expect("in-memory writes cannot fail");
-        assert!(outcome.unplaced.is_empty(), "{:?}", outcome.unplaced);
-        self.problems = outcome.problems;
-        self.desired = outcome.desired;
-        self.syncs.push(outcome.stats);
+            .snapshot()
+            .expect("the API source always has a snapshot");
+        let step = self.pipeline.step(snapshot, &mut self.node, &mut self.maps);
+        let (stats, unplaced) = step.programmed.expect("in-memory writes cannot fail");
+        assert!(unplaced.is_empty(), "{unplaced:?}");
+        self.problems = step.problems;
+        self.desired = step.desired;
+        self.syncs.push(stats);
     }
 
     /// Syncs on every change until `done` holds, or panics after 10 s saying what it waited for.
@@ -291,7 +294,7 @@ pub fn node(name: &str, zone: &str) -> Node {
             name: Some(name.to_owned()),
             labels: Some(
                 [(
-                    lb_userspace::kube_source::ZONE_LABEL.to_owned(),
+                    lb_userspace::sources::ZONE_LABEL.to_owned(),
                     zone.to_owned(),
                 )]
                 .into(),

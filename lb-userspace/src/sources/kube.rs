@@ -1,7 +1,6 @@
 //! The Kubernetes API as a source of objects: watchers (list + watch, relisting on `410 Gone` or a
 //! dropped connection, retrying with backoff while the API server is away) feeding reflector
-//! stores of trimmed objects. Like the manifest source it hands out validated objects with
-//! last-known-good semantics; validation is cached per resourceVersion, so a sync only
+//! stores of trimmed objects. Validation is cached per resourceVersion, so a snapshot only
 //! re-validates what changed.
 
 use std::{
@@ -32,14 +31,10 @@ use kube::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{
-    dataplane::{MapWriter, WriteError},
-    model::{
-        self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
-        TOPOLOGY_MODE_ANNOTATION,
-    },
-    sync::{Programmer, SyncStats},
-    translate::{Desired, Frontend, NodeContext, Translator},
+use super::{LastGood, ObjectSource, Snapshot};
+use crate::model::{
+    self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION,
 };
 
 /// The label carrying a Node's zone.
@@ -63,24 +58,6 @@ struct Validation {
     seen_in: u64,
 }
 
-/// The objects of one sync. Unchanged objects are the same `Arc`s as in the previous snapshot,
-/// so translation can reuse its work for them.
-pub struct Snapshot {
-    pub objects: Vec<Arc<Object>>,
-    pub problems: Vec<Problem>,
-    /// Rejected objects whose previous version is kept.
-    pub kept_last_good: Vec<ObjectRef>,
-}
-
-/// What one [`KubeSource::sync_into`] did.
-pub struct SyncOutcome {
-    pub desired: Desired,
-    pub problems: Vec<Problem>,
-    pub kept_last_good: Vec<ObjectRef>,
-    pub stats: SyncStats,
-    pub unplaced: Vec<Frontend>,
-}
-
 /// Watches Services, EndpointSlices and this agent's Node.
 pub struct KubeSource {
     services: Store<Service>,
@@ -91,10 +68,8 @@ pub struct KubeSource {
     listed: Vec<Arc<AtomicBool>>,
     tasks: Vec<JoinHandle<()>>,
     validated: HashMap<ObjectRef, Validation>,
-    last_good: HashMap<ObjectRef, Arc<Object>>,
+    last_good: LastGood,
     snapshots: u64,
-    /// For [`Self::sync_into`]: remembers translations of unchanged Services.
-    translator: Translator,
 }
 
 impl KubeSource {
@@ -136,9 +111,8 @@ impl KubeSource {
             listed,
             tasks,
             validated: HashMap::new(),
-            last_good: HashMap::new(),
+            last_good: LastGood::default(),
             snapshots: 0,
-            translator: Translator::default(),
         }
     }
 
@@ -147,8 +121,7 @@ impl KubeSource {
         self.changed.notified().await;
     }
 
-    /// Every watcher has completed its initial list: a sync now reflects the cluster. Before
-    /// that, the agent keeps what is programmed (e.g. adopted pins) rather than flush it.
+    /// Every watcher has completed its initial list: a snapshot now reflects the cluster.
     pub fn ready(&self) -> bool {
         self.listed.iter().all(|l| l.load(Ordering::Acquire))
     }
@@ -161,37 +134,14 @@ impl KubeSource {
             .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
     }
 
-    /// One sync as the agent runs it: snapshot, translate for `node` (its zone refreshed from the
-    /// Node), write the difference through `programmer`.
-    pub fn sync_into(
-        &mut self,
-        node: &mut NodeContext,
-        programmer: &mut Programmer,
-        writer: &mut dyn MapWriter,
-    ) -> Result<SyncOutcome, WriteError> {
-        node.zone = self.node_zone();
-        let snapshot = self.snapshot();
-        let desired = self.translator.translate(&snapshot.objects, node);
-        let (stats, unplaced) = programmer.sync(&desired, writer)?;
-        Ok(SyncOutcome {
-            desired,
-            problems: snapshot.problems,
-            kept_last_good: snapshot.kept_last_good,
-            stats,
-            unplaced,
-        })
-    }
-
     /// Validated objects from the stores, re-validating only versions not seen before.
-    pub fn snapshot(&mut self) -> Snapshot {
+    fn read(&mut self) -> Snapshot {
         self.snapshots += 1;
         let generation = self.snapshots;
         let services = self.services.state();
         let slices = self.slices.state();
-        let mut objects = Vec::with_capacity(services.len() + slices.len());
+        let mut verdicts = Vec::with_capacity(services.len() + slices.len());
         let mut problems = Vec::new();
-        let mut kept_last_good = Vec::new();
-        let mut last_good = HashMap::with_capacity(objects.capacity());
         let all = services
             .iter()
             .map(|s| (model::Kind::Service, s.metadata(), Either::Service(s)))
@@ -223,27 +173,26 @@ impl KubeSource {
             };
             validation.seen_in = generation;
             problems.extend(validation.problems.iter().cloned());
-            let object = match &validation.object {
-                Some(object) => object.clone(),
-                // Rejected now: its previous good version stays, if it had one.
-                None => match self.last_good.get(&id) {
-                    Some(previous) => {
-                        kept_last_good.push(id.clone());
-                        previous.clone()
-                    }
-                    None => continue,
-                },
-            };
-            objects.push(object.clone());
-            last_good.insert(id, object);
+            verdicts.push((id, validation.object.clone()));
         }
         self.validated.retain(|_, v| v.seen_in == generation);
-        self.last_good = last_good;
+        let kept_last_good = self.last_good.update(verdicts);
         Snapshot {
-            objects,
+            objects: self.last_good.to_vec(),
             problems,
             kept_last_good,
+            node_zone: self.node_zone(),
         }
+    }
+}
+
+impl ObjectSource for KubeSource {
+    fn ready(&self) -> bool {
+        KubeSource::ready(self)
+    }
+
+    fn snapshot(&mut self) -> Option<Snapshot> {
+        Some(self.read())
     }
 }
 

@@ -1,15 +1,17 @@
-//! A manifest file as a source of objects, with last-known-good semantics: an object that becomes
-//! invalid keeps its previous version until it is fixed or removed from the file, so a typo never
-//! tears down a working Service.
+//! A manifest file as a source of objects, re-read when it changes (or on SIGHUP).
 
 use std::{
     collections::BTreeMap,
     io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
+use tracing::error;
+
+use super::{LastGood, ObjectSource, Snapshot};
 use crate::{
     manifest,
     model::{Object, ObjectRef, Problem},
@@ -26,7 +28,9 @@ struct Fingerprint {
 pub struct ManifestSource {
     path: PathBuf,
     seen: Option<Fingerprint>,
-    objects: BTreeMap<ObjectRef, Object>,
+    objects: LastGood,
+    /// Re-read on the next snapshot even if the file looks unchanged.
+    force: bool,
 }
 
 /// The outcome of one read.
@@ -41,7 +45,8 @@ impl ManifestSource {
         Self {
             path: path.to_owned(),
             seen: None,
-            objects: BTreeMap::new(),
+            objects: LastGood::default(),
+            force: true,
         }
     }
 
@@ -50,7 +55,12 @@ impl ManifestSource {
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.objects.values()
+        self.objects.objects().map(|o| &**o)
+    }
+
+    /// The next snapshot re-reads the file (SIGHUP).
+    pub fn force_reread(&mut self) {
+        self.force = true;
     }
 
     fn fingerprint(&self) -> io::Result<Fingerprint> {
@@ -73,26 +83,47 @@ impl ManifestSource {
         let text = std::fs::read_to_string(&self.path)?;
         self.seen = Some(fingerprint);
         let read = manifest::parse(&text, &self.path.display().to_string());
-        let mut objects: BTreeMap<ObjectRef, Object> = read
+        let mut verdicts: BTreeMap<ObjectRef, Option<Arc<Object>>> = read
             .objects
             .into_iter()
-            .map(|o| (o.id().clone(), o))
+            .map(|o| (o.id().clone(), Some(Arc::new(o))))
             .collect();
-        let mut kept_last_good = Vec::new();
         for id in read.rejected {
-            if objects.contains_key(&id) {
-                continue; // a valid duplicate of the same object was also given
-            }
-            if let Some(previous) = self.objects.remove(&id) {
-                objects.insert(id.clone(), previous);
-                kept_last_good.push(id);
-            }
+            // A valid duplicate of the same object may also have been given: it wins.
+            verdicts.entry(id).or_insert(None);
         }
-        self.objects = objects;
+        let kept_last_good = self.objects.update(verdicts.into_iter().collect());
         Ok(Reload {
             problems: read.problems,
             kept_last_good,
         })
+    }
+}
+
+impl ObjectSource for ManifestSource {
+    fn snapshot(&mut self) -> Option<Snapshot> {
+        if !self.changed() && !std::mem::take(&mut self.force) {
+            // Only something else changed (node addresses): the objects are the same.
+            return Some(Snapshot {
+                objects: self.objects.to_vec(),
+                ..Snapshot::default()
+            });
+        }
+        match self.reload() {
+            Ok(reload) => Some(Snapshot {
+                objects: self.objects.to_vec(),
+                problems: reload.problems,
+                kept_last_good: reload.kept_last_good,
+                node_zone: None,
+            }),
+            Err(err) => {
+                error!(
+                    "cannot read {}: {err}; keeping what is programmed",
+                    self.path.display()
+                );
+                None
+            }
+        }
     }
 }
 

@@ -1,0 +1,89 @@
+//! Where Services and EndpointSlices come from: a manifest file ([`ManifestSource`]) or the
+//! API server ([`KubeSource`]). Both hand out validated objects as a [`Snapshot`] behind one
+//! small interface ([`ObjectSource`]), with the same last-known-good rule ([`LastGood`]): an
+//! object that turns invalid keeps its previous version until it is fixed or removed, so a typo
+//! never tears down a working Service.
+
+mod kube;
+mod manifest;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+pub use kube::{KubeSource, ZONE_LABEL};
+pub use manifest::ManifestSource;
+
+use crate::model::{Object, ObjectRef, Problem};
+
+/// The objects of one sync. Objects unchanged since the previous snapshot are the same `Arc`s,
+/// so translation reuses its work for them.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub objects: Vec<Arc<Object>>,
+    pub problems: Vec<Problem>,
+    /// Rejected objects whose previous version is kept.
+    pub kept_last_good: Vec<ObjectRef>,
+    /// The zone of this agent's Node, when the source knows it (topology-aware routing).
+    pub node_zone: Option<String>,
+}
+
+/// A source of objects.
+pub trait ObjectSource {
+    /// Whether a snapshot now reflects the source (the API server's first lists are complete);
+    /// before that the agent keeps what is programmed rather than flush it.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// The objects to program now, or `None` when they cannot be read (the caller keeps what is
+    /// programmed and says why).
+    fn snapshot(&mut self) -> Option<Snapshot>;
+}
+
+/// One read of a source: each object identified, valid (`Some`) or rejected (`None`).
+pub type Verdicts = Vec<(ObjectRef, Option<Arc<Object>>)>;
+
+/// The last good version of every object, and the rule that applies it.
+#[derive(Debug, Default)]
+pub struct LastGood {
+    objects: BTreeMap<ObjectRef, Arc<Object>>,
+}
+
+impl LastGood {
+    /// Takes one read: valid objects replace their previous version (keeping the previous `Arc`
+    /// when nothing changed); a rejected object keeps its previous version if it had one;
+    /// objects the read does not mention are gone. Returns the ids kept at their last good
+    /// version.
+    pub fn update(&mut self, verdicts: Verdicts) -> Vec<ObjectRef> {
+        let mut kept = Vec::new();
+        let mut next = BTreeMap::new();
+        for (id, object) in verdicts {
+            let previous = self.objects.get(&id);
+            let object = match object {
+                Some(object) => match previous {
+                    Some(previous) if Arc::ptr_eq(previous, &object) || **previous == *object => {
+                        previous.clone()
+                    }
+                    _ => object,
+                },
+                None => match previous {
+                    Some(previous) => {
+                        kept.push(id.clone());
+                        previous.clone()
+                    }
+                    None => continue,
+                },
+            };
+            next.insert(id, object);
+        }
+        self.objects = next;
+        kept
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Arc<Object>> {
+        self.objects.values()
+    }
+
+    pub fn to_vec(&self) -> Vec<Arc<Object>> {
+        self.objects.values().cloned().collect()
+    }
+}

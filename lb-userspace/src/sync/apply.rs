@@ -1,0 +1,148 @@
+//! The one way writes reach the maps: a [`WritePlan`] (which both diffs produce) executed by
+//! [`apply`] in the order that keeps the packet path consistent at every instant:
+//!
+//! 1. the node settings;
+//! 2. backends that tables will name (new, or changed in place);
+//! 3. table slots, only the ones that change;
+//! 4. service entries, so an entry only ever points at a complete table; then removed entries;
+//! 5. backends that start draining, once no table names them;
+//! 6. affinity memories that name a backend no longer in their Service;
+//! 7. backends nothing uses any more;
+//! 8. the conntrack entries of UDP flows whose backend left their Service.
+//!
+//! Each write goes to the maps, then to the mirror, so the mirror never claims a write that
+//! failed; a failed sync simply resumes from the mirror next time.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
+
+use super::SyncStats;
+use crate::dataplane::{MapContents, MapWriter, TableRange, WriteError};
+
+/// Which session-affinity memories to forget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AffinityPrune {
+    /// Every memory whose service id is not in `keep` or whose backend is not among that
+    /// service's backends (after a full diff).
+    AllBut(BTreeMap<u32, BTreeSet<BackendId>>),
+    /// For the service ids given only: memories whose backend is not in the set (an empty set
+    /// forgets all of that service's memories). Other services' memories stay.
+    Within(BTreeMap<u32, BTreeSet<BackendId>>),
+}
+
+impl AffinityPrune {
+    /// Whether the memory of `service_id` naming `backend_id` goes.
+    pub fn forgets(&self, service_id: u32, backend_id: BackendId) -> bool {
+        match self {
+            AffinityPrune::AllBut(keep) => !keep
+                .get(&service_id)
+                .is_some_and(|ids| ids.contains(&backend_id)),
+            AffinityPrune::Within(scope) => scope
+                .get(&service_id)
+                .is_some_and(|ids| !ids.contains(&backend_id)),
+        }
+    }
+}
+
+/// Every write of one sync, grouped by the step of the order above.
+#[derive(Debug, Default)]
+pub struct WritePlan {
+    pub node: Option<NodeConfig>,
+    pub backends: Vec<(BackendId, Backend)>,
+    pub slots: Vec<(TableRange, Vec<(u32, BackendId)>)>,
+    /// Written unless the mirror already holds exactly this entry.
+    pub services: Vec<(ServiceKey, ServiceEntry)>,
+    /// Deleted if the mirror holds them.
+    pub removed_services: Vec<ServiceKey>,
+    pub draining: Vec<(BackendId, Backend)>,
+    pub affinity: Option<AffinityPrune>,
+    pub removed_backends: Vec<BackendId>,
+    /// (service id, backend id) pairs whose UDP flows are deleted.
+    pub udp_flows: HashSet<(u32, BackendId)>,
+}
+
+/// Executes `plan` through `writer`, keeping `mirror` to what was written.
+pub fn apply(
+    plan: &WritePlan,
+    writer: &mut dyn MapWriter,
+    mirror: &mut MapContents,
+) -> Result<SyncStats, WriteError> {
+    let mut w = Tracked {
+        writer,
+        mirror,
+        stats: SyncStats::default(),
+    };
+    if let Some(node) = plan.node {
+        w.put_node(node)?;
+    }
+    for (id, backend) in &plan.backends {
+        w.put_backend(*id, *backend)?;
+    }
+    for (range, changes) in &plan.slots {
+        w.put_slots(*range, changes)?;
+    }
+    for (key, entry) in &plan.services {
+        if w.mirror.services.get(key) != Some(entry) {
+            w.put_service(*key, *entry)?;
+        }
+    }
+    for key in &plan.removed_services {
+        if w.mirror.services.contains_key(key) {
+            w.delete_service(*key)?;
+        }
+    }
+    for (id, backend) in &plan.draining {
+        w.put_backend(*id, *backend)?;
+    }
+    if let Some(prune) = &plan.affinity {
+        w.stats.deletes += w.writer.forget_affinity(prune)?;
+    }
+    for id in &plan.removed_backends {
+        w.delete_backend(*id)?;
+    }
+    if !plan.udp_flows.is_empty() {
+        w.stats.deletes += w.writer.forget_udp_flows(&plan.udp_flows)?;
+    }
+    Ok(w.stats)
+}
+
+/// Applies each write to the maps, then to the mirror, counting it.
+struct Tracked<'a> {
+    writer: &'a mut dyn MapWriter,
+    mirror: &'a mut MapContents,
+    stats: SyncStats,
+}
+
+macro_rules! tracked_op {
+    ($name:ident, $stat:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $name(&mut self, $($arg: $ty),*) -> Result<(), WriteError> {
+            self.writer.$name($($arg),*)?;
+            self.mirror.$name($($arg),*)?;
+            self.stats.$stat += 1;
+            Ok(())
+        }
+    };
+}
+
+impl Tracked<'_> {
+    tracked_op!(put_node, writes, (config: NodeConfig));
+    tracked_op!(put_backend, writes, (id: BackendId, backend: Backend));
+    tracked_op!(delete_backend, deletes, (id: BackendId));
+    tracked_op!(put_service, writes, (key: ServiceKey, entry: ServiceEntry));
+    tracked_op!(delete_service, deletes, (key: ServiceKey));
+
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        // One slot at a time, so the mirror holds exactly the slots written if one fails.
+        for change in changes {
+            self.writer.put_slots(range, std::slice::from_ref(change))?;
+            self.mirror.put_slots(range, std::slice::from_ref(change))?;
+            self.stats.writes += 1;
+        }
+        Ok(())
+    }
+}

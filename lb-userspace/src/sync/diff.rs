@@ -1,0 +1,641 @@
+//! The two diffs, both ending in one [`WritePlan`]:
+//!
+//! - **full**: the whole [`Target`] (map contents with stable ids and placed tables) against the
+//!   mirror; used for the first sync, after new settings or a failed write;
+//! - **incremental**: only the frontends whose plan changed since the last sync, against
+//!   indexes kept from it ([`Incremental`]): at 10,000 Services a change to one should not cost a
+//!   pass over all of them.
+//!
+//! Each diff has a commit step, run only once its plan was applied, that records what is
+//! programmed now.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use lb_common::{
+    maglev,
+    service::{Backend, BackendId, ServiceKey},
+};
+
+use super::{
+    Programmer, Settings,
+    apply::{AffinityPrune, WritePlan},
+    encoding::{
+        backend_value, draining_values, id_set, identity, is_draining, service_entry, service_key,
+        table_range,
+    },
+    tables::{IdAllocator, SlotSpace, TableContent, build_table, slot_changes, table_for},
+};
+use crate::{
+    dataplane::{MapContents, TableRange},
+    translate::{Desired, Frontend, FrontendPlan},
+};
+
+/// What the maps should hold, plus frontends that found no room for their table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    pub contents: MapContents,
+    pub unplaced: Vec<Frontend>,
+    table_contents: BTreeMap<TableRange, TableContent>,
+    /// service id -> the backends its table spreads over.
+    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
+    /// Each frontend's table content (frontends with backends only).
+    wants: BTreeMap<ServiceKey, TableContent>,
+}
+
+/// Indexes kept after a sync so the next one only works on the frontends that changed.
+#[derive(Debug)]
+pub(super) struct Incremental {
+    /// Each programmed frontend's table content (frontends with backends only).
+    contents: HashMap<ServiceKey, TableContent>,
+    /// Content -> where its table is and how many frontends use it.
+    tables: HashMap<TableContent, (TableRange, usize)>,
+    backend_ids: HashMap<Backend, BackendId>,
+    /// Backend id -> how many frontends' tables name it.
+    backend_users: HashMap<BackendId, usize>,
+    /// Free ranges of the slots array (quarantined ones excluded until the next sync).
+    space: SlotSpace,
+    next_backend_id: u32,
+    next_service_id: u32,
+    /// The settings the indexes were built for; other settings mean a full sync.
+    pub settings: Settings,
+    /// The draining backends programmed; a change to them means a full sync (it is the only
+    /// way a backend's value changes under the same id).
+    pub draining: BTreeSet<Backend>,
+}
+
+/// An incremental diff: its plan, and what to record once the plan is applied.
+pub(super) struct Changes {
+    pub plan: WritePlan,
+    indexes: Incremental,
+    changed: Vec<(Frontend, Option<Arc<FrontendPlan>>)>,
+    unplaced: Vec<Frontend>,
+    freed: Vec<(TableContent, TableRange)>,
+    unused: Vec<(BackendId, Backend)>,
+    tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)>,
+}
+
+impl Programmer {
+    /// The map contents `desired` maps to. Ids already programmed are kept for the same backend or
+    /// frontend; new ones never reuse an id still programmed, so no in-use id changes meaning.
+    /// Frontends with the same backends and table size share one table.
+    pub fn target(&self, desired: &Desired) -> Target {
+        let existing_backends: BTreeMap<Backend, BackendId> = self
+            .programmed
+            .backends
+            .iter()
+            .map(|(id, b)| (identity(b), *id))
+            .collect();
+        let mut backend_ids =
+            IdAllocator::new(self.programmed.backends.keys().copied().collect(), 1);
+        let mut service_ids = IdAllocator::new(
+            self.programmed
+                .services
+                .values()
+                .map(|e| e.service_id)
+                .collect(),
+            1,
+        );
+
+        let mut target = Target {
+            contents: MapContents {
+                node: self.settings.node,
+                ..MapContents::default()
+            },
+            ..Target::default()
+        };
+        let active = desired
+            .backends()
+            .iter()
+            .map(backend_value)
+            .collect::<Vec<_>>();
+        for value in active.into_iter().chain(draining_values(desired)) {
+            let id = existing_backends
+                .get(&identity(&value))
+                .copied()
+                .unwrap_or_else(|| backend_ids.allocate());
+            target.contents.backends.insert(id, value);
+        }
+        let id_of: BTreeMap<Backend, BackendId> = target
+            .contents
+            .backends
+            .iter()
+            .map(|(id, b)| (*b, *id))
+            .collect();
+
+        let wants: BTreeMap<ServiceKey, TableContent> = desired
+            .frontends
+            .iter()
+            .filter(|(_, plan)| !plan.backends.is_empty())
+            .map(|(frontend, plan)| {
+                let mut backends: Vec<BackendId> = plan
+                    .backends
+                    .iter()
+                    .map(|b| id_of[&backend_value(b)])
+                    .collect();
+                backends.sort_unstable();
+                let content = TableContent {
+                    size: plan.table_size,
+                    backends,
+                };
+                (service_key(frontend), content)
+            })
+            .collect();
+        let placement = self.place_tables(&wants, &mut target);
+
+        for (frontend, plan) in &desired.frontends {
+            let key = service_key(frontend);
+            let range = match wants.get(&key) {
+                None => Some(TableRange { offset: 0, size: 0 }),
+                Some(content) => placement.get(content).copied(),
+            };
+            let Some(range) = range else {
+                target.unplaced.push(*frontend);
+                continue;
+            };
+            let service_id = match self.programmed.services.get(&key) {
+                Some(entry) => entry.service_id,
+                None => service_ids.allocate(),
+            };
+            target.affinity_scope.insert(
+                service_id,
+                wants
+                    .get(&key)
+                    .map(|c| c.backends.clone())
+                    .unwrap_or_default(),
+            );
+            let entry = service_entry(plan, range, service_id, self.settings.reject_no_endpoints);
+            target.contents.services.insert(key, entry);
+        }
+        target.wants = wants;
+        target
+    }
+
+    /// Decides where each distinct table lives and fills the target's tables. A table already
+    /// programmed is updated in place (writing only the slots that differ) when every frontend
+    /// using it wants the new content or is going away; otherwise the content gets a fresh range.
+    fn place_tables(
+        &self,
+        wants: &BTreeMap<ServiceKey, TableContent>,
+        target: &mut Target,
+    ) -> BTreeMap<TableContent, TableRange> {
+        // Which frontends use each programmed table, and which tables each content could reuse.
+        let mut users: BTreeMap<TableRange, Vec<ServiceKey>> = BTreeMap::new();
+        for (key, entry) in &self.programmed.services {
+            if entry.table_size > 0 {
+                users.entry(table_range(entry)).or_default().push(*key);
+            }
+        }
+        let mut candidates: BTreeMap<&TableContent, BTreeSet<TableRange>> = BTreeMap::new();
+        for (key, content) in wants {
+            if let Some(entry) = self.programmed.services.get(key)
+                && entry.table_size == content.size
+            {
+                candidates
+                    .entry(content)
+                    .or_default()
+                    .insert(table_range(entry));
+            }
+        }
+        let mut placement = BTreeMap::new();
+        let mut claimed = BTreeSet::new();
+        for (content, ranges) in candidates {
+            let reusable = ranges.into_iter().find(|range| {
+                !claimed.contains(range)
+                    && users[range]
+                        .iter()
+                        .all(|k| wants.get(k).is_none_or(|w| w == content))
+            });
+            if let Some(range) = reusable {
+                claimed.insert(range);
+                placement.insert(content.clone(), range);
+            }
+        }
+        let distinct: BTreeSet<&TableContent> = wants.values().collect();
+        let mut space = SlotSpace::new(
+            self.programmed
+                .tables
+                .keys()
+                .copied()
+                .chain(self.quarantine.iter().copied()),
+        );
+        for content in distinct {
+            if placement.contains_key(content) {
+                continue;
+            }
+            if let Some(range) = space.allocate(content.size) {
+                placement.insert(content.clone(), range);
+            }
+        }
+        for (content, range) in &placement {
+            let table = self
+                .built
+                .get(content)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(build_table(content, &target.contents.backends)));
+            target.contents.tables.insert(*range, table);
+            target.table_contents.insert(*range, content.clone());
+        }
+        placement
+    }
+
+    /// The writes that turn the mirror into `target`.
+    pub(super) fn full_plan(&self, target: &Target) -> WritePlan {
+        let current = &self.programmed;
+        let want = &target.contents;
+        let mut plan = WritePlan::default();
+        if current.node != want.node {
+            plan.node = Some(want.node);
+        }
+        for (id, backend) in &want.backends {
+            if current.backends.get(id) == Some(backend) {
+                continue;
+            }
+            // A backend that only starts draining is marked after the tables stop naming it.
+            let starts_draining = is_draining(backend)
+                && current
+                    .backends
+                    .get(id)
+                    .is_some_and(|old| !is_draining(old));
+            if starts_draining {
+                plan.draining.push((*id, *backend));
+            } else {
+                plan.backends.push((*id, *backend));
+            }
+        }
+        for (range, slots) in &want.tables {
+            if self.table_contents.get(range) == target.table_contents.get(range) {
+                continue; // written by an earlier sync with exactly this content
+            }
+            let changes = slot_changes(current.tables.get(range).map(|t| t.as_slice()), slots);
+            if !changes.is_empty() {
+                plan.slots.push((*range, changes));
+            }
+        }
+        plan.services = want
+            .services
+            .iter()
+            .filter(|(key, entry)| current.services.get(key) != Some(entry))
+            .map(|(key, entry)| (*key, *entry))
+            .collect();
+        plan.removed_services = current
+            .services
+            .keys()
+            .filter(|key| !want.services.contains_key(key))
+            .copied()
+            .collect();
+        // Affinity memories must not outlive their backend's membership in the service.
+        if target.affinity_scope != self.affinity_scope {
+            plan.affinity = Some(AffinityPrune::AllBut(
+                target
+                    .affinity_scope
+                    .iter()
+                    .map(|(id, backends)| (*id, id_set(backends)))
+                    .collect(),
+            ));
+        }
+        plan.removed_backends = current
+            .backends
+            .keys()
+            .filter(|id| !want.backends.contains_key(id))
+            .copied()
+            .collect();
+        plan
+    }
+
+    /// Records what a full sync to `target` programmed. Returns the frontends left unplaced.
+    pub(super) fn commit_full(&mut self, target: Target, desired: &Desired) -> Vec<Frontend> {
+        let Target {
+            contents: target,
+            unplaced,
+            table_contents,
+            affinity_scope,
+            wants,
+        } = target;
+        // The mirror holds the old tables and the written ones; the old ones wait a sync.
+        self.quarantine = self
+            .programmed
+            .tables
+            .keys()
+            .filter(|r| !target.tables.contains_key(r))
+            .copied()
+            .collect();
+        self.programmed
+            .tables
+            .retain(|range, _| target.tables.contains_key(range));
+        // Remember what was written, sharing the built tables for the next sync.
+        self.built = table_contents
+            .iter()
+            .map(|(range, content)| (content.clone(), target.tables[range].clone()))
+            .collect();
+        self.table_contents = table_contents;
+        self.affinity_scope = affinity_scope;
+        self.programmed_plans = desired.frontends.clone();
+        for frontend in &unplaced {
+            self.programmed_plans.remove(frontend);
+        }
+        self.incremental = Some(self.indexes(&wants));
+        unplaced
+    }
+
+    /// The indexes for incremental syncs, from what a full sync just programmed.
+    fn indexes(&self, wants: &BTreeMap<ServiceKey, TableContent>) -> Incremental {
+        let programmed = &self.programmed;
+        let contents: HashMap<ServiceKey, TableContent> = wants
+            .iter()
+            .filter(|(key, _)| programmed.services.contains_key(key))
+            .map(|(k, c)| (*k, c.clone()))
+            .collect();
+        let mut tables: HashMap<TableContent, (TableRange, usize)> = self
+            .table_contents
+            .iter()
+            .map(|(range, content)| (content.clone(), (*range, 0)))
+            .collect();
+        let mut backend_users: HashMap<BackendId, usize> = HashMap::new();
+        for content in contents.values() {
+            if let Some(table) = tables.get_mut(content) {
+                table.1 += 1;
+            }
+            for id in &content.backends {
+                *backend_users.entry(*id).or_default() += 1;
+            }
+        }
+        Incremental {
+            contents,
+            tables,
+            backend_ids: programmed
+                .backends
+                .iter()
+                .filter(|(_, b)| !is_draining(b))
+                .map(|(id, b)| (*b, *id))
+                .collect(),
+            draining: programmed
+                .backends
+                .values()
+                .filter(|b| is_draining(b))
+                .copied()
+                .collect(),
+            backend_users,
+            space: SlotSpace::new(
+                programmed
+                    .tables
+                    .keys()
+                    .copied()
+                    .chain(self.quarantine.iter().copied()),
+            ),
+            next_backend_id: programmed.backends.keys().max().map_or(1, |id| id + 1),
+            next_service_id: programmed
+                .services
+                .values()
+                .map(|e| e.service_id)
+                .max()
+                .map_or(1, |id| id + 1),
+            settings: self.settings,
+        }
+    }
+
+    /// The incremental diff: the frontends whose plan changed since the last sync, and nothing
+    /// else.
+    pub(super) fn changes_plan(&mut self, mut ix: Incremental, desired: &Desired) -> Changes {
+        // Ranges freed by the previous sync may be reused from now on.
+        for range in self.quarantine.drain(..) {
+            ix.space.free(range);
+        }
+        let changed = changed_frontends(&self.programmed_plans, &desired.frontends);
+
+        // Release what the changed frontends used.
+        let mut released: BTreeMap<ServiceKey, TableContent> = BTreeMap::new();
+        for (frontend, _) in &changed {
+            let key = service_key(frontend);
+            if let Some(old) = ix.contents.remove(&key) {
+                if let Some(table) = ix.tables.get_mut(&old) {
+                    table.1 -= 1;
+                }
+                for id in &old.backends {
+                    if let Some(users) = ix.backend_users.get_mut(id) {
+                        *users -= 1;
+                    }
+                }
+                released.insert(key, old);
+            }
+        }
+
+        // Decide the new state of each changed frontend.
+        let mut plan = WritePlan::default();
+        let mut unplaced: Vec<Frontend> = Vec::new();
+        let mut scope: BTreeMap<u32, BTreeSet<BackendId>> = BTreeMap::new();
+        let mut tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)> = Vec::new();
+        for (frontend, plan_of) in &changed {
+            let key = service_key(frontend);
+            let service_id = self.programmed.services.get(&key).map(|e| e.service_id);
+            let Some(frontend_plan) = plan_of else {
+                plan.removed_services.push(key);
+                if let Some(id) = service_id {
+                    scope.insert(id, BTreeSet::new());
+                }
+                continue;
+            };
+            // id -> Maglev key of this plan's backends (new ones are not in the maps yet).
+            let mut keys: HashMap<BackendId, u64> =
+                HashMap::with_capacity(frontend_plan.backends.len());
+            for b in &frontend_plan.backends {
+                let value = backend_value(b);
+                let id = *ix.backend_ids.entry(value).or_insert_with(|| {
+                    let id = ix.next_backend_id;
+                    ix.next_backend_id += 1;
+                    plan.backends.push((id, value));
+                    // Tracked from the start, so it is deleted again if nothing ends up using it.
+                    ix.backend_users.insert(id, 0);
+                    id
+                });
+                keys.insert(id, maglev::backend_key(value.addr_be, value.port_be));
+            }
+            let mut ids: Vec<BackendId> = keys.keys().copied().collect();
+            ids.sort_unstable();
+            let key_of = |id: BackendId| keys[&id];
+            let range = if ids.is_empty() {
+                TableRange { offset: 0, size: 0 }
+            } else {
+                let content = TableContent {
+                    size: frontend_plan.table_size,
+                    backends: ids.clone(),
+                };
+                let old = released.get(&key);
+                let range = if let Some(table) = ix.tables.get_mut(&content) {
+                    table.1 += 1;
+                    Some(table.0)
+                } else if let Some(old) = old
+                    && old.size == content.size
+                    && ix.tables.get(old).is_some_and(|t| t.1 == 0)
+                {
+                    // Nobody else uses the frontend's old table: rewrite it in place, only the
+                    // slots whose backend changes.
+                    let (range, _) = ix.tables.remove(old).expect("checked");
+                    let table = table_for(&mut self.built, &content, key_of);
+                    let before = self.programmed.tables.get(&range);
+                    let changes = slot_changes(before.map(|b| b.as_slice()), &table);
+                    self.built.remove(old);
+                    ix.tables.insert(content.clone(), (range, 1));
+                    if !changes.is_empty() {
+                        plan.slots.push((range, changes));
+                    }
+                    tables_written.push((range, content.clone(), table));
+                    Some(range)
+                } else {
+                    ix.space.allocate(content.size).inspect(|&range| {
+                        let table = table_for(&mut self.built, &content, key_of);
+                        plan.slots.push((range, slot_changes(None, &table)));
+                        ix.tables.insert(content.clone(), (range, 1));
+                        tables_written.push((range, content.clone(), table));
+                    })
+                };
+                let Some(range) = range else {
+                    unplaced.push(*frontend);
+                    plan.removed_services.push(key);
+                    continue;
+                };
+                for id in &content.backends {
+                    *ix.backend_users.entry(*id).or_default() += 1;
+                }
+                ix.contents.insert(key, content);
+                range
+            };
+            let service_id = service_id.unwrap_or_else(|| {
+                let id = ix.next_service_id;
+                ix.next_service_id += 1;
+                id
+            });
+            scope.insert(service_id, ids.into_iter().collect());
+            let entry = service_entry(
+                frontend_plan,
+                range,
+                service_id,
+                self.settings.reject_no_endpoints,
+            );
+            plan.services.push((key, entry));
+        }
+        let freed: Vec<(TableContent, TableRange)> = ix
+            .tables
+            .iter()
+            .filter(|(_, (_, users))| *users == 0)
+            .map(|(content, (range, _))| (content.clone(), *range))
+            .collect();
+        let mut unused: Vec<(BackendId, Backend)> = ix
+            .backend_users
+            .iter()
+            .filter(|(_, users)| **users == 0)
+            .filter_map(|(id, _)| {
+                let value = self.programmed.backends.get(id).copied().or_else(|| {
+                    plan.backends
+                        .iter()
+                        .find(|(new, _)| new == id)
+                        .map(|(_, b)| *b)
+                })?;
+                Some((*id, value))
+            })
+            .collect();
+        unused.sort_unstable();
+        if !scope.is_empty() {
+            plan.affinity = Some(AffinityPrune::Within(scope));
+        }
+        plan.removed_backends = unused.iter().map(|(id, _)| *id).collect();
+        Changes {
+            plan,
+            indexes: ix,
+            changed: changed
+                .into_iter()
+                .map(|(frontend, plan)| (frontend, plan.cloned()))
+                .collect(),
+            unplaced,
+            freed,
+            unused,
+            tables_written,
+        }
+    }
+
+    /// Records what an applied incremental diff programmed. Returns the frontends left
+    /// unplaced.
+    pub(super) fn commit_changes(&mut self, changes: Changes) -> Vec<Frontend> {
+        let Changes {
+            mut indexes,
+            changed,
+            unplaced,
+            freed,
+            unused,
+            tables_written,
+            ..
+        } = changes;
+        for (content, range) in freed {
+            indexes.tables.remove(&content);
+            self.built.remove(&content);
+            self.table_contents.remove(&range);
+            self.programmed.tables.remove(&range);
+            self.quarantine.push(range);
+        }
+        for (id, value) in unused {
+            indexes.backend_users.remove(&id);
+            indexes.backend_ids.remove(&value);
+        }
+        for (range, content, table) in tables_written {
+            self.table_contents.insert(range, content.clone());
+            self.built.insert(content, table);
+        }
+        for (frontend, plan) in changed {
+            match plan {
+                Some(plan) if !unplaced.contains(&frontend) => {
+                    self.programmed_plans.insert(frontend, plan);
+                }
+                _ => {
+                    self.programmed_plans.remove(&frontend);
+                }
+            }
+        }
+        self.incremental = Some(indexes);
+        unplaced
+    }
+}
+
+/// The frontends whose plan differs between `before` and `after` (added: `Some`, changed:
+/// `Some`, removed: `None`), by walking both sorted maps once. Plans shared from the last
+/// translation compare by pointer.
+fn changed_frontends<'a>(
+    before: &BTreeMap<Frontend, Arc<FrontendPlan>>,
+    after: &'a BTreeMap<Frontend, Arc<FrontendPlan>>,
+) -> Vec<(Frontend, Option<&'a Arc<FrontendPlan>>)> {
+    let mut changes = Vec::new();
+    let mut old = before.iter().peekable();
+    let mut new = after.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((f, _)), None) => {
+                changes.push((**f, None));
+                old.next();
+            }
+            (None, Some((f, plan))) => {
+                changes.push((**f, Some(*plan)));
+                new.next();
+            }
+            (Some((fo, po)), Some((fa, pa))) => match fo.cmp(fa) {
+                std::cmp::Ordering::Less => {
+                    changes.push((**fo, None));
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changes.push((**fa, Some(*pa)));
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(po, pa) && po != pa {
+                        changes.push((**fa, Some(*pa)));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    changes
+}

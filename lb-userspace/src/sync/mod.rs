@@ -1,0 +1,205 @@
+//! Level-triggered sync: desired state (from translation) -> the map writes that turn what is
+//! programmed into it, and nothing more. One job a module:
+//!
+//! - [`encoding`]: frontends, backends and plans as map keys and values;
+//! - [`tables`]: Maglev table contents, their placement in the slots array, ids;
+//! - [`diff`]: the full diff (everything against the mirror) and the incremental one (only the
+//!   frontends whose plan changed), both producing one [`WritePlan`];
+//! - [`apply`]: the one executor of a plan, through the mirror, in the order that keeps the
+//!   packet path consistent (see there).
+//!
+//! Ids already programmed are kept for the same backend or frontend. A table that is no longer
+//! used is not reused until the next sync, so a packet that read the old entry a moment ago never
+//! reads a slot that already means something else.
+
+mod apply;
+mod diff;
+mod encoding;
+mod tables;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
+
+pub use apply::{AffinityPrune, WritePlan};
+pub use diff::Target;
+pub use encoding::{backend_value, service_key};
+use lb_common::service::{Backend, BackendId, NodeConfig};
+
+use crate::{
+    dataplane::{MapContents, MapWriter, TableRange, WriteError},
+    model::Protocol,
+    translate::{Desired, Frontend, FrontendPlan},
+};
+use encoding::identity;
+use tables::TableContent;
+
+/// Agent-wide choices that shape what is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Answer flows to Services without endpoints with a TCP RST / ICMP unreachable (kube-proxy's
+    /// behaviour); otherwise drop them.
+    pub reject_no_endpoints: bool,
+    pub node: NodeConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            reject_no_endpoints: true,
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+/// How many map writes a sync made (each changed slot counts as one; deleted affinity memories
+/// and UDP flows count as deletes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+impl SyncStats {
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0 && self.deletes == 0
+    }
+}
+
+/// Owns the view of what is programmed and moves it towards what is desired.
+#[derive(Debug, Default)]
+pub struct Programmer {
+    /// The mirror: what the maps hold, as written by [`apply::apply`].
+    programmed: MapContents,
+    /// The plans of the frontends programmed (placed) by the last successful sync.
+    programmed_plans: BTreeMap<Frontend, Arc<FrontendPlan>>,
+    /// What each programmed table holds, when this process wrote it (adopted tables are unknown
+    /// and compared slot by slot once). A table whose content is unchanged is not even compared.
+    table_contents: BTreeMap<TableRange, TableContent>,
+    /// Maglev tables built for contents still in use: a sync only builds what changed.
+    built: HashMap<TableContent, Arc<Vec<BackendId>>>,
+    /// Tables freed by the last sync: not reused until the next one.
+    quarantine: Vec<TableRange>,
+    /// Each frontend's backends as of the last full sync, to tell when affinity needs pruning.
+    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
+    settings: Settings,
+    /// Present after a successful sync: the next one may work on changes only.
+    incremental: Option<diff::Incremental>,
+}
+
+impl Programmer {
+    /// Starts from what the maps already hold (e.g. pinned by a previous run), so the first sync
+    /// changes only what differs instead of flushing.
+    pub fn adopt(programmed: MapContents, settings: Settings) -> Self {
+        Self {
+            programmed,
+            settings,
+            ..Self::default()
+        }
+    }
+
+    /// New settings apply from the next sync.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
+    pub fn programmed(&self) -> &MapContents {
+        &self.programmed
+    }
+
+    /// Writes the difference between what is programmed and `desired`. Returns the stats and
+    /// the frontends that could not be placed (out of slots).
+    ///
+    /// After a successful sync with the same settings, only the frontends whose plan changed are
+    /// worked on; otherwise (the first sync, new settings, after a failed write) everything is
+    /// compared with what is programmed.
+    pub fn sync(
+        &mut self,
+        desired: &Desired,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        let udp_flows = self.udp_backends_leaving(desired);
+        let result = match self.incremental.take() {
+            Some(indexes)
+                if indexes.settings == self.settings
+                    && indexes.draining == encoding::draining_values(desired) =>
+            {
+                self.sync_changes(indexes, desired, udp_flows, writer)
+            }
+            _ => self.sync_full(desired, udp_flows, writer),
+        };
+        if result.is_err() {
+            // A table may be half rewritten: compare every table slot by slot next time, in full.
+            self.table_contents.clear();
+            self.incremental = None;
+        }
+        result
+    }
+
+    fn sync_full(
+        &mut self,
+        desired: &Desired,
+        udp_flows: HashSet<(u32, BackendId)>,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        let target = self.target(desired);
+        let mut plan = self.full_plan(&target);
+        plan.udp_flows = udp_flows;
+        let stats = apply::apply(&plan, writer, &mut self.programmed)?;
+        let unplaced = self.commit_full(target, desired);
+        Ok((stats, unplaced))
+    }
+
+    fn sync_changes(
+        &mut self,
+        indexes: diff::Incremental,
+        desired: &Desired,
+        udp_flows: HashSet<(u32, BackendId)>,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        let mut changes = self.changes_plan(indexes, desired);
+        changes.plan.udp_flows = udp_flows;
+        // On a failed write the indexes no longer match the maps (the mirror does): they are
+        // dropped, so the next sync runs in full from the mirror.
+        let stats = apply::apply(&changes.plan, writer, &mut self.programmed)?;
+        let unplaced = self.commit_changes(changes);
+        Ok((stats, unplaced))
+    }
+
+    /// The (service id, backend id) pairs of UDP frontends whose backend leaves them in going
+    /// from what is programmed to `next` (removed, draining, or the frontend gone), with ids as
+    /// programmed now, i.e. before the sync to `next`. Their conntrack entries are purged after
+    /// it, as kube-proxy clears UDP conntrack: a UDP client reusing its source port (DNS) would
+    /// otherwise stay on a backend the Service no longer has, as long as it keeps sending.
+    fn udp_backends_leaving(&self, next: &Desired) -> HashSet<(u32, BackendId)> {
+        let mut leaving = HashSet::new();
+        let mut ids: Option<HashMap<Backend, BackendId>> = None;
+        for (frontend, old) in &self.programmed_plans {
+            if frontend.protocol != Protocol::Udp {
+                continue;
+            }
+            let new = next.frontends.get(frontend);
+            if new.is_some_and(|new| Arc::ptr_eq(new, old)) {
+                continue;
+            }
+            let Some(entry) = self.programmed.services.get(&service_key(frontend)) else {
+                continue;
+            };
+            let ids = ids.get_or_insert_with(|| {
+                self.programmed
+                    .backends
+                    .iter()
+                    .map(|(id, b)| (identity(b), *id))
+                    .collect()
+            });
+            for backend in &old.backends {
+                let stays = new.is_some_and(|n| n.backends.binary_search(backend).is_ok());
+                if !stays && let Some(id) = ids.get(&backend_value(backend)) {
+                    leaving.insert((entry.service_id, *id));
+                }
+            }
+        }
+        leaving
+    }
+}
