@@ -23,6 +23,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use lb_testbed::{fake_api::FakeApi, netns::Netns};
 use lb_userspace::{
     loader::Dataplane,
     model::SERVICE_NAME_LABEL,
@@ -30,7 +31,6 @@ use lb_userspace::{
     sources::{KubeSource, ObjectSource as _},
     translate::NodeContext,
 };
-use xtask::{fake_api::FakeApi, netns::Netns};
 
 /// Between changes: wider than the agent's default minimum sync interval (100 ms), so every change
 /// gets its own sync and coalescing does not hide or add latency.
@@ -200,11 +200,11 @@ fn main() {
         .collect();
     let services: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let changes: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200);
-    xtask::host::ensure_bpffs().expect("bpffs");
-    xtask::cleanup::install_interrupt_handler();
+    lb_testbed::host::ensure_bpffs().expect("bpffs");
+    lb_testbed::cleanup::install_interrupt_handler();
     let ns = Netns::create(&format!(
         "{}{}-bench",
-        xtask::cleanup::NETNS_PREFIX,
+        lb_testbed::cleanup::NETNS_PREFIX,
         std::process::id()
     ))
     .expect("namespace");

@@ -1,8 +1,8 @@
 //! The Kubernetes controller against a fake API server over real HTTP (a real kube::Client,
-//! real list and watch), inside a network namespace of the test's own: programmed state follows
-//! adds, updates and deletes; a relist after `410 Gone` loses nothing and flushes nothing; a bad
-//! object is reported without stopping the others; kube-proxy's label rules; an API server that is
-//! down at start.
+//! real list and watch), on loopback (no root needed) or, for the health-check servers, in a
+//! network namespace of the test's own: programmed state follows adds, updates and deletes; a
+//! relist after `410 Gone` loses nothing and flushes nothing; a bad object is reported without
+//! stopping the others; kube-proxy's label rules; an API server that is down at start.
 
 mod support;
 
@@ -27,10 +27,7 @@ fn node_1() -> NodeContext {
 
 #[test]
 fn programmed_state_follows_adds_updates_and_deletes() {
-    if !privileged("programmed_state_follows_adds_updates_and_deletes") {
-        return;
-    }
-    let api = ApiHarness::new("follow");
+    let api = ApiHarness::on_loopback("follow");
     api.fake.apply(&node("node-1", "zone-a"));
     api.fake.apply(&service("shop", "web", "10.96.0.1"));
     api.fake
@@ -91,10 +88,7 @@ fn programmed_state_follows_adds_updates_and_deletes() {
 
 #[test]
 fn relist_after_410_gone_loses_nothing_and_flushes_nothing() {
-    if !privileged("relist_after_410_gone_loses_nothing_and_flushes_nothing") {
-        return;
-    }
-    let api = ApiHarness::new("relist");
+    let api = ApiHarness::on_loopback("relist");
     api.fake.apply(&node("node-1", "zone-a"));
     for i in 0..20 {
         let name = format!("svc-{i}");
@@ -147,10 +141,7 @@ fn relist_after_410_gone_loses_nothing_and_flushes_nothing() {
 
 #[test]
 fn a_bad_object_is_reported_and_does_not_stop_the_others() {
-    if !privileged("a_bad_object_is_reported_and_does_not_stop_the_others") {
-        return;
-    }
-    let api = ApiHarness::new("bad");
+    let api = ApiHarness::on_loopback("bad");
     api.fake.apply(&node("node-1", "zone-a"));
     api.fake.apply(&service("t", "good", "10.96.0.1"));
     api.fake
@@ -193,10 +184,7 @@ fn a_bad_object_is_reported_and_does_not_stop_the_others() {
 
 #[test]
 fn service_proxy_name_and_headless_labels_are_honoured() {
-    if !privileged("service_proxy_name_and_headless_labels_are_honoured") {
-        return;
-    }
-    let api = ApiHarness::new("labels");
+    let api = ApiHarness::on_loopback("labels");
     api.fake.apply(&node("node-1", "zone-a"));
     api.fake.apply(&service("t", "plain", "10.96.0.1"));
     api.fake.apply(&with_label(
@@ -261,30 +249,24 @@ fn service_proxy_name_and_headless_labels_are_honoured() {
 
 #[test]
 fn an_api_server_down_at_start_is_retried_while_nothing_is_flushed() {
-    if !privileged("an_api_server_down_at_start_is_retried_while_nothing_is_flushed") {
-        return;
-    }
     // A kubeconfig pointing at a port where nothing listens yet.
-    let api = ApiHarness::new("down");
-    let port = api
-        .ns
-        .run(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .unwrap();
+    let api = ApiHarness::on_loopback("down");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let kubeconfig = api.kubeconfig.clone();
-    xtask::fake_api::FakeApi::write_kubeconfig(&kubeconfig, &format!("http://127.0.0.1:{port}"))
-        .unwrap();
-    let late = xtask::fake_api::FakeApi::new().unwrap();
+    lb_testbed::fake_api::FakeApi::write_kubeconfig(
+        &kubeconfig,
+        &format!("http://127.0.0.1:{port}"),
+    )
+    .unwrap();
+    let late = lb_testbed::fake_api::FakeApi::new().unwrap();
     late.apply(&node("node-1", "zone-a"));
     late.apply(&service("t", "web", "10.96.0.1"));
     late.apply(&slice("t", "web-1", "web", &[("10.244.1.1", "node-1")]));
     let late_handle = late.clone_handle();
-    let ns_name = api.ns.name().to_owned();
     api.run(move || async move {
         let mut ctl = Controller::start(&kubeconfig, node_1()).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -295,8 +277,6 @@ fn an_api_server_down_at_start_is_retried_while_nothing_is_flushed() {
             "nothing is synced (so nothing pinned is flushed)"
         );
         // The API server comes up on that port; the watchers' backoff finds it.
-        let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         late_handle
             .listen(format!("127.0.0.1:{port}").parse().unwrap())
             .expect("listen");
@@ -313,7 +293,7 @@ fn health_check_node_ports_answer_with_local_endpoints() {
     if !privileged("health_check_node_ports_answer_with_local_endpoints") {
         return;
     }
-    let api = ApiHarness::new("hc");
+    let api = ApiHarness::in_namespace("hc");
     api.fake.apply(&node("node-1", "zone-a"));
     api.fake.apply(&local_load_balancer(
         "t",

@@ -15,12 +15,12 @@ use std::{
 };
 
 use lb_common::maps::{CONNTRACK_MAP, PIN_LAYOUT_VERSION};
+use lb_testbed::testbed::AgentOptions;
 use support::{
     cluster::{Running, at, example_manifest},
     privileged,
     streams::Flow,
 };
-use xtask::testbed::AgentOptions;
 
 const CHURN_VIP: [u8; 4] = [10, 96, 0, 99];
 
@@ -131,7 +131,7 @@ fn endpoint_churn_never_sends_new_flows_to_removed_backends() {
         let served = running.from("client-1", || {
             (0..4)
                 .map(|_| {
-                    xtask::echo::tcp_request(at(CHURN_VIP, 80))
+                    lb_testbed::echo::tcp_request(at(CHURN_VIP, 80))
                         .map(|r| r.pod)
                         .unwrap_or_else(|e| format!("error: {e:#}"))
                 })
@@ -223,7 +223,7 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
     for batch in 0..FLOWS / 100 {
         failures += running.from("outside", || {
             (0..100)
-                .filter(|_| xtask::echo::tcp_request(at([172, 30, 0, 11], 30080)).is_err())
+                .filter(|_| lb_testbed::echo::tcp_request(at([172, 30, 0, 11], 30080)).is_err())
                 .count()
         });
         if batch % 5 == 0 {
@@ -261,7 +261,11 @@ fn dead_flows_are_swept_and_snat_ports_come_back() {
 
 /// A server in `ns` on `port`: reads everything and answers with the byte count (upload), or
 /// sends `send` bytes and closes (download).
-fn bulk_server(ns: &xtask::netns::Netns, port: u16, send: usize) -> std::thread::JoinHandle<()> {
+fn bulk_server(
+    ns: &lb_testbed::netns::Netns,
+    port: u16,
+    send: usize,
+) -> std::thread::JoinHandle<()> {
     let listener = ns
         .run(move || TcpListener::bind(("0.0.0.0", port)))
         .unwrap()

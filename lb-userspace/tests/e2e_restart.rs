@@ -47,7 +47,7 @@ fn first_new_connection(running: &Running, within: Duration) -> Duration {
     let started = Instant::now();
     running.from("client-1", move || {
         loop {
-            if xtask::echo::tcp_request(at(ECHO, 80)).is_ok() {
+            if lb_testbed::echo::tcp_request(at(ECHO, 80)).is_ok() {
                 return started.elapsed();
             }
             assert!(
@@ -256,7 +256,7 @@ fn an_upgrade_from_the_v2_layout_keeps_established_flows() {
         .spawn_thread(move || {
             let mut conversations: Vec<_> = (0..8)
                 .map(|_| {
-                    xtask::echo::Conversation::open(at(ECHO, 80), Duration::from_secs(2))
+                    lb_testbed::echo::Conversation::open(at(ECHO, 80), Duration::from_secs(2))
                         .expect("connect through the v2 agent")
                 })
                 .collect();

@@ -13,11 +13,11 @@ use std::{
 };
 
 use lb_common::{conntrack::FlowKey, counters::Counter, hash::slot_for, maglev};
+use lb_testbed::echo::{Conversation, udp_request, udp_request_from};
 use support::{
     cluster::{Running, at, example_manifest, pods, set, tcp_many, tcp_outcome, udp_many},
     privileged,
 };
-use xtask::echo::{Conversation, udp_request, udp_request_from};
 
 /// Requests per check. Where a check expects two pods to share the work, 24 flows all landing on
 /// one of them has a probability of 2^-23.
@@ -92,7 +92,7 @@ fn clusterip_from_pods_follows_manifest_changes_and_new_pods() {
         .wait_for_log(&format!("interface={host_if}"), Duration::from_secs(10))
         .expect("agent attaches to the new pod's interface");
     let reply = run
-        .from("late", move || xtask::echo::tcp_request(echo_tcp))
+        .from("late", move || lb_testbed::echo::tcp_request(echo_tcp))
         .expect("the new pod reaches the ClusterIP");
     assert_eq!(reply.client_seen_by_pod.ip(), late_ip);
 

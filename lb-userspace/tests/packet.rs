@@ -25,9 +25,9 @@ use lb_common::{
     maps::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
     service::NodeConfig,
 };
+use lb_testbed::netns::Netns;
 use lb_userspace::{sync::Settings, translate::NodeContext};
 use support::{LoadedPath, privileged};
-use xtask::netns::Netns;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -82,7 +82,7 @@ impl PacketNetns {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = Netns::create(&format!(
             "{}{}-pkt{n}",
-            xtask::cleanup::NETNS_PREFIX,
+            lb_testbed::cleanup::NETNS_PREFIX,
             std::process::id()
         ))
         .expect("create the packet-test namespace");

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use xtask::{
+use lb_testbed::{
     cleanup,
     echo::{Conversation, EchoServer, Reply, udp_request},
     testbed::{AgentOptions, AgentProcess, Cluster, LAYOUT, OUTSIDE_IP},

@@ -166,5 +166,5 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(());
     }
-    xtask::host::ensure_bpffs()
+    lb_testbed::host::ensure_bpffs()
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xtask::{
+use lb_testbed::{
     echo::EchoServer,
     testbed::{AgentOptions, AgentProcess, Cluster, LAYOUT, OUTSIDE_IP},
 };

@@ -13,7 +13,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use xtask::{
+use lb_testbed::{
     echo::{Conversation, EchoServer, Reply},
     fake_api::FakeApi,
     testbed::{AgentOptions, AgentProcess, Cluster},
@@ -144,7 +144,7 @@ impl Running {
 
     fn start_full(xdp: bool, api_mode: Api, lb: &Path, mut options: AgentOptions) -> Self {
         let kubernetes = api_mode != Api::None;
-        xtask::cleanup::install_interrupt_handler();
+        lb_testbed::cleanup::install_interrupt_handler();
         let cluster = Cluster::two_nodes().expect("build the testbed");
         if xdp {
             cluster
@@ -275,7 +275,7 @@ impl Drop for Running {
         self.agents.clear();
         // Agents halted on purpose left their pins (and attached programs) for a successor.
         for node in &self.cluster.nodes {
-            xtask::cleanup::remove_pin_dir(&self.cluster.agent_pin_dir(&node.name));
+            lb_testbed::cleanup::remove_pin_dir(&self.cluster.agent_pin_dir(&node.name));
         }
         self.api = None;
         let _ = std::fs::remove_dir_all(&self.manifest_dir);
@@ -306,7 +306,7 @@ pub fn at(addr: [u8; 4], port: u16) -> SocketAddrV4 {
 pub fn tcp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
     (0..n)
         .map(|i| {
-            xtask::echo::tcp_request(target)
+            lb_testbed::echo::tcp_request(target)
                 .unwrap_or_else(|e| panic!("TCP request {i} to {target}: {e:#}"))
         })
         .collect()
@@ -316,7 +316,7 @@ pub fn tcp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
 pub fn udp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
     (0..n)
         .map(|i| {
-            xtask::echo::udp_request(target)
+            lb_testbed::echo::udp_request(target)
                 .unwrap_or_else(|e| panic!("UDP request {i} to {target}: {e:#}"))
         })
         .collect()

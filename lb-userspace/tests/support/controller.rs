@@ -1,5 +1,7 @@
-//! The controller against a fake API server over real HTTP, inside a network namespace of its
-//! own (the fake listens on that namespace's loopback; the client's runtime lives there too).
+//! The controller against a fake API server over real HTTP: on this namespace's loopback
+//! (127.0.0.1, an ephemeral port; no privilege needed), or inside a network namespace of its own
+//! for tests that also open servers (the fake listens on that namespace's loopback; the client's
+//! runtime lives there too).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +23,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_common::{addr_octets, port_host};
+use lb_testbed::{fake_api::FakeApi, netns::Netns};
 use lb_userspace::{
     dataplane::{MapContents, TableRange},
     model::Problem,
@@ -29,25 +32,48 @@ use lb_userspace::{
     sync::SyncStats,
     translate::{Desired, NodeContext},
 };
-use xtask::{fake_api::FakeApi, netns::Netns};
 
-/// A namespace with the fake API server listening on its loopback.
+/// The fake API server listening on a loopback, with a kubeconfig for it.
 pub struct ApiHarness {
     pub fake: FakeApi,
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
     // Dropped last: the fake's listener lives in it.
-    pub ns: Netns,
+    pub ns: Option<Netns>,
 }
 
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
 impl ApiHarness {
-    pub fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        xtask::cleanup::install_interrupt_handler();
-        xtask::cleanup::sweep_stale();
+    /// The fake on 127.0.0.1 of the namespace this test runs in: it binds nothing else and
+    /// needs no privilege, so controller tests run as any user.
+    pub fn on_loopback(test: &str) -> Self {
+        let fake = FakeApi::new().expect("fake API server");
+        let addr = fake
+            .listen("127.0.0.1:0".parse().unwrap())
+            .expect("listen on loopback");
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "lb-controller-{}-{}-{test}.kubeconfig",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        FakeApi::write_kubeconfig(&kubeconfig, &format!("http://{addr}")).unwrap();
+        Self {
+            fake,
+            addr,
+            kubeconfig,
+            ns: None,
+        }
+    }
+
+    /// The fake in a network namespace of its own (needs root), for tests that also open
+    /// servers: they stay inside the namespace.
+    pub fn in_namespace(test: &str) -> Self {
+        lb_testbed::cleanup::install_interrupt_handler();
+        lb_testbed::cleanup::sweep_stale();
         let ns = Netns::create(&format!(
             "{}{}-api{}",
-            xtask::cleanup::NETNS_PREFIX,
+            lb_testbed::cleanup::NETNS_PREFIX,
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ))
@@ -62,24 +88,29 @@ impl ApiHarness {
             fake,
             addr,
             kubeconfig,
-            ns,
+            ns: Some(ns),
         }
     }
 
-    /// Runs `test` on a tokio runtime whose threads live in the namespace.
+    /// Runs `test` on a tokio runtime whose threads live in the harness's namespace.
     pub fn run<F, T>(&self, test: impl FnOnce() -> F + Send + 'static) -> T
     where
         F: Future<Output = T>,
         T: Send + 'static,
     {
-        let runtime = self.ns.tokio_runtime().expect("runtime in the namespace");
-        self.ns
-            .run(move || {
-                let out = runtime.block_on(test());
-                runtime.shutdown_background();
-                out
-            })
-            .expect("test thread")
+        let Some(ns) = &self.ns else {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            let out = runtime.block_on(test());
+            runtime.shutdown_background();
+            return out;
+        };
+        let runtime = ns.tokio_runtime().expect("runtime in the namespace");
+        ns.run(move || {
+            let out = runtime.block_on(test());
+            runtime.shutdown_background();
+            out
+        })
+        .expect("test thread")
     }
 }
 

@@ -46,7 +46,7 @@ pub struct PinDir(pub PathBuf);
 impl PinDir {
     pub fn new(test: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        xtask::host::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
+        lb_testbed::host::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         Self(PathBuf::from(format!(
             "/sys/fs/bpf/lb-test-{}-{n}-{test}",

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::{echo::Conversation, netns::Netns};
+use lb_testbed::{echo::Conversation, netns::Netns};
 
 /// Pause between two exchanges of a flow.
 const PACE: Duration = Duration::from_millis(20);

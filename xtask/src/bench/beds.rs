@@ -11,8 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
-use xtask::{
+use lb_testbed::{
     cleanup,
     kube_proxy_layouts::{
         IPTABLES_RESTORE, Protocol, SyntheticService, iptables_restore, manifests_yaml, nft_script,
@@ -22,6 +21,7 @@ use xtask::{
     netns::Netns,
     testbed::{AgentOptions, AgentProcess, Cluster, POD_CIDR},
 };
+use serde::{Deserialize, Serialize};
 
 /// A Service implementation being compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -169,7 +169,7 @@ pub fn measured_services(backend: Ipv4Addr) -> Vec<SyntheticService> {
 
 /// `synthetic` Services plus the measured ones, last.
 pub fn cluster_services(synthetic: usize) -> Vec<SyntheticService> {
-    let backend = xtask::testbed::LAYOUT
+    let backend = lb_testbed::testbed::LAYOUT
         .iter()
         .flat_map(|n| n.pods)
         .find(|(name, _)| *name == BACKEND_POD)

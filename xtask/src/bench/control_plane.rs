@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use xtask::{
+use lb_testbed::{
     kube_proxy_layouts::{
         IPTABLES_RESTORE, SyntheticService, iptables_partial_sync, iptables_restore,
         manifests_yaml, nft_partial_sync, nft_script,
@@ -115,7 +115,7 @@ fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
 fn fresh_namespace(tool: &str, round: usize) -> anyhow::Result<Netns> {
     Netns::create(&format!(
         "{}{}-cp-{tool}-{round}",
-        xtask::cleanup::NETNS_PREFIX,
+        lb_testbed::cleanup::NETNS_PREFIX,
         std::process::id()
     ))
 }

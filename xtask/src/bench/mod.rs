@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
-use xtask::{cleanup, testbed::Cluster};
+use lb_testbed::{cleanup, testbed::Cluster};
 
 use beds::{Bed, Variant};
 use report::{CONTROL_PLANE, Machine, Method, Results, Sample};

@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_testbed::{cleanup, loadgen, netns::Netns};
 use serde::{Deserialize, Serialize};
-use xtask::{cleanup, loadgen, netns::Netns};
 
 use super::beds::{BACKEND_POD, Bed, Server, TrafficPath};
 

@@ -181,6 +181,11 @@ impl FakeHandle {
 
     /// Listens on `addr` (port 0: any) in this process's network namespace.
     pub fn listen(&self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        // Tests send traffic only inside namespaces they own, or on a loopback.
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "the fake API server listens on a loopback address only, not {addr}"
+        );
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         self.serve(listener)
