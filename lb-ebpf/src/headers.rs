@@ -6,7 +6,7 @@
 use core::mem;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, conntrack::FlowKey};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -108,6 +108,18 @@ pub enum Parsed {
 }
 
 impl Packet {
+    /// The conntrack key of the packet's direction of its flow.
+    #[inline(always)]
+    pub fn flow(&self) -> FlowKey {
+        FlowKey::new(
+            self.saddr_be,
+            self.daddr_be,
+            self.sport_be,
+            self.dport_be,
+            self.proto,
+        )
+    }
+
     /// Where the L4 checksum sits.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {

@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    conntrack::{CT_F_REDIRECT, CT_KIND_FORWARD, CtEntry, FlowKey},
+    conntrack::{CT_F_REDIRECT, CT_KIND_FORWARD, CtEntry},
     counters::Counter,
 };
 
@@ -38,13 +38,7 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
         Err(NotHandled::Pass) => return Outcome::new(PASS, Counter::Passed),
         Err(NotHandled::Malformed) => return Outcome::new(PASS, Counter::Malformed),
     };
-    let flow = FlowKey::new(
-        pkt.saddr_be,
-        pkt.daddr_be,
-        pkt.sport_be,
-        pkt.dport_be,
-        pkt.proto,
-    );
+    let flow = pkt.flow();
     let decision = lb::classify(&flow, pkt.tcp_flags, origin, Scope::Every);
     let outcome = match decision.action {
         Action::Translate(ct) => translate(ctx, &pkt, &ct),

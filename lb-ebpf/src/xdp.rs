@@ -8,7 +8,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    conntrack::{CT_F_REDIRECT, CT_KIND_FORWARD, FlowKey},
+    conntrack::{CT_F_REDIRECT, CT_KIND_FORWARD},
     counters::Counter,
 };
 
@@ -28,13 +28,7 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
     let Ok(Parsed::Flow(pkt)) = headers::parse(ctx) else {
         return Outcome::uncounted(PASS);
     };
-    let flow = FlowKey::new(
-        pkt.saddr_be,
-        pkt.daddr_be,
-        pkt.sport_be,
-        pkt.dport_be,
-        pkt.proto,
-    );
+    let flow = pkt.flow();
     let decision = lb::classify(
         &flow,
         pkt.tcp_flags,

@@ -380,6 +380,17 @@ impl Agent {
         for skipped in &desired.unprogrammed {
             info!("{}: {}", skipped.service, skipped.reason);
         }
+        match step.udp_flows_purged {
+            Ok(0) => {}
+            Ok(flows) => info!(
+                flows,
+                "UDP flows of backends that left their Service removed"
+            ),
+            Err(err) => warn!(
+                "cannot purge UDP flows of removed backends: {:#}",
+                anyhow::Error::new(err)
+            ),
+        }
         match step.programmed {
             Ok((stats, unplaced)) => {
                 for frontend in &unplaced {

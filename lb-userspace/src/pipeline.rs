@@ -1,5 +1,6 @@
-//! The one sync step, snapshot -> translate -> program, that the agent, the controller tests and
-//! the benchmarks all run: nothing else calls the translator and the programmer in sequence.
+//! The one sync step, snapshot -> translate -> program (-> purge the UDP flows of backends that
+//! left), that the agent, the controller tests and the benchmarks all run: nothing else calls
+//! the translator and the programmer in sequence.
 
 use crate::{
     dataplane::{MapWriter, WriteError},
@@ -28,6 +29,9 @@ pub struct Step {
     /// The writes made and the frontends that found no room, or the write that failed (the
     /// next step resumes from what was written).
     pub programmed: Result<(SyncStats, Vec<Frontend>), WriteError>,
+    /// After a successful sync: the conntrack entries deleted of UDP flows whose backend left
+    /// their Service (see [`Programmer::udp_backends_leaving`]), or why they could not be.
+    pub udp_flows_purged: Result<usize, WriteError>,
 }
 
 impl Pipeline {
@@ -57,12 +61,18 @@ impl Pipeline {
     ) -> Step {
         node.zone = snapshot.node_zone;
         let desired = self.translator.translate(&snapshot.objects, node);
+        let leaving = self.programmer.udp_backends_leaving(&desired);
         let programmed = self.programmer.sync(&desired, writer);
+        let udp_flows_purged = match &programmed {
+            Ok(_) if !leaving.is_empty() => writer.forget_udp_flows(&leaving),
+            _ => Ok(0),
+        };
         Step {
             desired,
             problems: snapshot.problems,
             kept_last_good: snapshot.kept_last_good,
             programmed,
+            udp_flows_purged,
         }
     }
 }

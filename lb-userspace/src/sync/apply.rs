@@ -7,13 +7,12 @@
 //! 4. service entries, so an entry only ever points at a complete table; then removed entries;
 //! 5. backends that start draining, once no table names them;
 //! 6. affinity memories that name a backend no longer in their Service;
-//! 7. backends nothing uses any more;
-//! 8. the conntrack entries of UDP flows whose backend left their Service.
+//! 7. backends nothing uses any more.
 //!
 //! Each write goes to the maps, then to the mirror, so the mirror never claims a write that
 //! failed; a failed sync simply resumes from the mirror next time.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
 
@@ -58,8 +57,6 @@ pub struct WritePlan {
     pub draining: Vec<(BackendId, Backend)>,
     pub affinity: Option<AffinityPrune>,
     pub removed_backends: Vec<BackendId>,
-    /// (service id, backend id) pairs whose UDP flows are deleted.
-    pub udp_flows: HashSet<(u32, BackendId)>,
 }
 
 /// Executes `plan` through `writer`, keeping `mirror` to what was written.
@@ -100,9 +97,6 @@ pub fn apply(
     }
     for id in &plan.removed_backends {
         w.delete_backend(*id)?;
-    }
-    if !plan.udp_flows.is_empty() {
-        w.stats.deletes += w.writer.forget_udp_flows(&plan.udp_flows)?;
     }
     Ok(w.stats)
 }

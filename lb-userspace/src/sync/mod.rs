@@ -54,7 +54,7 @@ impl Default for Settings {
 }
 
 /// How many map writes a sync made (each changed slot counts as one; deleted affinity memories
-/// and UDP flows count as deletes).
+/// count as deletes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub writes: usize,
@@ -119,15 +119,14 @@ impl Programmer {
         desired: &Desired,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
-        let udp_flows = self.udp_backends_leaving(desired);
         let result = match self.incremental.take() {
             Some(indexes)
                 if indexes.settings == self.settings
                     && indexes.draining == encoding::draining_values(desired) =>
             {
-                self.sync_changes(indexes, desired, udp_flows, writer)
+                self.sync_changes(indexes, desired, writer)
             }
-            _ => self.sync_full(desired, udp_flows, writer),
+            _ => self.sync_full(desired, writer),
         };
         if result.is_err() {
             // A table may be half rewritten: compare every table slot by slot next time, in full.
@@ -140,12 +139,10 @@ impl Programmer {
     fn sync_full(
         &mut self,
         desired: &Desired,
-        udp_flows: HashSet<(u32, BackendId)>,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         let target = self.target(desired);
-        let mut plan = self.full_plan(&target);
-        plan.udp_flows = udp_flows;
+        let plan = self.full_plan(&target);
         let stats = apply::apply(&plan, writer, &mut self.programmed)?;
         let unplaced = self.commit_full(target, desired);
         Ok((stats, unplaced))
@@ -155,11 +152,9 @@ impl Programmer {
         &mut self,
         indexes: diff::Incremental,
         desired: &Desired,
-        udp_flows: HashSet<(u32, BackendId)>,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
-        let mut changes = self.changes_plan(indexes, desired);
-        changes.plan.udp_flows = udp_flows;
+        let changes = self.changes_plan(indexes, desired);
         // On a failed write the indexes no longer match the maps (the mirror does): they are
         // dropped, so the next sync runs in full from the mirror.
         let stats = apply::apply(&changes.plan, writer, &mut self.programmed)?;
@@ -171,8 +166,10 @@ impl Programmer {
     /// from what is programmed to `next` (removed, draining, or the frontend gone), with ids as
     /// programmed now, i.e. before the sync to `next`. Their conntrack entries are purged after
     /// it, as kube-proxy clears UDP conntrack: a UDP client reusing its source port (DNS) would
-    /// otherwise stay on a backend the Service no longer has, as long as it keeps sending.
-    fn udp_backends_leaving(&self, next: &Desired) -> HashSet<(u32, BackendId)> {
+    /// otherwise stay on a backend the Service no longer has, as long as it keeps sending (the
+    /// packet path moves such a flow too, when it sees the backend gone or draining, but only
+    /// while its entry lives). [`crate::pipeline::Pipeline::step`] asks before each sync.
+    pub fn udp_backends_leaving(&self, next: &Desired) -> HashSet<(u32, BackendId)> {
         let mut leaving = HashSet::new();
         let mut ids: Option<HashMap<Backend, BackendId>> = None;
         for (frontend, old) in &self.programmed_plans {
