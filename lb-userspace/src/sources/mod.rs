@@ -87,3 +87,62 @@ impl LastGood {
         self.objects.values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{ManifestSource, ObjectSource as _, Snapshot};
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    const API: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: t}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+
+    fn by_name<'a>(snapshot: &'a Snapshot, name: &str) -> &'a Arc<crate::model::Object> {
+        snapshot
+            .objects
+            .iter()
+            .find(|o| o.id().name == name)
+            .unwrap_or_else(|| panic!("{name} in the snapshot"))
+    }
+
+    /// The translation cache works on `Arc` identity: a re-read file must hand out the same
+    /// `Arc` for an object that did not change, and a new one for an object that did.
+    #[test]
+    fn a_reread_keeps_the_arcs_of_unchanged_objects_and_the_last_good_of_rejected_ones() {
+        let path =
+            std::env::temp_dir().join(format!("lb-sources-test-{}.yaml", std::process::id()));
+        std::fs::write(&path, format!("{WEB}{API}")).unwrap();
+        let mut source = ManifestSource::new(&path);
+        let first = source.snapshot().unwrap();
+        assert_eq!(first.objects.len(), 2);
+
+        std::fs::write(
+            &path,
+            format!("{WEB}{}", API.replace("10.96.0.2", "10.96.0.3")),
+        )
+        .unwrap();
+        source.force_reread();
+        let second = source.snapshot().unwrap();
+        assert!(Arc::ptr_eq(by_name(&first, "web"), by_name(&second, "web")));
+        assert!(!Arc::ptr_eq(
+            by_name(&first, "api"),
+            by_name(&second, "api")
+        ));
+
+        // api turns invalid: its last good version (the same Arc) stays, and says so.
+        std::fs::write(
+            &path,
+            format!("{WEB}{}", API.replace("10.96.0.2", "10.96.0.999")),
+        )
+        .unwrap();
+        source.force_reread();
+        let third = source.snapshot().unwrap();
+        assert_eq!(third.kept_last_good.len(), 1);
+        assert_eq!(third.kept_last_good[0].name, "api");
+        assert!(Arc::ptr_eq(by_name(&second, "api"), by_name(&third, "api")));
+
+        // An unreadable file gives no snapshot (the caller keeps what is programmed).
+        std::fs::remove_file(&path).unwrap();
+        assert!(source.snapshot().is_none());
+    }
+}

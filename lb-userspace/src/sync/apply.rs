@@ -93,7 +93,7 @@ pub fn apply(
         w.put_backend(*id, *backend)?;
     }
     if let Some(prune) = &plan.affinity {
-        w.stats.deletes += w.writer.forget_affinity(prune)?;
+        w.forget_affinity(prune)?;
     }
     for id in &plan.removed_backends {
         w.delete_backend(*id)?;
@@ -126,6 +126,13 @@ impl Tracked<'_> {
     tracked_op!(put_service, writes, (key: ServiceKey, entry: ServiceEntry));
     tracked_op!(delete_service, deletes, (key: ServiceKey));
 
+    /// Affinity memories are the packet path's: the mirror holds none, and forgets none.
+    fn forget_affinity(&mut self, prune: &AffinityPrune) -> Result<(), WriteError> {
+        self.stats.deletes += self.writer.forget_affinity(prune)?;
+        self.mirror.forget_affinity(prune)?;
+        Ok(())
+    }
+
     fn put_slots(
         &mut self,
         range: TableRange,
@@ -138,5 +145,35 @@ impl Tracked<'_> {
             self.stats.writes += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::AffinityPrune;
+
+    #[test]
+    fn affinity_prunes_forget_what_their_scope_says() {
+        let scope: BTreeMap<u32, BTreeSet<u32>> = [(1, BTreeSet::from([10])), (2, BTreeSet::new())]
+            .into_iter()
+            .collect();
+        let all_but = AffinityPrune::AllBut(scope.clone());
+        assert!(!all_but.forgets(1, 10), "a kept backend stays");
+        assert!(all_but.forgets(1, 11), "a backend that left goes");
+        assert!(
+            all_but.forgets(2, 10),
+            "a service without backends forgets all"
+        );
+        assert!(all_but.forgets(3, 10), "a service not kept forgets all");
+        let within = AffinityPrune::Within(scope);
+        assert!(!within.forgets(1, 10));
+        assert!(within.forgets(1, 11));
+        assert!(within.forgets(2, 10));
+        assert!(
+            !within.forgets(3, 10),
+            "services outside the scope are left alone"
+        );
     }
 }
