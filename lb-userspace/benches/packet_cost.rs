@@ -218,6 +218,21 @@ fn v2_object() -> Option<Vec<u8>> {
     embedded_bpf_object(&out.stdout)
 }
 
+/// (translated instructions, instructions the verifier processed) of `program`: deterministic,
+/// unlike timings, so a change in code size shows whatever the machine's noise.
+fn sizes(loaded: &Loaded, program: &str) -> (u32, u32) {
+    let info = loaded
+        .ebpf
+        .program(program)
+        .expect("program")
+        .info()
+        .expect("program info");
+    (
+        info.size_translated().unwrap_or(0) / 8,
+        info.verified_instruction_count().unwrap_or(0),
+    )
+}
+
 fn median_min_max(mut ns: Vec<f64>) -> (f64, f64, f64) {
     ns.sort_by(f64::total_cmp);
     (ns[ns.len() / 2], ns[0], ns[ns.len() - 1])
@@ -304,6 +319,14 @@ fn main() {
         "{:<32} {:>24} {:>24} {:>7}",
         "path", objects[0].name, objects[1].name, "ratio"
     );
+    println!("{:<32} {:>24} {:>24}", "program size", "", "");
+    for program in [POD_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM] {
+        let [a, b] = [&objects[0], &objects[1]].map(|o| {
+            let (insns, verified) = sizes(o, program);
+            format!("{insns} insns, {verified} verified")
+        });
+        println!("{program:<32} {a:>24} {b:>24}");
+    }
     for (p, path) in PATHS.iter().enumerate() {
         let (a, a_lo, a_hi) = median_min_max(samples[0][p].clone());
         let (b, b_lo, b_hi) = median_min_max(samples[1][p].clone());
