@@ -7,7 +7,10 @@
 mod kube;
 mod manifest;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 pub use kube::{KubeSource, ZONE_LABEL};
 pub use manifest::ManifestSource;
@@ -45,46 +48,55 @@ pub type Verdicts = Vec<(ObjectRef, Option<Arc<Object>>)>;
 /// The last good version of every object, and the rule that applies it.
 #[derive(Debug, Default)]
 pub struct LastGood {
-    objects: BTreeMap<ObjectRef, Arc<Object>>,
+    /// id -> (last good version, the read that last mentioned it).
+    by_id: HashMap<ObjectRef, (Arc<Object>, u64)>,
+    /// The same objects in the order of the last read.
+    in_order: Vec<Arc<Object>>,
+    reads: u64,
 }
 
 impl LastGood {
     /// Takes one read: valid objects replace their previous version (keeping the previous `Arc`
     /// when nothing changed); a rejected object keeps its previous version if it had one;
     /// objects the read does not mention are gone. Returns the ids kept at their last good
-    /// version.
+    /// version. One hash lookup an object: the map is updated in place.
     pub fn update(&mut self, verdicts: Verdicts) -> Vec<ObjectRef> {
+        self.reads += 1;
+        let read = self.reads;
         let mut kept = Vec::new();
-        let mut next = BTreeMap::new();
+        self.in_order.clear();
         for (id, object) in verdicts {
-            let previous = self.objects.get(&id);
-            let object = match object {
-                Some(object) => match previous {
-                    Some(previous) if Arc::ptr_eq(previous, &object) || **previous == *object => {
-                        previous.clone()
+            let object = match (self.by_id.entry(id), object) {
+                (Entry::Occupied(mut slot), Some(object)) => {
+                    let (previous, seen) = slot.get_mut();
+                    if !Arc::ptr_eq(previous, &object) && **previous != *object {
+                        *previous = object;
                     }
-                    _ => object,
-                },
-                None => match previous {
-                    Some(previous) => {
-                        kept.push(id.clone());
-                        previous.clone()
-                    }
-                    None => continue,
-                },
+                    *seen = read;
+                    previous.clone()
+                }
+                (Entry::Occupied(mut slot), None) => {
+                    kept.push(slot.key().clone());
+                    let (previous, seen) = slot.get_mut();
+                    *seen = read;
+                    previous.clone()
+                }
+                (Entry::Vacant(slot), Some(object)) => slot.insert((object, read)).0.clone(),
+                (Entry::Vacant(_), None) => continue,
             };
-            next.insert(id, object);
+            self.in_order.push(object);
         }
-        self.objects = next;
+        self.by_id.retain(|_, (_, seen)| *seen == read);
         kept
     }
 
+    /// In the order of the last read.
     pub fn objects(&self) -> impl Iterator<Item = &Arc<Object>> {
-        self.objects.values()
+        self.in_order.iter()
     }
 
     pub fn to_vec(&self) -> Vec<Arc<Object>> {
-        self.objects.values().cloned().collect()
+        self.in_order.clone()
     }
 }
 
