@@ -92,13 +92,15 @@ fn agents_follow_the_api_server_and_serve_health_checks() {
             .wait_for_log_count("synced", before + 1, Duration::from_secs(10))
             .expect("the agent applies the API change");
     }
-    // Both changes may arrive in one sync or two; wait until both are programmed.
+    // Both changes may arrive in one sync or two, in either order (Services and slices are
+    // separate watches); wait until both are programmed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let gone = run.from("outside", || {
             tcp_outcome(at([172, 30, 0, 11], 30080), Duration::from_millis(500)).is_err()
         });
-        if gone || std::time::Instant::now() > deadline {
+        let left = pods(&run.from("client-1", move || tcp_many(echo, N))) == set(&["pod-a"]);
+        if (gone && left) || std::time::Instant::now() > deadline {
             assert!(gone, "the deleted Service's NodePort must stop answering");
             break;
         }
