@@ -12,8 +12,8 @@ use alloc::vec::Vec;
 pub const TABLE_SIZES: [u32; 10] = [
     251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
 ];
-/// The table size of a Service that does not ask for another.
-pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+/// The largest table: more than `MAX_TABLE_SIZE / 100` backends get fewer than 100 slots each.
+pub const MAX_TABLE_SIZE: u32 = TABLE_SIZES[TABLE_SIZES.len() - 1];
 /// `M >= MIN_SLOTS_PER_BACKEND * N`.
 pub const MIN_SLOTS_PER_BACKEND: u32 = 100;
 
@@ -24,17 +24,26 @@ pub const fn backend_key(addr_be: u32, port_be: u16) -> u64 {
     (addr_be as u64) << 16 | port_be as u64
 }
 
-/// The size to use for `backends` backends: `requested` (or the default) raised to the smallest
-/// listed size that gives every backend at least [`MIN_SLOTS_PER_BACKEND`] slots. Beyond the
-/// largest size, the largest.
+/// The size to use for `backends` backends: the smallest listed size that gives every backend at
+/// least [`MIN_SLOTS_PER_BACKEND`] slots, or `requested` (a Service's annotation or the agent's
+/// flag) if that is larger. Beyond the largest size, the largest (see [`keeps_even_shares`]).
+///
+/// Following the backend count keeps small Services small (2 backends: 251 slots, not 16381),
+/// so 10,000 Services fit the slots array. A count that crosses a size boundary rebuilds the
+/// table at the new size: new flows are spread afresh, established ones keep their backend
+/// through the conntrack (and affinity through its own map).
 pub fn table_size(backends: usize, requested: Option<u32>) -> u32 {
-    let wanted = requested.unwrap_or(DEFAULT_TABLE_SIZE);
-    let floor = (backends as u64 * MIN_SLOTS_PER_BACKEND as u64).max(wanted as u64);
+    let floor = (backends as u64 * MIN_SLOTS_PER_BACKEND as u64).max(requested.unwrap_or(0) as u64);
     TABLE_SIZES
         .iter()
         .copied()
         .find(|&m| m as u64 >= floor)
-        .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1])
+        .unwrap_or(MAX_TABLE_SIZE)
+}
+
+/// Whether a table of `size` slots gives each of `backends` at least [`MIN_SLOTS_PER_BACKEND`].
+pub fn keeps_even_shares(size: u32, backends: usize) -> bool {
+    size as u64 >= backends as u64 * MIN_SLOTS_PER_BACKEND as u64
 }
 
 pub fn is_prime(n: u32) -> bool {
@@ -104,6 +113,9 @@ pub fn build(keys: &[u64], size: u32) -> Vec<u32> {
 mod tests {
     use super::*;
 
+    /// The size the disruption figures in design.md were measured at.
+    const LARGE: u32 = 16381;
+
     fn keys(n: u32) -> Vec<u64> {
         (0..n)
             .map(|i| {
@@ -124,30 +136,46 @@ mod tests {
     }
 
     #[test]
-    fn listed_sizes_are_prime_and_default_is_listed() {
+    fn listed_sizes_are_prime_and_increasing() {
         assert!(TABLE_SIZES.iter().all(|&m| is_prime(m)));
-        assert!(TABLE_SIZES.contains(&DEFAULT_TABLE_SIZE));
+        assert!(TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
         assert!(!is_prime(16383) && is_prime(16381));
     }
 
     #[test]
-    fn table_size_keeps_100_slots_per_backend() {
-        assert_eq!(table_size(3, None), DEFAULT_TABLE_SIZE);
-        assert_eq!(table_size(3, Some(251)), 509, "251 < 100 x 3");
-        assert_eq!(table_size(2, Some(251)), 251);
+    fn table_size_follows_the_backend_count_with_100_slots_each() {
+        assert_eq!(table_size(0, None), 251);
+        assert_eq!(table_size(2, None), 251);
+        assert_eq!(table_size(3, None), 509, "251 < 100 x 3");
+        assert_eq!(table_size(10, None), 1021);
         assert_eq!(table_size(200, None), 32749);
-        assert_eq!(table_size(5000, None), 131071, "capped at the largest size");
+        assert_eq!(
+            table_size(5000, None),
+            MAX_TABLE_SIZE,
+            "capped at the largest size"
+        );
+        assert!(!keeps_even_shares(table_size(5000, None), 5000));
+        assert!(keeps_even_shares(table_size(1310, None), 1310));
+        assert!(!keeps_even_shares(table_size(1311, None), 1311));
+    }
+
+    #[test]
+    fn a_requested_size_wins_when_larger_and_is_raised_when_too_small() {
+        assert_eq!(table_size(3, Some(16381)), 16381);
+        assert_eq!(table_size(3, Some(251)), 509, "raised: 251 < 100 x 3");
+        assert_eq!(table_size(2, Some(251)), 251);
+        assert_eq!(table_size(400, Some(1021)), 65521);
     }
 
     #[test]
     fn every_backend_gets_an_even_share() {
         for n in [1, 2, 3, 7, 10, 100] {
-            let table = build(&keys(n), DEFAULT_TABLE_SIZE);
+            let table = build(&keys(n), LARGE);
             let mut counts = alloc::vec![0u32; n as usize];
             for &i in &table {
                 counts[i as usize] += 1;
             }
-            let (lo, hi) = (DEFAULT_TABLE_SIZE / n, DEFAULT_TABLE_SIZE.div_ceil(n));
+            let (lo, hi) = (LARGE / n, LARGE.div_ceil(n));
             assert!(
                 counts.iter().all(|c| (lo..=hi).contains(c)),
                 "n={n}: {counts:?}"
@@ -167,14 +195,14 @@ mod tests {
     fn removing_one_of_n_backends_moves_about_one_nth_and_nothing_else() {
         for n in [5u32, 10, 50] {
             let all = keys(n);
-            let before = owners(&all, DEFAULT_TABLE_SIZE);
+            let before = owners(&all, LARGE);
             let removed = all[n as usize / 2];
             let rest: Vec<u64> = all.iter().copied().filter(|&k| k != removed).collect();
-            let after = owners(&rest, DEFAULT_TABLE_SIZE);
+            let after = owners(&rest, LARGE);
             let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
             let owned_by_removed = before.iter().filter(|&&b| b == removed).count();
             let collateral = moved - owned_by_removed;
-            let m = DEFAULT_TABLE_SIZE as usize;
+            let m = LARGE as usize;
             std::eprintln!(
                 "n={n}: removing one backend moved {moved} of {m} slots ({owned_by_removed} were its own, {collateral} others)"
             );
@@ -201,10 +229,10 @@ mod tests {
             crate::addr_be([10, 244, 9, 9]),
             8080u16.to_be(),
         ));
-        let before = owners(&base, DEFAULT_TABLE_SIZE);
-        let after = owners(&grown, DEFAULT_TABLE_SIZE);
+        let before = owners(&base, LARGE);
+        let after = owners(&grown, LARGE);
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
-        let m = DEFAULT_TABLE_SIZE as usize;
+        let m = LARGE as usize;
         // The newcomer takes about 1/11 of the table; little else moves.
         assert!(moved <= m / 11 + m / 100, "moved {moved} of {m}");
     }

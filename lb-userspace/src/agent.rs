@@ -359,10 +359,7 @@ impl Agent {
             warn!("{id} is invalid now; its last good version stays programmed");
         }
         for problem in &snapshot.problems {
-            match problem.severity {
-                Severity::Error => error!("{problem}"),
-                Severity::Warning => warn!("{problem}"),
-            }
+            log_problem(problem);
         }
         let invalid = snapshot
             .problems
@@ -375,8 +372,11 @@ impl Agent {
             .step(snapshot, &mut self.node, &mut self.dataplane.maps);
         let desired = step.desired;
         for problem in &desired.problems {
-            error!("{problem}");
+            log_problem(problem);
         }
+        self.metrics
+            .frontends_uneven_tables
+            .set(desired.uneven_tables() as i64);
         for skipped in &desired.unprogrammed {
             info!("{}: {}", skipped.service, skipped.reason);
         }
@@ -512,6 +512,13 @@ impl Agent {
                 _reserved: [0; 2],
             },
         }
+    }
+}
+
+fn log_problem(problem: &crate::model::Problem) {
+    match problem.severity {
+        Severity::Error => error!("{problem}"),
+        Severity::Warning => warn!("{problem}"),
     }
 }
 

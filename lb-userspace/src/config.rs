@@ -95,7 +95,9 @@ pub struct AgentArgs {
     #[arg(long)]
     pub service_proxy_name: Option<String>,
     /// Maglev table size for Services without the `lb.rs/maglev-table-size` annotation: 251,
-    /// 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521 or 131071. [default: 16381]
+    /// 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521 or 131071; raised, like the
+    /// annotation, to keep 100 slots per backend. [default: the smallest of those with 100
+    /// slots per backend: 251 for 2 backends, 1021 for 10]
     #[arg(long)]
     pub maglev_table_size: Option<u32>,
     /// Directory on a BPF filesystem for pinned maps; they keep state across restarts.

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub backends: Gauge,
     /// Frontends the last sync wanted but found no room for.
     pub frontends_unprogrammed: Gauge,
+    /// Frontends with more backends than the largest Maglev table spreads evenly.
+    pub frontends_uneven_tables: Gauge,
     /// Errors in Services and EndpointSlices at the last sync (such objects are rejected; their
     /// last good version, if any, stays).
     pub object_errors: Gauge,
@@ -67,6 +69,13 @@ impl Metrics {
         registry.register("backends", "Programmed backends", backends.clone());
         let frontends_unprogrammed = Gauge::default();
         let object_errors = Gauge::default();
+        let frontends_uneven_tables = Gauge::default();
+        registry.register(
+            "frontends_uneven_tables",
+            "Frontends whose Maglev table gives its backends fewer than 100 slots each (more \
+             than 1310 backends): their shares of new flows are less even",
+            frontends_uneven_tables.clone(),
+        );
         registry.register(
             "frontends_unprogrammed",
             "Frontends wanted but not programmed (no room left); /healthz fails while any",
@@ -105,6 +114,7 @@ impl Metrics {
             frontends,
             backends,
             frontends_unprogrammed,
+            frontends_uneven_tables,
             object_errors,
             conntrack_entries,
             conntrack_gc_deleted,

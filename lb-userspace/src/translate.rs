@@ -126,7 +126,8 @@ pub struct NodeContext {
     /// This agent handles Services labelled `service.kubernetes.io/service-proxy-name` with this
     /// name (and no other labelled ones).
     pub service_proxy_name: Option<String>,
-    /// Maglev table size for Services without the annotation (default 16381).
+    /// Maglev table size for Services without the annotation (default: the smallest listed
+    /// prime with 100 slots per backend); raised like the annotation.
     pub default_table_size: Option<u32>,
 }
 
@@ -151,6 +152,15 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// Frontends whose Maglev table gives its backends fewer than 100 slots each (more backends
+    /// than the largest table can spread evenly).
+    pub fn uneven_tables(&self) -> usize {
+        self.frontends
+            .values()
+            .filter(|plan| !maglev::keeps_even_shares(plan.table_size, plan.backends.len()))
+            .count()
+    }
+
     /// Every backend any frontend uses.
     pub fn backends(&self) -> BTreeSet<BackendAddr> {
         self.frontends
@@ -282,6 +292,26 @@ fn assemble(desired: &mut Desired, svc: &ServiceSpec, output: &ServiceOutput) {
             continue;
         }
         desired.frontends.insert(*frontend, plan.clone());
+    }
+    // One warning a Service, for its first frontend whose table cannot keep even shares.
+    if let Some((_, _, plan)) = output
+        .frontends
+        .iter()
+        .find(|(_, _, plan)| !maglev::keeps_even_shares(plan.table_size, plan.backends.len()))
+    {
+        desired.problems.push(Problem {
+            severity: Severity::Warning,
+            object: Some(svc.id.clone()),
+            location: "translation".to_owned(),
+            field: "endpoints".to_owned(),
+            message: format!(
+                "{} backends share a Maglev table of {} slots, the largest, fewer than {} each: \
+                 their shares of new flows differ by more than about 1%",
+                plan.backends.len(),
+                plan.table_size,
+                maglev::MIN_SLOTS_PER_BACKEND
+            ),
+        });
     }
     if let Some((port, check)) = &output.health_check {
         if let Some(owner) = desired.health_checks.get(port) {

@@ -277,7 +277,8 @@ fn affinity_internal_policy_terminating_hairpin_host_network(xdp: bool) {
             .iter()
             .map(|(_, a)| maglev::backend_key(lb_common::addr_be(*a), 5353u16.to_be()))
             .collect();
-        let table = maglev::build(&keys, maglev::DEFAULT_TABLE_SIZE);
+        let size = maglev::table_size(keys.len(), None);
+        let table = maglev::build(&keys, size);
         let flow = FlowKey::new(
             lb_common::addr_be(CLIENT_1.octets()),
             lb_common::addr_be([10, 96, 0, 50]),
@@ -285,7 +286,7 @@ fn affinity_internal_policy_terminating_hairpin_host_network(xdp: bool) {
             53u16.to_be(),
             17,
         );
-        pods_of[table[slot_for(&flow, maglev::DEFAULT_TABLE_SIZE) as usize] as usize].0
+        pods_of[table[slot_for(&flow, size) as usize] as usize].0
     };
     let first_port = 42000;
     let first = choice(first_port);

@@ -294,7 +294,8 @@ fn predicted(
         .iter()
         .map(|b| maglev::backend_key(lb_common::addr_be(*b), target_port.to_be()))
         .collect();
-    let table = maglev::build(&keys, maglev::DEFAULT_TABLE_SIZE);
+    let size = maglev::table_size(backends.len(), None);
+    let table = maglev::build(&keys, size);
     let flow = FlowKey::new(
         lb_common::addr_be(src),
         lb_common::addr_be(dst),
@@ -302,7 +303,7 @@ fn predicted(
         dport.to_be(),
         proto,
     );
-    backends[table[slot_for(&flow, maglev::DEFAULT_TABLE_SIZE) as usize] as usize]
+    backends[table[slot_for(&flow, size) as usize] as usize]
 }
 
 fn predicted_backend(backends: &[[u8; 4]], sport: u16, dport: u16, proto: u8) -> [u8; 4] {

@@ -181,7 +181,11 @@ fn no_endpoints_rejects_affinity_and_table_size_come_through() {
     assert_eq!(idle.when_empty, WhenEmpty::Reject);
     let sticky = &desired.frontends[&fe([10, 96, 0, 50], 53, Protocol::Udp)];
     assert_eq!(sticky.affinity_timeout_s, Some(3));
-    assert_eq!(sticky.table_size, lb_common::maglev::DEFAULT_TABLE_SIZE);
+    // The default follows the backend count: the smallest listed prime >= 100 x backends.
+    assert_eq!(
+        sticky.table_size,
+        lb_common::maglev::table_size(sticky.backends.len(), None)
+    );
 
     let text = r#"
 apiVersion: v1
@@ -211,7 +215,8 @@ spec: {clusterIP: 10.96.9.2, ports: [{port: 80}]}
     );
     assert_eq!(
         desired.frontends[&fe([10, 96, 9, 2], 80, Protocol::Tcp)].table_size,
-        16381
+        251,
+        "an invalid annotation is ignored: the default for no backends"
     );
 }
 
@@ -486,4 +491,65 @@ endpoints:
         assert_eq!(check.local_endpoints, count, "{name}");
         assert_eq!(check.service.name, "lb");
     }
+}
+
+/// A Service with `n` endpoints in slices of at most 1,000 (the API's cap), and one with two.
+fn big_and_small(n: usize) -> String {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: t}\n\
+         spec: {clusterIP: 10.96.7.1, ports: [{port: 80}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: small, namespace: t}\n\
+         spec: {clusterIP: 10.96.7.2, ports: [{port: 80}]}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+         metadata: {name: small-1, namespace: t, labels: {kubernetes.io/service-name: small}}\n\
+         ports: [{port: 8080}]\n\
+         endpoints: [{addresses: [10.245.0.1]}, {addresses: [10.245.0.2]}]\n",
+    );
+    for (slice, chunk) in (0..n).collect::<Vec<_>>().chunks(1000).enumerate() {
+        text += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+             metadata: {{name: big-{slice}, namespace: t, labels: \
+             {{kubernetes.io/service-name: big}}}}\nports: [{{port: 8080}}]\nendpoints:\n"
+        );
+        for i in chunk {
+            text += &format!("- addresses: [10.244.{}.{}]\n", i / 250, i % 250 + 1);
+        }
+    }
+    text
+}
+
+#[test]
+fn table_size_follows_the_backend_count_and_an_uneven_table_is_reported() {
+    let read = manifest::parse(&big_and_small(1400), "big.yaml");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    let desired = translate(&read.objects, &NodeContext::default());
+    let small = &desired.frontends[&fe([10, 96, 7, 2], 80, Protocol::Tcp)];
+    assert_eq!(
+        small.table_size, 251,
+        "2 backends: the smallest size, not 16381"
+    );
+    let big = &desired.frontends[&fe([10, 96, 7, 1], 80, Protocol::Tcp)];
+    assert_eq!(big.backends.len(), 1400);
+    assert_eq!(big.table_size, lb_common::maglev::MAX_TABLE_SIZE);
+    assert_eq!(desired.uneven_tables(), 1);
+    let warnings: Vec<_> = desired
+        .problems
+        .iter()
+        .filter(|p| p.object.as_ref().is_some_and(|o| o.name == "big"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", desired.problems);
+    assert_eq!(warnings[0].severity, Severity::Warning);
+    assert!(
+        warnings[0].message.contains("1400 backends"),
+        "{}",
+        warnings[0]
+    );
+
+    // 1,310 backends still get 100 slots each in the largest table: no warning.
+    let desired = translate(
+        &manifest::parse(&big_and_small(1310), "big.yaml").objects,
+        &NodeContext::default(),
+    );
+    assert_eq!(desired.uneven_tables(), 0);
+    assert!(desired.problems.is_empty(), "{:?}", desired.problems);
 }

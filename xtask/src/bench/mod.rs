@@ -366,11 +366,12 @@ fn notes() -> Vec<String> {
         "New connections: two client threads, each connection closed with RST (SO_LINGER 0), \
          so no TIME_WAIT state piles up."
             .to_owned(),
-        format!(
-            "lb runs with {} on every bed: at 10,000 Services the default table would not fit \
-             its slots array.",
-            beds::lb_agent_args().join(" ")
-        ),
+        match beds::lb_agent_args() {
+            args if args.is_empty() => "lb runs with its defaults on every bed (Maglev tables \
+                                        sized to each Service's backend count)."
+                .to_owned(),
+            args => format!("lb runs with {} on every bed.", args.join(" ")),
+        },
         "lb (xdp) differs from lb (tc) only on the external interfaces, so it is measured on \
          the NodePort paths only."
             .to_owned(),
