@@ -405,7 +405,7 @@ impl Agent {
                 self.metrics
                     .sync_latency
                     .observe(dirty_since.elapsed().as_secs_f64());
-                let backends = desired.backends().len();
+                let backends = desired.backend_count();
                 self.metrics.frontends.set(desired.frontends.len() as i64);
                 self.metrics.backends.set(backends as i64);
                 info!(

@@ -34,19 +34,87 @@ impl ManifestRead {
 /// Parses every document of `text`; `source` names the file in messages.
 pub fn parse(text: &str, source: &str) -> ManifestRead {
     let mut read = ManifestRead::default();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let location = format!("{source} document {}", index + 1);
+    match split_documents(text) {
+        Some(documents) => {
+            for (index, document) in documents.into_iter().enumerate() {
+                parse_document(document, &document_location(source, index), &mut read);
+            }
+        }
+        None => parse_stream(text, source, &mut read),
+    }
+    read
+}
+
+/// How problems in the `index`th document (from 0) of `source` are located.
+pub fn document_location(source: &str, index: usize) -> String {
+    format!("{source} document {}", index + 1)
+}
+
+/// Reads one document (as split by [`split_documents`]) into `read`.
+pub fn parse_document(text: &str, location: &str, read: &mut ManifestRead) {
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
         match Value::deserialize(document) {
-            Ok(value) => read_value(value, &location, &mut read),
+            Ok(value) => read_value(value, location, read),
             Err(err) => {
-                // A syntax error ends the stream: later documents cannot be told apart reliably.
+                read.problems
+                    .push(problem(None, location, "", format!("invalid YAML: {err}")));
+                break;
+            }
+        }
+    }
+}
+
+/// The documents of a YAML stream, split at its `---` lines, so each can be parsed (and
+/// cached) on its own and a syntax error in one leaves the others readable. `None` when the
+/// text uses what this split does not follow (directives, `...`, content on a `---` line): the
+/// caller then parses the stream whole. A `---` at the start of a line always starts a document
+/// in YAML, even inside what would otherwise be a block scalar, so the split is exact.
+pub fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    let mut content = false;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare.starts_with('%') || bare.starts_with("...") {
+            return None;
+        }
+        if let Some(rest) = bare.strip_prefix("---") {
+            let rest = rest.trim_start();
+            if !rest.is_empty() && !rest.starts_with('#') {
+                return None;
+            }
+            // Only comments before the first marker are no document.
+            if content || !documents.is_empty() {
+                documents.push(&text[start..offset]);
+            }
+            start = offset + line.len();
+            content = false;
+        } else if !bare.trim_start().is_empty() && !bare.trim_start().starts_with('#') {
+            content = true;
+        }
+        offset += line.len();
+    }
+    if content || !documents.is_empty() {
+        documents.push(&text[start..]);
+    }
+    Some(documents)
+}
+
+/// The whole stream through the YAML parser's own document split: after a syntax error later
+/// documents cannot be told apart reliably, so reading stops there.
+fn parse_stream(text: &str, source: &str, read: &mut ManifestRead) {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let location = document_location(source, index);
+        match Value::deserialize(document) {
+            Ok(value) => read_value(value, &location, read),
+            Err(err) => {
                 read.problems
                     .push(problem(None, &location, "", format!("invalid YAML: {err}")));
                 break;
             }
         }
     }
-    read
 }
 
 fn read_value(value: Value, location: &str, read: &mut ManifestRead) {

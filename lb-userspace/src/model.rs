@@ -212,6 +212,31 @@ pub struct SliceSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
+/// The Service an object belongs to: itself, or for an EndpointSlice the Service named by its
+/// `kubernetes.io/service-name` label in its namespace. Translation works one Service at a time,
+/// on everything filed under its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    /// The name of the Service `id` names (whatever kind `id` is).
+    pub fn of(id: &ObjectRef) -> Self {
+        Self {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A validated object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
@@ -224,6 +249,17 @@ impl Object {
         match self {
             Object::Service(s) => &s.id,
             Object::Slice(s) => &s.id,
+        }
+    }
+
+    /// The Service this object is filed under.
+    pub fn service_name(&self) -> ServiceName {
+        match self {
+            Object::Service(s) => ServiceName::of(&s.id),
+            Object::Slice(s) => ServiceName {
+                namespace: s.id.namespace.clone(),
+                name: s.service_name.clone(),
+            },
         }
     }
 }

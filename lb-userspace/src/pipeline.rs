@@ -1,17 +1,21 @@
 //! The one sync step, snapshot -> translate -> program (-> purge the UDP flows of backends that
 //! left), that the agent, the controller tests and the benchmarks all run: nothing else calls
 //! the translator and the programmer in sequence.
+//!
+//! Work follows the change: a snapshot carries only the Services whose objects changed, the
+//! translator hands on only the frontends whose plan may have changed ([`Touched`]), and the
+//! programmer looks at those alone.
 
 use crate::{
     dataplane::{MapWriter, WriteError},
     model::{ObjectRef, Problem},
     sources::Snapshot,
     sync::{Programmer, SyncStats},
-    translate::{Desired, Frontend, NodeContext, Translator},
+    translate::{Desired, Frontend, NodeContext, Touched, Translator},
 };
 
-/// Translation (which remembers the work for unchanged objects) and the programmer (which
-/// remembers what is programmed), kept from one step to the next.
+/// Translation (which keeps every Service's output) and the programmer (which remembers what is
+/// programmed), kept from one step to the next.
 #[derive(Default)]
 pub struct Pipeline {
     translator: Translator,
@@ -19,9 +23,12 @@ pub struct Pipeline {
 }
 
 /// What one step did.
-pub struct Step {
-    /// What translation asked for (also when programming failed: health-check servers follow it).
-    pub desired: Desired,
+pub struct Step<'a> {
+    /// What translation asks for now (also when programming failed: health-check servers follow
+    /// it).
+    pub desired: &'a Desired,
+    /// The frontends this step may have changed.
+    pub touched: Touched,
     /// The source's problems with its objects.
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version stays programmed.
@@ -51,24 +58,35 @@ impl Pipeline {
         &mut self.programmer
     }
 
-    /// Translates `snapshot` for `node` (its zone as the snapshot's source knows it) and writes
-    /// the difference through `writer`.
+    /// What translation asks for, as of the last step.
+    pub fn desired(&self) -> &Desired {
+        self.translator.desired()
+    }
+
+    /// Translates what `snapshot` changed for `node` (its zone as the snapshot's source knows it)
+    /// and writes the difference through `writer`.
     pub fn step(
         &mut self,
         snapshot: Snapshot,
         node: &mut NodeContext,
         writer: &mut dyn MapWriter,
-    ) -> Step {
+    ) -> Step<'_> {
         node.zone = snapshot.node_zone;
-        let desired = self.translator.translate(&snapshot.objects, node);
-        let leaving = self.programmer.udp_backends_leaving(&desired);
-        let programmed = self.programmer.sync(&desired, writer);
+        let touched = self
+            .translator
+            .apply(snapshot.changes, snapshot.full, node);
+        let desired = self.translator.desired();
+        let leaving = self.programmer.udp_backends_leaving(desired, Some(&touched));
+        let programmed = self
+            .programmer
+            .sync_touched(desired, Some(&touched), writer);
         let udp_flows_purged = match &programmed {
             Ok(_) if !leaving.is_empty() => writer.forget_udp_flows(&leaving),
             _ => Ok(0),
         };
         Step {
             desired,
+            touched,
             problems: snapshot.problems,
             kept_last_good: snapshot.kept_last_good,
             programmed,

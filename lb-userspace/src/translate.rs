@@ -2,7 +2,7 @@
 //! should have. No I/O, no map ids, deterministic (same objects in any order, same result).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
     sync::Arc,
@@ -12,7 +12,7 @@ use lb_common::maglev;
 
 use crate::model::{
     EndpointSpec, Object, ObjectRef, Problem, Protocol, SERVICE_PROXY_NAME_LABEL, ServiceKind,
-    ServiceSpec, Severity, SliceSpec, TrafficPolicy,
+    ServiceName, ServiceSpec, Severity, SliceSpec, TrafficPolicy,
 };
 
 /// An address, port and protocol a client sends to.
@@ -143,12 +143,17 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Shared (`Arc`) so an unchanged Service's plans are reused from one sync to the next.
+    /// Read-only outside this module: [`Desired::set_frontend`] keeps the counts below with it.
     pub frontends: BTreeMap<Frontend, Arc<FrontendPlan>>,
     /// `healthCheckNodePort` -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub unprogrammed: Vec<Unprogrammed>,
     /// Conflicts found while translating (e.g. two Services claiming one ClusterIP port).
     pub problems: Vec<Problem>,
+    /// How many frontends choose each backend (`.0`) and list it as draining (`.1`).
+    backend_uses: HashMap<BackendAddr, (u32, u32)>,
+    /// Backends some frontend lists as draining and none chooses.
+    draining: BTreeSet<BackendAddr>,
 }
 
 impl Desired {
@@ -163,29 +168,113 @@ impl Desired {
 
     /// Every backend any frontend uses.
     pub fn backends(&self) -> BTreeSet<BackendAddr> {
-        self.frontends
-            .values()
-            .flat_map(|plan| plan.backends.iter().copied())
+        self.backend_uses
+            .iter()
+            .filter(|(_, (chosen, _))| *chosen > 0)
+            .map(|(backend, _)| *backend)
             .collect()
+    }
+
+    /// How many backends some frontend chooses.
+    pub fn backend_count(&self) -> usize {
+        self.backend_uses.len() - self.draining.len()
     }
 
     /// Backends that no frontend chooses for new flows but some still lists: kept in the maps,
     /// marked draining, for their established TCP flows.
-    pub fn draining_backends(&self) -> BTreeSet<BackendAddr> {
-        let active = self.backends();
-        self.frontends
-            .values()
-            .flat_map(|plan| plan.draining.iter().copied())
-            .filter(|b| !active.contains(b))
-            .collect()
+    pub fn draining_backends(&self) -> &BTreeSet<BackendAddr> {
+        &self.draining
+    }
+
+    /// Sets (or with `None` removes) one frontend's plan, keeping the backend counts.
+    fn set_frontend(&mut self, frontend: Frontend, plan: Option<Arc<FrontendPlan>>) {
+        let old = match &plan {
+            Some(plan) => self.frontends.insert(frontend, plan.clone()),
+            None => self.frontends.remove(&frontend),
+        };
+        if let (Some(old), Some(new)) = (&old, &plan)
+            && Arc::ptr_eq(old, new)
+        {
+            return;
+        }
+        if let Some(old) = old {
+            self.count(&old, false);
+        }
+        if let Some(new) = plan {
+            self.count(&new, true);
+        }
+    }
+
+    fn count(&mut self, plan: &FrontendPlan, add: bool) {
+        let step = |n: &mut u32| *n = if add { *n + 1 } else { *n - 1 };
+        let lists = [(&plan.backends, true), (&plan.draining, false)];
+        for (backends, chosen) in lists {
+            for backend in backends {
+                let uses = self.backend_uses.entry(*backend).or_default();
+                step(if chosen { &mut uses.0 } else { &mut uses.1 });
+                let (chosen, listed) = *uses;
+                if chosen == 0 && listed == 0 {
+                    self.backend_uses.remove(backend);
+                }
+                if chosen == 0 && listed > 0 {
+                    self.draining.insert(*backend);
+                } else {
+                    self.draining.remove(backend);
+                }
+            }
+        }
     }
 }
 
 /// Translates `objects` for `node`. Pure: the same objects in any order give the same result.
 pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeContext) -> Desired {
-    let objects: Vec<Arc<Object>> = objects.into_iter().cloned().map(Arc::new).collect();
-    Translator::default().translate(&objects, node)
+    let mut by_service: BTreeMap<ServiceName, ServiceInputs> = BTreeMap::new();
+    for object in objects {
+        let name = object.service_name();
+        let inputs = by_service
+            .entry(name.clone())
+            .or_insert_with(|| ServiceInputs {
+                name,
+                service: None,
+                slices: Vec::new(),
+            });
+        let object = Arc::new(object.clone());
+        match object.as_ref() {
+            Object::Service(_) => inputs.service = Some(object),
+            Object::Slice(_) => inputs.slices.push(object),
+        }
+    }
+    for inputs in by_service.values_mut() {
+        inputs.slices.sort_by(|a, b| a.id().cmp(b.id()));
+    }
+    let mut translator = Translator::default();
+    translator.apply(by_service.into_values(), true, node);
+    translator.desired
 }
+
+/// Everything filed under one Service's name: the Service (if there is one) and its
+/// EndpointSlices in name order.
+#[derive(Clone, Debug)]
+pub struct ServiceInputs {
+    pub name: ServiceName,
+    pub service: Option<Arc<Object>>,
+    pub slices: Vec<Arc<Object>>,
+}
+
+impl ServiceInputs {
+    /// The very same objects (by identity: the sources hand out unchanged objects as the same
+    /// `Arc`s).
+    fn same_as(&self, other: &ServiceInputs) -> bool {
+        let same = |a: &Arc<Object>, b: &Arc<Object>| Arc::ptr_eq(a, b);
+        self.service.as_ref().zip(other.service.as_ref()).is_some_and(|(a, b)| same(a, b))
+            && self.slices.len() == other.slices.len()
+            && self.slices.iter().zip(&other.slices).all(|(a, b)| same(a, b))
+    }
+}
+
+/// The frontends a [`Translator::apply`] may have changed: every frontend whose plan differs is
+/// in it (it may hold some whose plan is the same).
+pub type Touched = BTreeSet<Frontend>;
 
 /// What one Service translates to, before it meets the other Services (conflicts).
 #[derive(Clone, Debug)]
@@ -196,102 +285,238 @@ struct ServiceOutput {
     health_check: Option<(u16, HealthCheck)>,
 }
 
-/// A slice and the shared object it is part of.
-type SliceOf<'a> = (&'a SliceSpec, &'a Arc<Object>);
-
-/// The inputs a Service's output came from, by identity: the same `Arc`s mean the same output.
-struct Memo {
-    service: Arc<Object>,
-    slices: Vec<Arc<Object>>,
-    output: ServiceOutput,
-}
-
-/// [`translate`] with memory: a Service whose objects are the very same `Arc`s as last time (the
-/// API source hands out unchanged objects that way) reuses its previous output, so a sync with
-/// 10,000 Services only translates the ones that changed. The result equals [`translate`]'s.
-#[derive(Default)]
-pub struct Translator {
-    memo: HashMap<ObjectRef, Memo>,
-    node: Option<NodeContext>,
-}
-
-impl Translator {
-    pub fn translate(&mut self, objects: &[Arc<Object>], node: &NodeContext) -> Desired {
-        if self.node.as_ref() != Some(node) {
-            self.memo.clear();
-            self.node = Some(node.clone());
-        }
-        let mut services: Vec<(&ServiceSpec, &Arc<Object>)> = Vec::new();
-        // (namespace, service name) -> slices
-        let mut slices: HashMap<(&str, &str), Vec<SliceOf>> = HashMap::new();
-        for object in objects {
-            match object.as_ref() {
-                Object::Service(svc) => services.push((svc, object)),
-                Object::Slice(slice) => slices
-                    .entry((slice.id.namespace.as_str(), slice.service_name.as_str()))
-                    .or_default()
-                    .push((slice, object)),
-            }
-        }
-        // Conflicts resolve the same way whatever order the objects came in: first by
-        // namespace/name; slices in name order too.
-        services.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        for list in slices.values_mut() {
-            list.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        }
-
-        let mut memo = HashMap::with_capacity(services.len());
-        let mut desired = Desired::default();
-        for (svc, svc_object) in services {
-            let svc_slices = slices
-                .get(&(svc.id.namespace.as_str(), svc.id.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let reusable = self.memo.remove(&svc.id).filter(|m| {
-                Arc::ptr_eq(&m.service, svc_object)
-                    && m.slices.len() == svc_slices.len()
-                    && m.slices
-                        .iter()
-                        .zip(svc_slices)
-                        .all(|(a, (_, b))| Arc::ptr_eq(a, b))
-            });
-            let memo_entry = match reusable {
-                Some(previous) => previous,
-                None => {
-                    let specs: Vec<&SliceSpec> = svc_slices.iter().map(|(s, _)| *s).collect();
-                    Memo {
-                        service: svc_object.clone(),
-                        slices: svc_slices.iter().map(|(_, o)| (*o).clone()).collect(),
-                        output: service_output(svc, &specs, node),
-                    }
-                }
-            };
-            assemble(&mut desired, svc, &memo_entry.output);
-            memo.insert(svc.id.clone(), memo_entry);
-        }
-        self.memo = memo;
-        desired
+impl ServiceOutput {
+    fn has_uneven_table(&self) -> bool {
+        self.frontends
+            .iter()
+            .any(|(_, _, plan)| !maglev::keeps_even_shares(plan.table_size, plan.backends.len()))
     }
 }
 
-/// Adds one Service's output to `desired`, reporting what another Service already claimed.
-fn assemble(desired: &mut Desired, svc: &ServiceSpec, output: &ServiceOutput) {
-    desired.unprogrammed.extend(output.unprogrammed.clone());
+/// A Service's inputs and what they translated to.
+struct Memo {
+    inputs: ServiceInputs,
+    output: ServiceOutput,
+}
+
+/// Translation kept up to date one Service at a time: [`Translator::apply`] translates only the
+/// Services whose objects changed (or all of them when the node did), and updates [`Desired`]
+/// only where their output changed, so a change to one of 10,000 Services costs one Service.
+/// The result always equals [`translate`]'s of the same objects (tested with random changes).
+///
+/// Conflicts resolve the same way whatever order changes come in: a frontend (or health-check
+/// port) claimed by several Services belongs to the first by namespace/name.
+#[derive(Default)]
+pub struct Translator {
+    node: Option<NodeContext>,
+    memo: HashMap<ServiceName, Memo>,
+    /// Every plan claiming each frontend, in Service order (a Service's own claims in its
+    /// output's order): the first one is programmed.
+    claims: BTreeMap<Frontend, Vec<(&'static str, Arc<FrontendPlan>)>>,
+    health_claims: BTreeMap<u16, Vec<HealthCheck>>,
+    /// Frontends and ports with more than one claim, and Services with an uneven table: the
+    /// only ones problems are reported for.
+    contested: BTreeSet<Frontend>,
+    contested_ports: BTreeSet<u16>,
+    uneven: BTreeSet<ServiceName>,
+    unprogrammed: BTreeMap<ServiceName, Unprogrammed>,
+    /// `unprogrammed` changed since [`Desired::unprogrammed`] was copied from it.
+    unprogrammed_changed: bool,
+    desired: Desired,
+}
+
+impl Translator {
+    /// What the Services translate to, as of the last [`Translator::apply`].
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Takes the inputs of the Services that changed (`full`: of every Service, the ones not
+    /// listed being gone) and returns the frontends that may have changed.
+    pub fn apply(
+        &mut self,
+        changes: impl IntoIterator<Item = ServiceInputs>,
+        full: bool,
+        node: &NodeContext,
+    ) -> Touched {
+        let mut touched = Touched::new();
+        let mut ports = BTreeSet::new();
+        if self.node.as_ref() != Some(node) {
+            // Everything depends on the node: translate every Service again from its inputs.
+            self.node = Some(node.clone());
+            let names: Vec<ServiceName> = self.memo.keys().cloned().collect();
+            for name in names {
+                let memo = self.withdraw(&name, &mut touched, &mut ports).expect("listed");
+                self.enter(memo.inputs, &mut touched, &mut ports);
+            }
+        }
+        let mut listed = HashSet::new();
+        for inputs in changes {
+            if full {
+                listed.insert(inputs.name.clone());
+            }
+            if self
+                .memo
+                .get(&inputs.name)
+                .is_some_and(|memo| memo.inputs.same_as(&inputs))
+            {
+                continue;
+            }
+            self.withdraw(&inputs.name, &mut touched, &mut ports);
+            self.enter(inputs, &mut touched, &mut ports);
+        }
+        if full {
+            let gone: Vec<ServiceName> = (self.memo.keys())
+                .filter(|name| !listed.contains(*name))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.withdraw(&name, &mut touched, &mut ports);
+            }
+        }
+        self.settle(&touched, &ports);
+        touched
+    }
+
+    /// Takes a Service's claims back. Returns its memo.
+    fn withdraw(
+        &mut self,
+        name: &ServiceName,
+        touched: &mut Touched,
+        ports: &mut BTreeSet<u16>,
+    ) -> Option<Memo> {
+        let memo = self.memo.remove(name)?;
+        for (frontend, _, plan) in &memo.output.frontends {
+            touched.insert(*frontend);
+            let Some(claims) = self.claims.get_mut(frontend) else {
+                continue;
+            };
+            claims.retain(|(_, claim)| !Arc::ptr_eq(claim, plan));
+            if claims.len() < 2 {
+                self.contested.remove(frontend);
+            }
+            if claims.is_empty() {
+                self.claims.remove(frontend);
+            }
+        }
+        if let Some((port, check)) = &memo.output.health_check {
+            ports.insert(*port);
+            if let Some(claims) = self.health_claims.get_mut(port) {
+                claims.retain(|claim| claim.service != check.service);
+                if claims.len() < 2 {
+                    self.contested_ports.remove(port);
+                }
+                if claims.is_empty() {
+                    self.health_claims.remove(port);
+                }
+            }
+        }
+        self.uneven.remove(name);
+        self.unprogrammed_changed |= self.unprogrammed.remove(name).is_some();
+        Some(memo)
+    }
+
+    /// Translates a Service (nothing if `inputs` has no Service) and files its claims.
+    fn enter(&mut self, inputs: ServiceInputs, touched: &mut Touched, ports: &mut BTreeSet<u16>) {
+        let Some(Object::Service(svc)) = inputs.service.as_deref() else {
+            return;
+        };
+        let slices: Vec<&SliceSpec> = (inputs.slices.iter())
+            .filter_map(|object| match object.as_ref() {
+                Object::Slice(slice) => Some(slice),
+                Object::Service(_) => None,
+            })
+            .collect();
+        let node = self.node.as_ref().expect("set by apply");
+        let output = service_output(svc, &slices, node);
+        for (frontend, field, plan) in &output.frontends {
+            touched.insert(*frontend);
+            let claims = self.claims.entry(*frontend).or_default();
+            let at = claims.partition_point(|(_, claim)| claim.service <= plan.service);
+            claims.insert(at, (field, plan.clone()));
+            if claims.len() > 1 {
+                self.contested.insert(*frontend);
+            }
+        }
+        if let Some((port, check)) = &output.health_check {
+            ports.insert(*port);
+            let claims = self.health_claims.entry(*port).or_default();
+            let at = claims.partition_point(|claim| claim.service <= check.service);
+            claims.insert(at, check.clone());
+            if claims.len() > 1 {
+                self.contested_ports.insert(*port);
+            }
+        }
+        if output.has_uneven_table() {
+            self.uneven.insert(inputs.name.clone());
+        }
+        if let Some(unprogrammed) = &output.unprogrammed {
+            self.unprogrammed
+                .insert(inputs.name.clone(), unprogrammed.clone());
+            self.unprogrammed_changed = true;
+        }
+        self.memo.insert(inputs.name.clone(), Memo { inputs, output });
+    }
+
+    /// Brings [`Desired`] up to date for the touched frontends and ports, and reports the
+    /// problems (of the few Services that have any).
+    fn settle(&mut self, touched: &Touched, ports: &BTreeSet<u16>) {
+        for frontend in touched {
+            let winner = self.claims.get(frontend).map(|claims| claims[0].1.clone());
+            self.desired.set_frontend(*frontend, winner);
+        }
+        for port in ports {
+            match self.health_claims.get(port) {
+                Some(claims) => self.desired.health_checks.insert(*port, claims[0].clone()),
+                None => self.desired.health_checks.remove(port),
+            };
+        }
+        if std::mem::take(&mut self.unprogrammed_changed) {
+            self.desired.unprogrammed = self.unprogrammed.values().cloned().collect();
+        }
+        let mut flagged: BTreeSet<ServiceName> = self.uneven.clone();
+        for frontend in &self.contested {
+            for (_, plan) in &self.claims[frontend][1..] {
+                flagged.insert(ServiceName::of(&plan.service));
+            }
+        }
+        for port in &self.contested_ports {
+            for check in &self.health_claims[port][1..] {
+                flagged.insert(ServiceName::of(&check.service));
+            }
+        }
+        self.desired.problems = flagged
+            .iter()
+            .filter_map(|name| self.memo.get(name))
+            .flat_map(|memo| problems_of(&self.desired, &memo.output))
+            .collect();
+    }
+}
+
+/// What a Service's output meets among the others (frontends and ports another Service, or an
+/// earlier field of its own, already has), and whether its tables are uneven.
+fn problems_of(desired: &Desired, output: &ServiceOutput) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let problem = |severity, service: &ObjectRef, field: &str, message| Problem {
+        severity,
+        object: Some(service.clone()),
+        location: "translation".to_owned(),
+        field: field.to_owned(),
+        message,
+    };
     for (frontend, field, plan) in &output.frontends {
-        if let Some(owner) = desired.frontends.get(frontend) {
-            desired.problems.push(Problem {
-                severity: Severity::Error,
-                object: Some(svc.id.clone()),
-                location: "translation".to_owned(),
-                field: (*field).to_owned(),
-                message: format!(
+        let owner = &desired.frontends[frontend];
+        if !Arc::ptr_eq(owner, plan) {
+            problems.push(problem(
+                Severity::Error,
+                &plan.service,
+                field,
+                format!(
                     "{frontend} ({}) is already used by {} ({}); left out",
                     plan.kind, owner.service, owner.kind
                 ),
-            });
-            continue;
+            ));
         }
-        desired.frontends.insert(*frontend, plan.clone());
     }
     // One warning a Service, for its first frontend whose table cannot keep even shares.
     if let Some((_, _, plan)) = output
@@ -299,33 +524,31 @@ fn assemble(desired: &mut Desired, svc: &ServiceSpec, output: &ServiceOutput) {
         .iter()
         .find(|(_, _, plan)| !maglev::keeps_even_shares(plan.table_size, plan.backends.len()))
     {
-        desired.problems.push(Problem {
-            severity: Severity::Warning,
-            object: Some(svc.id.clone()),
-            location: "translation".to_owned(),
-            field: "endpoints".to_owned(),
-            message: format!(
+        problems.push(problem(
+            Severity::Warning,
+            &plan.service,
+            "endpoints",
+            format!(
                 "{} backends share a Maglev table of {} slots, the largest, fewer than {} each: \
                  their shares of new flows differ by more than about 1%",
                 plan.backends.len(),
                 plan.table_size,
                 maglev::MIN_SLOTS_PER_BACKEND
             ),
-        });
+        ));
     }
     if let Some((port, check)) = &output.health_check {
-        if let Some(owner) = desired.health_checks.get(port) {
-            desired.problems.push(Problem {
-                severity: Severity::Error,
-                object: Some(svc.id.clone()),
-                location: "translation".to_owned(),
-                field: "spec.healthCheckNodePort".to_owned(),
-                message: format!("port {port} is already used by {}; left out", owner.service),
-            });
-        } else {
-            desired.health_checks.insert(*port, check.clone());
+        let owner = &desired.health_checks[port];
+        if owner.service != check.service {
+            problems.push(problem(
+                Severity::Error,
+                &check.service,
+                "spec.healthCheckNodePort",
+                format!("port {port} is already used by {}; left out", owner.service),
+            ));
         }
     }
+    problems
 }
 
 /// One Service on its own: its frontends and their plans, or why it has none.

@@ -212,7 +212,7 @@ fn service_proxy_name_and_headless_labels_are_honoured() {
             })
             .await;
         let reasons: Vec<String> = default
-            .desired
+            .desired()
             .unprogrammed
             .iter()
             .map(|u| format!("{}: {}", u.service, u.reason))
@@ -320,10 +320,10 @@ fn health_check_node_ports_answer_with_local_endpoints() {
     let kubeconfig = api.kubeconfig.clone();
     api.run(move || async move {
         let mut ctl = Controller::start(&kubeconfig, node_1()).await;
-        ctl.wait_until("both health checks", |c| c.desired.health_checks.len() == 2)
+        ctl.wait_until("both health checks", |c| c.desired().health_checks.len() == 2)
             .await;
         let mut servers = lb_userspace::health::HealthCheckServers::default();
-        servers.reconcile(&ctl.desired.health_checks).await;
+        servers.reconcile(&ctl.desired().health_checks).await;
         let here = http_get("127.0.0.1:32001").await;
         assert!(here.starts_with("HTTP/1.1 200"), "{here}");
         assert!(here.contains("\"localEndpoints\":1"), "{here}");

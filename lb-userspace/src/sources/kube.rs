@@ -1,21 +1,20 @@
 //! The Kubernetes API as a source of objects: watchers (list + watch, relisting on `410 Gone` or a
-//! dropped connection, retrying with backoff while the API server is away) feeding reflector
-//! stores of trimmed objects. Validation is cached per resourceVersion, so a snapshot only
-//! re-validates what changed.
+//! dropped connection, retrying with backoff while the API server is away) validate each new
+//! version of a Service or EndpointSlice as it arrives and keep only the validated model. A
+//! snapshot takes what arrived since the last one, so its work follows the change.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
 
 use futures::StreamExt as _;
 use k8s_openapi::{
-    Metadata,
     api::{
-        core::v1::{Node, NodeStatus, Service, ServiceStatus},
+        core::v1::{Node, NodeStatus, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -31,45 +30,30 @@ use kube::{
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{LastGood, ObjectSource, Snapshot};
-use crate::model::{
-    self, MAGLEV_TABLE_SIZE_ANNOTATION, Object, ObjectRef, Problem, TOPOLOGY_HINTS_ANNOTATION,
-    TOPOLOGY_MODE_ANNOTATION,
-};
+use super::{ObjectSource, ObjectStore, Snapshot};
+use crate::model::{self, Object, ObjectRef, Problem};
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Where API objects come from, in problem reports.
 const LOCATION: &str = "API server";
 
-/// Annotations translation reads; every other annotation is dropped from the cache.
-const KEPT_ANNOTATIONS: [&str; 3] = [
-    MAGLEV_TABLE_SIZE_ANNOTATION,
-    TOPOLOGY_MODE_ANNOTATION,
-    TOPOLOGY_HINTS_ANNOTATION,
-];
-
-/// What one validation of an object version produced.
-struct Validation {
-    resource_version: Option<String>,
-    object: Option<Arc<Object>>,
-    problems: Vec<Problem>,
-    /// The snapshot that last saw the object (older ones are gone from the store).
-    seen_in: u64,
-}
+/// The latest word on an object since the last snapshot: validated (the object, or `None` if
+/// rejected, and the problems), or `None` when it was deleted.
+type Inbox = HashMap<ObjectRef, Option<(Option<Arc<Object>>, Vec<Problem>)>>;
 
 /// Watches Services, EndpointSlices and this agent's Node.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// Filled by the watch tasks, emptied by each snapshot.
+    inbox: Arc<Mutex<Inbox>>,
     changed: Arc<Notify>,
     /// Per watched resource: its initial list has completed at least once.
     listed: Vec<Arc<AtomicBool>>,
     tasks: Vec<JoinHandle<()>>,
-    validated: HashMap<ObjectRef, Validation>,
-    last_good: LastGood,
-    snapshots: u64,
+    store: ObjectStore,
+    /// The problems of each object that has any.
+    problems: BTreeMap<ObjectRef, Vec<Problem>>,
 }
 
 impl KubeSource {
@@ -77,42 +61,40 @@ impl KubeSource {
     /// API server that is down is retried with backoff while the caller keeps serving.
     pub fn start(client: Client, node_name: &str) -> Self {
         let changed = Arc::new(Notify::new());
+        let inbox = Arc::new(Mutex::new(Inbox::new()));
         let mut listed = Vec::new();
         let mut tasks = Vec::new();
-        let services = watch(
+        let mut flags = || {
+            let done = Arc::new(AtomicBool::new(false));
+            listed.push(done.clone());
+            done
+        };
+        let (service_done, slice_done, node_done) = (flags(), flags(), flags());
+        tasks.push(tokio::spawn(watch_objects(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-            trim_service,
-            &changed,
-            &mut listed,
-            &mut tasks,
-        );
-        let slices = watch(
+            model::Kind::Service,
+            model::validate_service,
+            inbox.clone(),
+            changed.clone(),
+            service_done,
+        )));
+        tasks.push(tokio::spawn(watch_objects(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-            trim_slice,
-            &changed,
-            &mut listed,
-            &mut tasks,
-        );
-        let nodes = watch(
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            trim_node,
-            &changed,
-            &mut listed,
-            &mut tasks,
-        );
+            model::Kind::EndpointSlice,
+            model::validate_slice,
+            inbox.clone(),
+            changed.clone(),
+            slice_done,
+        )));
+        let nodes = watch_node(client, node_name, &changed, node_done, &mut tasks);
         Self {
-            services,
-            slices,
             nodes,
+            inbox,
             changed,
             listed,
             tasks,
-            validated: HashMap::new(),
-            last_good: LastGood::default(),
-            snapshots: 0,
+            store: ObjectStore::default(),
+            problems: BTreeMap::new(),
         }
     }
 
@@ -134,52 +116,31 @@ impl KubeSource {
             .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
     }
 
-    /// Validated objects from the stores, re-validating only versions not seen before.
+    /// Takes what the watchers delivered since the last snapshot: work in proportion to the
+    /// changes, not to the cluster.
     fn read(&mut self) -> Snapshot {
-        self.snapshots += 1;
-        let generation = self.snapshots;
-        let services = self.services.state();
-        let slices = self.slices.state();
-        let mut verdicts = Vec::with_capacity(services.len() + slices.len());
-        let mut problems = Vec::new();
-        let all = services
-            .iter()
-            .map(|s| (model::Kind::Service, s.metadata(), Either::Service(s)))
-            .chain(
-                slices
-                    .iter()
-                    .map(|s| (model::Kind::EndpointSlice, s.metadata(), Either::Slice(s))),
-            );
-        for (kind, meta, object) in all {
-            let id = model::object_ref(kind, meta);
-            let validation = match self.validated.get_mut(&id) {
-                Some(v) if v.resource_version == meta.resource_version => v,
-                _ => {
-                    let validated = match object {
-                        Either::Service(s) => model::validate_service(s, LOCATION),
-                        Either::Slice(s) => model::validate_slice(s, LOCATION),
-                    };
-                    self.validated.insert(
-                        id.clone(),
-                        Validation {
-                            resource_version: meta.resource_version.clone(),
-                            object: validated.object.map(Arc::new),
-                            problems: validated.problems,
-                            seen_in: generation,
-                        },
-                    );
-                    self.validated.get_mut(&id).expect("just inserted")
+        let delivered = std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for (id, verdict) in delivered {
+            match verdict {
+                Some((object, problems)) => {
+                    if problems.is_empty() {
+                        self.problems.remove(&id);
+                    } else {
+                        self.problems.insert(id.clone(), problems);
+                    }
+                    self.store.put(&id, object);
                 }
-            };
-            validation.seen_in = generation;
-            problems.extend(validation.problems.iter().cloned());
-            verdicts.push((id, validation.object.clone()));
+                None => {
+                    self.problems.remove(&id);
+                    self.store.remove(&id);
+                }
+            }
         }
-        self.validated.retain(|_, v| v.seen_in == generation);
-        let kept_last_good = self.last_good.update(verdicts);
+        let (changes, full, kept_last_good) = self.store.take_changes();
         Snapshot {
-            objects: self.last_good.to_vec(),
-            problems,
+            changes,
+            full,
+            problems: self.problems.values().flatten().cloned().collect(),
             kept_last_good,
             node_zone: self.node_zone(),
         }
@@ -196,11 +157,6 @@ impl ObjectSource for KubeSource {
     }
 }
 
-enum Either<'a> {
-    Service(&'a Service),
-    Slice(&'a EndpointSlice),
-}
-
 impl Drop for KubeSource {
     fn drop(&mut self) {
         for task in &self.tasks {
@@ -209,18 +165,20 @@ impl Drop for KubeSource {
     }
 }
 
-/// Runs one watcher into a reflector store; every change wakes `changed` once its first list is
-/// complete. Relists (after `410 Gone` or a dropped watch) swap the store's contents in one step
-/// when the new list is complete, so a relist never looks like everything was deleted.
-fn watch<K>(
+/// Watches one kind of object and delivers each new version, validated, to `inbox` (the API
+/// objects themselves are dropped at once: only the validated model is kept). Unchanged
+/// versions (same resourceVersion, as a relist after `410 Gone` or a dropped watch replays
+/// them) are not delivered again, and a relist deletes what it no longer lists only once it is
+/// complete, so it never looks like everything was deleted. Every delivery after the first
+/// complete list wakes `changed`.
+async fn watch_objects<K>(
     api: Api<K>,
-    config: watcher::Config,
-    trim: fn(&mut K),
-    changed: &Arc<Notify>,
-    listed: &mut Vec<Arc<AtomicBool>>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Store<K>
-where
+    kind: model::Kind,
+    validate: fn(&K, &str) -> model::Validated,
+    inbox: Arc<Mutex<Inbox>>,
+    changed: Arc<Notify>,
+    done: Arc<AtomicBool>,
+) where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
@@ -229,20 +187,95 @@ where
         + Sync
         + 'static,
 {
+    // id -> the resourceVersion delivered.
+    let mut known: HashMap<ObjectRef, Option<String>> = HashMap::new();
+    let mut relisted: HashSet<ObjectRef> = HashSet::new();
+    let deliver = |id: ObjectRef, verdict| {
+        inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, verdict);
+    };
+    let apply = |object: &K, known: &mut HashMap<ObjectRef, Option<String>>| {
+        let meta = object.meta();
+        let id = model::object_ref(kind, meta);
+        if known.get(&id) == Some(&meta.resource_version) {
+            return id;
+        }
+        known.insert(id.clone(), meta.resource_version.clone());
+        let validated = validate(object, LOCATION);
+        deliver(
+            id.clone(),
+            Some((validated.object.map(Arc::new), validated.problems)),
+        );
+        id
+    };
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => {
+                info!(%kind, "listing");
+                relisted.clear();
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                relisted.insert(apply(&object, &mut known));
+            }
+            Ok(watcher::Event::InitDone) => {
+                known.retain(|id, _| {
+                    let listed = relisted.contains(id);
+                    if !listed {
+                        deliver(id.clone(), None);
+                    }
+                    listed
+                });
+                relisted = HashSet::new();
+                info!(%kind, "listed; watching");
+                done.store(true, Ordering::Release);
+                changed.notify_one();
+            }
+            Ok(watcher::Event::Apply(object)) => {
+                apply(&object, &mut known);
+                if done.load(Ordering::Acquire) {
+                    changed.notify_one();
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                let id = model::object_ref(kind, object.meta());
+                known.remove(&id);
+                deliver(id, None);
+                if done.load(Ordering::Acquire) {
+                    changed.notify_one();
+                }
+            }
+            // The watcher retries with backoff (and relists if its version is gone).
+            Err(err) => warn!(%kind, "watch failed, retrying: {err}"),
+        }
+    }
+}
+
+/// This agent's Node into a reflector store (its zone and addresses are read from there).
+fn watch_node(
+    client: Client,
+    node_name: &str,
+    changed: &Arc<Notify>,
+    done: Arc<AtomicBool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Store<Node> {
     let (reader, writer) = reflector::store();
-    let done = Arc::new(AtomicBool::new(false));
-    listed.push(done.clone());
     let changed = changed.clone();
-    let kind = K::kind(&());
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<Node>::all(client), config)
+            .default_backoff()
+            .modify(trim_node),
+    );
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Init) => info!(%kind, "listing"),
-                Ok(watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::InitDone) => {
-                    info!(%kind, "listed; watching");
                     done.store(true, Ordering::Release);
                     changed.notify_one();
                 }
@@ -251,47 +284,24 @@ where
                         changed.notify_one();
                     }
                 }
-                // The watcher retries with backoff (and relists if its version is gone).
-                Err(err) => warn!(%kind, "watch failed, retrying: {err}"),
+                Ok(_) => {}
+                Err(err) => warn!(kind = "Node", "watch failed, retrying: {err}"),
             }
         }
     }));
     reader
 }
 
-fn trim_meta(meta: &mut ObjectMeta, keep_annotations: bool) {
+fn trim_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
-    match (&mut meta.annotations, keep_annotations) {
-        (Some(annotations), true) => {
-            annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
-        }
-        (annotations, _) => *annotations = None,
-    }
-}
-
-/// Keeps what translation reads: spec, labels, our annotations, the load balancer status.
-fn trim_service(svc: &mut Service) {
-    trim_meta(&mut svc.metadata, true);
-    let load_balancer = svc.status.take().and_then(|s| s.load_balancer);
-    svc.status = load_balancer.map(|lb| ServiceStatus {
-        load_balancer: Some(lb),
-        ..ServiceStatus::default()
-    });
-}
-
-fn trim_slice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata, false);
-    for ep in slice.endpoints.iter_mut().flatten() {
-        ep.target_ref = None;
-        ep.deprecated_topology = None;
-    }
+    meta.annotations = None;
 }
 
 /// Only the labels (zone) and addresses of our own Node; its status is otherwise large.
 fn trim_node(node: &mut Node) {
-    trim_meta(&mut node.metadata, false);
+    trim_meta(&mut node.metadata);
     node.spec = None;
     let addresses = node.status.take().and_then(|s| s.addresses);
     node.status = Some(NodeStatus {

@@ -1,7 +1,8 @@
 //! A manifest file as a source of objects, re-read when it changes (or on SIGHUP).
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
+    hash::{DefaultHasher, Hash as _, Hasher as _},
     io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -11,7 +12,7 @@ use std::{
 
 use tracing::error;
 
-use super::{LastGood, ObjectSource, Snapshot};
+use super::{ObjectSource, ObjectStore, Snapshot};
 use crate::{
     manifest,
     model::{Object, ObjectRef, Problem},
@@ -28,9 +29,45 @@ struct Fingerprint {
 pub struct ManifestSource {
     path: PathBuf,
     seen: Option<Fingerprint>,
-    objects: LastGood,
+    store: ObjectStore,
+    /// The documents of the last read by their text's hash, as parsed: an unchanged document
+    /// is not parsed again, and hands out the same `Arc`s.
+    documents: HashMap<u64, Document>,
+    /// The problems of the last read.
+    problems: Vec<Problem>,
     /// Re-read on the next snapshot even if the file looks unchanged.
     force: bool,
+}
+
+/// One document as parsed, where it was then.
+struct Document {
+    location: String,
+    objects: Vec<Arc<Object>>,
+    rejected: Vec<ObjectRef>,
+    problems: Vec<Problem>,
+}
+
+impl Document {
+    fn parse(text: &str, location: String) -> Self {
+        let mut read = manifest::ManifestRead::default();
+        manifest::parse_document(text, &location, &mut read);
+        Self {
+            location,
+            objects: read.objects.into_iter().map(Arc::new).collect(),
+            rejected: read.rejected,
+            problems: read.problems,
+        }
+    }
+
+    /// The same document found at another place in the file: its problems say so.
+    fn moved_to(&mut self, location: String) {
+        for problem in &mut self.problems {
+            if let Some(rest) = problem.location.strip_prefix(&self.location) {
+                problem.location = format!("{location}{rest}");
+            }
+        }
+        self.location = location;
+    }
 }
 
 /// The outcome of one read.
@@ -45,7 +82,9 @@ impl ManifestSource {
         Self {
             path: path.to_owned(),
             seen: None,
-            objects: LastGood::default(),
+            store: ObjectStore::default(),
+            documents: HashMap::new(),
+            problems: Vec::new(),
             force: true,
         }
     }
@@ -55,7 +94,7 @@ impl ManifestSource {
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.objects.objects().map(|o| &**o)
+        self.store.objects().map(|o| &**o)
     }
 
     /// The next snapshot re-reads the file (SIGHUP).
@@ -77,53 +116,97 @@ impl ManifestSource {
         self.fingerprint().ok() != self.seen
     }
 
-    /// Reads the file again. On an I/O error nothing changes and the error is returned.
+    /// Reads the file again, parsing only the documents that changed. On an I/O error nothing
+    /// changes and the error is returned.
     pub fn reload(&mut self) -> io::Result<Reload> {
         let fingerprint = self.fingerprint()?;
         let text = std::fs::read_to_string(&self.path)?;
         self.seen = Some(fingerprint);
-        let read = manifest::parse(&text, &self.path.display().to_string());
-        let mut verdicts: BTreeMap<ObjectRef, Option<Arc<Object>>> = read
-            .objects
-            .into_iter()
-            .map(|o| (o.id().clone(), Some(Arc::new(o))))
-            .collect();
-        for id in read.rejected {
-            // A valid duplicate of the same object may also have been given: it wins.
-            verdicts.entry(id).or_insert(None);
+        let source = self.path.display().to_string();
+        let documents = match manifest::split_documents(&text) {
+            Some(split) => {
+                let mut previous = std::mem::take(&mut self.documents);
+                let mut documents = Vec::with_capacity(split.len());
+                for (index, document) in split.into_iter().enumerate() {
+                    let location = manifest::document_location(&source, index);
+                    let mut hasher = DefaultHasher::new();
+                    document.hash(&mut hasher);
+                    let hash = hasher.finish();
+                    let parsed = match previous.remove(&hash) {
+                        Some(mut parsed) => {
+                            if parsed.location != location {
+                                parsed.moved_to(location);
+                            }
+                            parsed
+                        }
+                        None => Document::parse(document, location),
+                    };
+                    documents.push((hash, parsed));
+                }
+                documents
+            }
+            // Parsed whole; nothing to reuse.
+            None => {
+                let read = manifest::parse(&text, &source);
+                let whole = Document {
+                    location: String::new(),
+                    objects: read.objects.into_iter().map(Arc::new).collect(),
+                    rejected: read.rejected,
+                    problems: read.problems,
+                };
+                vec![(0, whole)]
+            }
+        };
+        // A valid duplicate of an object wins over a rejected one.
+        let mut verdicts: HashMap<&ObjectRef, Option<&Arc<Object>>> = HashMap::new();
+        for (_, document) in &documents {
+            for object in &document.objects {
+                verdicts.insert(object.id(), Some(object));
+            }
+            for id in &document.rejected {
+                verdicts.entry(id).or_insert(None);
+            }
         }
-        let kept_last_good = self.objects.update(verdicts.into_iter().collect());
+        let gone: Vec<ObjectRef> = (self.store.ids())
+            .filter(|id| !verdicts.contains_key(id))
+            .collect();
+        for id in &gone {
+            self.store.remove(id);
+        }
+        for (id, object) in verdicts {
+            self.store.put(id, object.cloned());
+        }
+        self.problems = (documents.iter())
+            .flat_map(|(_, d)| d.problems.iter().cloned())
+            .collect();
+        self.documents = documents.into_iter().collect();
         Ok(Reload {
-            problems: read.problems,
-            kept_last_good,
+            problems: self.problems.clone(),
+            kept_last_good: self.store.kept().cloned().collect(),
         })
     }
 }
 
 impl ObjectSource for ManifestSource {
     fn snapshot(&mut self) -> Option<Snapshot> {
-        if !self.changed() && !std::mem::take(&mut self.force) {
-            // Only something else changed (node addresses): the objects are the same.
-            return Some(Snapshot {
-                objects: self.objects.to_vec(),
-                ..Snapshot::default()
-            });
+        if (self.changed() || std::mem::take(&mut self.force))
+            && let Err(err) = self.reload()
+        {
+            error!(
+                "cannot read {}: {err}; keeping what is programmed",
+                self.path.display()
+            );
+            return None;
         }
-        match self.reload() {
-            Ok(reload) => Some(Snapshot {
-                objects: self.objects.to_vec(),
-                problems: reload.problems,
-                kept_last_good: reload.kept_last_good,
-                node_zone: None,
-            }),
-            Err(err) => {
-                error!(
-                    "cannot read {}: {err}; keeping what is programmed",
-                    self.path.display()
-                );
-                None
-            }
-        }
+        // Unchanged file: only something else changed (node addresses), no objects.
+        let (changes, full, kept_last_good) = self.store.take_changes();
+        Some(Snapshot {
+            changes,
+            full,
+            problems: self.problems.clone(),
+            kept_last_good,
+            node_zone: None,
+        })
     }
 }
 

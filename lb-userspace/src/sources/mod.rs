@@ -1,6 +1,6 @@
 //! Where Services and EndpointSlices come from: a manifest file ([`ManifestSource`]) or the
 //! API server ([`KubeSource`]). Both hand out validated objects as a [`Snapshot`] behind one
-//! small interface ([`ObjectSource`]), with the same last-known-good rule ([`LastGood`]): an
+//! small interface ([`ObjectSource`]), with the same last-known-good rule ([`ObjectStore`]): an
 //! object that turns invalid keeps its previous version until it is fixed or removed, so a typo
 //! never tears down a working Service.
 
@@ -8,20 +8,27 @@ mod kube;
 mod manifest;
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
 pub use kube::{KubeSource, ZONE_LABEL};
 pub use manifest::ManifestSource;
 
-use crate::model::{Object, ObjectRef, Problem};
+use crate::{
+    model::{Kind, Object, ObjectRef, Problem, ServiceName},
+    translate::ServiceInputs,
+};
 
-/// The objects of one sync. Objects unchanged since the previous snapshot are the same `Arc`s,
-/// so translation reuses its work for them.
+/// The objects of one sync: the inputs of the Services whose objects changed since the previous
+/// snapshot, or of every Service (`full`, the first snapshot). Objects unchanged are the same
+/// `Arc`s as before, so translation skips them.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub objects: Vec<Arc<Object>>,
+    pub changes: Vec<ServiceInputs>,
+    /// `changes` lists every Service: any other translated before is gone.
+    pub full: bool,
+    /// Every problem the source has with its objects now.
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version is kept.
     pub kept_last_good: Vec<ObjectRef>,
@@ -37,66 +44,152 @@ pub trait ObjectSource {
         true
     }
 
-    /// The objects to program now, or `None` when they cannot be read (the caller keeps what is
-    /// programmed and says why).
+    /// What changed since the last snapshot, or `None` when the objects cannot be read (the
+    /// caller keeps what is programmed and says why).
     fn snapshot(&mut self) -> Option<Snapshot>;
 }
 
-/// One read of a source: each object identified, valid (`Some`) or rejected (`None`).
-pub type Verdicts = Vec<(ObjectRef, Option<Arc<Object>>)>;
-
-/// The last good version of every object, and the rule that applies it.
-#[derive(Debug, Default)]
-pub struct LastGood {
-    /// id -> (last good version, the read that last mentioned it).
-    by_id: HashMap<ObjectRef, (Arc<Object>, u64)>,
-    /// The same objects in the order of the last read.
-    in_order: Vec<Arc<Object>>,
-    reads: u64,
+/// The valid objects of a source filed by the Service they belong to, with the last-known-good
+/// rule, and the Services changed since the last snapshot. Both sources feed it one object at a
+/// time, so the work of a snapshot follows the change, not the cluster.
+#[derive(Debug)]
+pub struct ObjectStore {
+    services: HashMap<ServiceName, Arc<Object>>,
+    /// Slices by the Service they name, by slice name.
+    slices: HashMap<ServiceName, BTreeMap<String, Arc<Object>>>,
+    /// Where each stored slice is filed (its label may change, or a deletion name only it).
+    slice_owner: HashMap<ObjectRef, ServiceName>,
+    /// Rejected objects whose last good version is kept.
+    kept: BTreeSet<ObjectRef>,
+    dirty: HashSet<ServiceName>,
+    /// The next snapshot lists every Service.
+    full: bool,
 }
 
-impl LastGood {
-    /// Takes one read: valid objects replace their previous version (keeping the previous `Arc`
-    /// when nothing changed); a rejected object keeps its previous version if it had one;
-    /// objects the read does not mention are gone. Returns the ids kept at their last good
-    /// version. One hash lookup an object: the map is updated in place.
-    pub fn update(&mut self, verdicts: Verdicts) -> Vec<ObjectRef> {
-        self.reads += 1;
-        let read = self.reads;
-        let mut kept = Vec::new();
-        self.in_order.clear();
-        for (id, object) in verdicts {
-            let object = match (self.by_id.entry(id), object) {
-                (Entry::Occupied(mut slot), Some(object)) => {
-                    let (previous, seen) = slot.get_mut();
-                    if !Arc::ptr_eq(previous, &object) && **previous != *object {
-                        *previous = object;
-                    }
-                    *seen = read;
-                    previous.clone()
-                }
-                (Entry::Occupied(mut slot), None) => {
-                    kept.push(slot.key().clone());
-                    let (previous, seen) = slot.get_mut();
-                    *seen = read;
-                    previous.clone()
-                }
-                (Entry::Vacant(slot), Some(object)) => slot.insert((object, read)).0.clone(),
-                (Entry::Vacant(_), None) => continue,
-            };
-            self.in_order.push(object);
+impl Default for ObjectStore {
+    fn default() -> Self {
+        Self {
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            kept: BTreeSet::new(),
+            dirty: HashSet::new(),
+            full: true,
         }
-        self.by_id.retain(|_, (_, seen)| *seen == read);
-        kept
+    }
+}
+
+impl ObjectStore {
+    /// One read of an object: a valid one (`Some`) replaces its previous version unless equal
+    /// (the previous `Arc` is kept then); a rejected one keeps its previous version, if any.
+    pub fn put(&mut self, id: &ObjectRef, object: Option<Arc<Object>>) {
+        let Some(object) = object else {
+            if self.get(id).is_some() {
+                self.kept.insert(id.clone());
+            }
+            return;
+        };
+        self.kept.remove(id);
+        if self.get(id).is_some_and(|old| Arc::ptr_eq(old, &object) || **old == *object) {
+            return;
+        }
+        let name = object.service_name();
+        match object.as_ref() {
+            Object::Service(_) => {
+                self.services.insert(name.clone(), object);
+            }
+            Object::Slice(_) => {
+                if let Some(old) = self.slice_owner.get(id)
+                    && *old != name
+                {
+                    self.remove(id);
+                }
+                self.slices
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(id.name.clone(), object);
+                self.slice_owner.insert(id.clone(), name.clone());
+            }
+        }
+        self.dirty.insert(name);
     }
 
-    /// In the order of the last read.
+    /// The object is gone from the source.
+    pub fn remove(&mut self, id: &ObjectRef) {
+        self.kept.remove(id);
+        match id.kind {
+            Kind::Service => {
+                let name = ServiceName::of(id);
+                if self.services.remove(&name).is_some() {
+                    self.dirty.insert(name);
+                }
+            }
+            Kind::EndpointSlice => {
+                let Some(name) = self.slice_owner.remove(id) else {
+                    return;
+                };
+                if let Some(slices) = self.slices.get_mut(&name) {
+                    slices.remove(&id.name);
+                    if slices.is_empty() {
+                        self.slices.remove(&name);
+                    }
+                }
+                self.dirty.insert(name);
+            }
+        }
+    }
+
+    /// The stored version of an object.
+    pub fn get(&self, id: &ObjectRef) -> Option<&Arc<Object>> {
+        match id.kind {
+            Kind::Service => self.services.get(&ServiceName::of(id)),
+            Kind::EndpointSlice => self
+                .slices
+                .get(self.slice_owner.get(id)?)?
+                .get(&id.name),
+        }
+    }
+
+    /// Rejected objects whose last good version is kept.
+    pub fn kept(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.kept.iter()
+    }
+
+    /// Every stored object id.
+    pub fn ids(&self) -> impl Iterator<Item = ObjectRef> + '_ {
+        let services = self.services.values().map(|o| o.id().clone());
+        services.chain(self.slice_owner.keys().cloned())
+    }
+
+    /// Every stored object, Services first.
     pub fn objects(&self) -> impl Iterator<Item = &Arc<Object>> {
-        self.in_order.iter()
+        let slices = self.slices.values().flat_map(|s| s.values());
+        self.services.values().chain(slices)
     }
 
-    pub fn to_vec(&self) -> Vec<Arc<Object>> {
-        self.in_order.clone()
+    /// The inputs of the Services changed since the last snapshot (of all of them the first
+    /// time), and the objects kept at their last good version.
+    pub fn take_changes(&mut self) -> (Vec<ServiceInputs>, bool, Vec<ObjectRef>) {
+        let full = std::mem::take(&mut self.full);
+        let names: Vec<ServiceName> = if full {
+            self.dirty.clear();
+            let mut all: HashSet<ServiceName> = self.services.keys().cloned().collect();
+            all.extend(self.slices.keys().cloned());
+            all.into_iter().collect()
+        } else {
+            self.dirty.drain().collect()
+        };
+        let changes = names
+            .into_iter()
+            .map(|name| ServiceInputs {
+                service: self.services.get(&name).cloned(),
+                slices: (self.slices.get(&name))
+                    .map(|s| s.values().cloned().collect())
+                    .unwrap_or_default(),
+                name,
+            })
+            .collect();
+        (changes, full, self.kept.iter().cloned().collect())
     }
 }
 
@@ -105,28 +198,38 @@ mod tests {
     use std::sync::Arc;
 
     use super::{ManifestSource, ObjectSource as _, Snapshot};
+    use crate::model::Object;
 
     const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
     const API: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: t}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
 
-    fn by_name<'a>(snapshot: &'a Snapshot, name: &str) -> &'a Arc<crate::model::Object> {
-        snapshot
-            .objects
-            .iter()
-            .find(|o| o.id().name == name)
-            .unwrap_or_else(|| panic!("{name} in the snapshot"))
+    /// The changed Services' names, sorted.
+    fn changed(snapshot: &Snapshot) -> Vec<String> {
+        let mut names: Vec<String> = (snapshot.changes.iter())
+            .map(|c| c.name.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
-    /// The translation cache works on `Arc` identity: a re-read file must hand out the same
-    /// `Arc` for an object that did not change, and a new one for an object that did.
+    fn service<'a>(snapshot: &'a Snapshot, name: &str) -> Option<&'a Arc<Object>> {
+        let inputs = snapshot.changes.iter().find(|c| c.name.name == name)?;
+        inputs.service.as_ref()
+    }
+
+    /// A snapshot carries only what changed, and translation works on `Arc` identity: a re-read
+    /// file must hand out the same `Arc` for an object that did not change, and a new one for
+    /// an object that did.
     #[test]
-    fn a_reread_keeps_the_arcs_of_unchanged_objects_and_the_last_good_of_rejected_ones() {
+    fn a_reread_hands_out_only_what_changed_and_keeps_the_last_good_of_rejected_objects() {
         let path =
             std::env::temp_dir().join(format!("lb-sources-test-{}.yaml", std::process::id()));
         std::fs::write(&path, format!("{WEB}{API}")).unwrap();
         let mut source = ManifestSource::new(&path);
         let first = source.snapshot().unwrap();
-        assert_eq!(first.objects.len(), 2);
+        assert!(first.full);
+        assert_eq!(changed(&first), ["api", "web"]);
+        let web = source.objects().find(|o| o.id().name == "web").unwrap() as *const Object;
 
         std::fs::write(
             &path,
@@ -135,13 +238,16 @@ mod tests {
         .unwrap();
         source.force_reread();
         let second = source.snapshot().unwrap();
-        assert!(Arc::ptr_eq(by_name(&first, "web"), by_name(&second, "web")));
+        assert!(!second.full);
+        assert_eq!(changed(&second), ["api"], "web is unchanged");
         assert!(!Arc::ptr_eq(
-            by_name(&first, "api"),
-            by_name(&second, "api")
+            service(&first, "api").unwrap(),
+            service(&second, "api").unwrap()
         ));
+        let web_again = source.objects().find(|o| o.id().name == "web").unwrap();
+        assert!(std::ptr::eq(web, web_again), "the same Arc for web");
 
-        // api turns invalid: its last good version (the same Arc) stays, and says so.
+        // api turns invalid: nothing changes, its last good version stays, and says so.
         std::fs::write(
             &path,
             format!("{WEB}{}", API.replace("10.96.0.2", "10.96.0.999")),
@@ -149,9 +255,18 @@ mod tests {
         .unwrap();
         source.force_reread();
         let third = source.snapshot().unwrap();
+        assert!(third.changes.is_empty());
         assert_eq!(third.kept_last_good.len(), 1);
         assert_eq!(third.kept_last_good[0].name, "api");
-        assert!(Arc::ptr_eq(by_name(&second, "api"), by_name(&third, "api")));
+        assert!(third.problems.iter().any(|p| p.field == "spec.clusterIP[0]"));
+
+        // web leaves the file: its name comes with no Service.
+        std::fs::write(&path, API.replace("10.96.0.2", "10.96.0.3")).unwrap();
+        source.force_reread();
+        let fourth = source.snapshot().unwrap();
+        assert_eq!(changed(&fourth), ["web"]);
+        assert!(service(&fourth, "web").is_none());
+        assert!(fourth.kept_last_good.is_empty(), "api is valid again");
 
         // An unreadable file gives no snapshot (the caller keeps what is programmed).
         std::fs::remove_file(&path).unwrap();

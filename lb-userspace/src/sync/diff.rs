@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     dataplane::{MapContents, TableRange},
-    translate::{Desired, Frontend, FrontendPlan},
+    translate::{Desired, Frontend, FrontendPlan, Touched},
 };
 
 /// What the maps should hold, plus frontends that found no room for their table.
@@ -64,6 +64,13 @@ pub(super) struct Incremental {
     /// The draining backends programmed; a change to them means a full sync (it is the only
     /// way a backend's value changes under the same id).
     pub draining: BTreeSet<Backend>,
+}
+
+impl Incremental {
+    /// The id of a programmed backend that is not draining.
+    pub fn backend_id(&self, value: &Backend) -> Option<BackendId> {
+        self.backend_ids.get(value).copied()
+    }
 }
 
 /// An incremental diff: its plan, and what to record once the plan is applied.
@@ -336,6 +343,7 @@ impl Programmer {
         for frontend in &unplaced {
             self.programmed_plans.remove(frontend);
         }
+        self.unplaced = unplaced.iter().copied().collect();
         self.incremental = Some(self.indexes(&wants));
         unplaced
     }
@@ -398,15 +406,31 @@ impl Programmer {
 
     /// The incremental diff: the frontends whose plan changed since the last sync, and nothing
     /// else.
-    pub(super) fn changes_plan(&mut self, mut ix: Incremental, desired: &Desired) -> Changes {
+    pub(super) fn changes_plan(
+        &mut self,
+        mut ix: Incremental,
+        desired: &Desired,
+        touched: Option<&Touched>,
+    ) -> Changes {
         // Ranges freed by the previous sync may be reused from now on.
         for range in self.quarantine.drain(..) {
             ix.space.free(range);
         }
-        let changed = changed_frontends(&self.programmed_plans, &desired.frontends);
+        let changed = match touched {
+            Some(touched) => {
+                // Frontends left unplaced last time are tried again (if still wanted).
+                (self.unplaced).retain(|frontend| desired.frontends.contains_key(frontend));
+                let candidates: BTreeSet<&Frontend> =
+                    touched.iter().chain(&self.unplaced).collect();
+                touched_frontends(candidates, &self.programmed_plans, &desired.frontends)
+            }
+            None => changed_frontends(&self.programmed_plans, &desired.frontends),
+        };
 
-        // Release what the changed frontends used.
+        // Release what the changed frontends used. Only the tables and backends released here
+        // (or added below) can end up unused.
         let mut released: BTreeMap<ServiceKey, TableContent> = BTreeMap::new();
+        let mut maybe_unused: BTreeSet<BackendId> = BTreeSet::new();
         for (frontend, _) in &changed {
             let key = service_key(frontend);
             if let Some(old) = ix.contents.remove(&key) {
@@ -416,6 +440,7 @@ impl Programmer {
                 for id in &old.backends {
                     if let Some(users) = ix.backend_users.get_mut(id) {
                         *users -= 1;
+                        maybe_unused.insert(*id);
                     }
                 }
                 released.insert(key, old);
@@ -448,6 +473,7 @@ impl Programmer {
                     plan.backends.push((id, value));
                     // Tracked from the start, so it is deleted again if nothing ends up using it.
                     ix.backend_users.insert(id, 0);
+                    maybe_unused.insert(id);
                     id
                 });
                 keys.insert(id, maglev::backend_key(value.addr_be, value.port_be));
@@ -516,17 +542,18 @@ impl Programmer {
             );
             plan.services.push((key, entry));
         }
-        let freed: Vec<(TableContent, TableRange)> = ix
-            .tables
-            .iter()
-            .filter(|(_, (_, users))| *users == 0)
-            .map(|(content, (range, _))| (content.clone(), *range))
+        let released_contents: BTreeSet<&TableContent> = released.values().collect();
+        let freed: Vec<(TableContent, TableRange)> = released_contents
+            .into_iter()
+            .filter_map(|content| match ix.tables.get(content) {
+                Some((range, 0)) => Some((content.clone(), *range)),
+                _ => None,
+            })
             .collect();
-        let mut unused: Vec<(BackendId, Backend)> = ix
-            .backend_users
+        let mut unused: Vec<(BackendId, Backend)> = maybe_unused
             .iter()
-            .filter(|(_, users)| **users == 0)
-            .filter_map(|(id, _)| {
+            .filter(|id| ix.backend_users.get(id) == Some(&0))
+            .filter_map(|id| {
                 let value = self.programmed.backends.get(id).copied().or_else(|| {
                     plan.backends
                         .iter()
@@ -583,6 +610,7 @@ impl Programmer {
             self.built.insert(content, table);
         }
         for (frontend, plan) in changed {
+            self.unplaced.remove(&frontend);
             match plan {
                 Some(plan) if !unplaced.contains(&frontend) => {
                     self.programmed_plans.insert(frontend, plan);
@@ -592,9 +620,26 @@ impl Programmer {
                 }
             }
         }
+        self.unplaced.extend(unplaced.iter().copied());
         self.incremental = Some(indexes);
         unplaced
     }
+}
+
+/// [`changed_frontends`] among `candidates` only.
+fn touched_frontends<'a>(
+    candidates: BTreeSet<&Frontend>,
+    before: &BTreeMap<Frontend, Arc<FrontendPlan>>,
+    after: &'a BTreeMap<Frontend, Arc<FrontendPlan>>,
+) -> Vec<(Frontend, Option<&'a Arc<FrontendPlan>>)> {
+    candidates
+        .into_iter()
+        .filter_map(|frontend| match (before.get(frontend), after.get(frontend)) {
+            (None, None) => None,
+            (Some(old), Some(new)) if Arc::ptr_eq(old, new) || old == new => None,
+            (_, new) => Some((*frontend, new)),
+        })
+        .collect()
 }
 
 /// The frontends whose plan differs between `before` and `after` (added: `Some`, changed:

@@ -18,7 +18,7 @@ mod encoding;
 mod tables;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -30,7 +30,7 @@ use lb_common::service::{Backend, BackendId, NodeConfig};
 use crate::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
     model::Protocol,
-    translate::{Desired, Frontend, FrontendPlan},
+    translate::{Desired, Frontend, FrontendPlan, Touched},
 };
 use encoding::identity;
 use tables::TableContent;
@@ -86,6 +86,8 @@ pub struct Programmer {
     settings: Settings,
     /// Present after a successful sync: the next one may work on changes only.
     incremental: Option<diff::Incremental>,
+    /// Frontends the last sync found no room for: every incremental sync tries them again.
+    unplaced: BTreeSet<Frontend>,
 }
 
 impl Programmer {
@@ -119,12 +121,25 @@ impl Programmer {
         desired: &Desired,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        self.sync_touched(desired, None, writer)
+    }
+
+    /// [`Programmer::sync`], told which frontends may have changed since the last sync
+    /// (`touched`, e.g. from [`crate::translate::Translator::apply`]: every frontend whose plan
+    /// differs must be in it). An incremental sync then looks at those alone, so its work
+    /// follows the change, not the number of Services; without it, it compares every plan.
+    pub fn sync_touched(
+        &mut self,
+        desired: &Desired,
+        touched: Option<&Touched>,
+        writer: &mut dyn MapWriter,
+    ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         let result = match self.incremental.take() {
             Some(indexes)
                 if indexes.settings == self.settings
                     && indexes.draining == encoding::draining_values(desired) =>
             {
-                self.sync_changes(indexes, desired, writer)
+                self.sync_changes(indexes, desired, touched, writer)
             }
             _ => self.sync_full(desired, writer),
         };
@@ -152,9 +167,10 @@ impl Programmer {
         &mut self,
         indexes: diff::Incremental,
         desired: &Desired,
+        touched: Option<&Touched>,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
-        let changes = self.changes_plan(indexes, desired);
+        let changes = self.changes_plan(indexes, desired, touched);
         // On a failed write the indexes no longer match the maps (the mirror does): they are
         // dropped, so the next sync runs in full from the mirror.
         let stats = apply::apply(&changes.plan, writer, &mut self.programmed)?;
@@ -169,10 +185,21 @@ impl Programmer {
     /// otherwise stay on a backend the Service no longer has, as long as it keeps sending (the
     /// packet path moves such a flow too, when it sees the backend gone or draining, but only
     /// while its entry lives). [`crate::pipeline::Pipeline::step`] asks before each sync.
-    pub fn udp_backends_leaving(&self, next: &Desired) -> HashSet<(u32, BackendId)> {
+    /// `touched` as for [`Programmer::sync_touched`] limits the search.
+    pub fn udp_backends_leaving(
+        &self,
+        next: &Desired,
+        touched: Option<&Touched>,
+    ) -> HashSet<(u32, BackendId)> {
         let mut leaving = HashSet::new();
         let mut ids: Option<HashMap<Backend, BackendId>> = None;
-        for (frontend, old) in &self.programmed_plans {
+        let programmed: Box<dyn Iterator<Item = (&Frontend, &Arc<FrontendPlan>)>> = match touched {
+            Some(touched) => Box::new(
+                (touched.iter()).filter_map(|f| Some((f, self.programmed_plans.get(f)?))),
+            ),
+            None => Box::new(self.programmed_plans.iter()),
+        };
+        for (frontend, old) in programmed {
             if frontend.protocol != Protocol::Udp {
                 continue;
             }
@@ -183,17 +210,26 @@ impl Programmer {
             let Some(entry) = self.programmed.services.get(&service_key(frontend)) else {
                 continue;
             };
-            let ids = ids.get_or_insert_with(|| {
-                self.programmed
-                    .backends
-                    .iter()
-                    .map(|(id, b)| (identity(b), *id))
-                    .collect()
-            });
             for backend in &old.backends {
                 let stays = new.is_some_and(|n| n.backends.binary_search(backend).is_ok());
-                if !stays && let Some(id) = ids.get(&backend_value(backend)) {
-                    leaving.insert((entry.service_id, *id));
+                if stays {
+                    continue;
+                }
+                let value = backend_value(backend);
+                // The incremental index knows every active backend; the whole map is searched
+                // only without it (or for one already marked draining).
+                let id = (self.incremental.as_ref())
+                    .and_then(|ix| ix.backend_id(&value))
+                    .or_else(|| {
+                        let ids = ids.get_or_insert_with(|| {
+                            (self.programmed.backends.iter())
+                                .map(|(id, b)| (identity(b), *id))
+                                .collect()
+                        });
+                        ids.get(&value).copied()
+                    });
+                if let Some(id) = id {
+                    leaving.insert((entry.service_id, id));
                 }
             }
         }

@@ -127,7 +127,6 @@ pub struct Controller {
     pub pipeline: Pipeline,
     pub maps: MapContents,
     pub node: NodeContext,
-    pub desired: Desired,
     pub problems: Vec<Problem>,
     /// Every sync's write counts, in order.
     pub syncs: Vec<SyncStats>,
@@ -144,7 +143,6 @@ impl Controller {
             pipeline: Pipeline::default(),
             maps: MapContents::default(),
             node,
-            desired: Desired::default(),
             problems: Vec::new(),
             syncs: Vec::new(),
         }
@@ -163,7 +161,6 @@ impl Controller {
         let (stats, unplaced) = step.programmed.expect("in-memory writes cannot fail");
         assert!(unplaced.is_empty(), "{unplaced:?}");
         self.problems = step.problems;
-        self.desired = step.desired;
         self.syncs.push(stats);
     }
 
@@ -184,6 +181,11 @@ impl Controller {
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), self.source.changed()).await;
         }
+    }
+
+    /// What translation asks for, as of the last sync.
+    pub fn desired(&self) -> &Desired {
+        self.pipeline.desired()
     }
 
     pub fn frontends(&self) -> BTreeMap<String, BTreeSet<String>> {
