@@ -110,14 +110,14 @@ pub struct AgentConfig {
 
 /// The configured source, for its wake-ups; its snapshots go through [`ObjectSource`].
 enum Source {
-    Manifests(ManifestSource),
+    Manifests(Box<ManifestSource>),
     Kube(Box<KubeSource>),
 }
 
 impl Source {
     fn objects(&mut self) -> &mut dyn ObjectSource {
         match self {
-            Source::Manifests(manifests) => manifests,
+            Source::Manifests(manifests) => manifests.as_mut(),
             Source::Kube(kube) => kube.as_mut(),
         }
     }
@@ -197,7 +197,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "packet path loaded; adopting what is already programmed"
     );
     let source = match &config.source {
-        SourceConfig::Manifests(path) => Source::Manifests(ManifestSource::new(path)),
+        SourceConfig::Manifests(path) => Source::Manifests(Box::new(ManifestSource::new(path))),
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref(), config.master.as_deref()).await?;
             let node = config

@@ -72,11 +72,11 @@ impl Pipeline {
         writer: &mut dyn MapWriter,
     ) -> Step<'_> {
         node.zone = snapshot.node_zone;
-        let touched = self
-            .translator
-            .apply(snapshot.changes, snapshot.full, node);
+        let touched = self.translator.apply(snapshot.changes, snapshot.full, node);
         let desired = self.translator.desired();
-        let leaving = self.programmer.udp_backends_leaving(desired, Some(&touched));
+        let leaving = self
+            .programmer
+            .udp_backends_leaving(desired, Some(&touched));
         let programmed = self
             .programmer
             .sync_touched(desired, Some(&touched), writer);

@@ -266,9 +266,16 @@ impl ServiceInputs {
     /// `Arc`s).
     fn same_as(&self, other: &ServiceInputs) -> bool {
         let same = |a: &Arc<Object>, b: &Arc<Object>| Arc::ptr_eq(a, b);
-        self.service.as_ref().zip(other.service.as_ref()).is_some_and(|(a, b)| same(a, b))
+        self.service
+            .as_ref()
+            .zip(other.service.as_ref())
+            .is_some_and(|(a, b)| same(a, b))
             && self.slices.len() == other.slices.len()
-            && self.slices.iter().zip(&other.slices).all(|(a, b)| same(a, b))
+            && self
+                .slices
+                .iter()
+                .zip(&other.slices)
+                .all(|(a, b)| same(a, b))
     }
 }
 
@@ -346,7 +353,9 @@ impl Translator {
             self.node = Some(node.clone());
             let names: Vec<ServiceName> = self.memo.keys().cloned().collect();
             for name in names {
-                let memo = self.withdraw(&name, &mut touched, &mut ports).expect("listed");
+                let memo = self
+                    .withdraw(&name, &mut touched, &mut ports)
+                    .expect("listed");
                 self.enter(memo.inputs, &mut touched, &mut ports);
             }
         }
@@ -455,7 +464,8 @@ impl Translator {
                 .insert(inputs.name.clone(), unprogrammed.clone());
             self.unprogrammed_changed = true;
         }
-        self.memo.insert(inputs.name.clone(), Memo { inputs, output });
+        self.memo
+            .insert(inputs.name.clone(), Memo { inputs, output });
     }
 
     /// Brings [`Desired`] up to date for the touched frontends and ports, and reports the

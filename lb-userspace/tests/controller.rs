@@ -320,8 +320,10 @@ fn health_check_node_ports_answer_with_local_endpoints() {
     let kubeconfig = api.kubeconfig.clone();
     api.run(move || async move {
         let mut ctl = Controller::start(&kubeconfig, node_1()).await;
-        ctl.wait_until("both health checks", |c| c.desired().health_checks.len() == 2)
-            .await;
+        ctl.wait_until("both health checks", |c| {
+            c.desired().health_checks.len() == 2
+        })
+        .await;
         let mut servers = lb_userspace::health::HealthCheckServers::default();
         servers.reconcile(&ctl.desired().health_checks).await;
         let here = http_get("127.0.0.1:32001").await;

@@ -11,7 +11,7 @@ use lb_userspace::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
     manifest,
     sync::{Programmer, Settings, SyncStats},
-    translate::{Desired, NodeContext, translate},
+    translate::{Desired, NodeContext, Touched, translate},
 };
 
 /// Small tables keep the write counts readable (509 holds up to 5 backends at 100 slots each).
@@ -398,6 +398,7 @@ fn incremental_syncs_match_full_ones_through_random_changes() {
     let mut writer = MapContents::default();
     // Service i: present?, its backends, its table size.
     let mut services: Vec<(bool, Vec<&str>, u32)> = vec![(false, Vec::new(), TABLE); 12];
+    let mut previous = Desired::default();
     for round in 0..60 {
         for _ in 0..=rng.below(3) {
             let i = rng.below(services.len() as u64) as usize;
@@ -436,7 +437,23 @@ fn incremental_syncs_match_full_ones_through_random_changes() {
             }
         }
         let want = desired_mixed(&yaml_services);
-        let (_, unplaced) = programmer.sync(&want, &mut writer).expect("sync");
+        // Every other round, as the pipeline does: told which frontends changed (with one that
+        // did not, as a translator may), so only those are looked at.
+        let touched: Touched = (want.frontends.iter())
+            .filter(|(f, plan)| previous.frontends.get(f) != Some(plan))
+            .map(|(f, _)| *f)
+            .chain(
+                (previous.frontends.keys())
+                    .filter(|f| !want.frontends.contains_key(f))
+                    .copied(),
+            )
+            .chain(want.frontends.keys().next().copied())
+            .collect();
+        let told = (round % 2 == 1).then_some(&touched);
+        let (_, unplaced) = programmer
+            .sync_touched(&want, told, &mut writer)
+            .expect("sync");
+        previous = want.clone();
         assert!(unplaced.is_empty());
         assert_consistent(&writer, &format!("round {round}"));
         assert_eq!(

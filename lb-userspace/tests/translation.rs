@@ -378,15 +378,46 @@ fn each_bad_object_is_reported_by_name_and_field_and_the_rest_is_programmed() {
 
 #[test]
 fn yaml_syntax_error_is_reported_with_its_document() {
-    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: [unclosed\n";
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: [unclosed\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
     let read = manifest::parse(text, "broken.yaml");
-    assert_eq!(read.objects.len(), 1, "documents before the error are read");
+    let names: Vec<&str> = read.objects.iter().map(|o| o.id().name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a", "b"],
+        "the documents around the broken one are read"
+    );
     let problem = read.errors().next().expect("an error");
     assert!(
         problem.location.contains("broken.yaml document 2"),
         "{problem}"
     );
     assert!(problem.message.contains("invalid YAML"), "{problem}");
+    assert_eq!(read.errors().count(), 1);
+}
+
+#[test]
+fn documents_split_at_their_markers_only() {
+    let split = |text| manifest::split_documents(text).expect("splittable");
+    // Comments before the first marker are no document; a trailing marker leaves an empty one.
+    assert_eq!(
+        split("# c\n---\na: 1\n--- # two\nb: 2\n---\n"),
+        ["a: 1\n", "b: 2\n", ""]
+    );
+    assert_eq!(split("a: 1\n"), ["a: 1\n"]);
+    // `---` inside a line, or indented, is content.
+    assert_eq!(
+        split("a: x---y\nb: |\n  ---\n"),
+        ["a: x---y\nb: |\n  ---\n"]
+    );
+    // What the split does not follow is left to the YAML parser.
+    assert!(manifest::split_documents("%YAML 1.2\n---\na: 1\n").is_none());
+    assert!(manifest::split_documents("--- {a: 1}\n").is_none());
+    assert!(manifest::split_documents("a: 1\n...\n").is_none());
+    let read = manifest::parse(
+        "--- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}\n",
+        "x",
+    );
+    assert_eq!(read.objects.len(), 1, "{:?}", read.problems);
 }
 
 #[test]

@@ -90,7 +90,10 @@ impl ObjectStore {
             return;
         };
         self.kept.remove(id);
-        if self.get(id).is_some_and(|old| Arc::ptr_eq(old, &object) || **old == *object) {
+        if self
+            .get(id)
+            .is_some_and(|old| Arc::ptr_eq(old, &object) || **old == *object)
+        {
             return;
         }
         let name = object.service_name();
@@ -143,10 +146,7 @@ impl ObjectStore {
     pub fn get(&self, id: &ObjectRef) -> Option<&Arc<Object>> {
         match id.kind {
             Kind::Service => self.services.get(&ServiceName::of(id)),
-            Kind::EndpointSlice => self
-                .slices
-                .get(self.slice_owner.get(id)?)?
-                .get(&id.name),
+            Kind::EndpointSlice => self.slices.get(self.slice_owner.get(id)?)?.get(&id.name),
         }
     }
 
@@ -258,7 +258,12 @@ mod tests {
         assert!(third.changes.is_empty());
         assert_eq!(third.kept_last_good.len(), 1);
         assert_eq!(third.kept_last_good[0].name, "api");
-        assert!(third.problems.iter().any(|p| p.field == "spec.clusterIP[0]"));
+        assert!(
+            third
+                .problems
+                .iter()
+                .any(|p| p.field == "spec.clusterIP[0]")
+        );
 
         // web leaves the file: its name comes with no Service.
         std::fs::write(&path, API.replace("10.96.0.2", "10.96.0.3")).unwrap();

@@ -634,11 +634,13 @@ fn touched_frontends<'a>(
 ) -> Vec<(Frontend, Option<&'a Arc<FrontendPlan>>)> {
     candidates
         .into_iter()
-        .filter_map(|frontend| match (before.get(frontend), after.get(frontend)) {
-            (None, None) => None,
-            (Some(old), Some(new)) if Arc::ptr_eq(old, new) || old == new => None,
-            (_, new) => Some((*frontend, new)),
-        })
+        .filter_map(
+            |frontend| match (before.get(frontend), after.get(frontend)) {
+                (None, None) => None,
+                (Some(old), Some(new)) if Arc::ptr_eq(old, new) || old == new => None,
+                (_, new) => Some((*frontend, new)),
+            },
+        )
         .collect()
 }
 

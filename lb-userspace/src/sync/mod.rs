@@ -194,9 +194,9 @@ impl Programmer {
         let mut leaving = HashSet::new();
         let mut ids: Option<HashMap<Backend, BackendId>> = None;
         let programmed: Box<dyn Iterator<Item = (&Frontend, &Arc<FrontendPlan>)>> = match touched {
-            Some(touched) => Box::new(
-                (touched.iter()).filter_map(|f| Some((f, self.programmed_plans.get(f)?))),
-            ),
+            Some(touched) => {
+                Box::new((touched.iter()).filter_map(|f| Some((f, self.programmed_plans.get(f)?))))
+            }
             None => Box::new(self.programmed_plans.iter()),
         };
         for (frontend, old) in programmed {
