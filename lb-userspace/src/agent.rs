@@ -11,7 +11,7 @@ use std::{
     ops::RangeInclusive,
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -405,6 +405,20 @@ impl Agent {
                 self.metrics
                     .sync_latency
                     .observe(dirty_since.elapsed().as_secs_f64());
+                let now = SystemTime::now();
+                for triggered in &step.change_triggers {
+                    // A clock behind the API server's gives no figure rather than a wrong one.
+                    if let Ok(took) = now.duration_since(*triggered) {
+                        self.metrics
+                            .network_programming_duration
+                            .observe(took.as_secs_f64());
+                    }
+                }
+                if let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) {
+                    self.metrics
+                        .last_sync_timestamp
+                        .set(since_epoch.as_secs_f64());
+                }
                 let backends = desired.backend_count();
                 self.metrics.frontends.set(desired.frontends.len() as i64);
                 self.metrics.backends.set(backends as i64);

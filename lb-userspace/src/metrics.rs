@@ -1,7 +1,10 @@
 //! Prometheus metrics on `--metrics-bind-address`: how syncs go, and the packet path's outcome
 //! counters read from the pinned maps at scrape time.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -25,6 +28,12 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// From the first unapplied change to the end of the sync that applied it.
     pub sync_latency: Histogram,
+    /// kube-proxy's `network_programming_duration_seconds`: from the EndpointSlice
+    /// controller's last-change-trigger-time of a Service's change to the maps holding it.
+    pub network_programming_duration: Histogram,
+    /// kube-proxy's `sync_proxy_rules_last_timestamp_seconds`: when the maps were last synced
+    /// successfully (Unix time), to alert on staleness.
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub frontends: Gauge,
     pub backends: Gauge,
     /// Frontends the last sync wanted but found no room for.
@@ -48,6 +57,23 @@ impl Metrics {
         let sync_latency = Histogram::new([
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ]);
+        let network_programming_duration = Histogram::new([
+            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 120.0, 300.0,
+        ]);
+        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "network_programming_duration_seconds",
+            "From a change's endpoints.kubernetes.io/last-change-trigger-time to the maps holding \
+             it (as kube-proxy's network_programming_duration_seconds)",
+            network_programming_duration.clone(),
+        );
+        registry.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "When the maps were last synced successfully, Unix time (alert when it falls behind \
+             while changes are queued)",
+            last_sync_timestamp.clone(),
+        );
         let frontends = Gauge::default();
         let backends = Gauge::default();
         registry.register("syncs", "Syncs of the maps that succeeded", syncs.clone());
@@ -111,6 +137,8 @@ impl Metrics {
             syncs,
             sync_failures,
             sync_latency,
+            network_programming_duration,
+            last_sync_timestamp,
             frontends,
             backends,
             frontends_unprogrammed,

@@ -4,7 +4,7 @@
 //! and the field, and an object with an error is rejected whole (as the API server would reject
 //! it), so translation itself never fails.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::Ipv4Addr, time::SystemTime};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -13,6 +13,10 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Annotation overriding a Service's Maglev table size (a prime from
 /// [`lb_common::maglev::TABLE_SIZES`]; raised if too small for the number of backends).
 pub const MAGLEV_TABLE_SIZE_ANNOTATION: &str = "lb.rs/maglev-table-size";
+/// When the change an EndpointSlice carries was triggered (the EndpointSlice controller sets it,
+/// RFC 3339): the start of `lb_network_programming_duration_seconds`, as in kube-proxy.
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
 /// A Service with this label belongs to the named service proxy, not to the default one.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Set by the control plane on headless Services' EndpointSlices (and honoured on Services).
@@ -210,6 +214,9 @@ pub struct SliceSpec {
     pub service_name: String,
     pub ports: Vec<SlicePortSpec>,
     pub endpoints: Vec<EndpointSpec>,
+    /// From [`LAST_CHANGE_TRIGGER_TIME_ANNOTATION`] (left out if absent or unreadable: it only
+    /// feeds a metric).
+    pub last_change_trigger: Option<SystemTime>,
 }
 
 /// The Service an object belongs to: itself, or for an EndpointSlice the Service named by its
@@ -685,6 +692,9 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
             service_name,
             ports,
             endpoints,
+            last_change_trigger: (slice.metadata.annotations.as_ref())
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION))
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
         })
     });
     Validated {

@@ -6,6 +6,8 @@
 //! translator hands on only the frontends whose plan may have changed ([`Touched`]), and the
 //! programmer looks at those alone.
 
+use std::time::SystemTime;
+
 use crate::{
     dataplane::{MapWriter, WriteError},
     model::{ObjectRef, Problem},
@@ -33,6 +35,8 @@ pub struct Step<'a> {
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version stays programmed.
     pub kept_last_good: Vec<ObjectRef>,
+    /// When the changes this step programs were triggered (see [`Snapshot::change_triggers`]).
+    pub change_triggers: Vec<SystemTime>,
     /// The writes made and the frontends that found no room, or the write that failed (the
     /// next step resumes from what was written).
     pub programmed: Result<(SyncStats, Vec<Frontend>), WriteError>,
@@ -89,6 +93,7 @@ impl Pipeline {
             touched,
             problems: snapshot.problems,
             kept_last_good: snapshot.kept_last_good,
+            change_triggers: snapshot.change_triggers,
             programmed,
             udp_flows_purged,
         }

@@ -12,7 +12,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_userspace::translate::NodeContext;
 use support::{
     controller::{
-        ApiHarness, Controller, local_load_balancer, node, service, set, slice, with_label,
+        ApiHarness, Controller, local_load_balancer, node, service, set, slice, slice_triggered_at,
+        with_label,
     },
     privileged,
 };
@@ -30,8 +31,13 @@ fn programmed_state_follows_adds_updates_and_deletes() {
     let api = ApiHarness::on_loopback("follow");
     api.fake.apply(&node("node-1", "zone-a"));
     api.fake.apply(&service("shop", "web", "10.96.0.1"));
-    api.fake
-        .apply(&slice("shop", "web-1", "web", &[("10.244.1.1", "node-1")]));
+    api.fake.apply(&slice_triggered_at(
+        "shop",
+        "web-1",
+        "web",
+        &[("10.244.1.1", "node-1")],
+        "2026-01-01T00:00:00Z",
+    ));
     let kubeconfig = api.kubeconfig.clone();
     let fake = api.fake.clone_handle();
     api.run(move || async move {
@@ -53,13 +59,23 @@ fn programmed_state_follows_adds_updates_and_deletes() {
                 == Some(&set(&["10.244.1.1:8080", "10.244.2.1:8080"]))
         })
         .await;
-        // An updated endpoint list.
-        fake.apply(&slice("shop", "web-1", "web", &[("10.244.1.9", "node-1")]));
+        assert!(ctl.triggers.is_empty(), "the first list predates the agent");
+        // An updated endpoint list, with the time its change was triggered: the start of
+        // lb_network_programming_duration_seconds.
+        fake.apply(&slice_triggered_at(
+            "shop",
+            "web-1",
+            "web",
+            &[("10.244.1.9", "node-1")],
+            "2026-01-02T03:04:05.5Z",
+        ));
         ctl.wait_until("the updated slice", |c| {
             c.frontends().get("10.96.0.1:80/TCP")
                 == Some(&set(&["10.244.1.9:8080", "10.244.2.1:8080"]))
         })
         .await;
+        let triggered = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_767_323_045_500);
+        assert_eq!(ctl.triggers, [triggered]);
         // A deleted slice: its endpoints go.
         assert!(fake.delete::<EndpointSlice>("shop", "web-2"));
         ctl.wait_until("the slice deletion", |c| {

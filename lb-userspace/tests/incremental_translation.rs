@@ -148,9 +148,9 @@ fn incremental_translation_equals_translating_everything_through_random_changes(
             node_ctx = node(&mut rng);
         }
         let before = translator.desired().clone();
-        let (changes, full, _) = store.take_changes();
-        assert_eq!(full, round == 0, "only the first snapshot is full");
-        let touched = translator.apply(changes, full, &node_ctx);
+        let snapshot = store.take_changes();
+        assert_eq!(snapshot.full, round == 0, "only the first snapshot is full");
+        let touched = translator.apply(snapshot.changes, snapshot.full, &node_ctx);
         let want = translate(objects.values(), &node_ctx);
         assert_eq!(
             translator.desired(),

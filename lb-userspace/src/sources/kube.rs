@@ -136,13 +136,10 @@ impl KubeSource {
                 }
             }
         }
-        let (changes, full, kept_last_good) = self.store.take_changes();
         Snapshot {
-            changes,
-            full,
             problems: self.problems.values().flatten().cloned().collect(),
-            kept_last_good,
             node_zone: self.node_zone(),
+            ..self.store.take_changes()
         }
     }
 }

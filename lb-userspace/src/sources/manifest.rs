@@ -199,13 +199,9 @@ impl ObjectSource for ManifestSource {
             return None;
         }
         // Unchanged file: only something else changed (node addresses), no objects.
-        let (changes, full, kept_last_good) = self.store.take_changes();
         Some(Snapshot {
-            changes,
-            full,
             problems: self.problems.clone(),
-            kept_last_good,
-            node_zone: None,
+            ..self.store.take_changes()
         })
     }
 }

@@ -10,6 +10,7 @@ mod manifest;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
+    time::SystemTime,
 };
 
 pub use kube::{KubeSource, ZONE_LABEL};
@@ -34,6 +35,10 @@ pub struct Snapshot {
     pub kept_last_good: Vec<ObjectRef>,
     /// The zone of this agent's Node, when the source knows it (topology-aware routing).
     pub node_zone: Option<String>,
+    /// When the changes were triggered: for each changed Service whose slices say so, the
+    /// earliest last-change-trigger-time since the previous snapshot. Empty for the first
+    /// snapshot (its changes predate the agent).
+    pub change_triggers: Vec<SystemTime>,
 }
 
 /// A source of objects.
@@ -62,6 +67,8 @@ pub struct ObjectStore {
     /// Rejected objects whose last good version is kept.
     kept: BTreeSet<ObjectRef>,
     dirty: HashSet<ServiceName>,
+    /// The earliest trigger time of each dirty Service's slice changes.
+    triggers: HashMap<ServiceName, SystemTime>,
     /// The next snapshot lists every Service.
     full: bool,
 }
@@ -74,6 +81,7 @@ impl Default for ObjectStore {
             slice_owner: HashMap::new(),
             kept: BTreeSet::new(),
             dirty: HashSet::new(),
+            triggers: HashMap::new(),
             full: true,
         }
     }
@@ -97,6 +105,15 @@ impl ObjectStore {
             return;
         }
         let name = object.service_name();
+        match object.as_ref() {
+            Object::Slice(slice) if !self.full => {
+                if let Some(at) = slice.last_change_trigger {
+                    let earliest = self.triggers.entry(name.clone()).or_insert(at);
+                    *earliest = (*earliest).min(at);
+                }
+            }
+            _ => {}
+        }
         match object.as_ref() {
             Object::Service(_) => {
                 self.services.insert(name.clone(), object);
@@ -167,9 +184,9 @@ impl ObjectStore {
         self.services.values().chain(slices)
     }
 
-    /// The inputs of the Services changed since the last snapshot (of all of them the first
-    /// time), and the objects kept at their last good version.
-    pub fn take_changes(&mut self) -> (Vec<ServiceInputs>, bool, Vec<ObjectRef>) {
+    /// A snapshot of the Services changed since the last one (of all of them the first time)
+    /// and the objects kept at their last good version; the caller adds its problems and zone.
+    pub fn take_changes(&mut self) -> Snapshot {
         let full = std::mem::take(&mut self.full);
         let names: Vec<ServiceName> = if full {
             self.dirty.clear();
@@ -189,7 +206,13 @@ impl ObjectStore {
                 name,
             })
             .collect();
-        (changes, full, self.kept.iter().cloned().collect())
+        Snapshot {
+            changes,
+            full,
+            kept_last_good: self.kept.iter().cloned().collect(),
+            change_triggers: self.triggers.drain().map(|(_, at)| at).collect(),
+            ..Snapshot::default()
+        }
     }
 }
 

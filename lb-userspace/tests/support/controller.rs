@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::{
@@ -130,6 +130,8 @@ pub struct Controller {
     pub problems: Vec<Problem>,
     /// Every sync's write counts, in order.
     pub syncs: Vec<SyncStats>,
+    /// Every sync's change trigger times, in order.
+    pub triggers: Vec<SystemTime>,
 }
 
 impl Controller {
@@ -145,6 +147,7 @@ impl Controller {
             node,
             problems: Vec::new(),
             syncs: Vec::new(),
+            triggers: Vec::new(),
         }
     }
 
@@ -161,6 +164,7 @@ impl Controller {
         let (stats, unplaced) = step.programmed.expect("in-memory writes cannot fail");
         assert!(unplaced.is_empty(), "{unplaced:?}");
         self.problems = step.problems;
+        self.triggers.extend(&step.change_triggers);
         self.syncs.push(stats);
     }
 
@@ -284,6 +288,25 @@ pub fn local_load_balancer(ns: &str, name: &str, ip: &str, lb_ip: &str, hc_port:
 }
 
 /// A slice of Service `service` with port `http` 8080 and ready endpoints `(address, node)`.
+/// [`slice`] with the EndpointSlice controller's last-change-trigger-time annotation.
+pub fn slice_triggered_at(
+    ns: &str,
+    name: &str,
+    service: &str,
+    endpoints: &[(&str, &str)],
+    at: &str,
+) -> EndpointSlice {
+    let mut slice = slice(ns, name, service, endpoints);
+    slice.metadata.annotations = Some(
+        [(
+            lb_userspace::model::LAST_CHANGE_TRIGGER_TIME_ANNOTATION.to_owned(),
+            at.to_owned(),
+        )]
+        .into(),
+    );
+    slice
+}
+
 pub fn slice(ns: &str, name: &str, service: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
