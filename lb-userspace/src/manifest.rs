@@ -70,33 +70,38 @@ pub fn parse_document(text: &str, location: &str, read: &mut ManifestRead) {
 /// caller then parses the stream whole. A `---` at the start of a line always starts a document
 /// in YAML, even inside what would otherwise be a block scalar, so the split is exact.
 pub fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let at_line_start =
+        |marker: &str| text.starts_with(marker) || text.contains(&format!("\n{marker}"));
+    if at_line_start("%") || at_line_start("...") {
+        return None;
+    }
+    // Whether a chunk holds anything but blank lines and comments.
+    let has_content = |chunk: &str| {
+        chunk.lines().any(|line| {
+            let line = line.trim_start();
+            !line.is_empty() && !line.starts_with('#')
+        })
+    };
     let mut documents = Vec::new();
     let mut start = 0;
-    let mut offset = 0;
-    let mut content = false;
-    for line in text.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        if bare.starts_with('%') || bare.starts_with("...") {
+    let markers = (text.match_indices("---").map(|(at, _)| at))
+        .filter(|&at| at == 0 || text.as_bytes()[at - 1] == b'\n');
+    for at in markers {
+        let line_end = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+        let rest = text[at + 3..line_end].trim();
+        if !rest.is_empty() && !rest.starts_with('#') {
             return None;
         }
-        if let Some(rest) = bare.strip_prefix("---") {
-            let rest = rest.trim_start();
-            if !rest.is_empty() && !rest.starts_with('#') {
-                return None;
-            }
-            // Only comments before the first marker are no document.
-            if content || !documents.is_empty() {
-                documents.push(&text[start..offset]);
-            }
-            start = offset + line.len();
-            content = false;
-        } else if !bare.trim_start().is_empty() && !bare.trim_start().starts_with('#') {
-            content = true;
+        // Only comments before the first marker are no document.
+        let chunk = &text[start..at];
+        if !documents.is_empty() || has_content(chunk) {
+            documents.push(chunk);
         }
-        offset += line.len();
+        start = line_end;
     }
-    if content || !documents.is_empty() {
-        documents.push(&text[start..]);
+    let last = &text[start..];
+    if !documents.is_empty() || has_content(last) {
+        documents.push(last);
     }
     Some(documents)
 }

@@ -35,8 +35,44 @@ pub struct ManifestSource {
     documents: HashMap<u64, Document>,
     /// The problems of the last read.
     problems: Vec<Problem>,
+    occurrences: Occurrences,
     /// Re-read on the next snapshot even if the file looks unchanged.
     force: bool,
+}
+
+/// How many documents of the file name each object.
+#[derive(Default)]
+struct Occurrences {
+    by_id: HashMap<ObjectRef, u32>,
+    /// Ids named by more than one document.
+    duplicated: usize,
+}
+
+impl Occurrences {
+    fn count<'a>(&mut self, ids: impl Iterator<Item = &'a ObjectRef>) {
+        for id in ids {
+            let n = self.by_id.entry(id.clone()).or_default();
+            *n += 1;
+            if *n == 2 {
+                self.duplicated += 1;
+            }
+        }
+    }
+
+    fn forget<'a>(&mut self, ids: impl Iterator<Item = &'a ObjectRef>) {
+        for id in ids {
+            let Some(n) = self.by_id.get_mut(id) else {
+                continue;
+            };
+            *n -= 1;
+            if *n == 1 {
+                self.duplicated -= 1;
+            }
+            if *n == 0 {
+                self.by_id.remove(id);
+            }
+        }
+    }
 }
 
 /// One document as parsed, where it was then.
@@ -57,6 +93,11 @@ impl Document {
             rejected: read.rejected,
             problems: read.problems,
         }
+    }
+
+    /// The objects it names, valid or not.
+    fn ids(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.objects.iter().map(|o| o.id()).chain(&self.rejected)
     }
 
     /// The same document found at another place in the file: its problems say so.
@@ -85,6 +126,7 @@ impl ManifestSource {
             store: ObjectStore::default(),
             documents: HashMap::new(),
             problems: Vec::new(),
+            occurrences: Occurrences::default(),
             force: true,
         }
     }
@@ -123,6 +165,10 @@ impl ManifestSource {
         let text = std::fs::read_to_string(&self.path)?;
         self.seen = Some(fingerprint);
         let source = self.path.display().to_string();
+        // The documents parsed afresh, and those of the last read that are gone: with no id
+        // given twice in the file, only their objects can have changed.
+        let mut fresh = Vec::new();
+        let left: Vec<Document>;
         let documents = match manifest::split_documents(&text) {
             Some(split) => {
                 let mut previous = std::mem::take(&mut self.documents);
@@ -139,10 +185,14 @@ impl ManifestSource {
                             }
                             parsed
                         }
-                        None => Document::parse(document, location),
+                        None => {
+                            fresh.push(documents.len());
+                            Document::parse(document, location)
+                        }
                     };
                     documents.push((hash, parsed));
                 }
+                left = previous.into_values().collect();
                 documents
             }
             // Parsed whole; nothing to reuse.
@@ -154,32 +204,64 @@ impl ManifestSource {
                     rejected: read.rejected,
                     problems: read.problems,
                 };
+                left = std::mem::take(&mut self.documents).into_values().collect();
+                fresh.push(0);
                 vec![(0, whole)]
             }
         };
-        // A valid duplicate of an object wins over a rejected one.
-        let mut verdicts: HashMap<&ObjectRef, Option<&Arc<Object>>> = HashMap::new();
-        for (_, document) in &documents {
-            for object in &document.objects {
-                verdicts.insert(object.id(), Some(object));
-            }
-            for id in &document.rejected {
-                verdicts.entry(id).or_insert(None);
-            }
+        for document in &left {
+            self.occurrences.forget(document.ids());
         }
-        let gone: Vec<ObjectRef> = (self.store.ids())
-            .filter(|id| !verdicts.contains_key(id))
-            .collect();
-        for id in &gone {
-            self.store.remove(id);
+        for &index in &fresh {
+            self.occurrences.count(documents[index].1.ids());
         }
-        for (id, object) in verdicts {
-            self.store.put(id, object.cloned());
+        if self.occurrences.duplicated == 0 {
+            for id in left.iter().flat_map(Document::ids) {
+                if !self.occurrences.by_id.contains_key(id) {
+                    self.store.remove(id);
+                }
+            }
+            for &index in &fresh {
+                let document = &documents[index].1;
+                for object in &document.objects {
+                    self.store.put(object.id(), Some(object.clone()));
+                }
+                for id in &document.rejected {
+                    self.store.put(id, None);
+                }
+            }
+        } else {
+            // Some object is given twice: every verdict again. A valid copy wins over a
+            // rejected one.
+            let mut verdicts: HashMap<&ObjectRef, Option<&Arc<Object>>> = HashMap::new();
+            for (_, document) in &documents {
+                for object in &document.objects {
+                    verdicts.insert(object.id(), Some(object));
+                }
+                for id in &document.rejected {
+                    verdicts.entry(id).or_insert(None);
+                }
+            }
+            let gone: Vec<ObjectRef> = (self.store.ids())
+                .filter(|id| !verdicts.contains_key(id))
+                .collect();
+            for id in &gone {
+                self.store.remove(id);
+            }
+            for (id, object) in verdicts {
+                self.store.put(id, object.cloned());
+            }
         }
         self.problems = (documents.iter())
             .flat_map(|(_, d)| d.problems.iter().cloned())
             .collect();
-        self.documents = documents.into_iter().collect();
+        self.documents = HashMap::with_capacity(documents.len());
+        for (hash, document) in documents {
+            // The same text twice: one copy is kept (the counts follow what is kept).
+            if let Some(dropped) = self.documents.insert(hash, document) {
+                self.occurrences.forget(dropped.ids());
+            }
+        }
         Ok(Reload {
             problems: self.problems.clone(),
             kept_last_good: self.store.kept().cloned().collect(),
@@ -214,7 +296,9 @@ mod tests {
     const OTHER: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: t}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
 
     fn names(source: &ManifestSource) -> Vec<String> {
-        source.objects().map(|o| o.id().name.clone()).collect()
+        let mut names: Vec<String> = source.objects().map(|o| o.id().name.clone()).collect();
+        names.sort();
+        names
     }
 
     #[test]
@@ -257,5 +341,56 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(source.reload().is_err());
         assert_eq!(names(&source), ["api"]);
+    }
+
+    /// A re-read that parses only changed documents must leave what a first read of the same
+    /// file gives, through random edits: documents added, removed, changed, moved and given
+    /// twice.
+    #[test]
+    fn rereads_match_a_first_read_through_random_edits() {
+        let variant = |name: usize, ip: usize| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}, namespace: t}}\nspec: {{clusterIP: 10.96.0.{ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let sorted = |source: &ManifestSource| {
+            let mut objects: Vec<Object> = source.objects().cloned().collect();
+            objects.sort_by(|a, b| a.id().cmp(b.id()));
+            objects
+        };
+        let path = std::env::temp_dir().join(format!("lb-reread-test-{}.yaml", std::process::id()));
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut below = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as usize
+        };
+        let mut documents: Vec<String> = Vec::new();
+        let mut source = ManifestSource::new(&path);
+        for round in 0..300 {
+            match below(4) {
+                0 if !documents.is_empty() => {
+                    let at = below(documents.len() as u64);
+                    documents.remove(at);
+                }
+                1 if !documents.is_empty() => {
+                    let at = below(documents.len() as u64);
+                    let moved = documents.remove(at);
+                    documents.insert(below(documents.len() as u64 + 1), moved);
+                }
+                _ => {
+                    let at = below(documents.len() as u64 + 1);
+                    documents.insert(at, variant(below(6), below(3) + 1));
+                }
+            }
+            std::fs::write(&path, documents.join("---\n")).unwrap();
+            source.force_reread();
+            source.reload().unwrap();
+            let mut first = ManifestSource::new(&path);
+            first.reload().unwrap();
+            assert_eq!(sorted(&source), sorted(&first), "round {round}");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -1,0 +1,181 @@
+//! The control plane from a manifest file at scale, in the agent's own code path: the source
+//! (read, split, parse), translation and the sync into real (pinned) BPF maps.
+//!
+//!     cargo bench -p lb-userspace --bench control_plane                     (as root)
+//!     cargo bench -p lb-userspace --bench control_plane -- 3 100 10000 50000   (rounds, scales)
+//!
+//! Each round at each scale runs in a fresh process (so its peak RSS is its own): it programs
+//! N Services (2-10 endpoints each, as the side-by-side benchmark's) from nothing, then makes 20
+//! changes, one Service gaining or losing an endpoint each, re-reading the whole file every
+//! time. It reports the time to program everything, the changes' p50 and p99, VmHWM (which
+//! includes the mapped slots array) and the heap in use after (RssAnon). The smallest scale is
+//! the baseline for ratios, measured in the same run.
+
+use std::{net::Ipv4Addr, path::Path, process::Command, time::Instant};
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use lb_testbed::kube_proxy_layouts::{manifests_yaml, synthetic_cluster};
+use lb_userspace::{
+    loader::Dataplane,
+    pipeline::Pipeline,
+    sources::{ManifestSource, ObjectSource as _},
+    translate::NodeContext,
+};
+
+const CHANGES: usize = 20;
+
+/// One round at one scale, in this process; prints one line of figures for the parent.
+fn child(services: usize) {
+    let dir = std::env::temp_dir().join(format!("lb-cp-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("services.yaml");
+    let mut cluster = synthetic_cluster(services, []);
+    std::fs::write(&manifest, manifests_yaml(&cluster)).unwrap();
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-cp-bench-{}", std::process::id()));
+    let mut dataplane = Dataplane::load(&pins, false).expect("load the packet path");
+    let mut source = ManifestSource::new(&manifest);
+    let mut pipeline = Pipeline::default();
+    let mut node = NodeContext {
+        name: Some("node-1".to_owned()),
+        addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
+        ..NodeContext::default()
+    };
+    let started = Instant::now();
+    let step = pipeline.step(source.snapshot().unwrap(), &mut node, &mut dataplane.maps);
+    let (_, unplaced) = step.programmed.expect("initial sync");
+    let program = started.elapsed();
+    assert!(unplaced.is_empty(), "{} unplaced", unplaced.len());
+    assert_eq!(
+        step.desired.frontends.len(),
+        2 * services,
+        "a ClusterIP and a NodePort each"
+    );
+
+    let mut changes = Vec::new();
+    for change in 0..CHANGES {
+        let changed = &mut cluster[(services / 2 + change * 7919) % services];
+        if change % 2 == 0 {
+            changed
+                .endpoints
+                .push((Ipv4Addr::new(10, 203, 0, change as u8), 8080));
+        } else {
+            changed.endpoints.pop();
+        }
+        std::fs::write(&manifest, manifests_yaml(&cluster)).unwrap();
+        let started = Instant::now();
+        source.force_reread();
+        let snapshot = source.snapshot().unwrap();
+        let step = pipeline.step(snapshot, &mut node, &mut dataplane.maps);
+        let (stats, _) = step.programmed.expect("sync");
+        changes.push(started.elapsed());
+        assert!(!stats.is_empty(), "change {change} wrote nothing");
+    }
+    changes.sort();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = |field: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    println!(
+        "figures {} {} {} {} {}",
+        program.as_micros(),
+        changes[CHANGES / 2].as_micros(),
+        changes[CHANGES - 1].as_micros(),
+        kib("VmHWM:"),
+        kib("RssAnon:")
+    );
+    drop(dataplane);
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Median and range of one column over the rounds.
+fn spread(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    let median = values[values.len() / 2];
+    format!(
+        "{median:.1} ({:.1}-{:.1})",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
+fn run_round(exe: &Path, services: usize) -> [f64; 5] {
+    let out = Command::new(exe)
+        .args(["--child", &services.to_string()])
+        .output()
+        .expect("run a round");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("figures "));
+    let Some(line) = line.filter(|_| out.status.success()) else {
+        panic!(
+            "round at {services} Services failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let v: Vec<f64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+    [
+        v[0] / 1e3,
+        v[1] / 1e3,
+        v[2] / 1e3,
+        v[3] / 1024.0,
+        v[4] / 1024.0,
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, services] = args.as_slice()
+        && flag == "--child"
+    {
+        child(services.parse().unwrap());
+        return;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("control_plane needs root (BPF maps); run it as root");
+        std::process::exit(1);
+    }
+    let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let (rounds, scales) = match numbers.split_first() {
+        Some((rounds, scales)) if !scales.is_empty() => (*rounds, scales.to_vec()),
+        _ => (3, vec![100, 10_000, 50_000]),
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "Services",
+        "program ms",
+        "change p50 ms",
+        "change p99 ms",
+        "VmHWM MiB",
+        "RssAnon MiB",
+        "KiB per Service",
+    ]);
+    println!("control plane from a manifest file, {rounds} rounds, median (min-max)");
+    let mut baseline_anon = None;
+    for services in scales {
+        let mut columns: [Vec<f64>; 5] = Default::default();
+        for _ in 0..rounds {
+            for (column, value) in columns.iter_mut().zip(run_round(&exe, services)) {
+                column.push(value);
+            }
+        }
+        let anon = {
+            let mut a = columns[4].clone();
+            a.sort_by(f64::total_cmp);
+            a[a.len() / 2]
+        };
+        let base: f64 = *baseline_anon.get_or_insert(anon);
+        let per_service = if services > 100 {
+            format!("{:.1}", (anon - base) * 1024.0 / services as f64)
+        } else {
+            "baseline".to_owned()
+        };
+        let mut row = vec![services.to_string()];
+        row.extend(columns.iter_mut().map(|c| spread(c)));
+        row.push(per_service);
+        table.add_row(row);
+    }
+    println!("{table}");
+}
