@@ -17,21 +17,68 @@ pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 pub const NODE_MAP: &str = "LB_NODE";
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 
-/// Frontends (service address x port x protocol).
+// Capacities: the object file's maps are built with the defaults below; the agent sets each
+// sized map's capacity at load (its flags, see `Capacities`), and a map already pinned keeps its
+// own.
+
+/// Frontends (service address x port x protocol), by default.
 pub const MAX_SERVICES: u32 = 65_536;
-/// Maglev slots over all tables (64 MiB of backend ids), room for 1024 tables of the default
-/// size.
-pub const MAX_SLOTS: u32 = 1 << 24;
+/// Maglev slots over all tables, by default: 8M (32 MiB of backend ids), room for 10,000
+/// Services of up to seven backends at 100 slots each, or 33,000 of two.
+pub const MAX_SLOTS: u32 = 1 << 23;
 /// The kernel stores array elements 8-byte aligned, so the slots array packs two `u32` backend
 /// ids per element: slot `i` is lane `i % 2` of element `i / 2`, and the memory user space maps
 /// is exactly one `u32` per slot.
 pub const SLOTS_PER_ELEMENT: u32 = 2;
-/// Distinct backend endpoints (id 0 is never used).
+/// Distinct backend endpoints, by default (id 0 is never used).
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Conntrack entries (two per translated flow).
-pub const MAX_CONNTRACK: u32 = 524_288;
-/// Clients remembered for `sessionAffinity: ClientIP`.
+/// Conntrack entries, by default: two per translated flow, so 1M flows.
+pub const MAX_CONNTRACK: u32 = 2 * 1_048_576;
+/// Clients remembered for `sessionAffinity: ClientIP`, by default.
 pub const MAX_AFFINITY: u32 = 131_072;
+
+/// How many entries each sized map holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// LB_SERVICES entries (frontends).
+    pub frontends: u32,
+    /// LB_BACKENDS entries.
+    pub backends: u32,
+    /// Maglev slots in LB_SLOTS (a multiple of [`SLOTS_PER_ELEMENT`]).
+    pub slots: u32,
+    /// LB_CONNTRACK entries (two per flow).
+    pub conntrack: u32,
+    /// LB_AFFINITY entries.
+    pub affinity: u32,
+}
+
+impl Capacities {
+    pub const DEFAULT: Self = Self {
+        frontends: MAX_SERVICES,
+        backends: MAX_BACKENDS,
+        slots: MAX_SLOTS,
+        conntrack: MAX_CONNTRACK,
+        affinity: MAX_AFFINITY,
+    };
+
+    /// Each sized map's name and its capacity in map elements (the slots array holds
+    /// [`SLOTS_PER_ELEMENT`] slots an element).
+    pub fn max_entries(&self) -> [(&'static str, u32); 5] {
+        [
+            (SERVICES_MAP, self.frontends),
+            (BACKENDS_MAP, self.backends),
+            (SLOTS_MAP, self.slots / SLOTS_PER_ELEMENT),
+            (CONNTRACK_MAP, self.conntrack),
+            (AFFINITY_MAP, self.affinity),
+        ]
+    }
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// tc ingress on pod-facing interfaces.
 pub const POD_INGRESS_PROGRAM: &str = "lb_pod_ingress";

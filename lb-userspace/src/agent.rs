@@ -92,6 +92,8 @@ pub struct AgentConfig {
     pub service_proxy_name: Option<String>,
     /// Maglev table size for Services without the annotation.
     pub maglev_table_size: Option<u32>,
+    /// The sized maps' capacities (maps already pinned keep theirs).
+    pub capacities: lb_common::maps::Capacities,
     pub bpffs_dir: PathBuf,
     /// How often to look for new interfaces, address changes and manifest changes.
     pub poll_interval: Duration,
@@ -171,8 +173,11 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpLis
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let mut dataplane =
-        Dataplane::load(&config.bpffs_dir, config.xdp).context("loading the packet path")?;
+    let mut dataplane = Dataplane::load_sized(&config.bpffs_dir, config.xdp, config.capacities)
+        .context("loading the packet path")?;
+    for note in &dataplane.capacity_notes {
+        warn!("{note}");
+    }
     match crate::migrate::from_previous_layout(&config.bpffs_dir, &mut dataplane.maps) {
         Ok(Some(migrated)) => info!(
             services = migrated.services,
@@ -224,7 +229,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent {
         source,
-        pipeline: Pipeline::new(Programmer::adopt(adopted, Settings::default())),
+        pipeline: Pipeline::new(Programmer::adopt(
+            adopted,
+            Settings {
+                slots: dataplane.capacities.slots,
+                ..Settings::default()
+            },
+        )),
         dataplane,
         node: NodeContext {
             name: config.node_name.clone(),
@@ -518,6 +529,7 @@ impl Agent {
             .or_else(|| self.node.addresses.first().copied());
         Settings {
             reject_no_endpoints: self.config.reject_no_endpoints,
+            slots: self.dataplane.capacities.slots,
             node: lb_common::service::NodeConfig {
                 snat_addr_be: snat.map_or(0, |a| lb_common::addr_be(a.octets())),
                 snat_port_first: *self.config.snat_ports.start(),

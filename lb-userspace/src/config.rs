@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use lb_common::conntrack::CtTimeouts;
+use lb_common::{
+    conntrack::CtTimeouts,
+    maps::{Capacities, SLOTS_PER_ELEMENT},
+};
 
 use crate::agent::{AgentConfig, Cidr, SourceConfig};
 
@@ -148,6 +151,24 @@ pub struct AgentArgs {
     /// ignores them; the sweep makes room and frees SNAT ports). [default: 10s]
     #[arg(long)]
     pub conntrack_gc_interval: Option<String>,
+    /// Room in the frontends map (address x port x protocol of every Service). [default: 65536]
+    #[arg(long)]
+    pub max_frontends: Option<u32>,
+    /// Room in the backends map (distinct endpoint address and port). [default: 262144]
+    #[arg(long)]
+    pub max_backends: Option<u32>,
+    /// Maglev slots over all tables, 4 bytes each, mapped into the agent: a Service of n
+    /// backends needs a table of at least 100 x n slots (251 for 2), and Services with the same
+    /// backends share one. [default: 8388608, 32 MiB]
+    #[arg(long)]
+    pub max_maglev_slots: Option<u32>,
+    /// Flows the conntrack map holds (two entries each, about 200 bytes a flow, allocated at
+    /// load). [default: 1048576]
+    #[arg(long)]
+    pub max_conntrack_flows: Option<u32>,
+    /// Clients `sessionAffinity: ClientIP` remembers. [default: 131072]
+    #[arg(long)]
+    pub max_affinity_clients: Option<u32>,
     /// Detach and unpin everything lb made (programs, links, maps under --bpffs-dir), like
     /// `kube-proxy --cleanup`, and exit.
     #[arg(long)]
@@ -184,6 +205,11 @@ pub struct ConfigFile {
     pub conntrack_udp_timeout: Option<String>,
     pub conntrack_udp_timeout_stream: Option<String>,
     pub conntrack_gc_interval: Option<String>,
+    pub max_frontends: Option<u32>,
+    pub max_backends: Option<u32>,
+    pub max_maglev_slots: Option<u32>,
+    pub max_conntrack_flows: Option<u32>,
+    pub max_affinity_clients: Option<u32>,
 }
 
 impl ConfigFile {
@@ -375,7 +401,53 @@ impl AgentArgs {
             .into(),
         );
         let master = self.master.or(file.master).or_else(master_from_environment);
+        let capacity = |flag: &str, given: Option<u32>, file: Option<u32>, default: u32| match given
+            .or(file)
+            .unwrap_or(default)
+        {
+            0 => bail!("{flag} must be at least 1"),
+            n => Ok(n),
+        };
+        let d = Capacities::DEFAULT;
+        let flows = capacity(
+            "--max-conntrack-flows",
+            self.max_conntrack_flows,
+            file.max_conntrack_flows,
+            d.conntrack / 2,
+        )?;
+        let capacities = Capacities {
+            frontends: capacity(
+                "--max-frontends",
+                self.max_frontends,
+                file.max_frontends,
+                d.frontends,
+            )?,
+            backends: capacity(
+                "--max-backends",
+                self.max_backends,
+                file.max_backends,
+                d.backends,
+            )?,
+            // Whole elements of the slots array.
+            slots: capacity(
+                "--max-maglev-slots",
+                self.max_maglev_slots,
+                file.max_maglev_slots,
+                d.slots,
+            )?
+            .next_multiple_of(SLOTS_PER_ELEMENT),
+            conntrack: flows
+                .checked_mul(2)
+                .context("--max-conntrack-flows is too large")?,
+            affinity: capacity(
+                "--max-affinity-clients",
+                self.max_affinity_clients,
+                file.max_affinity_clients,
+                d.affinity,
+            )?,
+        };
         Ok(AgentConfig {
+            capacities,
             master,
             conntrack,
             conntrack_gc_interval,

@@ -16,7 +16,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::Counter,
-    maps::{MAX_SLOTS, NODE_MAP},
+    maps::NODE_MAP,
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
         ServiceKey,
@@ -146,9 +146,9 @@ pub struct MappedSlots {
 unsafe impl Send for MappedSlots {}
 
 impl MappedSlots {
-    /// Maps the slots array (created with BPF_F_MMAPABLE) read-write.
-    pub fn new(map: MapData) -> Result<Self, std::io::Error> {
-        let len = MAX_SLOTS as usize;
+    /// Maps the slots array (created with BPF_F_MMAPABLE, holding `slots` slots) read-write.
+    pub fn new(map: MapData, slots: u32) -> Result<Self, std::io::Error> {
+        let len = slots as usize;
         let bytes = len * size_of::<u32>();
         // SAFETY: mapping a BPF array fd that was created mmap-able, for its whole size; the
         // result is checked before use.
@@ -300,7 +300,7 @@ impl MapWriter for BpfMaps {
                     (range, index),
                 )(MapError::OutOfBounds {
                     index: range.offset + index,
-                    max_entries: MAX_SLOTS,
+                    max_entries: self.slots.len as u32,
                 }));
             }
         }

@@ -21,10 +21,10 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
-        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, EXTERNAL_INGRESS_PROGRAM,
-        EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM,
-        SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
+        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities,
+        EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, NODE_MAP,
+        PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
@@ -138,17 +138,22 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
             path: path.clone(),
             source,
         })?;
+        // Sized maps keep the capacity they were pinned with (see `Dataplane::load`).
+        let sized = Capacities::DEFAULT
+            .max_entries()
+            .iter()
+            .any(|(name, _)| *name == want.name);
         let found = (
             map_type,
             info.key_size() as usize,
             info.value_size() as usize,
-            info.max_entries(),
+            if sized { 0 } else { info.max_entries() },
         );
         let wanted = (
             want.map_type,
             want.key_size,
             want.value_size,
-            want.max_entries,
+            if sized { 0 } else { want.max_entries },
         );
         if found != wanted {
             return Err(LoadError::IncompatiblePin {
@@ -159,6 +164,52 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
         }
     }
     Ok(())
+}
+
+/// The capacities the maps will have: `wanted`, except for maps already pinned, which keep
+/// theirs (growing or shrinking one means a new map, and its flows would have to move: `lb
+/// cleanup` and a restart apply the new size, dropping them). Also what differs, to report.
+fn effective_capacities(
+    pin_dir: &Path,
+    wanted: Capacities,
+) -> Result<(Capacities, Vec<String>), LoadError> {
+    let mut effective = wanted;
+    let mut notes = Vec::new();
+    for (name, wanted_entries) in wanted.max_entries() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::PinnedMap {
+            path: path.clone(),
+            source,
+        })?;
+        let pinned = info.max_entries();
+        if pinned == wanted_entries {
+            continue;
+        }
+        let field = match name {
+            SERVICES_MAP => &mut effective.frontends,
+            BACKENDS_MAP => &mut effective.backends,
+            SLOTS_MAP => &mut effective.slots,
+            CONNTRACK_MAP => &mut effective.conntrack,
+            _ => &mut effective.affinity,
+        };
+        let scale = if name == SLOTS_MAP {
+            SLOTS_PER_ELEMENT
+        } else {
+            1
+        };
+        notes.push(format!(
+            "{name} is pinned with room for {} entries; {} were asked for: keeping {} so no flow \
+             is lost (`lb cleanup` and a restart apply the new size, dropping established flows)",
+            pinned * scale,
+            wanted_entries * scale,
+            pinned * scale
+        ));
+        *field = pinned * scale;
+    }
+    Ok((effective, notes))
 }
 
 /// The pin directory for this layout under `bpffs_dir`, created if needed.
@@ -264,6 +315,10 @@ fn parse_link_pin(name: &str) -> Option<(&str, u32, &str)> {
 pub struct Dataplane {
     ebpf: Ebpf,
     pub maps: BpfMaps,
+    /// The sized maps' capacities as loaded.
+    pub capacities: Capacities,
+    /// Where a pinned map's capacity differs from the one asked for (it was kept).
+    pub capacity_notes: Vec<String>,
     pin_dir: PathBuf,
     links_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
@@ -286,30 +341,43 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
     })
 }
 
-fn take_slots(ebpf: &mut Ebpf) -> Result<MappedSlots, LoadError> {
+fn take_slots(ebpf: &mut Ebpf, slots: u32) -> Result<MappedSlots, LoadError> {
     let missing = LoadError::MissingMap {
         name: SLOTS_MAP,
         source: None,
     };
     match ebpf.take_map(SLOTS_MAP) {
-        Some(Map::Array(data)) => MappedSlots::new(data).map_err(|source| LoadError::MapSlots {
-            name: SLOTS_MAP,
-            source,
-        }),
+        Some(Map::Array(data)) => {
+            MappedSlots::new(data, slots).map_err(|source| LoadError::MapSlots {
+                name: SLOTS_MAP,
+                source,
+            })
+        }
         _ => Err(missing),
     }
 }
 
 impl Dataplane {
-    /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`. With
-    /// `xdp`, external interfaces also get the XDP fast path.
+    /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`, with
+    /// the default capacities. With `xdp`, external interfaces also get the XDP fast path.
     pub fn load(bpffs_dir: &Path, xdp: bool) -> Result<Self, LoadError> {
+        Self::load_sized(bpffs_dir, xdp, Capacities::DEFAULT)
+    }
+
+    /// [`Dataplane::load`] with the sized maps created at `wanted` capacities. A map already
+    /// pinned is adopted as it is, whatever its capacity, so a restart never loses flows;
+    /// [`Dataplane::capacity_notes`] says where a pinned capacity differs from the one asked
+    /// for.
+    pub fn load_sized(bpffs_dir: &Path, xdp: bool, wanted: Capacities) -> Result<Self, LoadError> {
         let pin_dir = pin_dir(bpffs_dir)?;
         check_pinned(&pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(EBPF_OBJECT)
-            .map_err(LoadError::Load)?;
+        let (capacities, capacity_notes) = effective_capacities(&pin_dir, wanted)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&pin_dir);
+        for (name, entries) in capacities.max_entries() {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
         for (name, _, _) in PROGRAMS {
             Self::program_of(&mut ebpf, name)?
                 .load()
@@ -328,7 +396,7 @@ impl Dataplane {
             })?;
         let maps = BpfMaps {
             services: take_map(&mut ebpf, SERVICES_MAP)?,
-            slots: take_slots(&mut ebpf)?,
+            slots: take_slots(&mut ebpf, capacities.slots)?,
             backends: take_map(&mut ebpf, BACKENDS_MAP)?,
             affinity: take_map(&mut ebpf, AFFINITY_MAP)?,
             conntrack: take_map(&mut ebpf, CONNTRACK_MAP)?,
@@ -362,6 +430,8 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             maps,
+            capacities,
+            capacity_notes,
             pin_dir,
             links_dir,
             attached: BTreeMap::new(),

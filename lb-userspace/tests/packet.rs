@@ -705,6 +705,7 @@ fn load_with(test: &str, timeouts: lb_common::conntrack::CtTimeouts) -> LoadedPa
             timeouts,
             _reserved: [0; 2],
         },
+        ..Settings::default()
     });
     path
 }

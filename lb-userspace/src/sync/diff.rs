@@ -222,6 +222,7 @@ impl Programmer {
         }
         let distinct: BTreeSet<&TableContent> = wants.values().collect();
         let mut space = SlotSpace::new(
+            self.settings.slots,
             self.programmed
                 .tables
                 .keys()
@@ -387,6 +388,7 @@ impl Programmer {
                 .collect(),
             backend_users,
             space: SlotSpace::new(
+                self.settings.slots,
                 programmed
                     .tables
                     .keys()

@@ -42,6 +42,8 @@ pub struct Settings {
     /// behaviour); otherwise drop them.
     pub reject_no_endpoints: bool,
     pub node: NodeConfig,
+    /// Slots in the slots array: where tables can be placed.
+    pub slots: u32,
 }
 
 impl Default for Settings {
@@ -49,6 +51,7 @@ impl Default for Settings {
         Self {
             reject_no_endpoints: true,
             node: NodeConfig::default(),
+            slots: lb_common::maps::MAX_SLOTS,
         }
     }
 }

@@ -8,7 +8,6 @@ use std::{
 
 use lb_common::{
     maglev,
-    maps::MAX_SLOTS,
     service::{Backend, BackendId},
 };
 
@@ -95,7 +94,8 @@ pub(super) struct SlotSpace {
 }
 
 impl SlotSpace {
-    pub fn new(used: impl IntoIterator<Item = TableRange>) -> Self {
+    /// The free ranges of a slots array of `slots` slots of which `used` are taken.
+    pub fn new(slots: u32, used: impl IntoIterator<Item = TableRange>) -> Self {
         let mut used: Vec<TableRange> = used.into_iter().collect();
         used.sort();
         let mut gaps = BTreeMap::new();
@@ -106,8 +106,8 @@ impl SlotSpace {
             }
             cursor = cursor.max(range.offset + range.size);
         }
-        if cursor < MAX_SLOTS {
-            gaps.insert(cursor, MAX_SLOTS - cursor);
+        if cursor < slots {
+            gaps.insert(cursor, slots - cursor);
         }
         Self { gaps }
     }
