@@ -51,6 +51,17 @@ pub trait MapWriter {
         range: TableRange,
         changes: &[(u32, BackendId)],
     ) -> Result<(), WriteError>;
+    /// Writes a whole table into a range no table used. By default slot by slot.
+    fn put_table(
+        &mut self,
+        range: TableRange,
+        table: &Arc<Vec<BackendId>>,
+    ) -> Result<(), WriteError> {
+        for (index, id) in table.iter().enumerate() {
+            self.put_slots(range, &[(index as u32, *id)])?;
+        }
+        Ok(())
+    }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
     /// Deletes the session-affinity memories `prune` selects; returns how many. The in-memory
@@ -120,6 +131,15 @@ impl MapWriter for MapContents {
         for &(index, id) in changes {
             table[index as usize] = id;
         }
+        Ok(())
+    }
+    /// Shares the table: the mirror and the programmer hold it once.
+    fn put_table(
+        &mut self,
+        range: TableRange,
+        table: &Arc<Vec<BackendId>>,
+    ) -> Result<(), WriteError> {
+        self.tables.insert(range, table.clone());
         Ok(())
     }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {

@@ -12,7 +12,10 @@
 //! Each write goes to the maps, then to the mirror, so the mirror never claims a write that
 //! failed; a failed sync simply resumes from the mirror next time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
 
@@ -44,12 +47,22 @@ impl AffinityPrune {
     }
 }
 
+/// What to write into one table's range.
+#[derive(Debug)]
+pub enum SlotWrites {
+    /// A range no table used: the whole table, shared with the programmer's copy (and the
+    /// mirror's), so a first sync of 10,000 tables holds each table once.
+    Whole(Arc<Vec<BackendId>>),
+    /// Only the slots that change: (index in the table, backend).
+    Changes(Vec<(u32, BackendId)>),
+}
+
 /// Every write of one sync, grouped by the step of the order above.
 #[derive(Debug, Default)]
 pub struct WritePlan {
     pub node: Option<NodeConfig>,
     pub backends: Vec<(BackendId, Backend)>,
-    pub slots: Vec<(TableRange, Vec<(u32, BackendId)>)>,
+    pub slots: Vec<(TableRange, SlotWrites)>,
     /// Written unless the mirror already holds exactly this entry.
     pub services: Vec<(ServiceKey, ServiceEntry)>,
     /// Deleted if the mirror holds them.
@@ -76,8 +89,11 @@ pub fn apply(
     for (id, backend) in &plan.backends {
         w.put_backend(*id, *backend)?;
     }
-    for (range, changes) in &plan.slots {
-        w.put_slots(*range, changes)?;
+    for (range, writes) in &plan.slots {
+        match writes {
+            SlotWrites::Whole(table) => w.put_table(*range, table)?,
+            SlotWrites::Changes(changes) => w.put_slots(*range, changes)?,
+        }
     }
     for (key, entry) in &plan.services {
         if w.mirror.services.get(key) != Some(entry) {
@@ -144,6 +160,22 @@ impl Tracked<'_> {
             self.mirror.put_slots(range, std::slice::from_ref(change))?;
             self.stats.writes += 1;
         }
+        Ok(())
+    }
+
+    fn put_table(
+        &mut self,
+        range: TableRange,
+        table: &Arc<Vec<BackendId>>,
+    ) -> Result<(), WriteError> {
+        if let Err(err) = self.writer.put_table(range, table) {
+            // Some slots may be written: the mirror forgets the range, so the next (full) sync
+            // writes the whole table again.
+            self.mirror.tables.remove(&range);
+            return Err(err);
+        }
+        self.mirror.put_table(range, table)?;
+        self.stats.writes += table.len();
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use lb_common::{
 
 use super::{
     Programmer, Settings,
-    apply::{AffinityPrune, WritePlan},
+    apply::{AffinityPrune, SlotWrites, WritePlan},
     encoding::{
         backend_value, draining_values, id_set, identity, is_draining, service_entry, service_key,
         table_range,
@@ -277,9 +277,14 @@ impl Programmer {
             if self.table_contents.get(range) == target.table_contents.get(range) {
                 continue; // written by an earlier sync with exactly this content
             }
-            let changes = slot_changes(current.tables.get(range).map(|t| t.as_slice()), slots);
-            if !changes.is_empty() {
-                plan.slots.push((*range, changes));
+            match current.tables.get(range) {
+                None => plan.slots.push((*range, SlotWrites::Whole(slots.clone()))),
+                Some(before) => {
+                    let changes = slot_changes(before, slots);
+                    if !changes.is_empty() {
+                        plan.slots.push((*range, SlotWrites::Changes(changes)));
+                    }
+                }
             }
         }
         plan.services = want
@@ -503,18 +508,21 @@ impl Programmer {
                     let (range, _) = ix.tables.remove(old).expect("checked");
                     let table = table_for(&mut self.built, &content, key_of);
                     let before = self.programmed.tables.get(&range);
-                    let changes = slot_changes(before.map(|b| b.as_slice()), &table);
+                    let writes = match before {
+                        Some(before) => SlotWrites::Changes(slot_changes(before, &table)),
+                        None => SlotWrites::Whole(table.clone()),
+                    };
                     self.built.remove(old);
                     ix.tables.insert(content.clone(), (range, 1));
-                    if !changes.is_empty() {
-                        plan.slots.push((range, changes));
+                    if !matches!(&writes, SlotWrites::Changes(c) if c.is_empty()) {
+                        plan.slots.push((range, writes));
                     }
                     tables_written.push((range, content.clone(), table));
                     Some(range)
                 } else {
                     ix.space.allocate(content.size).inspect(|&range| {
                         let table = table_for(&mut self.built, &content, key_of);
-                        plan.slots.push((range, slot_changes(None, &table)));
+                        plan.slots.push((range, SlotWrites::Whole(table.clone())));
                         ix.tables.insert(content.clone(), (range, 1));
                         tables_written.push((range, content.clone(), table));
                     })

@@ -22,7 +22,7 @@ use std::{
     sync::Arc,
 };
 
-pub use apply::{AffinityPrune, WritePlan};
+pub use apply::{AffinityPrune, SlotWrites, WritePlan};
 pub use diff::Target;
 pub use encoding::{backend_value, service_key};
 use lb_common::service::{Backend, BackendId, NodeConfig};

@@ -52,15 +52,12 @@ pub(super) fn table_for(
         .clone()
 }
 
-/// The `(index, backend)` writes that turn `before` (absent: nothing written) into `after`.
-pub(super) fn slot_changes(
-    before: Option<&[BackendId]>,
-    after: &[BackendId],
-) -> Vec<(u32, BackendId)> {
+/// The `(index, backend)` writes that turn the table `before` into `after`.
+pub(super) fn slot_changes(before: &[BackendId], after: &[BackendId]) -> Vec<(u32, BackendId)> {
     after
         .iter()
         .enumerate()
-        .filter(|(i, id)| before.and_then(|b| b.get(*i)) != Some(*id))
+        .filter(|(i, id)| before.get(*i) != Some(*id))
         .map(|(i, id)| (i as u32, *id))
         .collect()
 }
