@@ -449,6 +449,9 @@ impl Agent {
                 error!("sync failed, will retry: {:#}", anyhow::Error::new(err));
             }
         }
+        if step.full {
+            crate::pipeline::release_free_heap();
+        }
         self.health_checks.reconcile(&desired.health_checks).await;
     }
 

@@ -75,6 +75,14 @@ impl Occurrences {
     }
 }
 
+/// The objects as `Arc`s, in a vector of their own size: collecting in place would keep the
+/// parsed objects' (far larger) allocation alive for as long as the document is cached.
+fn shared(objects: Vec<Object>) -> Vec<Arc<Object>> {
+    let mut shared = Vec::with_capacity(objects.len());
+    shared.extend(objects.into_iter().map(Arc::new));
+    shared
+}
+
 /// One document as parsed, where it was then.
 struct Document {
     location: String,
@@ -89,7 +97,7 @@ impl Document {
         manifest::parse_document(text, &location, &mut read);
         Self {
             location,
-            objects: read.objects.into_iter().map(Arc::new).collect(),
+            objects: shared(read.objects),
             rejected: read.rejected,
             problems: read.problems,
         }
@@ -200,7 +208,7 @@ impl ManifestSource {
                 let read = manifest::parse(&text, &source);
                 let whole = Document {
                     location: String::new(),
-                    objects: read.objects.into_iter().map(Arc::new).collect(),
+                    objects: shared(read.objects),
                     rejected: read.rejected,
                     problems: read.problems,
                 };
