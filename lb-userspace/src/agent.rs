@@ -232,7 +232,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         pipeline: Pipeline::new(Programmer::adopt(
             adopted,
             Settings {
-                slots: dataplane.capacities.slots,
+                capacities: dataplane.capacities,
                 ..Settings::default()
             },
         )),
@@ -532,7 +532,7 @@ impl Agent {
             .or_else(|| self.node.addresses.first().copied());
         Settings {
             reject_no_endpoints: self.config.reject_no_endpoints,
-            slots: self.dataplane.capacities.slots,
+            capacities: self.dataplane.capacities,
             node: lb_common::service::NodeConfig {
                 snat_addr_be: snat.map_or(0, |a| lb_common::addr_be(a.octets())),
                 snat_port_first: *self.config.snat_ports.start(),

@@ -57,7 +57,7 @@ fn capacities_are_set_at_load_and_kept_by_a_restart() {
     let mut programmer = Programmer::adopt(
         Default::default(),
         Settings {
-            slots: dataplane.capacities.slots,
+            capacities: dataplane.capacities,
             ..Settings::default()
         },
     );

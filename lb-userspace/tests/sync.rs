@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use lb_common::{
     maglev,
+    maps::Capacities,
     service::{Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry, ServiceKey},
 };
 use lb_userspace::{
@@ -570,5 +571,121 @@ fn a_table_left_half_written_is_repaired_even_if_the_old_content_comes_back() {
             .len(),
         2,
         "only A and B are in the table again"
+    );
+}
+
+/// Fails like a full BPF hash map (E2BIG) when a new key would exceed its capacity.
+struct BoundedWriter {
+    maps: MapContents,
+    capacities: Capacities,
+}
+
+fn map_full(map: &'static str, key: String) -> WriteError {
+    WriteError {
+        op: "write",
+        map,
+        key,
+        source: Box::new(aya::maps::MapError::KeyNotFound),
+    }
+}
+
+impl MapWriter for BoundedWriter {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.maps.put_node(config)
+    }
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+        if !self.maps.backends.contains_key(&id)
+            && self.maps.backends.len() >= self.capacities.backends as usize
+        {
+            return Err(map_full("backends", id.to_string()));
+        }
+        self.maps.put_backend(id, backend)
+    }
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
+        self.maps.delete_backend(id)
+    }
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        self.maps.put_slots(range, changes)
+    }
+    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+        if !self.maps.services.contains_key(&key)
+            && self.maps.services.len() >= self.capacities.frontends as usize
+        {
+            return Err(map_full("services", format!("{key:?}")));
+        }
+        self.maps.put_service(key, entry)
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        self.maps.delete_service(key)
+    }
+}
+
+/// Syncs three times through maps that hold at most `capacities`: `first` Services, then
+/// `second` twice. Returns the addresses each sync left unplaced.
+fn bounded_syncs(
+    capacities: Capacities,
+    first: &[(&str, &str, &[&str])],
+    second: &[(&str, &str, &[&str])],
+) -> Vec<Vec<String>> {
+    let mut programmer = Programmer::adopt(
+        MapContents::default(),
+        Settings {
+            capacities,
+            ..Settings::default()
+        },
+    );
+    let mut writer = BoundedWriter {
+        maps: MapContents::default(),
+        capacities,
+    };
+    let mut unplaced_by_sync = Vec::new();
+    for services in [first, second, second] {
+        let (_, unplaced) = programmer
+            .sync(&desired(services), &mut writer)
+            .expect("a full map never fails the sync");
+        unplaced_by_sync.push(unplaced.iter().map(|f| f.addr.to_string()).collect());
+        assert_eq!(
+            reachable(&writer.maps),
+            reachable(programmer.programmed()),
+            "the mirror is exact"
+        );
+    }
+    unplaced_by_sync
+}
+
+/// A full backends or frontends map leaves the frontends that do not fit unplaced (reported,
+/// retried by every sync) instead of failing the sync, in the full and the incremental diff.
+/// The entries a sync removes count until they are gone (they are deleted last), so what they
+/// free is used by the next sync.
+#[test]
+fn frontends_that_do_not_fit_the_maps_are_left_out_and_retried_without_failing_the_sync() {
+    let s0 = ("s0", "10.96.0.1", &["10.244.0.1", "10.244.0.2"][..]);
+    let s1 = ("s1", "10.96.0.2", &["10.244.1.1", "10.244.1.2"][..]);
+    let s2 = ("s2", "10.96.0.3", &["10.244.2.1", "10.244.2.2"][..]);
+    let s3 = ("s3", "10.96.0.4", &["10.244.0.1"][..]);
+
+    // Five backends: s0 and s1 take four, s2 needs two more; s3 shares one of s0's.
+    let backends = Capacities {
+        backends: 5,
+        ..Capacities::DEFAULT
+    };
+    assert_eq!(
+        bounded_syncs(backends, &[s0, s1, s2, s3], &[s1, s2, s3]),
+        [vec!["10.96.0.3"], vec!["10.96.0.3"], vec![]],
+        "s2 waits for s0's backend to be deleted"
+    );
+
+    // Two frontends: the third waits for the first to be deleted.
+    let frontends = Capacities {
+        frontends: 2,
+        ..Capacities::DEFAULT
+    };
+    assert_eq!(
+        bounded_syncs(frontends, &[s0, s1, s2], &[s1, s2]),
+        [vec!["10.96.0.3"], vec!["10.96.0.3"], vec![]],
     );
 }

@@ -113,27 +113,65 @@ impl Programmer {
             },
             ..Target::default()
         };
-        let active = desired
-            .backends()
-            .iter()
-            .map(backend_value)
-            .collect::<Vec<_>>();
-        for value in active.into_iter().chain(draining_values(desired)) {
-            let id = existing_backends
-                .get(&identity(&value))
-                .copied()
-                .unwrap_or_else(|| backend_ids.allocate());
-            target.contents.backends.insert(id, value);
+        // Frontend by frontend in key order, while the maps have room: a frontend whose entry
+        // or new backends would not fit is left unplaced (as when its table finds no room), so
+        // a full map never fails the sync. Entries this sync removes still count (they go
+        // last), so only what is programmed now plus what is added must fit.
+        let capacity = self.settings.capacities;
+        let mut new_backends = 0;
+        let mut new_frontends = 0;
+        let mut admitted: BTreeMap<Frontend, &Arc<FrontendPlan>> = BTreeMap::new();
+        let mut id_of: BTreeMap<Backend, BackendId> = BTreeMap::new();
+        for (frontend, plan) in &desired.frontends {
+            let fresh_frontend = !self
+                .programmed
+                .services
+                .contains_key(&service_key(frontend));
+            let wanted: BTreeSet<Backend> = (plan.backends.iter())
+                .map(backend_value)
+                .filter(|value| !id_of.contains_key(value))
+                .collect();
+            let fresh = (wanted.iter())
+                .filter(|value| !existing_backends.contains_key(&identity(value)))
+                .count();
+            let fits = id_of.len() + wanted.len() <= capacity.backends as usize
+                && self.programmed.backends.len() + new_backends + fresh
+                    <= capacity.backends as usize
+                && admitted.len() < capacity.frontends as usize
+                && (!fresh_frontend
+                    || self.programmed.services.len() + new_frontends
+                        < capacity.frontends as usize);
+            if !fits {
+                target.unplaced.push(*frontend);
+                continue;
+            }
+            new_backends += fresh;
+            new_frontends += usize::from(fresh_frontend);
+            for value in wanted {
+                let id = existing_backends
+                    .get(&identity(&value))
+                    .copied()
+                    .unwrap_or_else(|| backend_ids.allocate());
+                id_of.insert(value, id);
+            }
+            admitted.insert(*frontend, plan);
         }
-        let id_of: BTreeMap<Backend, BackendId> = target
-            .contents
-            .backends
-            .iter()
-            .map(|(id, b)| (*b, *id))
-            .collect();
+        // Draining backends (for established flows only) while room remains.
+        for value in draining_values(desired) {
+            let id = existing_backends.get(&identity(&value)).copied();
+            let room = id_of.len() < capacity.backends as usize
+                && (id.is_some()
+                    || self.programmed.backends.len() + new_backends < capacity.backends as usize);
+            if room {
+                new_backends += usize::from(id.is_none());
+                id_of.insert(value, id.unwrap_or_else(|| backend_ids.allocate()));
+            }
+        }
+        for (value, id) in &id_of {
+            target.contents.backends.insert(*id, *value);
+        }
 
-        let wants: BTreeMap<ServiceKey, TableContent> = desired
-            .frontends
+        let wants: BTreeMap<ServiceKey, TableContent> = admitted
             .iter()
             .filter(|(_, plan)| !plan.backends.is_empty())
             .map(|(frontend, plan)| {
@@ -152,7 +190,7 @@ impl Programmer {
             .collect();
         let placement = self.place_tables(&wants, &mut target);
 
-        for (frontend, plan) in &desired.frontends {
+        for (frontend, plan) in &admitted {
             let key = service_key(frontend);
             let range = match wants.get(&key) {
                 None => Some(TableRange { offset: 0, size: 0 }),
@@ -222,7 +260,7 @@ impl Programmer {
         }
         let distinct: BTreeSet<&TableContent> = wants.values().collect();
         let mut space = SlotSpace::new(
-            self.settings.slots,
+            self.settings.capacities.slots,
             self.programmed
                 .tables
                 .keys()
@@ -393,7 +431,7 @@ impl Programmer {
                 .collect(),
             backend_users,
             space: SlotSpace::new(
-                self.settings.slots,
+                self.settings.capacities.slots,
                 programmed
                     .tables
                     .keys()
@@ -459,6 +497,7 @@ impl Programmer {
         let mut unplaced: Vec<Frontend> = Vec::new();
         let mut scope: BTreeMap<u32, BTreeSet<BackendId>> = BTreeMap::new();
         let mut tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)> = Vec::new();
+        let mut added_frontends = 0;
         for (frontend, plan_of) in &changed {
             let key = service_key(frontend);
             let service_id = self.programmed.services.get(&key).map(|e| e.service_id);
@@ -469,6 +508,23 @@ impl Programmer {
                 }
                 continue;
             };
+            // Room in the maps: what is programmed now plus what this plan adds (removals
+            // come last), as in the full diff.
+            let capacity = self.settings.capacities;
+            let fresh = (frontend_plan.backends.iter())
+                .filter(|b| !ix.backend_ids.contains_key(&backend_value(b)))
+                .count();
+            let fits = self.programmed.backends.len() + plan.backends.len() + fresh
+                <= capacity.backends as usize
+                && (service_id.is_some()
+                    || self.programmed.services.len() + added_frontends
+                        < capacity.frontends as usize);
+            if !fits {
+                unplaced.push(*frontend);
+                plan.removed_services.push(key);
+                continue;
+            }
+            added_frontends += usize::from(service_id.is_none());
             // id -> Maglev key of this plan's backends (new ones are not in the maps yet).
             let mut keys: HashMap<BackendId, u64> =
                 HashMap::with_capacity(frontend_plan.backends.len());

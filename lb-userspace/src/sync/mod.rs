@@ -25,7 +25,10 @@ use std::{
 pub use apply::{AffinityPrune, SlotWrites, WritePlan};
 pub use diff::Target;
 pub use encoding::{backend_value, service_key};
-use lb_common::service::{Backend, BackendId, NodeConfig};
+use lb_common::{
+    maps::Capacities,
+    service::{Backend, BackendId, NodeConfig},
+};
 
 use crate::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
@@ -42,8 +45,9 @@ pub struct Settings {
     /// behaviour); otherwise drop them.
     pub reject_no_endpoints: bool,
     pub node: NodeConfig,
-    /// Slots in the slots array: where tables can be placed.
-    pub slots: u32,
+    /// The maps' capacities as loaded: the programmer never writes more entries than they hold
+    /// (a frontend that would need more is left unplaced, as when its table finds no room).
+    pub capacities: Capacities,
 }
 
 impl Default for Settings {
@@ -51,7 +55,7 @@ impl Default for Settings {
         Self {
             reject_no_endpoints: true,
             node: NodeConfig::default(),
-            slots: lb_common::maps::MAX_SLOTS,
+            capacities: Capacities::DEFAULT,
         }
     }
 }
