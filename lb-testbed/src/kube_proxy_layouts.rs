@@ -39,7 +39,7 @@ impl Protocol {
     }
 }
 
-/// One synthetic Service: a ClusterIP port with a NodePort, and its endpoints.
+/// One synthetic Service: a ClusterIP port, usually with a NodePort, and its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyntheticService {
     pub namespace: String,
@@ -47,7 +47,8 @@ pub struct SyntheticService {
     pub cluster_ip: Ipv4Addr,
     pub protocol: Protocol,
     pub port: u16,
-    pub node_port: u16,
+    /// `None`: a ClusterIP Service.
+    pub node_port: Option<u16>,
     /// (pod address, target port)
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
@@ -55,6 +56,9 @@ pub struct SyntheticService {
 /// `count` Services in 10.96.0.0/12 with 2-10 endpoints each in 10.200.0.0/14 (addresses no
 /// testbed pod has), then the `measured` ones last, where iptables' linear KUBE-SERVICES reaches
 /// them last.
+/// How many synthetic Services get a NodePort.
+pub const SYNTHETIC_NODE_PORTS: usize = 20_000;
+
 pub fn synthetic_cluster(
     count: usize,
     measured: impl IntoIterator<Item = SyntheticService>,
@@ -76,9 +80,10 @@ pub fn synthetic_cluster(
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i as u32),
             protocol: Protocol::Tcp,
             port: 80,
-            // NodePorts are only 2768 wide: synthetic ones repeat in the 40000s, which no
-            // measured Service uses.
-            node_port: 40000 + (i % 20000) as u16,
+            // The NodePort range is only 2768 wide: synthetic ones live in the 40000s, which no
+            // measured Service uses. Past 20,000 Services the rest are ClusterIP-only, since the
+            // API server never lets two Services share a NodePort.
+            node_port: (i < SYNTHETIC_NODE_PORTS).then(|| 40000 + i as u16),
             endpoints,
         });
     }
@@ -119,8 +124,8 @@ struct IptablesService {
     chains: Vec<String>,
     /// Its rule in KUBE-SERVICES.
     cluster_ip_rule: String,
-    /// Its rule in KUBE-NODEPORTS.
-    node_port_rule: String,
+    /// Its rule in KUBE-NODEPORTS, if it has a NodePort.
+    node_port_rule: Option<String>,
     /// The rules of its own chains.
     rules: String,
 }
@@ -163,9 +168,9 @@ fn iptables_service(svc: &SyntheticService, cluster_cidr: &str) -> IptablesServi
         cluster_ip_rule: format!(
             "-A KUBE-SERVICES -d {ip}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {port} -j {svc_chain}"
         ),
-        node_port_rule: format!(
+        node_port_rule: np.map(|np| format!(
             "-A KUBE-NODEPORTS -p {proto} -m comment --comment \"{name}\" -m {proto} --dport {np} -j {ext_chain}"
-        ),
+        )),
         rules,
     }
 }
@@ -195,7 +200,10 @@ fn iptables_nat_table(
     out.push_str(extra_rules);
     for svc in services {
         let pieces = iptables_service(svc, cluster_cidr);
-        let _ = writeln!(out, "{}\n{}", pieces.cluster_ip_rule, pieces.node_port_rule);
+        let _ = writeln!(out, "{}", pieces.cluster_ip_rule);
+        if let Some(rule) = pieces.node_port_rule {
+            let _ = writeln!(out, "{rule}");
+        }
     }
     for svc in &own {
         out.push_str(&svc.rules);
@@ -242,7 +250,7 @@ struct NftService {
     chain_names: Vec<String>,
     chains: String,
     service_ip: String,
-    node_port: String,
+    node_port: Option<String>,
 }
 
 fn nft_service(svc: &SyntheticService, cluster_cidr: &str) -> NftService {
@@ -279,7 +287,9 @@ fn nft_service(svc: &SyntheticService, cluster_cidr: &str) -> NftService {
             "{} . {proto} . {} : goto {svc_chain}",
             svc.cluster_ip, svc.port
         ),
-        node_port: format!("{proto} . {} : goto {ext_chain}", svc.node_port),
+        node_port: svc
+            .node_port
+            .map(|np| format!("{proto} . {np} : goto {ext_chain}")),
     }
 }
 
@@ -302,11 +312,8 @@ pub fn nft_script(services: &[SyntheticService], cluster_cidr: &str) -> String {
         let pieces = nft_service(svc, cluster_cidr);
         out.push_str(&pieces.chains);
         service_ips.push(pieces.service_ip);
-        node_ports.push(pieces.node_port);
+        node_ports.extend(pieces.node_port);
     }
-    // Synthetic NodePorts repeat: a verdict map takes each key once.
-    let mut seen = std::collections::BTreeSet::new();
-    node_ports.retain(|element| seen.insert(element.split(" : ").next().map(str::to_owned)));
     let _ = writeln!(
         out,
         "\tmap service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict; elements = {{ {} }}; }}\n\
@@ -343,7 +350,7 @@ pub fn manifests_yaml(services: &[SyntheticService]) -> String {
         let _ = writeln!(
             out,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\n\
-             spec: {{type: NodePort, clusterIP: {ip}, ports: [{{name: port, protocol: {proto}, port: {port}, nodePort: {np}}}]}}\n---\n\
+             spec: {{type: {kind}, clusterIP: {ip}, ports: [{{name: port, protocol: {proto}, port: {port}{np}}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: {n}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {n}}}}}\n\
              addressType: IPv4\nports: [{{name: port, protocol: {proto}, port: {tp}}}]\nendpoints:",
@@ -352,7 +359,14 @@ pub fn manifests_yaml(services: &[SyntheticService]) -> String {
             ip = svc.cluster_ip,
             port = svc.port,
             proto = svc.protocol.upper(),
-            np = svc.node_port,
+            kind = if svc.node_port.is_some() {
+                "NodePort"
+            } else {
+                "ClusterIP"
+            },
+            np = svc
+                .node_port
+                .map_or_else(String::new, |np| format!(", nodePort: {np}")),
             tp = svc.endpoints.first().map_or(8080, |e| e.1),
         );
         for (pod, _) in &svc.endpoints {
@@ -374,7 +388,7 @@ mod tests {
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
             protocol: Protocol::Tcp,
             port: 80,
-            node_port: 30080,
+            node_port: Some(30080),
             endpoints: vec![
                 (Ipv4Addr::new(10, 244, 2, 11), 8080),
                 (Ipv4Addr::new(10, 244, 2, 12), 8080),
@@ -523,14 +537,14 @@ mod load {
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
             protocol: Protocol::Tcp,
             port: 80,
-            node_port: 30080,
+            node_port: Some(30080),
             endpoints: vec![(Ipv4Addr::new(10, 244, 2, 11), 8080)],
         };
         let udp = SyntheticService {
             name: "measured-udp".to_owned(),
             cluster_ip: Ipv4Addr::new(10, 96, 0, 11),
             protocol: Protocol::Udp,
-            node_port: 30081,
+            node_port: Some(30081),
             ..measured.clone()
         };
         let cluster = synthetic_cluster(50, [measured, udp]);

@@ -9,20 +9,38 @@
 //! changes, one Service gaining or losing an endpoint each, re-reading the whole file every
 //! time. It reports the time to program everything, the changes' p50 and p99, VmHWM (which
 //! includes the mapped slots array) and the heap in use after (RssAnon). The smallest scale is
-//! the baseline for ratios, measured in the same run.
+//! the baseline for ratios, measured in the same run. Above 10,000 Services the maps are sized
+//! as the agent's capacity flags would size them (see `capacities_for`).
 
 use std::{net::Ipv4Addr, path::Path, process::Command, time::Instant};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use lb_testbed::kube_proxy_layouts::{manifests_yaml, synthetic_cluster};
+use lb_common::maps::Capacities;
+use lb_testbed::kube_proxy_layouts::{SYNTHETIC_NODE_PORTS, manifests_yaml, synthetic_cluster};
 use lb_userspace::{
     loader::Dataplane,
     pipeline::Pipeline,
     sources::{ManifestSource, ObjectSource as _},
+    sync::{Programmer, Settings},
     translate::NodeContext,
 };
 
 const CHANGES: usize = 20;
+
+/// The defaults up to 10,000 Services; beyond, what the agent's flags would ask for
+/// (`--max-frontends`, `--max-backends`, `--max-maglev-slots`), sized for `services`.
+fn capacities_for(services: usize) -> Capacities {
+    if services <= 10_000 {
+        return Capacities::DEFAULT;
+    }
+    let n = services as u32;
+    Capacities {
+        frontends: (4 * n).next_power_of_two(),
+        backends: (8 * n).next_power_of_two(),
+        slots: (800 * n).next_power_of_two(),
+        ..Capacities::DEFAULT
+    }
+}
 
 /// One round at one scale, in this process; prints one line of figures for the parent.
 fn child(services: usize) {
@@ -32,9 +50,17 @@ fn child(services: usize) {
     let mut cluster = synthetic_cluster(services, []);
     std::fs::write(&manifest, manifests_yaml(&cluster)).unwrap();
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-cp-bench-{}", std::process::id()));
-    let mut dataplane = Dataplane::load(&pins, false).expect("load the packet path");
+    let capacities = capacities_for(services);
+    let mut dataplane =
+        Dataplane::load_sized(&pins, false, capacities).expect("load the packet path");
     let mut source = ManifestSource::new(&manifest);
-    let mut pipeline = Pipeline::default();
+    let mut pipeline = Pipeline::new(Programmer::adopt(
+        Default::default(),
+        Settings {
+            capacities,
+            ..Settings::default()
+        },
+    ));
     let mut node = NodeContext {
         name: Some("node-1".to_owned()),
         addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
@@ -49,8 +75,8 @@ fn child(services: usize) {
     assert!(unplaced.is_empty(), "{} unplaced", unplaced.len());
     assert_eq!(
         step.desired.frontends.len(),
-        2 * services,
-        "a ClusterIP and a NodePort each"
+        services + services.min(SYNTHETIC_NODE_PORTS),
+        "a ClusterIP each and a NodePort for the first {SYNTHETIC_NODE_PORTS}"
     );
 
     let mut changes = Vec::new();

@@ -161,7 +161,7 @@ pub fn measured_services(backend: Ipv4Addr) -> Vec<SyntheticService> {
                 Protocol::Tcp
             },
             port: server.port(),
-            node_port: server.node_port(),
+            node_port: Some(server.node_port()),
             endpoints: vec![(backend, server.port())],
         })
         .collect()
