@@ -101,11 +101,8 @@ pub fn build(keys: &[u64], size: u32) -> Vec<u32> {
                     *position -= m;
                 }
             }
+            // No step past the slot just taken: the next turn's probe does that.
             table[*position as usize] = order[turn] as u32;
-            *position += *skip;
-            if *position >= m {
-                *position -= m;
-            }
             filled += 1;
             if filled == size {
                 break 'fill;

@@ -53,12 +53,12 @@ pub struct SyntheticService {
     pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
-/// `count` Services in 10.96.0.0/12 with 2-10 endpoints each in 10.200.0.0/14 (addresses no
-/// testbed pod has), then the `measured` ones last, where iptables' linear KUBE-SERVICES reaches
-/// them last.
 /// How many synthetic Services get a NodePort.
 pub const SYNTHETIC_NODE_PORTS: usize = 20_000;
 
+/// `count` Services in 10.96.0.0/12 with 2-10 endpoints each in 10.200.0.0/14 (addresses no
+/// testbed pod has), then the `measured` ones last, where iptables' linear KUBE-SERVICES reaches
+/// them last.
 pub fn synthetic_cluster(
     count: usize,
     measured: impl IntoIterator<Item = SyntheticService>,
