@@ -10,6 +10,7 @@ use std::{
     time::SystemTime,
 };
 
+use rayon::prelude::*;
 use tracing::error;
 
 use super::{ObjectSource, ObjectStore, Snapshot};
@@ -180,26 +181,41 @@ impl ManifestSource {
         let documents = match manifest::split_documents(&text) {
             Some(split) => {
                 let mut previous = std::mem::take(&mut self.documents);
-                let mut documents = Vec::with_capacity(split.len());
-                for (index, document) in split.into_iter().enumerate() {
-                    let location = manifest::document_location(&source, index);
-                    let mut hasher = DefaultHasher::new();
-                    document.hash(&mut hasher);
-                    let hash = hasher.finish();
-                    let parsed = match previous.remove(&hash) {
-                        Some(mut parsed) => {
-                            if parsed.location != location {
-                                parsed.moved_to(location);
+                // Known documents are taken from the last read; the others are parsed on
+                // every core (YAML parsing is most of a first read's time).
+                let slots: Vec<(u64, Result<Document, (&str, String)>)> = split
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, document)| {
+                        let location = manifest::document_location(&source, index);
+                        let mut hasher = DefaultHasher::new();
+                        document.hash(&mut hasher);
+                        let hash = hasher.finish();
+                        let known = match previous.remove(&hash) {
+                            Some(mut parsed) => {
+                                if parsed.location != location {
+                                    parsed.moved_to(location);
+                                }
+                                Ok(parsed)
                             }
-                            parsed
-                        }
-                        None => {
-                            fresh.push(documents.len());
-                            Document::parse(document, location)
-                        }
-                    };
-                    documents.push((hash, parsed));
-                }
+                            None => Err((document, location)),
+                        };
+                        (hash, known)
+                    })
+                    .collect();
+                fresh.extend(
+                    (slots.iter().enumerate())
+                        .filter(|(_, (_, known))| known.is_err())
+                        .map(|(index, _)| index),
+                );
+                let documents: Vec<(u64, Document)> = slots
+                    .into_par_iter()
+                    .map(|(hash, known)| {
+                        let parsed = known
+                            .unwrap_or_else(|(text, location)| Document::parse(text, location));
+                        (hash, parsed)
+                    })
+                    .collect();
                 left = previous.into_values().collect();
                 documents
             }

@@ -18,6 +18,7 @@ use lb_common::{
     maglev,
     service::{Backend, BackendId, ServiceKey},
 };
+use rayon::prelude::*;
 
 use super::{
     Programmer, Settings,
@@ -275,13 +276,17 @@ impl Programmer {
                 placement.insert(content.clone(), range);
             }
         }
+        // Tables not built yet are built on every core: a first sync builds thousands.
+        let backends = &target.contents.backends;
+        let tables: Vec<(TableRange, Arc<Vec<BackendId>>)> = (placement.par_iter())
+            .map(|(content, range)| {
+                let table = (self.built.get(content).cloned())
+                    .unwrap_or_else(|| Arc::new(build_table(content, backends)));
+                (*range, table)
+            })
+            .collect();
+        target.contents.tables.extend(tables);
         for (content, range) in &placement {
-            let table = self
-                .built
-                .get(content)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(build_table(content, &target.contents.backends)));
-            target.contents.tables.insert(*range, table);
             target.table_contents.insert(*range, content.clone());
         }
         placement
