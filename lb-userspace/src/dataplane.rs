@@ -2,7 +2,7 @@
 //! ([`BpfMaps`]) and an in-memory one ([`MapContents`]) that unit tests diff against.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
     sync::{
@@ -152,26 +152,35 @@ impl MapWriter for MapContents {
     }
 }
 
-/// The slots array mapped into this process: slot writes and reads are plain memory accesses
-/// (one `bpf()` call per slot would make a 16381-slot table take milliseconds).
+/// The slots array, read and written through a window of it mapped into this process: slot
+/// accesses are plain memory accesses (one `bpf()` call per slot would make a 16381-slot table
+/// take milliseconds), while the agent's resident memory holds at most one window of the
+/// array, not all of it (mapping a BPF array faults in every page at once).
 pub struct MappedSlots {
-    base: NonNull<AtomicU32>,
-    len: usize,
-    // Keeps the map alive as long as the mapping.
-    _map: MapData,
+    len: u32,
+    window: std::cell::RefCell<Option<Window>>,
+    // Keeps the map alive as long as any mapping of it.
+    map: MapData,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics; the pointer is valid for
-// the life of the value on any thread.
-unsafe impl Send for MappedSlots {}
+/// Slots mapped at once: 1 MiB. A first sync writes tables in offset order, so it maps each
+/// part of the array once.
+const WINDOW_SLOTS: u32 = 1 << 18;
 
-impl MappedSlots {
-    /// Maps the slots array (created with BPF_F_MMAPABLE, holding `slots` slots) read-write.
-    pub fn new(map: MapData, slots: u32) -> Result<Self, std::io::Error> {
-        let len = slots as usize;
-        let bytes = len * size_of::<u32>();
-        // SAFETY: mapping a BPF array fd that was created mmap-able, for its whole size; the
-        // result is checked before use.
+/// One mapped part of the slots array.
+struct Window {
+    /// The first slot mapped (page-aligned) and how many.
+    first: u32,
+    len: u32,
+    base: NonNull<AtomicU32>,
+}
+
+impl Window {
+    /// Maps the `len` slots from `first` (a multiple of the slots in a page).
+    fn map(map: &MapData, first: u32, len: u32) -> Result<Self, std::io::Error> {
+        let bytes = len as usize * size_of::<u32>();
+        // SAFETY: mapping part of a BPF array fd that was created mmap-able, at a page-aligned
+        // offset inside it; the result is checked before use.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -179,41 +188,87 @@ impl MappedSlots {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
-                0,
+                (first as usize * size_of::<u32>()) as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
         Ok(Self {
-            base: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
+            first,
             len,
-            _map: map,
+            base: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
         })
     }
 
-    fn cell(&self, index: u32) -> Option<&AtomicU32> {
-        let index = index as usize;
-        // SAFETY: `index < len`, so the pointer stays inside the mapping, which lives as long as
-        // `self`; AtomicU32 has the layout of the u32 the kernel stores.
-        (index < self.len).then(|| unsafe { &*self.base.as_ptr().add(index) })
-    }
-
-    pub fn get(&self, index: u32) -> Option<BackendId> {
-        self.cell(index).map(|c| c.load(Ordering::Relaxed))
-    }
-
-    pub fn set(&self, index: u32, id: BackendId) -> bool {
-        self.cell(index)
-            .map(|c| c.store(id, Ordering::Release))
-            .is_some()
+    fn holds(&self, index: u32) -> bool {
+        index >= self.first && index - self.first < self.len
     }
 }
 
-impl Drop for MappedSlots {
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mapped in `new`, no longer referenced.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len * size_of::<u32>()) };
+        // SAFETY: unmapping exactly the region mapped in `map`; no reference into it outlives
+        // the `MappedSlots` access that made it.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.len as usize * size_of::<u32>(),
+            )
+        };
+    }
+}
+
+// SAFETY: the mappings are shared memory accessed only through atomics, and owned by the value:
+// moving it to another thread moves them along.
+unsafe impl Send for Window {}
+
+impl MappedSlots {
+    /// The slots array (created with BPF_F_MMAPABLE, holding `slots` slots); maps its first
+    /// window to check that it can be mapped.
+    pub fn new(map: MapData, slots: u32) -> Result<Self, std::io::Error> {
+        let first = Window::map(&map, 0, slots.min(WINDOW_SLOTS))?;
+        Ok(Self {
+            len: slots,
+            window: std::cell::RefCell::new(Some(first)),
+            map,
+        })
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.len
+    }
+
+    /// Runs `access` on slot `index`, mapping the window that holds it if need be; `None` when
+    /// the index is out of range or the window cannot be mapped.
+    fn with_cell<T>(&self, index: u32, access: impl FnOnce(&AtomicU32) -> T) -> Option<T> {
+        if index >= self.len {
+            return None;
+        }
+        let mut window = self.window.borrow_mut();
+        if !window.as_ref().is_some_and(|w| w.holds(index)) {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+            let first = index - index % (page / size_of::<u32>() as u32);
+            let len = WINDOW_SLOTS.min(self.len - first);
+            // The old window goes first, so at most one is resident.
+            *window = None;
+            *window = Some(Window::map(&self.map, first, len).ok()?);
+        }
+        let window = window.as_ref()?;
+        // SAFETY: `window.holds(index)`, so the pointer stays inside the mapping, which lives
+        // until this borrow ends; AtomicU32 has the layout of the u32 the kernel stores.
+        let cell = unsafe { &*window.base.as_ptr().add((index - window.first) as usize) };
+        Some(access(cell))
+    }
+
+    pub fn get(&self, index: u32) -> Option<BackendId> {
+        self.with_cell(index, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, index: u32, id: BackendId) -> bool {
+        self.with_cell(index, |c| c.store(id, Ordering::Release))
+            .is_some()
     }
 }
 
@@ -254,19 +309,20 @@ impl BpfMaps {
     pub fn read_contents(&self) -> Result<MapContents, MapError> {
         let services: BTreeMap<ServiceKey, ServiceEntry> =
             self.services.iter().collect::<Result<_, _>>()?;
-        let mut tables = BTreeMap::new();
-        for entry in services.values().filter(|e| e.table_size > 0) {
-            let range = TableRange {
+        // In offset order, so each window of the slots array is mapped once.
+        let ranges: BTreeSet<TableRange> = (services.values())
+            .filter(|e| e.table_size > 0)
+            .map(|entry| TableRange {
                 offset: entry.table_offset,
                 size: entry.table_size,
-            };
-            tables.entry(range).or_insert_with(|| {
-                Arc::new(
-                    (range.offset..range.offset + range.size)
-                        .map(|i| self.slots.get(i).unwrap_or(NO_BACKEND))
-                        .collect(),
-                )
-            });
+            })
+            .collect();
+        let mut tables = BTreeMap::new();
+        for range in ranges {
+            let table = (range.offset..range.offset + range.size)
+                .map(|i| self.slots.get(i).unwrap_or(NO_BACKEND))
+                .collect();
+            tables.insert(range, Arc::new(table));
         }
         Ok(MapContents {
             node: self.node.get(&0, 0)?,
@@ -320,7 +376,7 @@ impl MapWriter for BpfMaps {
                     (range, index),
                 )(MapError::OutOfBounds {
                     index: range.offset + index,
-                    max_entries: self.slots.len as u32,
+                    max_entries: self.slots.slot_count(),
                 }));
             }
         }

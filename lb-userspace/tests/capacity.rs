@@ -14,16 +14,20 @@ use lb_userspace::{
 };
 use support::{PinDir, privileged};
 
-/// `n` ClusterIP Services of two backends each (251-slot tables, none shared).
+/// `n` (up to 12,500) ClusterIP Services of two backends each (251-slot tables, none shared).
 fn services(n: usize) -> String {
     (0..n)
         .map(|i| {
             format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: t}}\n\
-                 spec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80}}]}}\n---\n\
+                 spec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n\
                  apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  namespace: t\n  \
                  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: 8080}}]\n\
-                 endpoints: [{{addresses: [10.244.{i}.1]}}, {{addresses: [10.244.{i}.2]}}]\n---\n"
+                 endpoints: [{{addresses: [10.{a}.{b}.1]}}, {{addresses: [10.{a}.{b}.2]}}]\n---\n",
+                1 + i / 250,
+                i % 250,
+                a = 200 + i / 250,
+                b = i % 250,
             )
         })
         .collect()
@@ -99,4 +103,87 @@ fn capacities_are_set_at_load_and_kept_by_a_restart() {
         8,
         "adopted as programmed"
     );
+}
+
+/// The agent maps a bounded window of the slots array, not all of it (mapping a BPF array
+/// faults in every page), and what it writes through the windows is what the kernel holds.
+#[test]
+fn the_slots_array_is_written_through_a_bounded_window() {
+    if !privileged("the_slots_array_is_written_through_a_bounded_window") {
+        return;
+    }
+    let pins = PinDir::new("slot-window");
+    // 16 MiB of slots; 1,200 tables of 251 slots span more than one 1 MiB window.
+    let capacities = Capacities {
+        frontends: 4096,
+        backends: 4096,
+        slots: 1 << 22,
+        ..Capacities::DEFAULT
+    };
+    let mut dataplane = Dataplane::load_sized(&pins.0, false, capacities).expect("load");
+    let read = manifest::parse(&services(1200), "test");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    let desired = translate(&read.objects, &NodeContext::default());
+    let mut programmer = Programmer::adopt(
+        Default::default(),
+        Settings {
+            capacities,
+            ..Settings::default()
+        },
+    );
+    let (_, unplaced) = programmer
+        .sync(&desired, &mut dataplane.maps)
+        .expect("sync");
+    assert!(unplaced.is_empty(), "{unplaced:?}");
+
+    let mapped: Vec<u64> = std::fs::read_to_string("/proc/self/smaps")
+        .unwrap()
+        .split("\n")
+        .scan(false, |in_bpf_map, line| {
+            if !line.starts_with(|c: char| c.is_ascii_uppercase()) {
+                *in_bpf_map = line.ends_with("anon_inode:bpf-map");
+            }
+            Some((*in_bpf_map, line.strip_prefix("Rss:").map(str::to_owned)))
+        })
+        .filter_map(|(in_bpf_map, rss)| rss.filter(|_| in_bpf_map))
+        .map(|rss| rss.trim().trim_end_matches("kB").trim().parse().unwrap())
+        .collect();
+    assert!(!mapped.is_empty(), "the slots array is mapped");
+    assert!(
+        mapped.iter().all(|&kib| kib <= 1024),
+        "resident mappings of BPF maps, KiB: {mapped:?}"
+    );
+
+    // Through the bpf() syscall, every table reads as the agent wrote it.
+    let contents = dataplane.maps.read_contents().expect("read");
+    let highest = contents
+        .tables
+        .keys()
+        .map(|r| r.offset + r.size)
+        .max()
+        .unwrap();
+    assert!(
+        highest > 1 << 18,
+        "the tables span windows (up to slot {highest})"
+    );
+    let slots: aya::maps::Array<_, [u32; SLOTS_PER_ELEMENT as usize]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(dataplane.pin_dir().join(SLOTS_MAP)).expect("pinned"),
+        ))
+        .expect("an array of slot pairs");
+    let slot = |index: u32| {
+        slots.get(&(index / SLOTS_PER_ELEMENT), 0).expect("read")
+            [(index % SLOTS_PER_ELEMENT) as usize]
+    };
+    assert_eq!(contents.tables.len(), 1200);
+    for (range, table) in &contents.tables {
+        let kernel: Vec<u32> = (range.offset..range.offset + range.size)
+            .map(slot)
+            .collect();
+        assert_eq!(&kernel, &**table, "{range:?}");
+        assert!(
+            table.iter().all(|id| contents.backends.contains_key(id)),
+            "{range:?} names only programmed backends"
+        );
+    }
 }
