@@ -120,6 +120,12 @@ impl Document {
     }
 }
 
+/// A document of a read before parsing: known from the last read, or to parse.
+enum Pending<'a> {
+    Known(Document),
+    Fresh { document: &'a str, location: String },
+}
+
 /// The outcome of one read.
 pub struct Reload {
     pub problems: Vec<Problem>,
@@ -183,7 +189,7 @@ impl ManifestSource {
                 let mut previous = std::mem::take(&mut self.documents);
                 // Known documents are taken from the last read; the others are parsed on
                 // every core (YAML parsing is most of a first read's time).
-                let slots: Vec<(u64, Result<Document, (&str, String)>)> = split
+                let slots: Vec<(u64, Pending)> = split
                     .into_iter()
                     .enumerate()
                     .map(|(index, document)| {
@@ -196,23 +202,27 @@ impl ManifestSource {
                                 if parsed.location != location {
                                     parsed.moved_to(location);
                                 }
-                                Ok(parsed)
+                                Pending::Known(parsed)
                             }
-                            None => Err((document, location)),
+                            None => Pending::Fresh { document, location },
                         };
                         (hash, known)
                     })
                     .collect();
                 fresh.extend(
                     (slots.iter().enumerate())
-                        .filter(|(_, (_, known))| known.is_err())
+                        .filter(|(_, (_, pending))| matches!(pending, Pending::Fresh { .. }))
                         .map(|(index, _)| index),
                 );
                 let documents: Vec<(u64, Document)> = slots
                     .into_par_iter()
-                    .map(|(hash, known)| {
-                        let parsed = known
-                            .unwrap_or_else(|(text, location)| Document::parse(text, location));
+                    .map(|(hash, pending)| {
+                        let parsed = match pending {
+                            Pending::Known(parsed) => parsed,
+                            Pending::Fresh { document, location } => {
+                                Document::parse(document, location)
+                            }
+                        };
                         (hash, parsed)
                     })
                     .collect();
