@@ -214,6 +214,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let health = Arc::new(HealthState::new(config.healthz_timeout));
     let metrics = Arc::new(Metrics::new(config.bpffs_dir.clone()));
+    metrics.set_capacities(&dataplane.capacities);
     let mut servers = Vec::new();
     if let Some(addr) = config.healthz_bind_address {
         servers.push(crate::health::serve_healthz(
@@ -453,6 +454,8 @@ impl Agent {
             crate::pipeline::release_free_heap();
         }
         self.health_checks.reconcile(&desired.health_checks).await;
+        // What is programmed, after a failed sync too (it may have written part).
+        (self.metrics).set_programmed(self.pipeline.programmer().programmed());
     }
 
     /// Attaches to matching interfaces that appeared, forgets ones that went away, and refreshes

@@ -195,6 +195,9 @@ pub fn spawn_sweeper(
                 match sweep(&map) {
                     Ok(done) => {
                         metrics.conntrack_entries.set(done.entries as i64);
+                        (metrics.map_entries)
+                            .get_or_create(&[("map", lb_common::maps::CONNTRACK_MAP)])
+                            .set(done.entries as i64);
                         metrics.conntrack_gc_deleted.inc_by(done.deleted as u64);
                         metrics
                             .conntrack_gc_duration

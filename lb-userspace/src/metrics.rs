@@ -7,12 +7,16 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use lb_common::maps::{
+    AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, Capacities, SERVICES_MAP, SLOTS_MAP,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::Gauge,
         histogram::Histogram,
     },
@@ -20,6 +24,8 @@ use prometheus_client::{
 };
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::dataplane::MapContents;
 
 /// The agent's own metrics.
 pub struct Metrics {
@@ -47,7 +53,14 @@ pub struct Metrics {
     pub conntrack_entries: Gauge,
     pub conntrack_gc_deleted: Counter,
     pub conntrack_gc_duration: Histogram,
+    /// Each map's room, set at load, and its use: the programmed maps after each sync,
+    /// conntrack after each sweep (`map` is the pinned map's name; slots count slots).
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub map_entries: Family<MapLabel, Gauge>,
 }
+
+/// The `map` label of the capacity metrics.
+pub type MapLabel = [(&'static str, &'static str); 1];
 
 impl Metrics {
     pub fn new(bpffs_dir: PathBuf) -> Self {
@@ -131,6 +144,19 @@ impl Metrics {
             "How long one conntrack sweep took",
             conntrack_gc_duration.clone(),
         );
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "map_capacity",
+            "Entries each map has room for (slots for the slots array), as sized at load",
+            map_capacity.clone(),
+        );
+        registry.register(
+            "map_entries",
+            "Entries in use in each map: services, backends and slots after each sync, \
+             conntrack after each sweep (alert on map_entries / map_capacity)",
+            map_entries.clone(),
+        );
         registry.register_collector(Box::new(PacketCounters { bpffs_dir }));
         Self {
             registry,
@@ -147,6 +173,37 @@ impl Metrics {
             conntrack_entries,
             conntrack_gc_deleted,
             conntrack_gc_duration,
+            map_capacity,
+            map_entries,
+        }
+    }
+
+    /// Sets `lb_map_capacity` from the maps as loaded.
+    pub fn set_capacities(&self, capacities: &Capacities) {
+        for (map, entries) in [
+            (SERVICES_MAP, capacities.frontends),
+            (BACKENDS_MAP, capacities.backends),
+            (SLOTS_MAP, capacities.slots),
+            (CONNTRACK_MAP, capacities.conntrack),
+            (AFFINITY_MAP, capacities.affinity),
+        ] {
+            self.map_capacity
+                .get_or_create(&[("map", map)])
+                .set(i64::from(entries));
+        }
+    }
+
+    /// Sets `lb_map_entries` of the maps a sync writes from what is programmed.
+    pub fn set_programmed(&self, programmed: &MapContents) {
+        let slots: u64 = programmed.tables.keys().map(|r| u64::from(r.size)).sum();
+        for (map, entries) in [
+            (SERVICES_MAP, programmed.services.len() as u64),
+            (BACKENDS_MAP, programmed.backends.len() as u64),
+            (SLOTS_MAP, slots),
+        ] {
+            self.map_entries
+                .get_or_create(&[("map", map)])
+                .set(entries as i64);
         }
     }
 
@@ -203,4 +260,58 @@ pub fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> JoinHa
             warn!("metrics server stopped: {err}");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_fill_is_exported_beside_each_maps_capacity() {
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"));
+        let capacities = Capacities {
+            frontends: 64,
+            backends: 128,
+            slots: 2048,
+            conntrack: 512,
+            affinity: 32,
+        };
+        metrics.set_capacities(&capacities);
+        // Two ClusterIP Services of two backends each: two 251-slot tables.
+        let manifest: String = (1..=2)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: t}}\n\
+                     spec: {{clusterIP: 10.96.0.{i}, ports: [{{port: 80}}]}}\n---\n\
+                     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {{name: s{i}, namespace: t, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+                     addressType: IPv4\nports: [{{port: 8080}}]\n\
+                     endpoints: [{{addresses: [10.1.{i}.1]}}, {{addresses: [10.1.{i}.2]}}]\n---\n"
+                )
+            })
+            .collect();
+        let read = crate::manifest::parse(&manifest, "test");
+        assert!(read.problems.is_empty(), "{:?}", read.problems);
+        let desired = crate::translate::translate(&read.objects, &Default::default());
+        let mut programmer = crate::sync::Programmer::adopt(Default::default(), Default::default());
+        programmer
+            .sync(&desired, &mut MapContents::default())
+            .expect("sync");
+        let programmed = programmer.programmed();
+        metrics.set_programmed(programmed);
+        let text = metrics.render();
+        for (name, map, value) in [
+            ("capacity", SERVICES_MAP, 64),
+            ("capacity", BACKENDS_MAP, 128),
+            ("capacity", SLOTS_MAP, 2048),
+            ("capacity", CONNTRACK_MAP, 512),
+            ("capacity", AFFINITY_MAP, 32),
+            ("entries", SERVICES_MAP, 2),
+            ("entries", BACKENDS_MAP, 4),
+            ("entries", SLOTS_MAP, 502),
+        ] {
+            let line = format!("lb_map_{name}{{map=\"{map}\"}} {value}\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+    }
 }
