@@ -321,8 +321,10 @@ fn check_complete(results: &Results) -> anyhow::Result<()> {
 pub fn replot(json: &Path) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-    let results: Results =
+    let mut results: Results =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    // Summaries and targets again from the samples: targets as this version defines them.
+    results.summarize();
     let stem = json.with_extension("");
     let md = stem.with_extension("md");
     std::fs::write(&md, report::markdown(&results))
