@@ -405,13 +405,23 @@ impl Agent {
         }
         match step.programmed {
             Ok((stats, unplaced)) => {
-                for frontend in &unplaced {
-                    error!("{frontend}: no room left in the slots array; not programmed");
+                let services = crate::sync::by_service(&unplaced, desired);
+                for (service, frontends) in &services {
+                    let frontends: Vec<String> = frontends.iter().map(|f| f.to_string()).collect();
+                    error!(
+                        "{service}: not programmed: its frontends ({}) do not all fit the maps \
+                         (lb_map_entries against lb_map_capacity says which is full; raise \
+                         --max-frontends, --max-backends or --max-maglev-slots)",
+                        frontends.join(", ")
+                    );
                 }
                 self.health.set_unprogrammed(unplaced.len());
                 self.metrics
                     .frontends_unprogrammed
                     .set(unplaced.len() as i64);
+                self.metrics
+                    .services_unprogrammed
+                    .set(services.len() as i64);
                 self.health.applied();
                 self.metrics.syncs.inc();
                 self.metrics

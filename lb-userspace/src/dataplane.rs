@@ -11,6 +11,7 @@ use std::{
     },
 };
 
+pub use crate::slot_table::SlotTable;
 use crate::sync::AffinityPrune;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
@@ -52,13 +53,9 @@ pub trait MapWriter {
         changes: &[(u32, BackendId)],
     ) -> Result<(), WriteError>;
     /// Writes a whole table into a range no table used. By default slot by slot.
-    fn put_table(
-        &mut self,
-        range: TableRange,
-        table: &Arc<Vec<BackendId>>,
-    ) -> Result<(), WriteError> {
+    fn put_table(&mut self, range: TableRange, table: &Arc<SlotTable>) -> Result<(), WriteError> {
         for (index, id) in table.iter().enumerate() {
-            self.put_slots(range, &[(index as u32, *id)])?;
+            self.put_slots(range, &[(index as u32, id)])?;
         }
         Ok(())
     }
@@ -87,7 +84,7 @@ pub struct MapContents {
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
     /// Every table a service points at. Shared (`Arc`) so copies of the contents are cheap; a
     /// write copies a table only if someone else holds it.
-    pub tables: BTreeMap<TableRange, Arc<Vec<BackendId>>>,
+    pub tables: BTreeMap<TableRange, Arc<SlotTable>>,
     pub backends: BTreeMap<BackendId, Backend>,
 }
 
@@ -100,7 +97,7 @@ impl MapContents {
         };
         self.tables
             .get(&range)
-            .and_then(|t| t.get(index as usize).copied())
+            .and_then(|t| t.get(index as usize))
             .filter(|&id| id != NO_BACKEND)
     }
 }
@@ -126,19 +123,15 @@ impl MapWriter for MapContents {
         let table = Arc::make_mut(
             self.tables
                 .entry(range)
-                .or_insert_with(|| Arc::new(vec![NO_BACKEND; range.size as usize])),
+                .or_insert_with(|| Arc::new(SlotTable::filled(range.size as usize, NO_BACKEND))),
         );
         for &(index, id) in changes {
-            table[index as usize] = id;
+            table.set(index as usize, id);
         }
         Ok(())
     }
     /// Shares the table: the mirror and the programmer hold it once.
-    fn put_table(
-        &mut self,
-        range: TableRange,
-        table: &Arc<Vec<BackendId>>,
-    ) -> Result<(), WriteError> {
+    fn put_table(&mut self, range: TableRange, table: &Arc<SlotTable>) -> Result<(), WriteError> {
         self.tables.insert(range, table.clone());
         Ok(())
     }

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub backends: Gauge,
     /// Frontends the last sync wanted but found no room for.
     pub frontends_unprogrammed: Gauge,
+    pub services_unprogrammed: Gauge,
     /// Frontends with more backends than the largest Maglev table spreads evenly.
     pub frontends_uneven_tables: Gauge,
     /// Errors in Services and EndpointSlices at the last sync (such objects are rejected; their
@@ -107,6 +108,7 @@ impl Metrics {
         );
         registry.register("backends", "Programmed backends", backends.clone());
         let frontends_unprogrammed = Gauge::default();
+        let services_unprogrammed = Gauge::default();
         let object_errors = Gauge::default();
         let frontends_uneven_tables = Gauge::default();
         registry.register(
@@ -119,6 +121,12 @@ impl Metrics {
             "frontends_unprogrammed",
             "Frontends wanted but not programmed (no room left); /healthz fails while any",
             frontends_unprogrammed.clone(),
+        );
+        registry.register(
+            "services_unprogrammed",
+            "Services left out whole because some of their frontends found no room in the maps \
+             (a Service is programmed whole or not at all); /healthz fails while any",
+            services_unprogrammed.clone(),
         );
         registry.register(
             "object_errors",
@@ -168,6 +176,7 @@ impl Metrics {
             frontends,
             backends,
             frontends_unprogrammed,
+            services_unprogrammed,
             frontends_uneven_tables,
             object_errors,
             conntrack_entries,

@@ -11,7 +11,7 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
     manifest,
-    sync::{Programmer, Settings, SyncStats},
+    sync::{Programmer, Settings, SyncStats, service_key},
     translate::{Desired, NodeContext, Touched, translate},
 };
 
@@ -321,7 +321,7 @@ fn a_failed_write_is_resumed_by_the_next_sync() {
             .tables
             .values()
             .flat_map(|t| t.iter())
-            .all(|&id| id != NO_BACKEND),
+            .all(|id| id != NO_BACKEND),
         "no table was left half-written"
     );
 }
@@ -688,4 +688,150 @@ fn frontends_that_do_not_fit_the_maps_are_left_out_and_retried_without_failing_t
         bounded_syncs(frontends, &[s0, s1, s2], &[s1, s2]),
         [vec!["10.96.0.3"], vec!["10.96.0.3"], vec![]],
     );
+}
+
+/// Services with several ports (one frontend each, on the ClusterIP), all on the same pods.
+fn desired_ports(services: &[(&str, &str, u16)]) -> Desired {
+    let mut yaml = String::new();
+    for (name, vip, ports) in services {
+        let service_ports: Vec<String> = (0..*ports)
+            .map(|i| format!("{{name: p{i}, port: {}, targetPort: 8080}}", 80 + i))
+            .collect();
+        yaml += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{clusterIP: {vip}, ports: [{}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nports: [{}]\nendpoints:\n  - addresses: [\"10.244.0.1\"]\n---\n",
+            service_ports.join(", "),
+            (0..*ports)
+                .map(|i| format!("{{name: p{i}, port: 8080}}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    let read = manifest::parse(&yaml, "test");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    translate(&read.objects, &NodeContext::default())
+}
+
+/// Records which frontends were ever written, over a bounded map.
+struct WatchedWriter {
+    inner: BoundedWriter,
+    written: BTreeSet<ServiceKey>,
+}
+
+impl MapWriter for WatchedWriter {
+    fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.inner.put_node(config)
+    }
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+        self.inner.put_backend(id, backend)
+    }
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
+        self.inner.delete_backend(id)
+    }
+    fn put_slots(
+        &mut self,
+        range: TableRange,
+        changes: &[(u32, BackendId)],
+    ) -> Result<(), WriteError> {
+        self.inner.put_slots(range, changes)
+    }
+    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+        self.written.insert(key);
+        self.inner.put_service(key, entry)
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        self.inner.delete_service(key)
+    }
+}
+
+/// A Service is programmed whole or not at all: when only some of its frontends fit, none is
+/// written (not even for a moment), the room goes to the Services after it, and it is
+/// programmed whole once room is freed, in the full and the incremental diff alike.
+#[test]
+fn a_service_that_does_not_fit_whole_is_left_out_whole() {
+    let a = ("a", "10.96.0.1", 1);
+    let b = ("b", "10.96.0.2", 2);
+    let c = ("c", "10.96.0.3", 2);
+    let d = ("d", "10.96.0.4", 1);
+    let capacities = Capacities {
+        frontends: 4,
+        ..Capacities::DEFAULT
+    };
+    for incremental in [true, false] {
+        let mut programmer = Programmer::adopt(
+            MapContents::default(),
+            Settings {
+                capacities,
+                ..Settings::default()
+            },
+        );
+        let mut writer = WatchedWriter {
+            inner: BoundedWriter {
+                maps: MapContents::default(),
+                capacities,
+            },
+            written: BTreeSet::new(),
+        };
+        let c_keys: BTreeSet<ServiceKey> = (desired_ports(&[c]).frontends.keys())
+            .map(service_key)
+            .collect();
+        let mut step = |services: &[(&str, &str, u16)]| -> (Vec<String>, Vec<String>) {
+            let want = desired_ports(services);
+            if !incremental {
+                // Each sync in full, as by an agent that just started on these maps.
+                programmer = Programmer::adopt(
+                    writer.inner.maps.clone(),
+                    Settings {
+                        capacities,
+                        ..Settings::default()
+                    },
+                );
+            }
+            let (_, unplaced) = programmer.sync(&want, &mut writer).expect("sync");
+            assert_eq!(
+                reachable(&writer.inner.maps),
+                reachable(programmer.programmed()),
+                "the mirror is exact"
+            );
+            assert!(
+                writer.written.is_disjoint(&c_keys) || unplaced.is_empty(),
+                "no frontend of c is written while c does not fit whole"
+            );
+            let placed = (want.frontends.iter())
+                .filter(|(f, _)| !unplaced.contains(f))
+                .map(|(f, plan)| format!("{}:{}", plan.service.name, f.port))
+                .collect();
+            let left_out = unplaced
+                .iter()
+                .map(|f| format!("{}:{}", f.addr, f.port))
+                .collect();
+            (placed, left_out)
+        };
+        let (placed, _) = step(&[a, b]);
+        assert_eq!(placed, ["a:80", "b:80", "b:81"]);
+        // One of c's two frontends would fit: neither is programmed, and d gets the room.
+        let (placed, left_out) = step(&[a, b, c, d]);
+        assert_eq!(
+            placed,
+            ["a:80", "b:80", "b:81", "d:80"],
+            "incremental: {incremental}"
+        );
+        assert_eq!(left_out, ["10.96.0.3:80", "10.96.0.3:81"]);
+        // a leaves: one free entry is still not enough for c.
+        let (placed, _) = step(&[b, c, d]);
+        assert_eq!(placed, ["b:80", "b:81", "d:80"]);
+        let (placed, _) = step(&[b, c, d]);
+        assert_eq!(placed, ["b:80", "b:81", "d:80"]);
+        // d leaves too: c fits whole.
+        step(&[b, c]);
+        let (placed, left_out) = step(&[b, c]);
+        assert_eq!(
+            placed,
+            ["b:80", "b:81", "c:80", "c:81"],
+            "incremental: {incremental}"
+        );
+        assert!(left_out.is_empty());
+    }
 }

@@ -20,7 +20,7 @@ use std::{
 use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
 
 use super::SyncStats;
-use crate::dataplane::{MapContents, MapWriter, TableRange, WriteError};
+use crate::dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError};
 
 /// Which session-affinity memories to forget.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl AffinityPrune {
 pub enum SlotWrites {
     /// A range no table used: the whole table, shared with the programmer's copy (and the
     /// mirror's), so a first sync of 10,000 tables holds each table once.
-    Whole(Arc<Vec<BackendId>>),
+    Whole(Arc<SlotTable>),
     /// Only the slots that change: (index in the table, backend).
     Changes(Vec<(u32, BackendId)>),
 }
@@ -70,6 +70,15 @@ pub struct WritePlan {
     pub draining: Vec<(BackendId, Backend)>,
     pub affinity: Option<AffinityPrune>,
     pub removed_backends: Vec<BackendId>,
+}
+
+impl WritePlan {
+    /// Whether the plan deletes a frontend or backend `mirror` holds (before it is applied):
+    /// the room that frees is what frontends left unplaced wait for.
+    pub fn frees_room(&self, mirror: &MapContents) -> bool {
+        (self.removed_services.iter()).any(|key| mirror.services.contains_key(key))
+            || (self.removed_backends.iter()).any(|id| mirror.backends.contains_key(id))
+    }
 }
 
 /// Executes `plan` through `writer`, keeping `mirror` to what was written.
@@ -163,11 +172,7 @@ impl Tracked<'_> {
         Ok(())
     }
 
-    fn put_table(
-        &mut self,
-        range: TableRange,
-        table: &Arc<Vec<BackendId>>,
-    ) -> Result<(), WriteError> {
+    fn put_table(&mut self, range: TableRange, table: &Arc<SlotTable>) -> Result<(), WriteError> {
         if let Err(err) = self.writer.put_table(range, table) {
             // Some slots may be written: the mirror forgets the range, so the next (full) sync
             // writes the whole table again.

@@ -30,7 +30,8 @@ use super::{
     tables::{IdAllocator, SlotSpace, TableContent, build_table, slot_changes, table_for},
 };
 use crate::{
-    dataplane::{MapContents, TableRange},
+    dataplane::{MapContents, SlotTable, TableRange},
+    model::ObjectRef,
     translate::{Desired, Frontend, FrontendPlan, Touched},
 };
 
@@ -82,14 +83,36 @@ pub(super) struct Changes {
     unplaced: Vec<Frontend>,
     freed: Vec<(TableContent, TableRange)>,
     unused: Vec<(BackendId, Backend)>,
-    tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)>,
+    tables_written: Vec<(TableRange, TableContent, Arc<SlotTable>)>,
 }
 
 impl Programmer {
     /// The map contents `desired` maps to. Ids already programmed are kept for the same backend or
     /// frontend; new ones never reuse an id still programmed, so no in-use id changes meaning.
     /// Frontends with the same backends and table size share one table.
+    ///
+    /// A Service is programmed whole or not at all: when some of its frontends find no room,
+    /// its other frontends are left out too (and their room goes to the Services after it), so
+    /// the packet path never serves half a Service, e.g. its ClusterIP without its NodePort.
     pub fn target(&self, desired: &Desired) -> Target {
+        let mut rejected = BTreeSet::new();
+        loop {
+            let target = self.target_rejecting(desired, &rejected);
+            let placed = |frontend: &Frontend| {
+                (target.contents.services).contains_key(&service_key(frontend))
+            };
+            let partial = partially_placed(&target.unplaced, desired, placed);
+            if partial.is_empty() {
+                return target;
+            }
+            // Each round rejects at least one more Service, so this ends.
+            rejected.extend(partial);
+        }
+    }
+
+    /// [`Programmer::target`] with the frontends of the Services in `rejected` left unplaced
+    /// without taking any room.
+    fn target_rejecting(&self, desired: &Desired, rejected: &BTreeSet<ObjectRef>) -> Target {
         let existing_backends: BTreeMap<Backend, BackendId> = self
             .programmed
             .backends
@@ -124,6 +147,10 @@ impl Programmer {
         let mut admitted: BTreeMap<Frontend, &Arc<FrontendPlan>> = BTreeMap::new();
         let mut id_of: BTreeMap<Backend, BackendId> = BTreeMap::new();
         for (frontend, plan) in &desired.frontends {
+            if rejected.contains(&plan.service) {
+                target.unplaced.push(*frontend);
+                continue;
+            }
             let fresh_frontend = !self
                 .programmed
                 .services
@@ -278,7 +305,7 @@ impl Programmer {
         }
         // Tables not built yet are built on every core: a first sync builds thousands.
         let backends = &target.contents.backends;
-        let tables: Vec<(TableRange, Arc<Vec<BackendId>>)> = (placement.par_iter())
+        let tables: Vec<(TableRange, Arc<SlotTable>)> = (placement.par_iter())
             .map(|(content, range)| {
                 let table = (self.built.get(content).cloned())
                     .unwrap_or_else(|| Arc::new(build_table(content, backends)));
@@ -466,12 +493,14 @@ impl Programmer {
         for range in self.quarantine.drain(..) {
             ix.space.free(range);
         }
+        // Frontends left unplaced that are no longer wanted are forgotten.
+        (self.unplaced).retain(|frontend| desired.frontends.contains_key(frontend));
         let changed = match touched {
             Some(touched) => {
-                // Frontends left unplaced last time are tried again (if still wanted).
-                (self.unplaced).retain(|frontend| desired.frontends.contains_key(frontend));
-                let candidates: BTreeSet<&Frontend> =
-                    touched.iter().chain(&self.unplaced).collect();
+                // Frontends left unplaced last time are tried again once the last sync made
+                // room.
+                let retried = self.unplaced.iter().filter(|_| self.room_freed);
+                let candidates: BTreeSet<&Frontend> = touched.iter().chain(retried).collect();
                 touched_frontends(candidates, &self.programmed_plans, &desired.frontends)
             }
             None => changed_frontends(&self.programmed_plans, &desired.frontends),
@@ -501,7 +530,7 @@ impl Programmer {
         let mut plan = WritePlan::default();
         let mut unplaced: Vec<Frontend> = Vec::new();
         let mut scope: BTreeMap<u32, BTreeSet<BackendId>> = BTreeMap::new();
-        let mut tables_written: Vec<(TableRange, TableContent, Arc<Vec<BackendId>>)> = Vec::new();
+        let mut tables_written: Vec<(TableRange, TableContent, Arc<SlotTable>)> = Vec::new();
         let mut added_frontends = 0;
         for (frontend, plan_of) in &changed {
             let key = service_key(frontend);
@@ -653,7 +682,24 @@ impl Programmer {
         }
     }
 
-    /// Records what an applied incremental diff programmed. Returns the frontends left
+    /// Whether applying `changes` would leave some Service partly programmed: one of its
+    /// frontends found no room while another is (or stays) programmed. Such a sync is run in
+    /// full instead, which rejects that Service whole.
+    pub(super) fn leaves_a_service_partial(&self, changes: &Changes, desired: &Desired) -> bool {
+        let changed: HashMap<&Frontend, bool> = (changes.changed.iter())
+            .map(|(frontend, plan)| {
+                let placed = plan.is_some() && !changes.unplaced.contains(frontend);
+                (frontend, placed)
+            })
+            .collect();
+        let placed = |frontend: &Frontend| match changed.get(frontend) {
+            Some(placed) => *placed,
+            None => self.programmed_plans.contains_key(frontend),
+        };
+        !partially_placed(&changes.unplaced, desired, placed).is_empty()
+    }
+
+    /// Records what an applied incremental diff programmed. Returns every frontend left
     /// unplaced.
     pub(super) fn commit_changes(&mut self, changes: Changes) -> Vec<Frontend> {
         let Changes {
@@ -691,9 +737,10 @@ impl Programmer {
                 }
             }
         }
-        self.unplaced.extend(unplaced.iter().copied());
+        self.unplaced.extend(unplaced);
         self.incremental = Some(indexes);
-        unplaced
+        // Also the frontends this sync did not try again: all that wait for room.
+        self.unplaced.iter().copied().collect()
     }
 }
 
@@ -756,4 +803,23 @@ fn changed_frontends<'a>(
         }
     }
     changes
+}
+
+/// The Services some of whose frontends are in `unplaced` while others are `placed`. One pass
+/// over every frontend, and only when something was left unplaced (the maps are full).
+pub(super) fn partially_placed(
+    unplaced: &[Frontend],
+    desired: &Desired,
+    placed: impl Fn(&Frontend) -> bool,
+) -> BTreeSet<ObjectRef> {
+    if unplaced.is_empty() {
+        return BTreeSet::new();
+    }
+    let short: BTreeSet<&ObjectRef> = (unplaced.iter())
+        .filter_map(|frontend| Some(&desired.frontends.get(frontend)?.service))
+        .collect();
+    (desired.frontends.iter())
+        .filter(|(frontend, plan)| short.contains(&plan.service) && placed(frontend))
+        .map(|(_, plan)| plan.service.clone())
+        .collect()
 }

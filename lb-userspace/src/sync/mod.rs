@@ -31,7 +31,7 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{MapContents, MapWriter, TableRange, WriteError},
+    dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError},
     model::Protocol,
     translate::{Desired, Frontend, FrontendPlan, Touched},
 };
@@ -60,6 +60,24 @@ impl Default for Settings {
     }
 }
 
+/// The Services of frontends a sync left unplaced, with those frontends: the unit the agent
+/// reports (a Service is programmed whole or not at all).
+pub fn by_service(
+    unplaced: &[Frontend],
+    desired: &Desired,
+) -> BTreeMap<crate::model::ObjectRef, Vec<Frontend>> {
+    let mut services: BTreeMap<_, Vec<Frontend>> = BTreeMap::new();
+    for frontend in unplaced {
+        if let Some(plan) = desired.frontends.get(frontend) {
+            services
+                .entry(plan.service.clone())
+                .or_default()
+                .push(*frontend);
+        }
+    }
+    services
+}
+
 /// How many map writes a sync made (each changed slot counts as one; deleted affinity memories
 /// count as deletes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,7 +103,7 @@ pub struct Programmer {
     /// and compared slot by slot once). A table whose content is unchanged is not even compared.
     table_contents: BTreeMap<TableRange, TableContent>,
     /// Maglev tables built for contents still in use: a sync only builds what changed.
-    built: HashMap<TableContent, Arc<Vec<BackendId>>>,
+    built: HashMap<TableContent, Arc<SlotTable>>,
     /// Tables freed by the last sync: not reused until the next one.
     quarantine: Vec<TableRange>,
     /// Each frontend's backends as of the last full sync, to tell when affinity needs pruning.
@@ -93,8 +111,11 @@ pub struct Programmer {
     settings: Settings,
     /// Present after a successful sync: the next one may work on changes only.
     incremental: Option<diff::Incremental>,
-    /// Frontends the last sync found no room for: every incremental sync tries them again.
+    /// Frontends the last sync found no room for: an incremental sync tries them again when
+    /// the sync before it removed something (room appears no other way).
     unplaced: BTreeSet<Frontend>,
+    /// The last sync removed entries or freed a table: the next one retries `unplaced`.
+    room_freed: bool,
 }
 
 impl Programmer {
@@ -165,8 +186,10 @@ impl Programmer {
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         let target = self.target(desired);
         let plan = self.full_plan(&target);
+        let frees_room = plan.frees_room(&self.programmed);
         let stats = apply::apply(&plan, writer, &mut self.programmed)?;
         let unplaced = self.commit_full(target, desired);
+        self.room_freed = frees_room || !self.quarantine.is_empty();
         Ok((stats, unplaced))
     }
 
@@ -177,11 +200,19 @@ impl Programmer {
         touched: Option<&Touched>,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        // Kept to be restored should this diff be dropped for a full one.
+        let quarantine = self.quarantine.clone();
         let changes = self.changes_plan(indexes, desired, touched);
+        if self.leaves_a_service_partial(&changes, desired) {
+            self.quarantine = quarantine;
+            return self.sync_full(desired, writer);
+        }
         // On a failed write the indexes no longer match the maps (the mirror does): they are
         // dropped, so the next sync runs in full from the mirror.
+        let frees_room = changes.plan.frees_room(&self.programmed);
         let stats = apply::apply(&changes.plan, writer, &mut self.programmed)?;
         let unplaced = self.commit_changes(changes);
+        self.room_freed = frees_room || !self.quarantine.is_empty();
         Ok((stats, unplaced))
     }
 

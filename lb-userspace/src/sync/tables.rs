@@ -11,7 +11,7 @@ use lb_common::{
     service::{Backend, BackendId},
 };
 
-use crate::dataplane::TableRange;
+use crate::dataplane::{SlotTable, TableRange};
 
 /// A table's content: its size and the backends it spreads over (sorted ids).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,7 +24,7 @@ pub(super) struct TableContent {
 pub(super) fn build_table(
     content: &TableContent,
     backends: &BTreeMap<BackendId, Backend>,
-) -> Vec<BackendId> {
+) -> SlotTable {
     build_table_keyed(content, |id| {
         let b = backends[&id];
         maglev::backend_key(b.addr_be, b.port_be)
@@ -32,20 +32,20 @@ pub(super) fn build_table(
 }
 
 /// [`build_table`] with each backend's Maglev key from `key_of`.
-fn build_table_keyed(content: &TableContent, key_of: impl Fn(BackendId) -> u64) -> Vec<BackendId> {
+fn build_table_keyed(content: &TableContent, key_of: impl Fn(BackendId) -> u64) -> SlotTable {
     let keys: Vec<u64> = content.backends.iter().map(|id| key_of(*id)).collect();
-    maglev::build(&keys, content.size)
-        .into_iter()
-        .map(|i| content.backends[i as usize])
-        .collect()
+    SlotTable::from_indices(
+        content.backends.clone(),
+        &maglev::build(&keys, content.size),
+    )
 }
 
 /// The Maglev table for `content`, built once and shared through `built`.
 pub(super) fn table_for(
-    built: &mut HashMap<TableContent, Arc<Vec<BackendId>>>,
+    built: &mut HashMap<TableContent, Arc<SlotTable>>,
     content: &TableContent,
     key_of: impl Fn(BackendId) -> u64,
-) -> Arc<Vec<BackendId>> {
+) -> Arc<SlotTable> {
     built
         .entry(content.clone())
         .or_insert_with(|| Arc::new(build_table_keyed(content, key_of)))
@@ -53,12 +53,12 @@ pub(super) fn table_for(
 }
 
 /// The `(index, backend)` writes that turn the table `before` into `after`.
-pub(super) fn slot_changes(before: &[BackendId], after: &[BackendId]) -> Vec<(u32, BackendId)> {
+pub(super) fn slot_changes(before: &SlotTable, after: &SlotTable) -> Vec<(u32, BackendId)> {
     after
         .iter()
         .enumerate()
-        .filter(|(i, id)| before.get(*i) != Some(*id))
-        .map(|(i, id)| (i as u32, *id))
+        .filter(|&(i, id)| before.get(i) != Some(id))
+        .map(|(i, id)| (i as u32, id))
         .collect()
 }
 

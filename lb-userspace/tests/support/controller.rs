@@ -222,7 +222,7 @@ pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
                 .map(|table| {
                     table
                         .iter()
-                        .filter_map(|id| maps.backends.get(id))
+                        .filter_map(|id| maps.backends.get(&id))
                         .map(|b| {
                             format!(
                                 "{}:{}",
