@@ -191,6 +191,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             warn!("cannot carry the previous layout's state over: {err:#}; its flows start afresh")
         }
     }
+    for (name, from, to) in &dataplane.resized {
+        info!(
+            map = name,
+            from, to, "map created anew at the capacity asked for"
+        );
+    }
+    let pin_dir = dataplane.pin_dir().to_owned();
+    if let Some(carried) = crate::resize::carry_over(&pin_dir, &mut dataplane.maps, false)
+        .context("carrying the resized maps' content over")?
+    {
+        info!(
+            services = carried.services,
+            backends = carried.backends,
+            slots = carried.slots,
+            flows = carried.conntrack / 2,
+            affinity = carried.affinity,
+            "copied what the old maps hold into the resized ones"
+        );
+    }
     let adopted = dataplane
         .maps
         .read_contents()
@@ -261,6 +280,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             taken_over = pinned_links - stale_links,
             detached = stale_links,
             "replaced the programs of the links an earlier agent pinned, in place"
+        );
+    }
+    // The new programs serve every interface now: what the old ones wrote meanwhile is copied,
+    // and the old maps go. Before any sync, so a repeated first pass could never undo one.
+    if let Some(carried) = crate::resize::carry_over(&pin_dir, &mut agent.dataplane.maps, true)
+        .context("finishing the resize of the pinned maps")?
+    {
+        info!(
+            flows = carried.conntrack / 2,
+            affinity = carried.affinity,
+            "resize finished: copied the entries made during the switch; old maps unpinned"
         );
     }
     crate::conntrack::spawn_sweeper(

@@ -20,6 +20,7 @@ pub mod migrate;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod resize;
 pub mod slot_table;
 pub mod sources;
 pub mod sync;

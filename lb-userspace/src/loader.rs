@@ -81,6 +81,8 @@ pub enum LoadError {
         path: PathBuf,
         detail: String,
     },
+    #[error("cannot give the pinned maps the capacities asked for: {detail}")]
+    Resize { detail: String },
     #[error("program {name}: {action} failed")]
     Program {
         name: &'static str,
@@ -164,52 +166,6 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
         }
     }
     Ok(())
-}
-
-/// The capacities the maps will have: `wanted`, except for maps already pinned, which keep
-/// theirs (growing or shrinking one means a new map, and its flows would have to move: `lb
-/// cleanup` and a restart apply the new size, dropping them). Also what differs, to report.
-fn effective_capacities(
-    pin_dir: &Path,
-    wanted: Capacities,
-) -> Result<(Capacities, Vec<String>), LoadError> {
-    let mut effective = wanted;
-    let mut notes = Vec::new();
-    for (name, wanted_entries) in wanted.max_entries() {
-        let path = pin_dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::PinnedMap {
-            path: path.clone(),
-            source,
-        })?;
-        let pinned = info.max_entries();
-        if pinned == wanted_entries {
-            continue;
-        }
-        let field = match name {
-            SERVICES_MAP => &mut effective.frontends,
-            BACKENDS_MAP => &mut effective.backends,
-            SLOTS_MAP => &mut effective.slots,
-            CONNTRACK_MAP => &mut effective.conntrack,
-            _ => &mut effective.affinity,
-        };
-        let scale = if name == SLOTS_MAP {
-            SLOTS_PER_ELEMENT
-        } else {
-            1
-        };
-        notes.push(format!(
-            "{name} is pinned with room for {} entries; {} were asked for: keeping {} so no flow \
-             is lost (`lb cleanup` and a restart apply the new size, dropping established flows)",
-            pinned * scale,
-            wanted_entries * scale,
-            pinned * scale
-        ));
-        *field = pinned * scale;
-    }
-    Ok((effective, notes))
 }
 
 /// The pin directory for this layout under `bpffs_dir`, created if needed.
@@ -317,8 +273,11 @@ pub struct Dataplane {
     pub maps: BpfMaps,
     /// The sized maps' capacities as loaded.
     pub capacities: Capacities,
-    /// Where a pinned map's capacity differs from the one asked for (it was kept).
+    /// Where a pinned map keeps a capacity other than the one asked for, and why.
     pub capacity_notes: Vec<String>,
+    /// Pinned maps created anew at the capacity asked for, (name, old, new capacity): their
+    /// content is carried over by [`crate::resize::carry_over`].
+    pub resized: Vec<(&'static str, u32, u32)>,
     pin_dir: PathBuf,
     links_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
@@ -365,13 +324,17 @@ impl Dataplane {
     }
 
     /// [`Dataplane::load`] with the sized maps created at `wanted` capacities. A map already
-    /// pinned is adopted as it is, whatever its capacity, so a restart never loses flows;
-    /// [`Dataplane::capacity_notes`] says where a pinned capacity differs from the one asked
-    /// for.
+    /// pinned with another capacity is created anew at the new one when all it holds fits
+    /// ([`Dataplane::resized`]; the agent carries its content over with
+    /// [`crate::resize::carry_over`]), and kept as it is otherwise
+    /// ([`Dataplane::capacity_notes`] says why): a restart never loses flows.
     pub fn load_sized(bpffs_dir: &Path, xdp: bool, wanted: Capacities) -> Result<Self, LoadError> {
         let pin_dir = pin_dir(bpffs_dir)?;
         check_pinned(&pin_dir)?;
-        let (capacities, capacity_notes) = effective_capacities(&pin_dir, wanted)?;
+        let resize = crate::resize::prepare(&pin_dir, wanted).map_err(|err| LoadError::Resize {
+            detail: format!("{err:#}"),
+        })?;
+        let capacities = resize.capacities;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&pin_dir);
         for (name, entries) in capacities.max_entries() {
@@ -431,7 +394,8 @@ impl Dataplane {
             ebpf,
             maps,
             capacities,
-            capacity_notes,
+            capacity_notes: resize.kept,
+            resized: resize.resized,
             pin_dir,
             links_dir,
             attached: BTreeMap::new(),
@@ -687,9 +651,14 @@ pub fn cleanup(bpffs_dir: &Path) -> io::Result<Vec<PathBuf>> {
             }
             std::fs::remove_dir(&links)?;
         }
+        // Then the maps, including those a resize left aside.
         for entry in std::fs::read_dir(&layout)? {
             let path = entry?.path();
-            std::fs::remove_file(&path)?;
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             removed.push(path);
         }
         std::fs::remove_dir(&layout)?;

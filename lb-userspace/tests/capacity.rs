@@ -1,14 +1,18 @@
 //! Map capacities are chosen at load, frontends that find no room in the slots array are left
-//! out without failing the sync, and a restart asking for other capacities keeps the pinned maps
-//! (and their flows) and says so. Needs root (BPF maps).
+//! out without failing the sync, and a restart asking for other capacities gives the pinned maps
+//! the new sizes with their content (flows included), or keeps a size that would lose entries and
+//! says so. Needs root (BPF maps).
 
 mod support;
 
 use aya::maps::MapInfo;
-use lb_common::maps::{Capacities, SLOTS_MAP, SLOTS_PER_ELEMENT};
+use lb_common::{
+    conntrack::{CtEntry, FlowKey},
+    maps::{CONNTRACK_MAP, Capacities, SLOTS_MAP, SLOTS_PER_ELEMENT},
+};
 use lb_userspace::{
     loader::Dataplane,
-    manifest,
+    manifest, resize,
     sync::{Programmer, Settings},
     translate::{NodeContext, translate},
 };
@@ -34,8 +38,8 @@ fn services(n: usize) -> String {
 }
 
 #[test]
-fn capacities_are_set_at_load_and_kept_by_a_restart() {
-    if !privileged("capacities_are_set_at_load_and_kept_by_a_restart") {
+fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
+    if !privileged("capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries") {
         return;
     }
     let pins = PinDir::new("capacity");
@@ -71,38 +75,119 @@ fn capacities_are_set_at_load_and_kept_by_a_restart() {
     assert_eq!(unplaced.len(), 2, "{unplaced:?}");
     let programmed = dataplane.maps.read_contents().expect("read");
     assert_eq!(programmed.services.len(), 8);
+
+    // Two flows' entries, to follow through the resize.
+    let flow = |port: u16| {
+        let client = u32::from_be_bytes([10, 244, 0, 9]).to_be();
+        let service = u32::from_be_bytes([10, 96, 1, 0]).to_be();
+        FlowKey::new(client, service, port.to_be(), 80u16.to_be(), 6)
+    };
+    let entry = CtEntry {
+        new_saddr_be: 0,
+        new_daddr_be: 0,
+        new_sport_be: 0,
+        new_dport_be: 0,
+        kind: 0,
+        flags: 0,
+        state: 0,
+        _pad: 0,
+        service_id: 1,
+        backend_id: 1,
+        created_s: 0,
+        expires_s: u32::MAX,
+    };
+    for port in [40000, 40001] {
+        dataplane
+            .maps
+            .conntrack
+            .insert(flow(port), entry, 0)
+            .expect("conntrack entry");
+    }
     drop(dataplane);
 
-    // A restart asking for more keeps what is pinned, programmed state included, and says so.
+    // A restart asking for more creates those maps anew and carries everything over.
     let mut larger = small;
     larger.slots = 4096;
     larger.conntrack = 1024;
-    let dataplane = Dataplane::load_sized(&pins.0, false, larger).expect("reload");
-    assert_eq!(
-        dataplane.capacities, small,
-        "the pinned capacities are kept"
+    let mut dataplane = Dataplane::load_sized(&pins.0, false, larger).expect("reload");
+    assert_eq!(dataplane.capacities, larger, "the new capacities apply");
+    assert!(
+        dataplane.capacity_notes.is_empty(),
+        "{:?}",
+        dataplane.capacity_notes
     );
     assert_eq!(
+        dataplane.resized,
+        [
+            (SLOTS_MAP, small.slots, 4096),
+            (CONNTRACK_MAP, small.conntrack, 1024)
+        ]
+    );
+    let pin_dir = dataplane.pin_dir().to_owned();
+    let carried = resize::carry_over(&pin_dir, &mut dataplane.maps, false)
+        .expect("first pass")
+        .expect("a resize under way");
+    assert_eq!((carried.slots, carried.conntrack), (8 * 251, 2));
+    assert_eq!(
+        dataplane.maps.read_contents().expect("read"),
+        programmed,
+        "frontends, backends and every table slot as they were"
+    );
+    // An entry the old programs make between the passes is carried over by the second.
+    let old_conntrack = pin_dir.join(resize::RESIZING_DIR).join(CONNTRACK_MAP);
+    let mut old: aya::maps::HashMap<_, FlowKey, CtEntry> =
+        aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&old_conntrack).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    old.insert(flow(40002), entry, 0).unwrap();
+    let carried = resize::carry_over(&pin_dir, &mut dataplane.maps, true)
+        .expect("final pass")
+        .expect("a resize under way");
+    assert_eq!(carried.conntrack, 1, "only the entry made meanwhile");
+    for port in [40000, 40001, 40002] {
+        assert_eq!(
+            dataplane.maps.conntrack.get(&flow(port), 0).ok(),
+            Some(entry)
+        );
+    }
+    assert!(
+        !pin_dir.join(resize::RESIZING_DIR).exists(),
+        "old maps unpinned"
+    );
+    for (name, entries) in larger.max_entries() {
+        let info = MapInfo::from_pin(pin_dir.join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), entries, "{name}");
+    }
+    drop(dataplane);
+
+    // Shrinking below what a map holds would lose entries: it keeps its size and says so.
+    // Shrinking a map whose content fits is done.
+    let mut smaller = larger;
+    smaller.slots = 1024;
+    smaller.conntrack = 256;
+    let dataplane = Dataplane::load_sized(&pins.0, false, smaller).expect("reload");
+    assert_eq!(
+        dataplane.capacities.slots, 4096,
+        "the slots array keeps its size"
+    );
+    assert_eq!(dataplane.capacities.conntrack, 256);
+    assert_eq!(
         dataplane.capacity_notes.len(),
-        2,
+        1,
         "{:?}",
         dataplane.capacity_notes
     );
     assert!(
         dataplane.capacity_notes[0].contains(&format!(
-            "{SLOTS_MAP} is pinned with room for {} entries; 4096 were asked for",
-            small.slots
+            "{SLOTS_MAP} keeps its pinned capacity of 4096 (not the 1024 asked for): it holds \
+             2008 slots up to the end of its last table; shrinking would drop 984 of them"
         )),
         "{:?}",
         dataplane.capacity_notes
     );
     let slots = MapInfo::from_pin(dataplane.pin_dir().join(SLOTS_MAP)).expect("pinned");
-    assert_eq!(slots.max_entries(), small.slots / SLOTS_PER_ELEMENT);
-    assert_eq!(
-        dataplane.maps.read_contents().expect("read").services.len(),
-        8,
-        "adopted as programmed"
-    );
+    assert_eq!(slots.max_entries(), 4096 / SLOTS_PER_ELEMENT);
 }
 
 /// The agent maps a bounded window of the slots array, not all of it (mapping a BPF array

@@ -123,15 +123,30 @@ fn flows_survive_agent_restarts_and_cleanup_removes_everything() {
     flows.push(Flow::udp(client, "echo UDP", at(ECHO, 53), 45053));
     std::thread::sleep(Duration::from_millis(300));
 
+    // (how the agents stop, a Service changes meanwhile, the new agents ask for larger maps)
     let plan = [
-        (libc::SIGTERM, false),
-        (libc::SIGKILL, false),
-        (libc::SIGKILL, true),
-        (libc::SIGTERM, false),
-        (libc::SIGKILL, false),
+        (libc::SIGTERM, false, false),
+        (libc::SIGKILL, false, false),
+        (libc::SIGKILL, true, false),
+        (libc::SIGTERM, false, false),
+        (libc::SIGKILL, false, false),
+        (libc::SIGTERM, false, true),
     ];
     let mut slowest_new = Duration::ZERO;
-    for (round, (signal, change)) in plan.into_iter().enumerate() {
+    for (round, (signal, change, grow)) in plan.into_iter().enumerate() {
+        if grow {
+            // Every sized map at twice its default capacity: each is created anew and what
+            // the old one holds (flows included) is carried over.
+            running.options.extra_args = [
+                "--max-frontends=131072",
+                "--max-backends=524288",
+                "--max-maglev-slots=16777216",
+                "--max-conntrack-flows=2097152",
+                "--max-affinity-clients=262144",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
         let down = running.restart_agents(signal, |r| {
             if change {
                 r.write_manifest(&echo_with_pod_b());
@@ -145,15 +160,36 @@ fn flows_survive_agent_restarts_and_cleanup_removes_everything() {
                 log.contains("replaced the programs of the links an earlier agent pinned"),
                 "round {round}: the agent on {node} took over in place:\n{log}"
             );
+            if grow {
+                assert!(
+                    log.contains("resize finished"),
+                    "round {round}: the agent on {node} resized its maps:\n{log}"
+                );
+                let conntrack = (running.agent(node).bpffs_dir())
+                    .join(lb_common::maps::PIN_LAYOUT_VERSION)
+                    .join(lb_common::maps::CONNTRACK_MAP);
+                let info = aya::maps::MapInfo::from_pin(&conntrack).expect("pinned conntrack");
+                // Two entries a flow.
+                assert_eq!(
+                    info.max_entries(),
+                    4_194_304,
+                    "{node}: the larger map is in use"
+                );
+            }
         }
         let new = first_new_connection(&running, Duration::from_secs(1));
         slowest_new = slowest_new.max(new);
         eprintln!(
-            "restart {round} ({}): agents away {down:?}, first new connection after {new:?}",
+            "restart {round} ({}{}): agents away {down:?}, first new connection after {new:?}",
             if signal == libc::SIGKILL {
                 "kill -9"
             } else {
                 "SIGTERM"
+            },
+            if grow {
+                ", every map twice as large"
+            } else {
+                ""
             }
         );
         std::thread::sleep(Duration::from_millis(300));
