@@ -7,8 +7,10 @@
 //! with one EndpointSlice of two endpoints each; the agent's own source, translation and sync
 //! program the real (pinned) maps. Then one Service's slice is changed at a time, spaced wider
 //! than the minimum sync interval, and the time from the API write to the end of the sync that
-//! wrote the new backend is recorded. The same run first measures a 100-Service cluster as the
-//! baseline, since this machine is shared and noisy.
+//! wrote the new backend is recorded. Changes alternate between two kinds: an endpoint replaced
+//! by another, and a rolling-update step (one endpoint starts terminating, so its backend drains,
+//! while a new one joins; recorded once the drain mark is written too). The same run first
+//! measures a 100-Service cluster as the baseline, since this machine is shared and noisy.
 
 use std::{
     net::Ipv4Addr,
@@ -19,16 +21,18 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use k8s_openapi::{
     api::{
         core::v1::{Node, Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use lb_common::{maps::Capacities, service::BACKEND_F_DRAINING};
 use lb_testbed::{fake_api::FakeApi, netns::Netns};
 use lb_userspace::{
     loader::Dataplane,
     model::SERVICE_NAME_LABEL,
     pipeline::Pipeline,
     sources::{KubeSource, ObjectSource as _},
+    sync::{Programmer, Settings},
     translate::NodeContext,
 };
 
@@ -64,6 +68,11 @@ fn pod(n: u32) -> String {
 }
 
 fn slice(i: usize, endpoints: [String; 2]) -> EndpointSlice {
+    slice_with(i, endpoints.map(|a| (a, false)).to_vec())
+}
+
+/// The slice of Service `i` with these endpoints, each (address, terminating).
+fn slice_with(i: usize, endpoints: Vec<(String, bool)>) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}-1")),
@@ -79,8 +88,13 @@ fn slice(i: usize, endpoints: [String; 2]) -> EndpointSlice {
         endpoints: Some(
             endpoints
                 .into_iter()
-                .map(|a| Endpoint {
+                .map(|(a, terminating)| Endpoint {
                     addresses: vec![a],
+                    conditions: terminating.then_some(EndpointConditions {
+                        ready: Some(false),
+                        serving: Some(true),
+                        terminating: Some(true),
+                    }),
                     ..Endpoint::default()
                 })
                 .collect(),
@@ -91,7 +105,11 @@ fn slice(i: usize, endpoints: [String; 2]) -> EndpointSlice {
 struct Run {
     services: usize,
     initial_sync: Duration,
-    latencies: Vec<Duration>,
+    /// One endpoint replaced by another.
+    replaced: Vec<Duration>,
+    /// A rolling-update step: one endpoint starts terminating (its backend drains) while a new
+    /// one is added.
+    rolling: Vec<Duration>,
 }
 
 fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
@@ -120,8 +138,16 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
     let run = ns
         .run(move || {
             runtime.block_on(async move {
-                let mut dataplane =
-                    Dataplane::load(&pins_for_run, false).expect("load the packet path");
+                // Room for every table at the fixed size (the default slots array holds
+                // 10,000 Services at the default, smaller tables).
+                let capacities = Capacities {
+                    slots: (services as u32 * TABLE_SIZE)
+                        .next_power_of_two()
+                        .max(Capacities::DEFAULT.slots),
+                    ..Capacities::DEFAULT
+                };
+                let mut dataplane = Dataplane::load_sized(&pins_for_run, false, capacities)
+                    .expect("load the packet path");
                 let client = lb_userspace::agent::kube_client(Some(&kubeconfig_for_run), None)
                     .await
                     .expect("client");
@@ -131,7 +157,13 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                     default_table_size: Some(TABLE_SIZE),
                     ..NodeContext::default()
                 };
-                let mut pipeline = Pipeline::default();
+                let mut pipeline = Pipeline::new(Programmer::adopt(
+                    Default::default(),
+                    Settings {
+                        capacities,
+                        ..Settings::default()
+                    },
+                ));
                 while !source.ready() {
                     source.changed().await;
                 }
@@ -143,27 +175,41 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                 assert_eq!(step.desired.frontends.len(), services);
                 assert!(unplaced.is_empty(), "{} unplaced", unplaced.len());
 
-                let mut latencies = Vec::new();
+                let (mut replaced, mut rolling) = (Vec::new(), Vec::new());
                 for change in 0..changes {
                     let i = change % services;
                     let fresh = pod(1_000_000 + change as u32);
-                    let wanted = lb_common::addr_be(fresh.parse::<Ipv4Addr>().unwrap().octets());
+                    let be = |a: &str| lb_common::addr_be(a.parse::<Ipv4Addr>().unwrap().octets());
+                    let wanted = be(&fresh);
+                    // Every other change is a rolling-update step: the second endpoint starts
+                    // terminating while a new one joins; done when its backend is marked
+                    // draining (its established flows stay) and the new one is programmed.
+                    let roll = change % 2 == 1;
+                    let (kept, old) = (pod(2 * i as u32), pod(2 * i as u32 + 1));
+                    let draining = roll.then(|| be(&old));
                     tokio::time::sleep(SPACING).await;
                     let written = Instant::now();
-                    handle.apply(&slice(i, [pod(2 * i as u32), fresh]));
+                    if roll {
+                        handle.apply(&slice_with(
+                            i,
+                            vec![(kept, false), (old, true), (fresh, false)],
+                        ));
+                    } else {
+                        handle.apply(&slice(i, [kept, fresh]));
+                    }
                     loop {
                         source.changed().await;
                         let snapshot = source.snapshot().expect("a snapshot");
                         let step = pipeline.step(snapshot, &mut node, &mut dataplane.maps);
                         step.programmed.expect("sync");
-                        if pipeline
-                            .programmer()
-                            .programmed()
-                            .backends
-                            .values()
-                            .any(|b| b.addr_be == wanted)
-                        {
-                            latencies.push(written.elapsed());
+                        let backends = &pipeline.programmer().programmed().backends;
+                        let added = backends.values().any(|b| b.addr_be == wanted);
+                        let drained = draining.is_none_or(|addr| {
+                            (backends.values())
+                                .any(|b| b.addr_be == addr && b.flags & BACKEND_F_DRAINING != 0)
+                        });
+                        if added && drained {
+                            if roll { &mut rolling } else { &mut replaced }.push(written.elapsed());
                             break;
                         }
                     }
@@ -171,7 +217,8 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                 Run {
                     services,
                     initial_sync,
-                    latencies,
+                    replaced,
+                    rolling,
                 }
             })
         })
@@ -216,7 +263,8 @@ fn main() {
     table.set_header([
         "SERVICES",
         "INITIAL SYNC ms",
-        "CHANGES",
+        "CHANGE",
+        "COUNT",
         "p50 ms",
         "p90 ms",
         "p99 ms",
@@ -224,23 +272,31 @@ fn main() {
     ]);
     let mut p50s = Vec::new();
     for run in &runs {
-        let mut sorted = run.latencies.clone();
-        sorted.sort();
-        p50s.push(percentile(&sorted, 0.5));
-        table.add_row([
-            run.services.to_string(),
-            ms(run.initial_sync),
-            sorted.len().to_string(),
-            ms(percentile(&sorted, 0.5)),
-            ms(percentile(&sorted, 0.9)),
-            ms(percentile(&sorted, 0.99)),
-            ms(*sorted.last().unwrap()),
-        ]);
+        for (kind, latencies) in [
+            ("endpoint replaced", &run.replaced),
+            ("rolling step", &run.rolling),
+        ] {
+            let mut sorted = latencies.clone();
+            sorted.sort();
+            if kind == "endpoint replaced" {
+                p50s.push(percentile(&sorted, 0.5));
+            }
+            table.add_row([
+                run.services.to_string(),
+                ms(run.initial_sync),
+                kind.to_owned(),
+                sorted.len().to_string(),
+                ms(percentile(&sorted, 0.5)),
+                ms(percentile(&sorted, 0.9)),
+                ms(percentile(&sorted, 0.99)),
+                ms(*sorted.last().unwrap()),
+            ]);
+        }
     }
     println!("sync latency: API write -> maps written (Maglev tables of {TABLE_SIZE} slots)");
     println!("{table}");
     println!(
-        "p50 with {} Services is {:.1}x the p50 with 100",
+        "endpoint replaced: p50 with {} Services is {:.1}x the p50 with 100",
         runs[1].services,
         p50s[1].as_secs_f64() / p50s[0].as_secs_f64()
     );

@@ -10,7 +10,7 @@
 //! programmed now.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -54,6 +54,8 @@ pub(super) struct Incremental {
     contents: HashMap<ServiceKey, TableContent>,
     /// Content -> where its table is and how many frontends use it.
     tables: HashMap<TableContent, (TableRange, usize)>,
+    /// Every programmed backend's id by its identity (its value without the draining mark), so
+    /// a backend that starts or stops draining keeps its id.
     backend_ids: HashMap<Backend, BackendId>,
     /// Backend id -> how many frontends' tables name it.
     backend_users: HashMap<BackendId, usize>,
@@ -63,13 +65,12 @@ pub(super) struct Incremental {
     next_service_id: u32,
     /// The settings the indexes were built for; other settings mean a full sync.
     pub settings: Settings,
-    /// The draining backends programmed; a change to them means a full sync (it is the only
-    /// way a backend's value changes under the same id).
-    pub draining: BTreeSet<Backend>,
+    /// The backends programmed as draining, by identity: their id and value as programmed.
+    draining: BTreeMap<Backend, (BackendId, Backend)>,
 }
 
 impl Incremental {
-    /// The id of a programmed backend that is not draining.
+    /// The id of a programmed backend (draining or not) by its value without the draining mark.
     pub fn backend_id(&self, value: &Backend) -> Option<BackendId> {
         self.backend_ids.get(value).copied()
     }
@@ -449,17 +450,12 @@ impl Programmer {
         Incremental {
             contents,
             tables,
-            backend_ids: programmed
-                .backends
-                .iter()
-                .filter(|(_, b)| !is_draining(b))
-                .map(|(id, b)| (*b, *id))
+            backend_ids: (programmed.backends.iter())
+                .map(|(id, b)| (identity(b), *id))
                 .collect(),
-            draining: programmed
-                .backends
-                .values()
-                .filter(|b| is_draining(b))
-                .copied()
+            draining: (programmed.backends.iter())
+                .filter(|(_, b)| is_draining(b))
+                .map(|(id, b)| (identity(b), (*id, *b)))
                 .collect(),
             backend_users,
             space: SlotSpace::new(
@@ -642,6 +638,7 @@ impl Programmer {
             );
             plan.services.push((key, entry));
         }
+        self.drain_changes(&mut ix, desired, &mut plan);
         let released_contents: BTreeSet<&TableContent> = released.values().collect();
         let freed: Vec<(TableContent, TableRange)> = released_contents
             .into_iter()
@@ -650,9 +647,10 @@ impl Programmer {
                 _ => None,
             })
             .collect();
+        let draining_ids: HashSet<BackendId> = ix.draining.values().map(|(id, _)| *id).collect();
         let mut unused: Vec<(BackendId, Backend)> = maybe_unused
             .iter()
-            .filter(|id| ix.backend_users.get(id) == Some(&0))
+            .filter(|id| ix.backend_users.get(id) == Some(&0) && !draining_ids.contains(id))
             .filter_map(|id| {
                 let value = self.programmed.backends.get(id).copied().or_else(|| {
                     plan.backends
@@ -667,7 +665,11 @@ impl Programmer {
         if !scope.is_empty() {
             plan.affinity = Some(AffinityPrune::Within(scope));
         }
-        plan.removed_backends = unused.iter().map(|(id, _)| *id).collect();
+        // Backends that stopped draining without being chosen again were already forgotten
+        // by `drain_changes` and wait in `removed_backends`.
+        plan.removed_backends
+            .extend(unused.iter().map(|(id, _)| *id));
+        plan.removed_backends.sort_unstable();
         Changes {
             plan,
             indexes: ix,
@@ -679,6 +681,61 @@ impl Programmer {
             freed,
             unused,
             tables_written,
+        }
+    }
+
+    /// Backends starting or stopping to drain (`desired`'s draining set against what is
+    /// programmed), after the changed frontends were placed: a backend no frontend chooses any
+    /// more but some still lists keeps its id, marked draining once no table names it; one
+    /// that stops draining is either chosen again (its value loses the mark before any table
+    /// names it) or deleted. As the full diff does, a new draining backend gets an id only while
+    /// the backends map has room.
+    fn drain_changes(&self, ix: &mut Incremental, desired: &Desired, plan: &mut WritePlan) {
+        let wanted: BTreeMap<Backend, Backend> = (draining_values(desired).into_iter())
+            .map(|value| (identity(&value), value))
+            .collect();
+        let stopped: Vec<Backend> = (ix.draining.keys())
+            .filter(|identity| !wanted.contains_key(identity))
+            .copied()
+            .collect();
+        for identity in stopped {
+            let (id, _) = ix.draining.remove(&identity).expect("listed");
+            if ix.backend_users.get(&id).is_some_and(|&users| users > 0) {
+                plan.backends.push((id, identity));
+            } else {
+                ix.backend_ids.remove(&identity);
+                ix.backend_users.remove(&id);
+                plan.removed_backends.push(id);
+            }
+        }
+        let capacity = self.settings.capacities.backends as usize;
+        let mut in_map = self.programmed.backends.len()
+            + (plan.backends.iter())
+                .filter(|(id, _)| !self.programmed.backends.contains_key(id))
+                .count();
+        for (identity, value) in wanted {
+            if ix.draining.contains_key(&identity) {
+                continue;
+            }
+            let id = match ix.backend_ids.get(&identity) {
+                Some(&id) => {
+                    plan.draining.push((id, value));
+                    id
+                }
+                None => {
+                    if in_map >= capacity {
+                        continue; // no room: the next sync tries again, as a full one would
+                    }
+                    in_map += 1;
+                    let id = ix.next_backend_id;
+                    ix.next_backend_id += 1;
+                    ix.backend_ids.insert(identity, id);
+                    plan.backends.push((id, value));
+                    id
+                }
+            };
+            ix.backend_users.remove(&id);
+            ix.draining.insert(identity, (id, value));
         }
     }
 

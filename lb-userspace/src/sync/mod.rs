@@ -163,10 +163,7 @@ impl Programmer {
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         let result = match self.incremental.take() {
-            Some(indexes)
-                if indexes.settings == self.settings
-                    && indexes.draining == encoding::draining_values(desired) =>
-            {
+            Some(indexes) if indexes.settings == self.settings => {
                 self.sync_changes(indexes, desired, touched, writer)
             }
             _ => self.sync_full(desired, writer),
