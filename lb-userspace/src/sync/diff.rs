@@ -42,7 +42,7 @@ pub struct Target {
     pub unplaced: Vec<Frontend>,
     table_contents: BTreeMap<TableRange, TableContent>,
     /// service id -> the backends its table spreads over.
-    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
+    affinity_scope: BTreeMap<u32, Arc<[BackendId]>>,
     /// Each frontend's table content (frontends with backends only).
     wants: BTreeMap<ServiceKey, TableContent>,
 }
@@ -212,7 +212,7 @@ impl Programmer {
                 backends.sort_unstable();
                 let content = TableContent {
                     size: plan.table_size,
-                    backends,
+                    backends: backends.into(),
                 };
                 (service_key(frontend), content)
             })
@@ -235,10 +235,9 @@ impl Programmer {
             };
             target.affinity_scope.insert(
                 service_id,
-                wants
-                    .get(&key)
+                (wants.get(&key))
                     .map(|c| c.backends.clone())
-                    .unwrap_or_default(),
+                    .unwrap_or_else(|| Arc::from([])),
             );
             let entry = service_entry(plan, range, service_id, self.settings.reject_no_endpoints);
             target.contents.services.insert(key, entry);
@@ -443,7 +442,7 @@ impl Programmer {
             if let Some(table) = tables.get_mut(content) {
                 table.1 += 1;
             }
-            for id in &content.backends {
+            for id in content.backends.iter() {
                 *backend_users.entry(*id).or_default() += 1;
             }
         }
@@ -512,7 +511,7 @@ impl Programmer {
                 if let Some(table) = ix.tables.get_mut(&old) {
                     table.1 -= 1;
                 }
-                for id in &old.backends {
+                for id in old.backends.iter() {
                     if let Some(users) = ix.backend_users.get_mut(id) {
                         *users -= 1;
                         maybe_unused.insert(*id);
@@ -579,7 +578,7 @@ impl Programmer {
             } else {
                 let content = TableContent {
                     size: frontend_plan.table_size,
-                    backends: ids.clone(),
+                    backends: ids.as_slice().into(),
                 };
                 let old = released.get(&key);
                 let range = if let Some(table) = ix.tables.get_mut(&content) {
@@ -618,7 +617,7 @@ impl Programmer {
                     plan.removed_services.push(key);
                     continue;
                 };
-                for id in &content.backends {
+                for id in content.backends.iter() {
                     *ix.backend_users.entry(*id).or_default() += 1;
                 }
                 ix.contents.insert(key, content);

@@ -107,7 +107,7 @@ pub struct Programmer {
     /// Tables freed by the last sync: not reused until the next one.
     quarantine: Vec<TableRange>,
     /// Each frontend's backends as of the last full sync, to tell when affinity needs pruning.
-    affinity_scope: BTreeMap<u32, Vec<BackendId>>,
+    affinity_scope: BTreeMap<u32, Arc<[BackendId]>>,
     settings: Settings,
     /// Present after a successful sync: the next one may work on changes only.
     incremental: Option<diff::Incremental>,

@@ -17,7 +17,8 @@ use crate::dataplane::{SlotTable, TableRange};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct TableContent {
     pub size: u32,
-    pub backends: Vec<BackendId>,
+    /// Shared: the indexes hold a content per frontend and per table, and a clone is a count.
+    pub backends: Arc<[BackendId]>,
 }
 
 /// The Maglev table for `content`: each slot names one of its backends.
@@ -35,7 +36,7 @@ pub(super) fn build_table(
 fn build_table_keyed(content: &TableContent, key_of: impl Fn(BackendId) -> u64) -> SlotTable {
     let keys: Vec<u64> = content.backends.iter().map(|id| key_of(*id)).collect();
     SlotTable::from_indices(
-        content.backends.clone(),
+        content.backends.to_vec(),
         &maglev::build(&keys, content.size),
     )
 }
