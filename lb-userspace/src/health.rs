@@ -192,7 +192,7 @@ fn serve_health_check(
         (
             status,
             Json(json!({
-                "service": { "namespace": check.service.namespace, "name": check.service.name },
+                "service": { "namespace": &*check.service.namespace, "name": &*check.service.name },
                 "localEndpoints": check.local_endpoints,
                 "serviceProxyHealthy": true,
             })),

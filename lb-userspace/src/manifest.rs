@@ -186,8 +186,8 @@ fn identify(kind: Kind, value: &Value) -> Option<ObjectRef> {
         .to_owned();
     Some(ObjectRef {
         kind,
-        namespace,
-        name,
+        namespace: namespace.into(),
+        name: name.into(),
     })
 }
 

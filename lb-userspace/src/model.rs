@@ -4,7 +4,7 @@
 //! and the field, and an object with an error is rejected whole (as the API server would reject
 //! it), so translation itself never fails.
 
-use std::{fmt, net::Ipv4Addr, time::SystemTime};
+use std::{fmt, net::Ipv4Addr, sync::Arc, time::SystemTime};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -78,8 +78,10 @@ impl fmt::Display for Kind {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
+    /// Shared (`Arc<str>`): the id is copied into every index that files the object and into
+    /// every frontend plan, and a copy is a count, not an allocation.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl fmt::Display for ObjectRef {
@@ -211,7 +213,7 @@ pub struct EndpointSpec {
 pub struct SliceSpec {
     pub id: ObjectRef,
     /// The Service (same namespace) from the `kubernetes.io/service-name` label.
-    pub service_name: String,
+    pub service_name: Arc<str>,
     pub ports: Vec<SlicePortSpec>,
     pub endpoints: Vec<EndpointSpec>,
     /// From [`LAST_CHANGE_TRIGGER_TIME_ANNOTATION`] (left out if absent or unreadable: it only
@@ -224,8 +226,9 @@ pub struct SliceSpec {
 /// on everything filed under its name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    /// Shared with the ids it comes from, as in [`ObjectRef`].
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceName {
@@ -392,11 +395,8 @@ pub fn object_ref(
 ) -> ObjectRef {
     ObjectRef {
         kind,
-        namespace: meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
-        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref().unwrap_or_default().into(),
     }
 }
 
@@ -689,7 +689,7 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
     let object = (!check.has_errors()).then(|| {
         Object::Slice(SliceSpec {
             id: id.clone(),
-            service_name,
+            service_name: service_name.into(),
             ports,
             endpoints,
             last_change_trigger: (slice.metadata.annotations.as_ref())

@@ -135,7 +135,7 @@ fn incremental_translation_equals_translating_everything_through_random_changes(
             };
             let new = object(&yaml);
             let id_ref = new.id().clone();
-            assert_eq!(id_ref.name, id);
+            assert_eq!(&*id_ref.name, id.as_str());
             if rng.below(4) == 0 {
                 objects.remove(&id_ref);
                 store.remove(&id_ref);

@@ -89,7 +89,7 @@ fn bundled_example_has_every_frontend_kind_on_each_node() {
         let unprogrammed: Vec<_> = desired
             .unprogrammed
             .iter()
-            .map(|u| u.service.name.as_str())
+            .map(|u| &*u.service.name)
             .collect();
         assert_eq!(unprogrammed, ["echo-headless", "upstream"]);
     }
@@ -202,7 +202,7 @@ spec: {clusterIP: 10.96.9.2, ports: [{port: 80}]}
     let warning = read
         .problems
         .iter()
-        .find(|p| p.object.as_ref().is_some_and(|o| o.name == "odd"))
+        .find(|p| p.object.as_ref().is_some_and(|o| &*o.name == "odd"))
         .expect("a warning for odd");
     assert_eq!(warning.severity, Severity::Warning);
     assert!(warning.message.contains("1000"), "{warning}");
@@ -246,7 +246,7 @@ spec: {type: LoadBalancer, clusterIP: 10.96.9.4, ports: [{port: 80}], externalTr
     let read = manifest::parse(text, "t.yaml");
     let error_for = |name: &str| {
         read.errors()
-            .find(|p| p.object.as_ref().is_some_and(|o| o.name == name))
+            .find(|p| p.object.as_ref().is_some_and(|o| &*o.name == name))
             .unwrap_or_else(|| panic!("no error for {name}: {:#?}", read.problems))
             .clone()
     };
@@ -254,10 +254,10 @@ spec: {type: LoadBalancer, clusterIP: 10.96.9.4, ports: [{port: 80}], externalTr
     assert_eq!(error_for("d").field, "spec.externalTrafficPolicy");
     let desired = translate(&read.objects, &node("node-1", &[NODE1]));
     let conflict = &desired.problems[0];
-    assert_eq!(conflict.object.as_ref().unwrap().name, "b");
+    assert_eq!(&*conflict.object.as_ref().unwrap().name, "b");
     assert!(conflict.message.contains("t/a"), "{conflict}");
     assert_eq!(
-        desired.frontends[&fe(NODE1, 30001, Protocol::Tcp)]
+        &*desired.frontends[&fe(NODE1, 30001, Protocol::Tcp)]
             .service
             .name,
         "a"
@@ -303,15 +303,15 @@ fn slices_merge_by_port_name_and_protocol_and_skip_unready() {
         desired
             .unprogrammed
             .iter()
-            .any(|u| u.service.name == "db" && u.reason.contains("db.example.internal"))
+            .any(|u| &*u.service.name == "db" && u.reason.contains("db.example.internal"))
     );
     // The clone loses the contested port to prod/shop (first by name), keeps its other port.
     let conflict: Vec<_> = desired.problems.iter().collect();
     assert_eq!(conflict.len(), 1, "{conflict:?}");
-    assert_eq!(conflict[0].object.as_ref().unwrap().name, "shop-clone");
+    assert_eq!(&*conflict[0].object.as_ref().unwrap().name, "shop-clone");
     assert!(conflict[0].message.contains("prod/shop"), "{}", conflict[0]);
     assert_eq!(
-        desired.frontends[&fe([10, 96, 5, 5], 80, Protocol::Tcp)]
+        &*desired.frontends[&fe([10, 96, 5, 5], 80, Protocol::Tcp)]
             .service
             .name,
         "shop"
@@ -336,7 +336,7 @@ fn each_bad_object_is_reported_by_name_and_field_and_the_rest_is_programmed() {
     let read = manifest::parse(&fixture("bad-input.yaml"), "bad-input.yaml");
     let error_for = |name: &str| {
         read.errors()
-            .find(|p| p.object.as_ref().is_some_and(|o| o.name == name))
+            .find(|p| p.object.as_ref().is_some_and(|o| &*o.name == name))
             .unwrap_or_else(|| panic!("no error for {name}: {:#?}", read.problems))
             .clone()
     };
@@ -380,7 +380,7 @@ fn each_bad_object_is_reported_by_name_and_field_and_the_rest_is_programmed() {
 fn yaml_syntax_error_is_reported_with_its_document() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: [unclosed\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
     let read = manifest::parse(text, "broken.yaml");
-    let names: Vec<&str> = read.objects.iter().map(|o| o.id().name.as_str()).collect();
+    let names: Vec<&str> = read.objects.iter().map(|o| &*o.id().name).collect();
     assert_eq!(
         names,
         ["a", "b"],
@@ -520,7 +520,7 @@ endpoints:
         let desired = translate(&read.objects, &node(name, &[NODE1]));
         let check = &desired.health_checks[&32000];
         assert_eq!(check.local_endpoints, count, "{name}");
-        assert_eq!(check.service.name, "lb");
+        assert_eq!(&*check.service.name, "lb");
     }
 }
 
@@ -566,7 +566,7 @@ fn table_size_follows_the_backend_count_and_an_uneven_table_is_reported() {
     let warnings: Vec<_> = desired
         .problems
         .iter()
-        .filter(|p| p.object.as_ref().is_some_and(|o| o.name == "big"))
+        .filter(|p| p.object.as_ref().is_some_and(|o| &*o.name == "big"))
         .collect();
     assert_eq!(warnings.len(), 1, "{:?}", desired.problems);
     assert_eq!(warnings[0].severity, Severity::Warning);

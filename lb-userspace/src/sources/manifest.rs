@@ -330,7 +330,7 @@ mod tests {
     const OTHER: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: t}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
 
     fn names(source: &ManifestSource) -> Vec<String> {
-        let mut names: Vec<String> = source.objects().map(|o| o.id().name.clone()).collect();
+        let mut names: Vec<String> = source.objects().map(|o| o.id().name.to_string()).collect();
         names.sort();
         names
     }
@@ -353,7 +353,7 @@ mod tests {
         .unwrap();
         let reload = source.reload().unwrap();
         assert_eq!(reload.kept_last_good.len(), 1);
-        assert_eq!(reload.kept_last_good[0].name, "web");
+        assert_eq!(&*reload.kept_last_good[0].name, "web");
         assert!(
             reload
                 .problems
@@ -361,7 +361,7 @@ mod tests {
                 .any(|p| p.field == "spec.clusterIP[0]")
         );
         assert_eq!(names(&source), ["api", "web"]);
-        let Some(Object::Service(web)) = source.objects().find(|o| o.id().name == "web") else {
+        let Some(Object::Service(web)) = source.objects().find(|o| &*o.id().name == "web") else {
             panic!("web kept");
         };
         assert_eq!(web.cluster_ips, [std::net::Ipv4Addr::new(10, 96, 0, 1)]);

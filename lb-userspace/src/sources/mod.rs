@@ -61,7 +61,7 @@ pub trait ObjectSource {
 pub struct ObjectStore {
     services: HashMap<ServiceName, Arc<Object>>,
     /// Slices by the Service they name, by slice name.
-    slices: HashMap<ServiceName, BTreeMap<String, Arc<Object>>>,
+    slices: HashMap<ServiceName, BTreeMap<Arc<str>, Arc<Object>>>,
     /// Where each stored slice is filed (its label may change, or a deletion name only it).
     slice_owner: HashMap<ObjectRef, ServiceName>,
     /// Rejected objects whose last good version is kept.
@@ -229,14 +229,14 @@ mod tests {
     /// The changed Services' names, sorted.
     fn changed(snapshot: &Snapshot) -> Vec<String> {
         let mut names: Vec<String> = (snapshot.changes.iter())
-            .map(|c| c.name.name.clone())
+            .map(|c| c.name.name.to_string())
             .collect();
         names.sort();
         names
     }
 
     fn service<'a>(snapshot: &'a Snapshot, name: &str) -> Option<&'a Arc<Object>> {
-        let inputs = snapshot.changes.iter().find(|c| c.name.name == name)?;
+        let inputs = snapshot.changes.iter().find(|c| &*c.name.name == name)?;
         inputs.service.as_ref()
     }
 
@@ -252,7 +252,7 @@ mod tests {
         let first = source.snapshot().unwrap();
         assert!(first.full);
         assert_eq!(changed(&first), ["api", "web"]);
-        let web = source.objects().find(|o| o.id().name == "web").unwrap() as *const Object;
+        let web = source.objects().find(|o| &*o.id().name == "web").unwrap() as *const Object;
 
         std::fs::write(
             &path,
@@ -267,7 +267,7 @@ mod tests {
             service(&first, "api").unwrap(),
             service(&second, "api").unwrap()
         ));
-        let web_again = source.objects().find(|o| o.id().name == "web").unwrap();
+        let web_again = source.objects().find(|o| &*o.id().name == "web").unwrap();
         assert!(std::ptr::eq(web, web_again), "the same Arc for web");
 
         // api turns invalid: nothing changes, its last good version stays, and says so.
@@ -280,7 +280,7 @@ mod tests {
         let third = source.snapshot().unwrap();
         assert!(third.changes.is_empty());
         assert_eq!(third.kept_last_good.len(), 1);
-        assert_eq!(third.kept_last_good[0].name, "api");
+        assert_eq!(&*third.kept_last_good[0].name, "api");
         assert!(
             third
                 .problems
