@@ -8,7 +8,7 @@ mod kube;
 mod manifest;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::SystemTime,
 };
@@ -61,7 +61,7 @@ pub trait ObjectSource {
 pub struct ObjectStore {
     services: HashMap<ServiceName, Arc<Object>>,
     /// Slices by the Service they name, by slice name.
-    slices: HashMap<ServiceName, BTreeMap<Arc<str>, Arc<Object>>>,
+    slices: HashMap<ServiceName, Slices>,
     /// Where each stored slice is filed (its label may change, or a deletion name only it).
     slice_owner: HashMap<ObjectRef, ServiceName>,
     /// Rejected objects whose last good version is kept.
@@ -71,6 +71,43 @@ pub struct ObjectStore {
     triggers: HashMap<ServiceName, SystemTime>,
     /// The next snapshot lists every Service.
     full: bool,
+}
+
+/// The slices filed under one Service, sorted by name. Most Services have one or two, so a
+/// vector: a B-tree's smallest node has room for eleven.
+#[derive(Debug, Default)]
+struct Slices(Vec<Arc<Object>>);
+
+impl Slices {
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        (self.0).binary_search_by(|slice| (*slice.id().name).cmp(name))
+    }
+
+    /// Files `slice`, replacing the one of the same name.
+    fn insert(&mut self, slice: Arc<Object>) {
+        match self.position(&slice.id().name) {
+            Ok(at) => self.0[at] = slice,
+            Err(at) => self.0.insert(at, slice),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(at) = self.position(name) {
+            self.0.remove(at);
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<Object>> {
+        self.position(name).ok().map(|at| &self.0[at])
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Object>> {
+        self.0.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Default for ObjectStore {
@@ -124,10 +161,7 @@ impl ObjectStore {
                 {
                     self.remove(id);
                 }
-                self.slices
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(id.name.clone(), object);
+                self.slices.entry(name.clone()).or_default().insert(object);
                 self.slice_owner.insert(id.clone(), name.clone());
             }
         }
