@@ -440,7 +440,9 @@ impl Translator {
         let output = service_output(svc, &slices, node);
         for (frontend, field, plan) in &output.frontends {
             touched.insert(*frontend);
-            let claims = self.claims.entry(*frontend).or_default();
+            // Almost every frontend has one claim: room for exactly that (a first push would
+            // make room for four).
+            let claims = (self.claims.entry(*frontend)).or_insert_with(|| Vec::with_capacity(1));
             let at = claims.partition_point(|(_, claim)| claim.service <= plan.service);
             claims.insert(at, (field, plan.clone()));
             if claims.len() > 1 {
