@@ -142,7 +142,7 @@ pub struct ServicePortSpec {
     /// The port's name; slices carry the same name for its endpoints' port ("" when unnamed).
     /// Named target ports need nothing more: the EndpointSlice controller resolves them per pod
     /// and writes the number into the slice port of the same name.
-    pub name: String,
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
     /// Opened on every node address (NodePort and LoadBalancer Services).
@@ -479,7 +479,7 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
             };
             if let (Some(port), Some(protocol)) = (port, protocol) {
                 ports.push(ServicePortSpec {
-                    name: p.name.clone().unwrap_or_default(),
+                    name: p.name.as_deref().unwrap_or_default().into(),
                     port,
                     protocol,
                     node_port,

@@ -89,9 +89,9 @@ pub struct FrontendPlan {
     pub service: ObjectRef,
     pub kind: FrontendKind,
     /// The Service port's name ("" when unnamed).
-    pub port_name: String,
+    pub port_name: Arc<str>,
     /// Sorted and free of duplicates, so the slot table is the same whatever the slice order.
-    pub backends: Vec<BackendAddr>,
+    pub backends: Arc<[BackendAddr]>,
     /// The backends are terminating ones, used because none is ready (KEP-1669).
     pub terminating_fallback: bool,
     /// Endpoints still listed for this port but not chosen (not ready, terminating, or left out
@@ -207,7 +207,7 @@ impl Desired {
 
     fn count(&mut self, plan: &FrontendPlan, add: bool) {
         let step = |n: &mut u32| *n = if add { *n + 1 } else { *n - 1 };
-        let lists = [(&plan.backends, true), (&plan.draining, false)];
+        let lists = [(&plan.backends[..], true), (&plan.draining[..], false)];
         for (backends, chosen) in lists {
             for backend in backends {
                 let uses = self.backend_uses.entry(*backend).or_default();
@@ -603,6 +603,8 @@ fn service_output(
     }
     for port in &svc.ports {
         let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
+        // The port's frontends under one policy share their backend list.
+        let mut chosen: Vec<(TrafficPolicy, Arc<[BackendAddr]>, bool)> = Vec::new();
         let mut add =
             |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &'static str| {
                 let policy = if kind.is_external() {
@@ -610,7 +612,16 @@ fn service_output(
                 } else {
                     svc.internal_traffic_policy
                 };
-                let (backends, terminating_fallback) = endpoints.choose(policy);
+                let (backends, terminating_fallback) =
+                    match chosen.iter().find(|(p, ..)| *p == policy) {
+                        Some((_, backends, fallback)) => (backends.clone(), *fallback),
+                        None => {
+                            let (backends, fallback) = endpoints.choose(policy);
+                            let backends: Arc<[BackendAddr]> = backends.into();
+                            chosen.push((policy, backends.clone(), fallback));
+                            (backends, fallback)
+                        }
+                    };
                 let draining = endpoints
                     .listed()
                     // Both come in address order, so `backends` is sorted.

@@ -69,7 +69,7 @@ fn backends(desired: &Desired, frontend: Frontend) -> Vec<BackendAddr> {
             )
         })
         .backends
-        .clone()
+        .to_vec()
 }
 
 #[test]
@@ -114,8 +114,8 @@ fn external_traffic_policy_local_keeps_only_this_nodes_endpoints() {
         |desired: &Desired, addr| desired.frontends[&fe(addr, 30081, Protocol::Tcp)].clone();
     let on1 = translate(&example(), &node("node-1", &[NODE1]));
     assert_eq!(
-        web_local(&on1, NODE1).backends,
-        vec![local([10, 244, 1, 12], 8080)]
+        *web_local(&on1, NODE1).backends,
+        [local([10, 244, 1, 12], 8080)]
     );
     let on2 = translate(&example(), &node("node-2", &[NODE2]));
     let plan = web_local(&on2, NODE2);
@@ -151,8 +151,8 @@ fn terminating_endpoints_are_a_fallback_only() {
     let desired = translate(&example(), &node("node-1", &[NODE1]));
     let plan = &desired.frontends[&fe([10, 96, 0, 70], 80, Protocol::Tcp)];
     assert_eq!(
-        plan.backends,
-        vec![local([10, 244, 1, 12], 8080)],
+        *plan.backends,
+        [local([10, 244, 1, 12], 8080)],
         "ready pod-b only"
     );
     assert!(!plan.terminating_fallback);
@@ -169,7 +169,7 @@ fn terminating_endpoints_are_a_fallback_only() {
         .collect();
     let desired = translate(&objects, &node("node-1", &[NODE1]));
     let plan = &desired.frontends[&fe([10, 96, 0, 70], 80, Protocol::Tcp)];
-    assert_eq!(plan.backends, vec![local([10, 244, 1, 11], 8080)]);
+    assert_eq!(*plan.backends, [local([10, 244, 1, 11], 8080)]);
     assert!(plan.terminating_fallback);
 }
 

@@ -557,7 +557,7 @@ impl Programmer {
             // id -> Maglev key of this plan's backends (new ones are not in the maps yet).
             let mut keys: HashMap<BackendId, u64> =
                 HashMap::with_capacity(frontend_plan.backends.len());
-            for b in &frontend_plan.backends {
+            for b in frontend_plan.backends.iter() {
                 let value = backend_value(b);
                 let id = *ix.backend_ids.entry(value).or_insert_with(|| {
                     let id = ix.next_backend_id;

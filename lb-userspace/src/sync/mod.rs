@@ -245,7 +245,7 @@ impl Programmer {
             let Some(entry) = self.programmed.services.get(&service_key(frontend)) else {
                 continue;
             };
-            for backend in &old.backends {
+            for backend in old.backends.iter() {
                 let stays = new.is_some_and(|n| n.backends.binary_search(backend).is_ok());
                 if stays {
                     continue;
