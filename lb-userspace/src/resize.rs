@@ -98,11 +98,22 @@ fn in_use(name: &str, path: &Path, pin_dir: &Path) -> Result<u64, MapError> {
         BACKENDS_MAP => count::<BackendId, Backend>(path),
         CONNTRACK_MAP => count::<FlowKey, CtEntry>(path),
         AFFINITY_MAP => count::<AffinityKey, AffinityValue>(path),
-        _ => Ok(table_ranges(&pin_dir.join(SERVICES_MAP))?
+        // The frontends as pinned: moved aside already if that map is resized too.
+        _ => Ok(table_ranges(&services_pin(pin_dir))?
             .iter()
             .map(|r| u64::from(r.offset) + u64::from(r.size))
             .max()
             .unwrap_or(0)),
+    }
+}
+
+/// Where the frontends map is pinned: aside, while a resize of it is under way.
+fn services_pin(pin_dir: &Path) -> PathBuf {
+    let aside = pin_dir.join(RESIZING_DIR).join(SERVICES_MAP);
+    if aside.exists() {
+        aside
+    } else {
+        pin_dir.join(SERVICES_MAP)
     }
 }
 
@@ -243,7 +254,7 @@ pub fn carry_over(
             let slots = MappedSlots::new(data, info.max_entries() * SLOTS_PER_ELEMENT)
                 .with_context(|| format!("mapping {}", path.display()))?;
             // The tables of the frontends as pinned (the old map's, if that one moves too).
-            let services = old(SERVICES_MAP).unwrap_or_else(|| pin_dir.join(SERVICES_MAP));
+            let services = services_pin(pin_dir);
             let ranges = table_ranges(&services)
                 .with_context(|| format!("reading {}", services.display()))?;
             for range in ranges {

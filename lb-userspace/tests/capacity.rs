@@ -163,10 +163,14 @@ fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
 
     // Shrinking below what a map holds would lose entries: it keeps its size and says so.
     // Shrinking a map whose content fits is done.
+    // The frontends map shrinks too, and is moved aside first: the slots array's check reads
+    // the frontends from there.
     let mut smaller = larger;
+    smaller.frontends = 32;
     smaller.slots = 1024;
     smaller.conntrack = 256;
-    let dataplane = Dataplane::load_sized(&pins.0, false, smaller).expect("reload");
+    let mut dataplane = Dataplane::load_sized(&pins.0, false, smaller).expect("reload");
+    assert_eq!(dataplane.capacities.frontends, 32);
     assert_eq!(
         dataplane.capacities.slots, 4096,
         "the slots array keeps its size"
@@ -188,6 +192,13 @@ fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
     );
     let slots = MapInfo::from_pin(dataplane.pin_dir().join(SLOTS_MAP)).expect("pinned");
     assert_eq!(slots.max_entries(), 4096 / SLOTS_PER_ELEMENT);
+    resize::carry_over(&pin_dir, &mut dataplane.maps, false).expect("first pass");
+    resize::carry_over(&pin_dir, &mut dataplane.maps, true).expect("final pass");
+    assert_eq!(
+        dataplane.maps.read_contents().expect("read"),
+        programmed,
+        "everything kept through the shrink"
+    );
 }
 
 /// The agent maps a bounded window of the slots array, not all of it (mapping a BPF array
