@@ -108,6 +108,22 @@ pub struct CtEntry {
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 
 impl CtEntry {
+    /// Every field zero: a buffer to read entries into, or a base for building one.
+    pub const ZERO: Self = Self {
+        new_saddr_be: 0,
+        new_daddr_be: 0,
+        new_sport_be: 0,
+        new_dport_be: 0,
+        kind: 0,
+        flags: 0,
+        state: 0,
+        _pad: 0,
+        service_id: 0,
+        backend_id: 0,
+        created_s: 0,
+        expires_s: 0,
+    };
+
     pub const fn expired(&self, now_s: u32) -> bool {
         self.expires_s < now_s
     }

@@ -92,7 +92,8 @@ pub struct AgentConfig {
     pub service_proxy_name: Option<String>,
     /// Maglev table size for Services without the annotation.
     pub maglev_table_size: Option<u32>,
-    /// The sized maps' capacities (maps already pinned keep theirs).
+    /// The sized maps' capacities (a pinned map of another size is resized keeping its
+    /// content, unless it holds more than the new size; see `resize.rs`).
     pub capacities: lb_common::maps::Capacities,
     pub bpffs_dir: PathBuf,
     /// How often to look for new interfaces, address changes and manifest changes.

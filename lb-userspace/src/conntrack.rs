@@ -61,7 +61,7 @@ pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
 pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
     let mut out = Vec::new();
     let mut keys = vec![FlowKey::new(0, 0, 0, 0, 0); BATCH as usize];
-    let mut values = vec![zero_entry(); BATCH as usize];
+    let mut values = vec![CtEntry::ZERO; BATCH as usize];
     let mut in_batch = 0u64;
     let mut out_batch = 0u64;
     let mut first = true;
@@ -218,23 +218,6 @@ pub fn spawn_sweeper(
     }
 }
 
-fn zero_entry() -> CtEntry {
-    CtEntry {
-        new_saddr_be: 0,
-        new_daddr_be: 0,
-        new_sport_be: 0,
-        new_dport_be: 0,
-        kind: 0,
-        flags: 0,
-        state: 0,
-        _pad: 0,
-        service_id: 0,
-        backend_id: 0,
-        created_s: 0,
-        expires_s: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,7 +232,7 @@ mod tests {
             new_dport_be: 8080,
             kind: CT_KIND_FORWARD,
             expires_s: forward_expires,
-            ..zero_entry()
+            ..CtEntry::ZERO
         };
         let reply_key = partner_key(&key, &forward);
         let reply = CtEntry {

@@ -140,7 +140,7 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
             path: path.clone(),
             source,
         })?;
-        // Sized maps keep the capacity they were pinned with (see `Dataplane::load`).
+        // Sized maps may differ in capacity: `resize::prepare` decides about those.
         let sized = Capacities::DEFAULT
             .max_entries()
             .iter()

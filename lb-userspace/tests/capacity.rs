@@ -83,18 +83,10 @@ fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
         FlowKey::new(client, service, port.to_be(), 80u16.to_be(), 6)
     };
     let entry = CtEntry {
-        new_saddr_be: 0,
-        new_daddr_be: 0,
-        new_sport_be: 0,
-        new_dport_be: 0,
-        kind: 0,
-        flags: 0,
-        state: 0,
-        _pad: 0,
         service_id: 1,
         backend_id: 1,
-        created_s: 0,
         expires_s: u32::MAX,
+        ..CtEntry::ZERO
     };
     for port in [40000, 40001] {
         dataplane
