@@ -34,10 +34,13 @@ pub enum Counter {
     /// A new flow whose reply tuple another live flow already had (one client port to two
     /// Services with a common backend): its source port was remapped, as netfilter does.
     PortRemapped = 12,
+    /// A new flow to a frontend with `loadBalancerSourceRanges` from a client outside them:
+    /// dropped (as kube-proxy and Cilium do).
+    DroppedSourceRange = 13,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
@@ -51,6 +54,7 @@ impl Counter {
         Counter::Rebalanced,
         Counter::IcmpTranslated,
         Counter::PortRemapped,
+        Counter::DroppedSourceRange,
     ];
 
     /// Stable, metric-friendly name.
@@ -69,9 +73,12 @@ impl Counter {
             Counter::Rebalanced => "rebalanced",
             Counter::IcmpTranslated => "icmp_translated",
             Counter::PortRemapped => "port_remapped",
+            Counter::DroppedSourceRange => "dropped_source_range",
         }
     }
 }
 
-/// Number of slots in the counters map.
-pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+/// Number of slots in the counters map: room for counters to come, so adding one does not
+/// change the pinned map (an agent that finds a smaller pinned map resizes it, keeping counts).
+pub const COUNTER_SLOTS: u32 = 64;
+const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);

@@ -16,6 +16,7 @@ pub const CONNTRACK_MAP: &str = "LB_CONNTRACK";
 pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 pub const NODE_MAP: &str = "LB_NODE";
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
+pub const SOURCE_RANGES_MAP: &str = "LB_SOURCE_RANGES";
 
 // Capacities: the object file's maps are built with the defaults below; the agent sets each
 // sized map's capacity at load (its flags, see `Capacities`), and a map already pinned keeps its
@@ -36,6 +37,10 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 2 * 1_048_576;
 /// Clients remembered for `sessionAffinity: ClientIP`, by default.
 pub const MAX_AFFINITY: u32 = 131_072;
+
+/// Source ranges (set x CIDR) over all Services. Not a flag: the LPM trie allocates per entry,
+/// so unused capacity costs nothing, and sets are shared by every Service with the same ranges.
+pub const MAX_SOURCE_RANGES: u32 = 1 << 20;
 
 /// How many entries each sized map holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

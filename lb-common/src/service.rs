@@ -45,7 +45,10 @@ pub struct ServiceEntry {
     /// `SERVICE_F_*` bits.
     pub flags: u16,
     pub _pad: u16,
-    pub _reserved: u32,
+    /// The source-range set new flows must come from (`loadBalancerSourceRanges`), keyed in the
+    /// source-ranges map; 0 means any source. Was a reserved zero before source ranges, so
+    /// entries written by older agents read as "any source".
+    pub source_ranges_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 24);
 
@@ -54,6 +57,36 @@ const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 24);
 pub const SERVICE_F_NODE_ADDRESS: u16 = 1 << 0;
 /// With no backend, answer a new flow with a TCP RST or ICMP port unreachable; otherwise drop.
 pub const SERVICE_F_REJECT: u16 = 1 << 1;
+
+/// No source-range check: every client may start a flow.
+pub const ANY_SOURCE: u32 = 0;
+
+/// The data of an IPv4 source-range key (the map is an LPM trie; its key is a prefix length
+/// followed by this): the set id, whose 32 bits always belong to the prefix, then the client
+/// address. One lookup with [`SOURCE_RANGE_LOOKUP_BITS`] finds whether an address lies in any
+/// range of a set. IPv6 gets a twin map with a 16-byte address and the same set ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// Compared as bytes like the address; any fixed byte order works as all 32 bits match.
+    pub set_id: u32,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 8);
+
+/// The prefix length a lookup uses: the set id and the whole address.
+pub const SOURCE_RANGE_LOOKUP_BITS: u32 = 64;
+
+/// The LPM prefix length of a range `addr/prefix` (the set id comes first).
+pub const fn source_range_prefix_len(prefix: u8) -> u32 {
+    32 + prefix as u32
+}
+
+/// The value of a source-range entry: its presence is the answer; the value is kept for a
+/// later "deny these ranges" policy.
+pub type SourceRangeValue = u32;
+/// What every source-range entry holds today: the range admits its clients.
+pub const SOURCE_RANGE_ALLOW: SourceRangeValue = 1;
 
 /// Index of a backend in the backends map; what a slot holds. 0 is never used, so a slot that was
 /// never written reads as "no backend".
@@ -129,6 +162,7 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
 
 user_pod!(
     ServiceKey,
+    SourceRange,
     ServiceEntry,
     Backend,
     AffinityKey,

@@ -13,15 +13,18 @@ use lb_common::{
     },
     hash::{flow_hash, slot_for},
     service::{
-        AffinityKey, AffinityValue, BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend, BackendId,
-        SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT, ServiceEntry, ServiceKey,
+        ANY_SOURCE, AffinityKey, AffinityValue, BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend,
+        BackendId, SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT, ServiceEntry, ServiceKey,
     },
 };
 
 use crate::{
     conntrack,
     headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_SERVICES, lookup, lookup_lru, node_config, slot},
+    maps::{
+        LB_AFFINITY, LB_BACKENDS, LB_SERVICES, lookup, lookup_lru, node_config, slot,
+        source_allowed,
+    },
 };
 
 /// Where the packet entered the node's networking.
@@ -58,6 +61,8 @@ pub enum Action {
     /// A new flow to a frontend without usable backends; `reject`: answer it (kube-proxy's
     /// REJECT) rather than drop it.
     NoBackend { reject: bool },
+    /// A new flow from a client outside the frontend's source ranges: dropped.
+    Denied,
 }
 
 /// What happened to a packet's flow on the way to its [`Action`].
@@ -102,6 +107,13 @@ fn decide(
     let Some(service) = lookup(&LB_SERVICES, &frontend) else {
         return Action::NotAService;
     };
+    // Only new flows are checked, as kube-proxy's firewall chain sees only a flow's first
+    // packet: a flow admitted before its ranges changed keeps going.
+    if service.source_ranges_id != ANY_SOURCE
+        && !source_allowed(service.source_ranges_id, flow.saddr_be)
+    {
+        return Action::Denied;
+    }
     match new_flow(flow, &service, origin, events) {
         Ok(forward) => Action::Translate(forward),
         Err(NoFlow::SnatFailed) => Action::SnatFailed,

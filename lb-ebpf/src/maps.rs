@@ -4,15 +4,18 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::{COUNTER_SLOTS, Counter},
-    maps::{MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, SLOTS_PER_ELEMENT},
+    maps::{
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+        SLOTS_PER_ELEMENT,
+    },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
-        ServiceKey,
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig,
+        SOURCE_RANGE_LOOKUP_BITS, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
     },
 };
 
@@ -46,6 +49,19 @@ pub static LB_NODE: Array<NodeConfig> = Array::pinned(1, 0);
 
 #[map(name = "LB_COUNTERS")]
 pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// `loadBalancerSourceRanges`: set id x CIDR, written by user space before any frontend names
+/// the set (LPM tries always allocate per entry).
+#[map(name = "LB_SOURCE_RANGES")]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, SourceRangeValue> =
+    LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// Whether `addr_be` lies in some range of source-range set `set_id`.
+#[inline(always)]
+pub fn source_allowed(set_id: u32, addr_be: u32) -> bool {
+    let key = Key::new(SOURCE_RANGE_LOOKUP_BITS, SourceRange { set_id, addr_be });
+    LB_SOURCE_RANGES.get(&key).is_some()
+}
 
 /// Adds one to this CPU's slot of `counter`. Per-CPU, so a plain increment cannot race.
 #[inline(always)]

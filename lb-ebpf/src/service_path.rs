@@ -44,6 +44,7 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
         Action::Translate(ct) => translate(ctx, &pkt, &ct),
         Action::NotAService | Action::OutOfScope => Outcome::new(PASS, Counter::Passed),
         Action::SnatFailed => Outcome::new(SHOT, Counter::SnatFailed),
+        Action::Denied => Outcome::new(SHOT, Counter::DroppedSourceRange),
         Action::NoBackend { reject: true } => match reject::reject(ctx, &pkt, origin) {
             Ok(verdict) => Outcome::new(verdict, Counter::Rejected),
             // Not answerable (a reset, or UDP with IPv4 options): drop instead.

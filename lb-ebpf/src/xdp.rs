@@ -61,6 +61,8 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
             }
         }
         Action::SnatFailed => Outcome::new(xdp_action::XDP_DROP, Counter::SnatFailed),
+        // Dropped before the kernel allocates anything, as it would be in tc.
+        Action::Denied => Outcome::new(xdp_action::XDP_DROP, Counter::DroppedSourceRange),
         // DNAT only (the stack delivers it, through tc), not ours, or no backend (tc answers or
         // drops it): tc handles and counts it.
         _ => Outcome::uncounted(PASS),

@@ -87,7 +87,7 @@ fn load(name: &'static str, object: &[u8]) -> Loaded {
                 affinity_timeout_s: 0,
                 flags: 0,
                 _pad: 0,
-                _reserved: 0,
+                source_ranges_id: 0,
             },
             0,
         )

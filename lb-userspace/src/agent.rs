@@ -92,6 +92,8 @@ pub struct AgentConfig {
     pub service_proxy_name: Option<String>,
     /// Maglev table size for Services without the annotation.
     pub maglev_table_size: Option<u32>,
+    /// `loadBalancerSourceRanges` guard NodePorts too.
+    pub source_ranges_on_node_ports: bool,
     /// The sized maps' capacities (a pinned map of another size is resized keeping its
     /// content, unless it holds more than the new size; see `resize.rs`).
     pub capacities: lb_common::maps::Capacities,
@@ -262,6 +264,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             name: config.node_name.clone(),
             service_proxy_name: config.service_proxy_name.clone(),
             default_table_size: config.maglev_table_size,
+            source_ranges_on_node_ports: config.source_ranges_on_node_ports,
             ..NodeContext::default()
         },
         health,

@@ -93,6 +93,11 @@ pub struct AgentArgs {
     /// tc programs still handle everything else. On veth this costs bulk TCP throughput (no GRO).
     #[arg(long)]
     pub xdp: bool,
+    /// Also apply a LoadBalancer Service's `loadBalancerSourceRanges` to its NodePorts (as
+    /// Cilium's `bpf-lb-source-range-all-types`). By default, as kube-proxy, they guard only
+    /// the load-balancer IPs, and a NodePort admits every client.
+    #[arg(long)]
+    pub source_ranges_on_node_ports: bool,
     /// Handle only Services labelled `service.kubernetes.io/service-proxy-name: <NAME>` (and no
     /// unlabelled ones). Default: unlabelled Services only, like kube-proxy.
     #[arg(long)]
@@ -189,6 +194,7 @@ pub struct ConfigFile {
     pub snat_ports: Option<String>,
     pub no_endpoints: Option<String>,
     pub xdp: Option<bool>,
+    pub source_ranges_on_node_ports: Option<bool>,
     pub service_proxy_name: Option<String>,
     pub maglev_table_size: Option<u32>,
     pub bpffs_dir: Option<PathBuf>,
@@ -460,6 +466,8 @@ impl AgentArgs {
             snat_ports,
             reject_no_endpoints: no_endpoints == "reject",
             xdp: self.xdp || file.xdp.unwrap_or(false),
+            source_ranges_on_node_ports: self.source_ranges_on_node_ports
+                || file.source_ranges_on_node_ports.unwrap_or(false),
             service_proxy_name: self.service_proxy_name.or(file.service_proxy_name),
             maglev_table_size,
             bpffs_dir: self

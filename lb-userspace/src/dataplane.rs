@@ -13,16 +13,21 @@ use std::{
 
 pub use crate::slot_table::SlotTable;
 use crate::sync::AffinityPrune;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+};
 use lb_common::{
+    addr_be,
     conntrack::{CtEntry, FlowKey},
     counters::Counter,
-    maps::NODE_MAP,
+    maps::{NODE_MAP, SOURCE_RANGES_MAP},
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
-        ServiceKey,
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, SOURCE_RANGE_ALLOW,
+        ServiceEntry, ServiceKey, SourceRange, SourceRangeValue, source_range_prefix_len,
     },
 };
+
+use crate::model::SourceRanges;
 
 #[derive(Debug, thiserror::Error)]
 #[error("failed to {op} {map} entry {key}")]
@@ -61,6 +66,14 @@ pub trait MapWriter {
     }
     fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
+    /// Writes source-range set `set_id` (one entry per range).
+    fn put_source_ranges(&mut self, set_id: u32, ranges: &SourceRanges) -> Result<(), WriteError>;
+    /// Deletes source-range set `set_id`, which holds `ranges`.
+    fn delete_source_ranges(
+        &mut self,
+        set_id: u32,
+        ranges: &SourceRanges,
+    ) -> Result<(), WriteError>;
     /// Deletes the session-affinity memories `prune` selects; returns how many. The in-memory
     /// maps hold none (the packet path writes them).
     fn forget_affinity(&mut self, _prune: &AffinityPrune) -> Result<usize, WriteError> {
@@ -86,6 +99,8 @@ pub struct MapContents {
     /// write copies a table only if someone else holds it.
     pub tables: BTreeMap<TableRange, Arc<SlotTable>>,
     pub backends: BTreeMap<BackendId, Backend>,
+    /// Source-range sets by id (`ServiceEntry::source_ranges_id`).
+    pub source_ranges: BTreeMap<u32, SourceRanges>,
 }
 
 impl MapContents {
@@ -141,6 +156,18 @@ impl MapWriter for MapContents {
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.services.remove(&key);
+        Ok(())
+    }
+    fn put_source_ranges(&mut self, set_id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.source_ranges.insert(set_id, ranges.clone());
+        Ok(())
+    }
+    fn delete_source_ranges(
+        &mut self,
+        set_id: u32,
+        _ranges: &SourceRanges,
+    ) -> Result<(), WriteError> {
+        self.source_ranges.remove(&set_id);
         Ok(())
     }
 }
@@ -274,6 +301,18 @@ pub struct BpfMaps {
     pub conntrack: BpfHashMap<MapData, FlowKey, CtEntry>,
     pub node: Array<MapData, NodeConfig>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, SourceRangeValue>,
+}
+
+/// The LPM key of one range of a source-range set.
+fn source_range_key(set_id: u32, range: &ipnet::Ipv4Net) -> Key<SourceRange> {
+    Key::new(
+        source_range_prefix_len(range.prefix_len()),
+        SourceRange {
+            set_id,
+            addr_be: addr_be(range.network().octets()),
+        },
+    )
 }
 
 fn write_err(
@@ -317,11 +356,26 @@ impl BpfMaps {
                 .collect();
             tables.insert(range, Arc::new(table));
         }
+        let mut sets: BTreeMap<u32, Vec<ipnet::Ipv4Net>> = BTreeMap::new();
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+            let addr = std::net::Ipv4Addr::from(lb_common::addr_octets(data.addr_be));
+            let range = ipnet::Ipv4Net::new(addr, prefix).expect("prefix clamped to 32");
+            sets.entry(data.set_id).or_default().push(range);
+        }
         Ok(MapContents {
             node: self.node.get(&0, 0)?,
             services,
             tables,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
+            source_ranges: (sets.into_iter())
+                .map(|(id, mut ranges)| {
+                    ranges.sort_unstable();
+                    (id, ranges.into())
+                })
+                .collect(),
         })
     }
 
@@ -388,6 +442,25 @@ impl MapWriter for BpfMaps {
             lb_common::maps::SERVICES_MAP,
             key,
         ))
+    }
+    fn put_source_ranges(&mut self, set_id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        for range in ranges.iter() {
+            (self.source_ranges)
+                .insert(&source_range_key(set_id, range), SOURCE_RANGE_ALLOW, 0)
+                .map_err(write_err("write", SOURCE_RANGES_MAP, (set_id, range)))?;
+        }
+        Ok(())
+    }
+    fn delete_source_ranges(
+        &mut self,
+        set_id: u32,
+        ranges: &SourceRanges,
+    ) -> Result<(), WriteError> {
+        for range in ranges.iter() {
+            ignore_missing(self.source_ranges.remove(&source_range_key(set_id, range)))
+                .map_err(write_err("delete", SOURCE_RANGES_MAP, (set_id, range)))?;
+        }
+        Ok(())
     }
     fn forget_affinity(&mut self, prune: &AffinityPrune) -> Result<usize, WriteError> {
         let stale: Vec<AffinityKey> = self

@@ -23,11 +23,13 @@ use lb_common::{
     maps::{
         AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities,
         EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR,
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, NODE_MAP,
-        PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+        NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP,
+        SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
+        SourceRange, SourceRangeValue,
     },
 };
 
@@ -111,7 +113,7 @@ const fn expected<K, V>(name: &'static str, map_type: MapType, max_entries: u32)
     }
 }
 
-const EXPECTED_MAPS: [ExpectedMap; 7] = [
+const EXPECTED_MAPS: [ExpectedMap; 8] = [
     expected::<ServiceKey, ServiceEntry>(SERVICES_MAP, MapType::Hash, MAX_SERVICES),
     expected::<u32, [BackendId; SLOTS_PER_ELEMENT as usize]>(
         SLOTS_MAP,
@@ -123,6 +125,11 @@ const EXPECTED_MAPS: [ExpectedMap; 7] = [
     expected::<AffinityKey, AffinityValue>(AFFINITY_MAP, MapType::LruHash, MAX_AFFINITY),
     expected::<u32, NodeConfig>(NODE_MAP, MapType::Array, 1),
     expected::<u32, u64>(COUNTERS_MAP, MapType::PerCpuArray, COUNTER_SLOTS),
+    expected::<aya::maps::lpm_trie::Key<SourceRange>, SourceRangeValue>(
+        SOURCE_RANGES_MAP,
+        MapType::LpmTrie,
+        MAX_SOURCE_RANGES,
+    ),
 ];
 
 /// Pinned maps from another layout must never be reused silently: check before loading.
@@ -140,11 +147,13 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
             path: path.clone(),
             source,
         })?;
-        // Sized maps may differ in capacity: `resize::prepare` decides about those.
-        let sized = Capacities::DEFAULT
-            .max_entries()
-            .iter()
-            .any(|(name, _)| *name == want.name);
+        // Sized maps may differ in capacity: `resize::prepare` decides about those (and
+        // replaces a counters map with fewer slots than this lb counts).
+        let sized = want.name == COUNTERS_MAP
+            || Capacities::DEFAULT
+                .max_entries()
+                .iter()
+                .any(|(name, _)| *name == want.name);
         let found = (
             map_type,
             info.key_size() as usize,
@@ -200,9 +209,11 @@ pub fn pinned_counters(
         aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(pinned)?;
     lb_common::counters::Counter::ALL
         .iter()
-        .map(|c| {
-            let per_cpu = counters.get(&(*c as u32), 0).map_err(pinned)?;
-            Ok((*c, per_cpu.iter().sum()))
+        .map(|c| match counters.get(&(*c as u32), 0) {
+            Ok(per_cpu) => Ok((*c, per_cpu.iter().sum())),
+            // Pinned by an older agent that did not count this yet.
+            Err(MapError::OutOfBounds { .. }) => Ok((*c, 0)),
+            Err(source) => Err(pinned(source)),
         })
         .collect()
 }
@@ -365,6 +376,7 @@ impl Dataplane {
             conntrack: take_map(&mut ebpf, CONNTRACK_MAP)?,
             node: take_map(&mut ebpf, NODE_MAP)?,
             counters: take_map(&mut ebpf, COUNTERS_MAP)?,
+            source_ranges: take_map(&mut ebpf, SOURCE_RANGES_MAP)?,
         };
         let links_dir = pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {

@@ -24,6 +24,9 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Topology-aware routing: `Auto` (or the older `service.kubernetes.io/topology-aware-hints`).
 pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// kube-proxy honours this annotation (comma-separated CIDRs) when
+/// `spec.loadBalancerSourceRanges` is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API's default, 3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -184,7 +187,15 @@ pub struct ServiceSpec {
     /// Topology-aware routing asked for (annotation `Auto`, or `trafficDistribution:
     /// PreferClose`): endpoints' zone hints are followed when complete.
     pub topology_aware: bool,
+    /// `spec.loadBalancerSourceRanges` (or [`SOURCE_RANGES_ANNOTATION`]) of a LoadBalancer
+    /// Service: the IPv4 clients its load-balancer IPs admit. `None`: any client. Empty: none
+    /// (ranges were given but none is a valid IPv4 range: refusing all is the safe reading).
+    pub source_ranges: Option<SourceRanges>,
 }
+
+/// Source CIDRs, host bits cleared, sorted and without duplicates (so equal lists compare
+/// and share equal).
+pub type SourceRanges = Arc<[ipnet::Ipv4Net]>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortSpec {
@@ -581,6 +592,7 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
     let topology_aware = annotation(TOPOLOGY_MODE_ANNOTATION).as_deref() == Some("auto")
         || annotation(TOPOLOGY_HINTS_ANNOTATION).as_deref() == Some("auto")
         || spec.traffic_distribution.as_deref() == Some("PreferClose");
+    let source_ranges = source_ranges(svc, &type_name, &mut check);
     let object = (!check.has_errors()).then(|| {
         Object::Service(ServiceSpec {
             id: id.clone(),
@@ -597,12 +609,61 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
             proxy_name,
             health_check_node_port,
             topology_aware,
+            source_ranges,
         })
     });
     Validated {
         object,
         problems: check.problems,
     }
+}
+
+/// A Service's source ranges (see [`ServiceSpec::source_ranges`]). A range that does not parse
+/// is left out with a warning (the API server would have refused it); IPv6 ranges are left
+/// out quietly (they admit no IPv4 client). Only LoadBalancer Services have source ranges.
+fn source_ranges(svc: &Service, type_name: &str, check: &mut Checker) -> Option<SourceRanges> {
+    let from_field = (svc.spec.as_ref())
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .filter(|ranges| !ranges.is_empty());
+    let (field, given): (String, Vec<String>) = match from_field {
+        Some(ranges) => ("spec.loadBalancerSourceRanges".to_owned(), ranges),
+        None => {
+            let annotation = (svc.metadata.annotations.as_ref())
+                .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+                .filter(|v| !v.trim().is_empty())?;
+            (
+                format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION:?}]"),
+                annotation.split(',').map(|r| r.trim().to_owned()).collect(),
+            )
+        }
+    };
+    if type_name != "LoadBalancer" {
+        check.warn(
+            field,
+            format!("ignored: only LoadBalancer Services have source ranges, this is {type_name}"),
+        );
+        return None;
+    }
+    let mut ranges = Vec::with_capacity(given.len());
+    for (i, range) in given.iter().enumerate() {
+        match range.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(_) => check.warn(
+                format!("{field}[{i}]"),
+                format!("{range:?} is not a CIDR such as 203.0.113.0/24; left out"),
+            ),
+        }
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    if ranges.is_empty() {
+        check.warn(
+            field,
+            "no valid IPv4 range: the Service's load-balancer IPs refuse every IPv4 client",
+        );
+    }
+    Some(ranges.into())
 }
 
 /// Validates an EndpointSlice; `location` says where it came from.

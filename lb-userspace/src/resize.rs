@@ -28,13 +28,14 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, MapInfo},
+    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
+    counters::COUNTER_SLOTS,
     maps::{
-        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, Capacities, SERVICES_MAP, SLOTS_MAP,
-        SLOTS_PER_ELEMENT,
+        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities, SERVICES_MAP,
+        SLOTS_MAP, SLOTS_PER_ELEMENT,
     },
     service::{AffinityKey, AffinityValue, Backend, BackendId, ServiceEntry, ServiceKey},
 };
@@ -189,7 +190,47 @@ pub fn prepare(pin_dir: &Path, wanted: Capacities) -> anyhow::Result<Plan> {
             .with_context(|| format!("moving {} aside to resize it", path.display()))?;
         plan.resized.push((name, pinned, asked));
     }
+    // A counters map pinned by an lb that counted fewer things is replaced (its counts carried
+    // over): the programs must be able to count everything this lb counts.
+    let counters = pin_dir.join(COUNTERS_MAP);
+    if counters.exists() && !aside.join(COUNTERS_MAP).exists() {
+        let info = MapInfo::from_pin(&counters)
+            .with_context(|| format!("reading {}", counters.display()))?;
+        if info.max_entries() != COUNTER_SLOTS {
+            std::fs::create_dir_all(&aside)
+                .with_context(|| format!("creating {}", aside.display()))?;
+            std::fs::rename(&counters, aside.join(COUNTERS_MAP))
+                .with_context(|| format!("moving {} aside to resize it", counters.display()))?;
+            plan.resized
+                .push((COUNTERS_MAP, info.max_entries(), COUNTER_SLOTS));
+        }
+    }
     Ok(plan)
+}
+
+/// Adds the old counters map's per-CPU counts to the new one's: the counters an operator or
+/// Prometheus reads keep growing across the resize. Done once, in the final pass, when the old
+/// programs no longer count; a count the new programs make during the read-add-write of one
+/// slot can be lost.
+fn add_counters(path: &Path, new: &mut PerCpuArray<MapData, u64>) -> anyhow::Result<usize> {
+    let old: PerCpuArray<MapData, u64> = open(path)
+        .and_then(TryInto::try_into)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut carried = 0;
+    for index in 0..old.len().min(new.len()) {
+        let before = old
+            .get(&index, 0)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let now = new.get(&index, 0).context("reading the new counters map")?;
+        let sums: Vec<u64> = (before.iter().zip(now.iter()))
+            .map(|(a, b)| a.wrapping_add(*b))
+            .collect();
+        let values = PerCpuValues::try_from(sums).context("per-CPU counts")?;
+        new.set(index, values, 0)
+            .context("writing the new counters map")?;
+        carried += 1;
+    }
+    Ok(carried)
 }
 
 /// What one pass of [`carry_over`] copied.
@@ -200,6 +241,7 @@ pub struct Carried {
     pub slots: usize,
     pub conntrack: usize,
     pub affinity: usize,
+    pub counters: usize,
 }
 
 /// Inserts every entry of the old map at `path` that `new` lacks. Returns how many.
@@ -280,6 +322,9 @@ pub fn carry_over(
         done.affinity = copy_missing(&path, &mut maps.affinity)?;
     }
     if final_pass {
+        if let Some(path) = old(COUNTERS_MAP) {
+            done.counters = add_counters(&path, &mut maps.counters)?;
+        }
         std::fs::remove_dir_all(&aside)
             .with_context(|| format!("unpinning the resized maps in {}", aside.display()))?;
     }

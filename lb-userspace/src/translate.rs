@@ -12,7 +12,7 @@ use lb_common::maglev;
 
 use crate::model::{
     EndpointSpec, Object, ObjectRef, Problem, Protocol, SERVICE_PROXY_NAME_LABEL, ServiceKind,
-    ServiceName, ServiceSpec, Severity, SliceSpec, TrafficPolicy,
+    ServiceName, ServiceSpec, Severity, SliceSpec, SourceRanges, TrafficPolicy,
 };
 
 /// An address, port and protocol a client sends to.
@@ -105,6 +105,9 @@ pub struct FrontendPlan {
     pub affinity_timeout_s: Option<u32>,
     /// The policy that chose the backends.
     pub policy: TrafficPolicy,
+    /// New flows only from these clients (`loadBalancerSourceRanges`, on LoadBalancer
+    /// frontends, and NodePorts when the agent extends it to them); `None`: any client.
+    pub source_ranges: Option<SourceRanges>,
 }
 
 /// Why a Service produced no frontends although it is valid.
@@ -129,6 +132,9 @@ pub struct NodeContext {
     /// Maglev table size for Services without the annotation (default: the smallest listed
     /// prime with 100 slots per backend); raised like the annotation.
     pub default_table_size: Option<u32>,
+    /// `loadBalancerSourceRanges` also guard the Service's NodePorts (Cilium's
+    /// `bpf-lb-source-range-all-types`); by default only its load-balancer IPs, as kube-proxy.
+    pub source_ranges_on_node_ports: bool,
 }
 
 /// What kube-proxy's `healthCheckNodePort` server answers for an `externalTrafficPolicy: Local`
@@ -627,6 +633,9 @@ fn service_output(
                     // Both come in address order, so `backends` is sorted.
                     .filter(|b| backends.binary_search(b).is_err())
                     .collect();
+                let guarded = kind == FrontendKind::LoadBalancer
+                    || (kind == FrontendKind::NodePort && node.source_ranges_on_node_ports);
+                let source_ranges = svc.source_ranges.clone().filter(|_| guarded);
                 let when_empty = if endpoints.any_usable() {
                     WhenEmpty::Drop
                 } else {
@@ -646,6 +655,7 @@ fn service_output(
                     when_empty,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     policy,
+                    source_ranges,
                 };
                 let frontend = Frontend {
                     addr,

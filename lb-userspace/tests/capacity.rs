@@ -275,3 +275,100 @@ fn the_slots_array_is_written_through_a_bounded_window() {
         );
     }
 }
+
+/// A counters map pinned by an lb that counted fewer things (13 slots, before source ranges)
+/// is replaced by one with room for every counter, its counts carried over: the counters an
+/// operator or Prometheus reads keep growing across the upgrade.
+#[test]
+fn an_older_counters_map_is_replaced_keeping_its_counts() {
+    use lb_common::{
+        counters::{COUNTER_SLOTS, Counter},
+        maps::{COUNTERS_MAP, PIN_LAYOUT_VERSION},
+    };
+    use lb_userspace::bpf_sys::{BPF_MAP_CREATE, bpf};
+    if !privileged("an_older_counters_map_is_replaced_keeping_its_counts") {
+        return;
+    }
+    let pins = PinDir::new("old-counters");
+    let pin_dir = pins.0.join(PIN_LAYOUT_VERSION);
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    let old_pin = pin_dir.join(COUNTERS_MAP);
+
+    // BPF_MAP_CREATE of a 13-slot per-CPU array, then BPF_OBJ_PIN: what the older lb left.
+    #[repr(C)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u32; 14],
+    }
+    #[repr(C)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_OBJ_PIN: libc::c_int = 6;
+    let mut create = CreateAttr {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 13,
+        rest: [0; 14],
+    };
+    // SAFETY: a BPF_MAP_CREATE attribute without pointers.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut create) };
+    assert!(fd >= 0, "create: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(old_pin.to_str().unwrap()).unwrap();
+    let mut pin = PinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: `pathname` points at a live NUL-terminated path for the call.
+    let pinned = unsafe { bpf(BPF_OBJ_PIN, &mut pin) };
+    assert!(pinned == 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: closing the fd this test created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    {
+        let data = aya::maps::MapData::from_pin(&old_pin).unwrap();
+        let mut old: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::Map::PerCpuArray(data).try_into().unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        let mut counts = vec![0u64; cpus];
+        counts[0] = 5;
+        old.set(Counter::Translated as u32, counts.try_into().unwrap(), 0)
+            .unwrap();
+    }
+    let before = lb_userspace::loader::pinned_counters(&pins.0).expect("an older map reads");
+    assert_eq!(before[&Counter::Translated], 5);
+    assert_eq!(before[&Counter::DroppedSourceRange], 0, "not counted then");
+
+    let small = Capacities {
+        frontends: 64,
+        backends: 128,
+        slots: 2048,
+        conntrack: 512,
+        affinity: 64,
+    };
+    let mut dataplane = Dataplane::load_sized(&pins.0, false, small).expect("load");
+    assert!(
+        dataplane
+            .resized
+            .contains(&(COUNTERS_MAP, 13, COUNTER_SLOTS)),
+        "{:?}",
+        dataplane.resized
+    );
+    let info = MapInfo::from_pin(&old_pin).expect("the new map is pinned");
+    assert_eq!(info.max_entries(), COUNTER_SLOTS);
+    resize::carry_over(&pin_dir, &mut dataplane.maps, false).expect("first pass");
+    let carried = resize::carry_over(&pin_dir, &mut dataplane.maps, true)
+        .expect("final pass")
+        .expect("a resize was under way");
+    assert_eq!(carried.counters, 13);
+    let after = dataplane.maps.read_counters().expect("counters");
+    assert_eq!(after[&Counter::Translated], 5, "carried over");
+    assert!(!pin_dir.join(resize::RESIZING_DIR).exists());
+}

@@ -119,9 +119,20 @@ fn clusterip_from_pods_follows_manifest_changes_and_new_pods() {
     );
 }
 
+/// The example with `shop` admitting only `ranges` at its LoadBalancer IP.
+fn shop_admitting(ranges: &str) -> String {
+    let manifest = example_manifest();
+    let restricted = manifest.replace(
+        "  clusterIP: 10.96.0.30\n",
+        &format!("  clusterIP: 10.96.0.30\n  loadBalancerSourceRanges: [{ranges}]\n"),
+    );
+    assert_ne!(restricted, manifest, "shop found in the example");
+    restricted
+}
+
 /// NodePort from outside on every node, LoadBalancer and externalIPs via either node.
 fn external_traffic(xdp: bool) -> Running {
-    let run = Running::start(xdp);
+    let mut run = Running::start(xdp);
     // web: both endpoints on node-2. Through node-1 (no local endpoint) the traffic is SNATed to
     // node-1 so the answer comes back through it; through node-2 it stays local, source kept.
     for (node, seen) in [(NODE1, ip(NODE1)), (NODE2, IpAddr::V4(OUTSIDE))] {
@@ -221,6 +232,57 @@ fn external_traffic(xdp: bool) -> Running {
         set(&["pod-b", "pod-d"]),
         "pod -> LoadBalancer IP"
     );
+
+    // loadBalancerSourceRanges: the LoadBalancer IP admits only the clients in them; the
+    // NodePort and the ClusterIP stay open (kube-proxy's behaviour).
+    let shop_lb = at([172, 30, 1, 10], 80);
+    let refused = |outcome: std::io::Result<lb_testbed::echo::Reply>, who: &str| {
+        assert!(outcome.is_err(), "{who} must be refused: {outcome:?}");
+    };
+    run.change_manifest(&shop_admitting("\"172.30.0.100/32\""));
+    let admitted = run.from("outside", move || tcp_many(shop_lb, N / 2));
+    assert_eq!(
+        pods(&admitted),
+        set(&["pod-b", "pod-d"]),
+        "outside is admitted"
+    );
+    let wait = Duration::from_millis(500);
+    refused(
+        run.from("client-1", move || tcp_outcome(shop_lb, wait)),
+        "client-1 at the LoadBalancer IP",
+    );
+    let still_open = run.from("client-1", || {
+        (
+            tcp_many(at(NODE2, 30090), N / 2),
+            tcp_many(at([10, 96, 0, 30], 80), N / 2),
+        )
+    });
+    assert_eq!(
+        pods(&still_open.0),
+        set(&["pod-b", "pod-d"]),
+        "NodePort open"
+    );
+    assert_eq!(
+        pods(&still_open.1),
+        set(&["pod-b", "pod-d"]),
+        "ClusterIP open"
+    );
+    // The ranges change: now only pods are admitted.
+    run.change_manifest(&shop_admitting("\"10.244.0.0/16\""));
+    refused(
+        run.from("outside", move || tcp_outcome(shop_lb, wait)),
+        "outside after the change",
+    );
+    let pods_admitted = run.from("client-1", move || tcp_many(shop_lb, N / 2));
+    assert_eq!(
+        pods(&pods_admitted),
+        set(&["pod-b", "pod-d"]),
+        "client-1 admitted"
+    );
+    let dropped = lb_userspace::loader::pinned_counters(run.agent("node-2").bpffs_dir())
+        .expect("counters")[&Counter::DroppedSourceRange];
+    assert!(dropped >= 1, "node-2 counted the refused SYNs: {dropped}");
+    run.change_manifest(&example_manifest());
     run
 }
 

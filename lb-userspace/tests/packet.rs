@@ -34,6 +34,7 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_DROP: u32 = 1;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -48,6 +49,11 @@ const REMOTE_POD: [u8; 4] = [10, 244, 2, 11];
 const NODE: [u8; 4] = [172, 30, 0, 11];
 const NODE2: [u8; 4] = [172, 30, 0, 12];
 const OUTSIDE: [u8; 4] = [172, 30, 0, 100];
+/// The `guarded` LoadBalancer's ingress IP; its source ranges admit 172.30.0.0/28 (the nodes)
+/// and 198.51.100.7/32, not OUTSIDE.
+const GUARDED_LB: [u8; 4] = [172, 30, 0, 200];
+const GUARDED_VIP: [u8; 4] = [10, 96, 0, 33];
+const ADMITTED: [u8; 4] = [198, 51, 100, 7];
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 /// The node's external interface and the neighbours the FIB resolves through it.
@@ -215,6 +221,13 @@ fn manifest_with(backends: &[[u8; 4]], terminating: &[[u8; 4]]) -> String {
         "elsewhere",
         endpoints(&[REMOTE_POD], "node-2"),
     );
+    // A LoadBalancer restricted to some clients, its endpoint on this node (DNAT only).
+    yaml += &format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: guarded, namespace: t }}\nspec:\n  type: LoadBalancer\n  clusterIP: {}\n  loadBalancerSourceRanges: [\"172.30.0.0/28\", \"198.51.100.7/32\"]\n  ports:\n  - {{ name: http, port: 80, protocol: TCP, nodePort: 30083 }}\nstatus: {{ loadBalancer: {{ ingress: [{{ ip: {} }}] }} }}\n---\n",
+        ip(GUARDED_VIP),
+        ip(GUARDED_LB)
+    );
+    yaml += &slice("guarded-1", "guarded", endpoints(&[POD_A], "node-1"));
     yaml
 }
 
@@ -488,6 +501,8 @@ enum Expect {
     XdpTransmitted(Vec<u8>),
     /// Left to the tc programs by XDP, untouched.
     XdpPassed,
+    /// Dropped by XDP.
+    XdpDropped,
     Unchanged,
     Dropped,
 }
@@ -676,6 +691,13 @@ fn run_case(path: &mut LoadedPath, net: &PacketNetns, case: &Case) {
         Expect::Dropped => {
             assert_eq!(
                 result.return_value, TC_ACT_SHOT,
+                "{}: verdict",
+                case.description
+            );
+        }
+        Expect::XdpDropped => {
+            assert_eq!(
+                result.return_value, XDP_DROP,
                 "{}: verdict",
                 case.description
             );
@@ -957,6 +979,61 @@ fn packet_table() {
             tcp(plain(OUTSIDE, 40112, NODE, 30081, true)),
             Expect::Rewritten(tcp(plain(OUTSIDE, 40112, POD_A, 8080, true))),
             &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "loadBalancerSourceRanges: a client outside them is dropped at the load-balancer IP",
+            tcp(plain(OUTSIDE, 40120, GUARDED_LB, 80, true)),
+            Expect::Dropped,
+            &[(Counter::DroppedSourceRange, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "XDP: a client outside the source ranges is dropped before tc",
+            tcp(plain(OUTSIDE, 40121, GUARDED_LB, 80, true)),
+            Expect::XdpDropped,
+            &[(Counter::DroppedSourceRange, 1)],
+        )
+        .through_xdp(),
+        Case::new(
+            "loadBalancerSourceRanges: a node in 172.30.0.0/28 is admitted",
+            tcp(plain(NODE2, 40122, GUARDED_LB, 80, true)),
+            Expect::Rewritten(tcp(plain(NODE2, 40122, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "loadBalancerSourceRanges: a /32 range admits exactly its client",
+            tcp(plain(ADMITTED, 40123, GUARDED_LB, 80, true)),
+            Expect::Rewritten(tcp(plain(ADMITTED, 40123, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "XDP: an admitted client is left to tc (DNAT only)",
+            tcp(plain(ADMITTED, 40124, GUARDED_LB, 80, true)),
+            Expect::XdpPassed,
+            &[],
+        )
+        .through_xdp(),
+        Case::new(
+            "loadBalancerSourceRanges do not guard the NodePort (kube-proxy's default)",
+            tcp(plain(OUTSIDE, 40125, NODE, 30083, true)),
+            Expect::Rewritten(tcp(plain(OUTSIDE, 40125, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        )
+        .arriving_from_network(),
+        Case::new(
+            "... nor the ClusterIP from a pod",
+            tcp(plain(CLIENT, 40126, GUARDED_VIP, 80, true)),
+            Expect::Rewritten(tcp(plain(CLIENT, 40126, POD_A, 8080, true))),
+            &[(Counter::Translated, 1)],
+        ),
+        Case::new(
+            "a denied client's later packets are dropped too (no flow was recorded)",
+            tcp(plain(OUTSIDE, 40120, GUARDED_LB, 80, false)),
+            Expect::Dropped,
+            &[(Counter::DroppedSourceRange, 1)],
         )
         .arriving_from_network(),
         Case::new(
@@ -1445,5 +1522,90 @@ fn flows_have_a_lifecycle() {
     assert_eq!(
         swept.deleted, 2,
         "only the reset flow's two entries (the others were taken over by new flows)"
+    );
+}
+
+/// Runs `program` on `input` as arriving on `ifindex`; returns the verdict and the packet.
+fn run_verdict(
+    path: &mut LoadedPath,
+    program: &'static str,
+    ifindex: u32,
+    input: &[u8],
+) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let ctx = skb_context(ifindex);
+    let result = path
+        .dataplane
+        .program(program)
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// With `--source-ranges-on-node-ports` the ranges guard the NodePorts too; a change of ranges
+/// applies to new flows only (an admitted connection keeps going, as with kube-proxy), and
+/// lifting them admits everyone again.
+#[test]
+fn source_ranges_follow_the_service_and_the_node_port_option() {
+    if !privileged("source_ranges_follow_the_service_and_the_node_port_option") {
+        return;
+    }
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("source-ranges");
+    let ext = net.ifindex("ext0");
+    let guarding_node_ports = NodeContext {
+        source_ranges_on_node_ports: true,
+        ..node_context()
+    };
+    let backends: &[[u8; 4]] = &[POD_A, POD_B];
+    path.provision_as(&manifest(backends), &guarding_node_ports);
+    let send = |path: &mut LoadedPath, src, sport, dst, dport, flags| {
+        run_verdict(
+            path,
+            EXTERNAL_INGRESS_PROGRAM,
+            ext,
+            &tcp_with(src, sport, dst, dport, flags),
+        )
+    };
+    let (verdict, _) = send(&mut path, OUTSIDE, 40300, NODE, 30083, "S");
+    assert_eq!(verdict, TC_ACT_SHOT, "the NodePort is guarded too");
+    let (verdict, out) = send(&mut path, NODE2, 40301, NODE, 30083, "S");
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp_with(NODE2, 40301, POD_A, 8080, "S"), "admitted");
+
+    // ADMITTED opens a connection, then the Service's ranges stop admitting it.
+    let (verdict, _) = send(&mut path, ADMITTED, 40302, GUARDED_LB, 80, "S");
+    assert_eq!(verdict, TC_ACT_OK);
+    let narrowed = manifest(backends).replace("198.51.100.7/32", "198.51.100.8/32");
+    path.provision_as(&narrowed, &guarding_node_ports);
+    let (verdict, out) = send(&mut path, ADMITTED, 40302, GUARDED_LB, 80, "A");
+    assert_eq!(verdict, TC_ACT_OK, "the admitted connection keeps going");
+    assert_eq!(out, tcp_with(ADMITTED, 40302, POD_A, 8080, "A"));
+    let (verdict, _) = send(&mut path, ADMITTED, 40303, GUARDED_LB, 80, "S");
+    assert_eq!(verdict, TC_ACT_SHOT, "a new connection is refused");
+
+    // Without ranges, everyone is admitted.
+    let open = manifest(backends).replace(
+        "  loadBalancerSourceRanges: [\"172.30.0.0/28\", \"198.51.100.7/32\"]\n",
+        "",
+    );
+    assert_ne!(open, manifest(backends));
+    path.provision_as(&open, &guarding_node_ports);
+    let (verdict, out) = send(&mut path, OUTSIDE, 40304, GUARDED_LB, 80, "S");
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp_with(OUTSIDE, 40304, POD_A, 8080, "S"));
+    assert_eq!(
+        path.programmer.programmed().source_ranges.len(),
+        1,
+        "only the set unused since this sync waits (a sync), the older one is gone: {:?}",
+        path.programmer.programmed().source_ranges
     );
 }

@@ -6,11 +6,12 @@ use std::collections::BTreeSet;
 use lb_common::{
     maglev,
     maps::Capacities,
-    service::{Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry, ServiceKey},
+    service::{ANY_SOURCE, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry, ServiceKey},
 };
 use lb_userspace::{
     dataplane::{MapContents, MapWriter, TableRange, WriteError},
     manifest,
+    model::SourceRanges,
     sync::{Programmer, Settings, SyncStats, service_key},
     translate::{Desired, NodeContext, Touched, translate},
 };
@@ -58,9 +59,15 @@ fn reachable(maps: &MapContents) -> MapContents {
 }
 
 /// What the packet path can rely on at any instant: every slot of every service's table holds
-/// a backend that exists.
+/// a backend that exists, and every source-range set an entry names is there.
 fn assert_consistent(maps: &MapContents, after: &str) {
     for (key, entry) in &maps.services {
+        assert!(
+            entry.source_ranges_id == ANY_SOURCE
+                || maps.source_ranges.contains_key(&entry.source_ranges_id),
+            "after {after}: {key:?} names source-range set {} that is not written",
+            entry.source_ranges_id
+        );
         for index in 0..entry.table_size {
             let backend = maps
                 .slot(entry, index)
@@ -140,6 +147,16 @@ impl MapWriter for CheckingWriter {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.step("delete_service", |m| {
             m.services.remove(&key);
+        })
+    }
+    fn put_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.step("put_source_ranges", |m| {
+            m.source_ranges.insert(id, ranges.clone());
+        })
+    }
+    fn delete_source_ranges(&mut self, id: u32, _: &SourceRanges) -> Result<(), WriteError> {
+        self.step("delete_source_ranges", |m| {
+            m.source_ranges.remove(&id);
         })
     }
 }
@@ -622,6 +639,12 @@ impl MapWriter for BoundedWriter {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.maps.delete_service(key)
     }
+    fn put_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.maps.put_source_ranges(id, ranges)
+    }
+    fn delete_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.maps.delete_source_ranges(id, ranges)
+    }
 }
 
 /// Syncs three times through maps that hold at most `capacities`: `first` Services, then
@@ -744,6 +767,12 @@ impl MapWriter for WatchedWriter {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.inner.delete_service(key)
     }
+    fn put_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.inner.put_source_ranges(id, ranges)
+    }
+    fn delete_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
+        self.inner.delete_source_ranges(id, ranges)
+    }
 }
 
 /// A Service is programmed whole or not at all: when only some of its frontends fit, none is
@@ -833,5 +862,117 @@ fn a_service_that_does_not_fit_whole_is_left_out_whole() {
             "incremental: {incremental}"
         );
         assert!(left_out.is_empty());
+    }
+}
+
+/// LoadBalancer Services `(name, clusterIP, ingress IP, source ranges)` on one backend.
+fn desired_guarded(services: &[(&str, &str, &str, &[&str])]) -> Desired {
+    let mut yaml = String::new();
+    for (name, vip, ingress, ranges) in services {
+        let ranges: Vec<String> = ranges.iter().map(|r| format!("\"{r}\"")).collect();
+        yaml += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{type: LoadBalancer, clusterIP: {vip}, loadBalancerSourceRanges: [{}], ports: [{{port: 80, nodePort: 30080}}]}}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: {ingress}}}]}}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n  - addresses: [\"10.244.0.1\"]\n---\n",
+            ranges.join(", ")
+        );
+    }
+    let read = manifest::parse(&yaml, "test");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    translate(&read.objects, &NodeContext::default())
+}
+
+/// The source-range set each frontend address names (ClusterIPs name none).
+fn named_sets(maps: &MapContents) -> std::collections::BTreeMap<String, Vec<String>> {
+    (maps.services.iter())
+        .map(|(key, entry)| {
+            let addr = std::net::Ipv4Addr::from(lb_common::addr_octets(key.addr_be));
+            let ranges = match entry.source_ranges_id {
+                ANY_SOURCE => vec!["any".to_owned()],
+                id => maps.source_ranges[&id]
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect(),
+            };
+            (addr.to_string(), ranges)
+        })
+        .collect()
+}
+
+/// Source-range sets are shared by equal ranges, written before any entry names them (checked
+/// at every write), never reused under another meaning, and deleted one sync after the last
+/// entry stops naming them, in incremental syncs and full ones (a fresh programmer adopting
+/// the maps).
+#[test]
+fn source_range_sets_are_shared_written_first_and_deleted_a_sync_after_their_last_use() {
+    let office = &["203.0.113.0/24", "198.51.100.7/32"][..];
+    let home = &["192.0.2.0/25"][..];
+    for fresh_each_sync in [false, true] {
+        let mut programmer = Programmer::default();
+        let mut writer = CheckingWriter::new();
+        let mut step = |want: &Desired| {
+            if fresh_each_sync {
+                programmer = Programmer::adopt(writer.maps.clone(), Settings::default());
+            }
+            sync(&mut programmer, want, &mut writer);
+            assert_eq!(writer.maps, *programmer.programmed(), "the mirror is exact");
+            writer.maps.clone()
+        };
+        let both = step(&desired_guarded(&[
+            ("a", "10.96.0.1", "192.168.50.1", office),
+            ("b", "10.96.0.2", "192.168.50.2", office),
+        ]));
+        assert_eq!(both.source_ranges.len(), 1, "equal ranges share one set");
+        assert_eq!(
+            named_sets(&both).into_iter().collect::<Vec<_>>(),
+            [
+                ("10.96.0.1".into(), vec!["any".into()]),
+                ("10.96.0.2".into(), vec!["any".into()]),
+                (
+                    "192.168.50.1".into(),
+                    vec!["198.51.100.7/32".into(), "203.0.113.0/24".into()]
+                ),
+                (
+                    "192.168.50.2".into(),
+                    vec!["198.51.100.7/32".into(), "203.0.113.0/24".into()]
+                ),
+            ],
+            "only load-balancer IPs are guarded"
+        );
+        let first_id = *both.source_ranges.keys().next().unwrap();
+
+        // b moves to other ranges: a new set; a still names the first.
+        let moved = step(&desired_guarded(&[
+            ("a", "10.96.0.1", "192.168.50.1", office),
+            ("b", "10.96.0.2", "192.168.50.2", home),
+        ]));
+        assert_eq!(moved.source_ranges.len(), 2);
+        assert_eq!(named_sets(&moved)["192.168.50.2"], ["192.0.2.0/25"]);
+
+        // a goes: its set is retired, still there for packets that read a's entry just before.
+        let only_b = desired_guarded(&[("b", "10.96.0.2", "192.168.50.2", home)]);
+        let retired = step(&only_b);
+        assert!(retired.source_ranges.contains_key(&first_id), "kept a sync");
+        let gone = step(&only_b);
+        assert!(
+            !gone.source_ranges.contains_key(&first_id),
+            "deleted the sync after (fresh programmer each sync: {fresh_each_sync})"
+        );
+        assert_eq!(gone.source_ranges.len(), 1);
+
+        // The same ranges coming back get a new id: an id never changes meaning.
+        let back = step(&desired_guarded(&[
+            ("a", "10.96.0.1", "192.168.50.1", office),
+            ("b", "10.96.0.2", "192.168.50.2", home),
+        ]));
+        let new_id = back.services[&lb_common::service::ServiceKey::new(
+            lb_common::addr_be([192, 168, 50, 1]),
+            80u16.to_be(),
+            6,
+        )]
+            .source_ranges_id;
+        assert!(new_id > first_id, "set {new_id} reuses no earlier id");
     }
 }

@@ -584,3 +584,101 @@ fn table_size_follows_the_backend_count_and_an_uneven_table_is_reported() {
     assert_eq!(desired.uneven_tables(), 0);
     assert!(desired.problems.is_empty(), "{:?}", desired.problems);
 }
+
+/// `loadBalancerSourceRanges` (or kube-proxy's annotation) guard the load-balancer IPs only,
+/// NodePorts too when asked; bad ranges are reported and left out, and a list with no valid
+/// IPv4 range refuses every IPv4 client rather than admitting all.
+#[test]
+fn source_ranges_guard_load_balancer_ips_and_fail_closed() {
+    let service = |name: &str, octet: u8, kind: &str, ranges: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{type: {kind}, clusterIP: 10.96.0.{octet}, ports: [{{port: 80, nodePort: 300{octet:02}}}]{ranges}}}\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 192.168.50.{octet}}}]}}}}\n---\n"
+        )
+    };
+    let yaml = service(
+        "field",
+        1,
+        "LoadBalancer",
+        ", loadBalancerSourceRanges: [\"203.0.113.9/24\", \"10.0.0.0/8\", \"10.0.0.0/8\"]",
+    ) + &service("open", 2, "LoadBalancer", "")
+        + &service(
+            "bad",
+            3,
+            "LoadBalancer",
+            ", loadBalancerSourceRanges: [\"10.0.0.0/33\", \"2001:db8::/32\"]",
+        )
+        + &service(
+            "nodeport",
+            4,
+            "NodePort",
+            ", loadBalancerSourceRanges: [\"10.0.0.0/8\"]",
+        )
+        + "apiVersion: v1\nkind: Service\nmetadata: {name: annotated, annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \" 198.51.100.0/24 , 192.0.2.1/32\"}}\n\
+           spec: {type: LoadBalancer, clusterIP: 10.96.0.5, ports: [{port: 80, nodePort: 30005}]}\n\
+           status: {loadBalancer: {ingress: [{ip: 192.168.50.5}]}}\n---\n";
+    let read = manifest::parse(&yaml, "ranges.yaml");
+    let problems: Vec<String> = read.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(
+        problems[0].contains("Service default/bad")
+            && problems[0].contains("loadBalancerSourceRanges[0]")
+            && problems[0].contains("\"10.0.0.0/33\""),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].contains("refuse every IPv4 client"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[2].contains("default/nodeport") && problems[2].contains("only LoadBalancer"),
+        "{problems:#?}"
+    );
+    for guard_node_ports in [false, true] {
+        let node = NodeContext {
+            source_ranges_on_node_ports: guard_node_ports,
+            ..node("node-1", &[[172, 30, 0, 11]])
+        };
+        let desired = translate(&read.objects, &node);
+        let ranges = |addr: [u8; 4], port: u16| -> Option<Vec<String>> {
+            let plan = &desired.frontends[&fe(addr, port, Protocol::Tcp)];
+            (plan.source_ranges.as_ref()).map(|r| r.iter().map(|n| n.to_string()).collect())
+        };
+        let field = Some(vec!["10.0.0.0/8".to_owned(), "203.0.113.0/24".to_owned()]);
+        assert_eq!(
+            ranges([192, 168, 50, 1], 80),
+            field,
+            "host bits cleared, sorted, deduplicated"
+        );
+        assert_eq!(ranges([10, 96, 0, 1], 80), None, "the ClusterIP stays open");
+        let node_port = ranges([172, 30, 0, 11], 30001);
+        assert_eq!(
+            node_port,
+            if guard_node_ports {
+                field.clone()
+            } else {
+                None
+            }
+        );
+        assert_eq!(ranges([192, 168, 50, 2], 80), None, "no ranges: open");
+        assert_eq!(
+            ranges([192, 168, 50, 3], 80),
+            Some(vec![]),
+            "none valid: closed"
+        );
+        assert_eq!(
+            ranges([172, 30, 0, 11], 30004),
+            None,
+            "NodePort Services have none"
+        );
+        assert_eq!(
+            ranges([192, 168, 50, 5], 80),
+            Some(vec![
+                "192.0.2.1/32".to_owned(),
+                "198.51.100.0/24".to_owned()
+            ]),
+            "the annotation, as kube-proxy reads it"
+        );
+    }
+}

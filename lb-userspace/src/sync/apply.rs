@@ -2,12 +2,13 @@
 //! [`apply`] in the order that keeps the packet path consistent at every instant:
 //!
 //! 1. the node settings;
-//! 2. backends that tables will name (new, or changed in place);
+//! 2. backends that tables will name (new, or changed in place), and source-range sets that
+//!    entries will name;
 //! 3. table slots, only the ones that change;
 //! 4. service entries, so an entry only ever points at a complete table; then removed entries;
 //! 5. backends that start draining, once no table names them;
 //! 6. affinity memories that name a backend no longer in their Service;
-//! 7. backends nothing uses any more.
+//! 7. backends nothing uses any more, and source-range sets retired by the sync before.
 //!
 //! Each write goes to the maps, then to the mirror, so the mirror never claims a write that
 //! failed; a failed sync simply resumes from the mirror next time.
@@ -20,7 +21,10 @@ use std::{
 use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
 
 use super::SyncStats;
-use crate::dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError};
+use crate::{
+    dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError},
+    model::SourceRanges,
+};
 
 /// Which session-affinity memories to forget.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +74,10 @@ pub struct WritePlan {
     pub draining: Vec<(BackendId, Backend)>,
     pub affinity: Option<AffinityPrune>,
     pub removed_backends: Vec<BackendId>,
+    /// Source-range sets new to the maps, by id.
+    pub source_ranges: Vec<(u32, SourceRanges)>,
+    /// Source-range sets to delete (no entry has named them since the sync before).
+    pub removed_source_ranges: Vec<(u32, SourceRanges)>,
 }
 
 impl WritePlan {
@@ -78,6 +86,7 @@ impl WritePlan {
     pub fn frees_room(&self, mirror: &MapContents) -> bool {
         (self.removed_services.iter()).any(|key| mirror.services.contains_key(key))
             || (self.removed_backends.iter()).any(|id| mirror.backends.contains_key(id))
+            || !self.removed_source_ranges.is_empty()
     }
 }
 
@@ -97,6 +106,9 @@ pub fn apply(
     }
     for (id, backend) in &plan.backends {
         w.put_backend(*id, *backend)?;
+    }
+    for (id, ranges) in &plan.source_ranges {
+        w.put_source_ranges(*id, ranges)?;
     }
     for (range, writes) in &plan.slots {
         match writes {
@@ -122,6 +134,9 @@ pub fn apply(
     }
     for id in &plan.removed_backends {
         w.delete_backend(*id)?;
+    }
+    for (id, ranges) in &plan.removed_source_ranges {
+        w.delete_source_ranges(*id, ranges)?;
     }
     Ok(w.stats)
 }
@@ -150,6 +165,8 @@ impl Tracked<'_> {
     tracked_op!(delete_backend, deletes, (id: BackendId));
     tracked_op!(put_service, writes, (key: ServiceKey, entry: ServiceEntry));
     tracked_op!(delete_service, deletes, (key: ServiceKey));
+    tracked_op!(put_source_ranges, writes, (id: u32, ranges: &SourceRanges));
+    tracked_op!(delete_source_ranges, deletes, (id: u32, ranges: &SourceRanges));
 
     /// Affinity memories are the packet path's: the mirror holds none, and forgets none.
     fn forget_affinity(&mut self, prune: &AffinityPrune) -> Result<(), WriteError> {

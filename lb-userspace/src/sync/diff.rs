@@ -163,7 +163,8 @@ impl Programmer {
             let fresh = (wanted.iter())
                 .filter(|value| !existing_backends.contains_key(&identity(value)))
                 .count();
-            let fits = id_of.len() + wanted.len() <= capacity.backends as usize
+            let fits = self.range_sets.id_for(plan).is_some()
+                && id_of.len() + wanted.len() <= capacity.backends as usize
                 && self.programmed.backends.len() + new_backends + fresh
                     <= capacity.backends as usize
                 && admitted.len() < capacity.frontends as usize
@@ -239,7 +240,13 @@ impl Programmer {
                     .map(|c| c.backends.clone())
                     .unwrap_or_else(|| Arc::from([])),
             );
-            let entry = service_entry(plan, range, service_id, self.settings.reject_no_endpoints);
+            let ranges_id = self.range_sets.id_for(plan).expect("admitted with its set");
+            let entry = service_entry(
+                plan,
+                range,
+                (service_id, ranges_id),
+                self.settings.reject_no_endpoints,
+            );
             target.contents.services.insert(key, entry);
         }
         target.wants = wants;
@@ -543,8 +550,10 @@ impl Programmer {
             let fresh = (frontend_plan.backends.iter())
                 .filter(|b| !ix.backend_ids.contains_key(&backend_value(b)))
                 .count();
-            let fits = self.programmed.backends.len() + plan.backends.len() + fresh
-                <= capacity.backends as usize
+            let ranges_id = self.range_sets.id_for(frontend_plan);
+            let fits = ranges_id.is_some()
+                && self.programmed.backends.len() + plan.backends.len() + fresh
+                    <= capacity.backends as usize
                 && (service_id.is_some()
                     || self.programmed.services.len() + added_frontends
                         < capacity.frontends as usize);
@@ -632,7 +641,7 @@ impl Programmer {
             let entry = service_entry(
                 frontend_plan,
                 range,
-                service_id,
+                (service_id, ranges_id.expect("checked with the room")),
                 self.settings.reject_no_endpoints,
             );
             plan.services.push((key, entry));

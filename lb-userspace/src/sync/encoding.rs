@@ -59,11 +59,12 @@ pub(super) fn draining_values(desired: &Desired) -> BTreeSet<Backend> {
         .collect()
 }
 
-/// The entry a frontend with `plan`, table `range` and `service_id` gets.
+/// The entry a frontend with `plan`, table `range`, `service_id` and source-range set
+/// `source_ranges_id` gets.
 pub(super) fn service_entry(
     plan: &FrontendPlan,
     range: TableRange,
-    service_id: u32,
+    (service_id, source_ranges_id): (u32, u32),
     reject_no_endpoints: bool,
 ) -> ServiceEntry {
     let mut flags = 0;
@@ -80,7 +81,7 @@ pub(super) fn service_entry(
         affinity_timeout_s: plan.affinity_timeout_s.unwrap_or(0),
         flags,
         _pad: 0,
-        _reserved: 0,
+        source_ranges_id,
     }
 }
 

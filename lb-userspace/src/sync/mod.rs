@@ -15,6 +15,7 @@
 mod apply;
 mod diff;
 mod encoding;
+mod source_ranges;
 mod tables;
 
 use std::{
@@ -116,6 +117,8 @@ pub struct Programmer {
     unplaced: BTreeSet<Frontend>,
     /// The last sync removed entries or freed a table: the next one retries `unplaced`.
     room_freed: bool,
+    /// Source-range set ids, and when sets are written and deleted.
+    range_sets: source_ranges::RangeSets,
 }
 
 impl Programmer {
@@ -123,6 +126,7 @@ impl Programmer {
     /// changes only what differs instead of flushing.
     pub fn adopt(programmed: MapContents, settings: Settings) -> Self {
         Self {
+            range_sets: source_ranges::RangeSets::adopt(&programmed),
             programmed,
             settings,
             ..Self::default()
@@ -168,6 +172,7 @@ impl Programmer {
             }
             _ => self.sync_full(desired, writer),
         };
+        self.range_sets.settle(&self.programmed);
         if result.is_err() {
             // A table may be half rewritten: compare every table slot by slot next time, in full.
             self.table_contents.clear();
@@ -181,8 +186,11 @@ impl Programmer {
         desired: &Desired,
         writer: &mut dyn MapWriter,
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
+        self.range_sets
+            .register(desired.frontends.values().map(Arc::as_ref));
         let target = self.target(desired);
-        let plan = self.full_plan(&target);
+        let mut plan = self.full_plan(&target);
+        self.range_sets.plan_writes(&mut plan, &self.programmed);
         let frees_room = plan.frees_room(&self.programmed);
         let stats = apply::apply(&plan, writer, &mut self.programmed)?;
         let unplaced = self.commit_full(target, desired);
@@ -199,13 +207,23 @@ impl Programmer {
     ) -> Result<(SyncStats, Vec<Frontend>), WriteError> {
         // Kept to be restored should this diff be dropped for a full one.
         let quarantine = self.quarantine.clone();
-        let changes = self.changes_plan(indexes, desired, touched);
+        let candidates: Box<dyn Iterator<Item = &Frontend>> = match touched {
+            Some(touched) => Box::new(touched.iter().chain(&self.unplaced)),
+            None => Box::new(desired.frontends.keys()),
+        };
+        let plans: Vec<&FrontendPlan> = candidates
+            .filter_map(|frontend| desired.frontends.get(frontend).map(Arc::as_ref))
+            .collect();
+        self.range_sets.register(plans);
+        let mut changes = self.changes_plan(indexes, desired, touched);
         if self.leaves_a_service_partial(&changes, desired) {
             self.quarantine = quarantine;
             return self.sync_full(desired, writer);
         }
         // On a failed write the indexes no longer match the maps (the mirror does): they are
         // dropped, so the next sync runs in full from the mirror.
+        self.range_sets
+            .plan_writes(&mut changes.plan, &self.programmed);
         let frees_room = changes.plan.frees_room(&self.programmed);
         let stats = apply::apply(&changes.plan, writer, &mut self.programmed)?;
         let unplaced = self.commit_changes(changes);
