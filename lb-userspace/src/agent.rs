@@ -169,10 +169,25 @@ pub async fn kube_client(
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} address {addr}"))
+/// Binds an optional server's address. When it is taken (e.g. kube-proxy runs beside lb on
+/// 10256 and 10249) the agent says which setting to change and goes on without that server:
+/// the Services it programs matter more than its health or metrics endpoint.
+async fn bind_optional(
+    what: &str,
+    flag: &str,
+    addr: SocketAddr,
+) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            error!(
+                "cannot serve {what} on {addr}: {err}; running without it. Give a free address \
+                 with {flag} (or an empty one to turn it off); beside kube-proxy, which uses \
+                 10256 and 10249, see the README's \"Beside kube-proxy\""
+            );
+            None
+        }
+    }
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -238,17 +253,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(config.bpffs_dir.clone()));
     metrics.set_capacities(&dataplane.capacities);
     let mut servers = Vec::new();
-    if let Some(addr) = config.healthz_bind_address {
-        servers.push(crate::health::serve_healthz(
-            bind("healthz", addr).await?,
-            health.clone(),
-        ));
+    if let Some(addr) = config.healthz_bind_address
+        && let Some(listener) = bind_optional(
+            "/healthz",
+            "--healthz-bind-address (healthzBindAddress)",
+            addr,
+        )
+        .await
+    {
+        servers.push(crate::health::serve_healthz(listener, health.clone()));
     }
-    if let Some(addr) = config.metrics_bind_address {
-        servers.push(crate::metrics::serve(
-            bind("metrics", addr).await?,
-            metrics.clone(),
-        ));
+    if let Some(addr) = config.metrics_bind_address
+        && let Some(listener) = bind_optional(
+            "/metrics",
+            "--metrics-bind-address (metricsBindAddress)",
+            addr,
+        )
+        .await
+    {
+        servers.push(crate::metrics::serve(listener, metrics.clone()));
     }
     let mut agent = Agent {
         source,

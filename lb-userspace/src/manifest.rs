@@ -3,8 +3,10 @@
 //! Each document is read on its own: one that is not YAML-valid Kubernetes, or that fails
 //! validation, is reported by document number and, where it can be identified, by kind and name;
 //! the other documents are unaffected. Kinds other than Service and EndpointSlice (Deployments,
-//! Pods, ...) are skipped silently, so a whole application manifest can be given. `kind: List` is
-//! unpacked.
+//! Pods, ...) are skipped, so a whole application manifest can be given: they are counted (the
+//! agent names each skipped kind once), and a kind that looks like a misspelt Service or
+//! EndpointSlice is a warning. `kind: List` is unpacked; an empty List says the manifest is meant
+//! to hold no Service (see [`ManifestRead::declares_empty`]).
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
@@ -21,6 +23,11 @@ pub struct ManifestRead {
     pub problems: Vec<Problem>,
     /// Objects that were identified but rejected: a caller keeps their last good version.
     pub rejected: Vec<ObjectRef>,
+    /// Objects of kinds lb does not read, by kind.
+    pub skipped_kinds: std::collections::BTreeMap<String, usize>,
+    /// A `kind: List` with no items was read: the manifest holding nothing is intended (a
+    /// file that merely parses to nothing is taken for a mistake and changes nothing).
+    pub declares_empty: bool,
 }
 
 impl ManifestRead {
@@ -139,6 +146,7 @@ fn read_value(value: Value, location: &str, read: &mut ManifestRead) {
     match (kind.as_str(), api_version.as_str()) {
         ("List", _) | ("ServiceList", _) | ("EndpointSliceList", _) => {
             let items = value.get("items").and_then(Value::as_sequence).cloned().unwrap_or_default();
+            read.declares_empty |= items.is_empty();
             for (i, item) in items.into_iter().enumerate() {
                 read_value(item, &format!("{location} items[{i}]"), read);
             }
@@ -164,8 +172,49 @@ fn read_value(value: Value, location: &str, read: &mut ManifestRead) {
             format!("{kind} with apiVersion {api_version:?} is not supported (use v1 / discovery.k8s.io/v1)"),
         )),
         ("", _) => read.problems.push(problem(None, location, "kind", "not a Kubernetes object (no kind)")),
-        _ => {} // another kind of object: not ours
+        _ => match misspelt(&kind) {
+            Some(meant) => read.problems.push(Problem {
+                severity: Severity::Warning,
+                ..problem(
+                    identify(Kind::Service, &value).filter(|_| meant == "Service"),
+                    location,
+                    "kind",
+                    format!("kind {kind:?} is not one lb reads; did you mean {meant}? Skipped"),
+                )
+            }),
+            // Another kind of object (a Deployment...): not ours.
+            None => *read.skipped_kinds.entry(kind).or_default() += 1,
+        },
     }
+}
+
+/// The kind lb reads that `kind` looks like a misspelling of: the same but for case, or at most
+/// two letters added, removed or changed.
+fn misspelt(kind: &str) -> Option<&'static str> {
+    ["Service", "EndpointSlice"].into_iter().find(|known| {
+        let (a, b): (Vec<char>, Vec<char>) = (
+            kind.to_lowercase().chars().collect(),
+            known.to_lowercase().chars().collect(),
+        );
+        edit_distance(&a, &b) <= 2
+    })
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Deserializes with the path to a failing field, e.g. `spec.ports[0].port: invalid type`.

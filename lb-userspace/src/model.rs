@@ -27,6 +27,10 @@ pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-awar
 /// kube-proxy honours this annotation (comma-separated CIDRs) when
 /// `spec.loadBalancerSourceRanges` is empty.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// The API's limits on an EndpointSlice (the API server refuses larger ones).
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+pub const MAX_SLICE_PORTS: usize = 100;
+pub const MAX_ENDPOINT_ADDRESSES: usize = 100;
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API's default, 3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -311,6 +315,71 @@ impl Checker<'_> {
         self.report(Severity::Warning, field, message);
     }
 
+    /// A DNS-1123 label (namespaces; with `letter_first`, a DNS-1035 label: Service names).
+    fn dns_label(&mut self, field: &str, value: &str, letter_first: bool) {
+        let chars_ok = value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let ends_ok = value.bytes().next().is_some_and(|b| {
+            if letter_first {
+                b.is_ascii_lowercase()
+            } else {
+                b != b'-'
+            }
+        }) && !value.ends_with('-');
+        if value.len() > 63 || !chars_ok || !ends_ok {
+            let what = if letter_first {
+                "a lowercase letter, then lowercase letters, digits or '-'"
+            } else {
+                "lowercase letters, digits or '-'"
+            };
+            self.error(
+                field,
+                format!("{value:?} is not a valid name: at most 63 characters, {what}, not ending in '-'"),
+            );
+        }
+    }
+
+    /// A DNS-1123 subdomain (EndpointSlice names): dot-separated labels, at most 253 characters.
+    fn dns_subdomain(&mut self, field: &str, value: &str) {
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        if value.len() > 253 || !value.split('.').all(label_ok) {
+            self.error(
+                field,
+                format!("{value:?} is not a valid name: at most 253 characters, lowercase letters, digits, '-' and '.'"),
+            );
+        }
+    }
+
+    /// A port name (IANA service name syntax): at most 15 lowercase letters, digits and single
+    /// '-', with at least one letter.
+    fn port_name(&mut self, field: String, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let valid = value.len() <= 15
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && value.bytes().any(|b| b.is_ascii_lowercase())
+            && !value.starts_with('-')
+            && !value.ends_with('-')
+            && !value.contains("--");
+        if !valid {
+            self.error(
+                field,
+                format!("{value:?} is not a valid port name: at most 15 lowercase letters, digits and single '-', at least one letter"),
+            );
+        }
+    }
+
     fn has_errors(&self) -> bool {
         self.problems.iter().any(|p| p.severity == Severity::Error)
     }
@@ -421,7 +490,10 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
     };
     if id.name.is_empty() {
         check.error("metadata.name", "name is required");
+    } else {
+        check.dns_label("metadata.name", &id.name, true);
     }
+    check.dns_label("metadata.namespace", &id.namespace, false);
     let spec = svc.spec.clone().unwrap_or_default();
     let type_name = spec.type_.clone().unwrap_or_else(|| "ClusterIP".to_owned());
     let mut kind = ServiceKind::Virtual;
@@ -488,6 +560,9 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                 }
                 (false, None) => None,
             };
+            if let Some(name) = &p.name {
+                check.port_name(format!("spec.ports[{i}].name"), name);
+            }
             if let (Some(port), Some(protocol)) = (port, protocol) {
                 ports.push(ServicePortSpec {
                     name: p.name.as_deref().unwrap_or_default().into(),
@@ -676,6 +751,37 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
     };
     if id.name.is_empty() {
         check.error("metadata.name", "name is required");
+    } else {
+        check.dns_subdomain("metadata.name", &id.name);
+    }
+    check.dns_label("metadata.namespace", &id.namespace, false);
+    let listed = |items: usize, field: &str, max: usize, check: &mut Checker| {
+        if items > max {
+            check.error(
+                field,
+                format!("{items} items; the API allows at most {max} (a slice this large was not written by the API server)"),
+            );
+        }
+    };
+    listed(
+        slice.endpoints.as_ref().map_or(0, Vec::len),
+        "endpoints",
+        MAX_SLICE_ENDPOINTS,
+        &mut check,
+    );
+    listed(
+        slice.ports.as_ref().map_or(0, Vec::len),
+        "ports",
+        MAX_SLICE_PORTS,
+        &mut check,
+    );
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        listed(
+            ep.addresses.len(),
+            &format!("endpoints[{i}].addresses"),
+            MAX_ENDPOINT_ADDRESSES,
+            &mut check,
+        );
     }
     let service_name = slice
         .metadata
@@ -695,6 +801,9 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
     match slice.address_type.as_str() {
         "IPv4" => {
             for (i, p) in slice.ports.iter().flatten().enumerate() {
+                if let Some(name) = &p.name {
+                    check.port_name(format!("ports[{i}].name"), name);
+                }
                 let port = check.port(format!("ports[{i}].port"), p.port);
                 let protocol =
                     check.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref());

@@ -137,3 +137,75 @@ fn master_overrides_the_configured_api_server_address() {
         set(&["pod-a", "pod-c"])
     );
 }
+
+/// Where kube-proxy already listens (10256 /healthz, 10249 /metrics), an agent with the default
+/// addresses still starts and programs Services, and says which settings to change; with the
+/// README's "beside kube-proxy" addresses it serves both on free ports.
+#[test]
+fn agents_start_beside_kube_proxys_listeners() {
+    if !privileged("agents_start_beside_kube_proxys_listeners") {
+        return;
+    }
+    let mut run = Running::start(false);
+    let held = std::sync::Mutex::new(Vec::new());
+    run.restart_agents(libc::SIGTERM, |run| {
+        for node in &run.cluster.nodes {
+            let listeners = node
+                .ns
+                .run(|| {
+                    (
+                        std::net::TcpListener::bind("0.0.0.0:10256").unwrap(),
+                        std::net::TcpListener::bind("127.0.0.1:10249").unwrap(),
+                    )
+                })
+                .expect("kube-proxy's ports taken in the node's namespace");
+            held.lock().unwrap().push(listeners);
+        }
+    });
+    for agent in &run.agents {
+        let log = agent.log();
+        for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
+            assert!(
+                log.contains(flag) && log.contains("running without it"),
+                "the agent names {flag}:\n{log}"
+            );
+        }
+    }
+    let replies = run.from("client-1", || tcp_many(at([10, 96, 0, 10], 80), N / 4));
+    assert!(!replies.is_empty(), "Services are programmed all the same");
+
+    // The README's addresses beside kube-proxy.
+    run.options.extra_args = [
+        "--healthz-bind-address",
+        "0.0.0.0:10356",
+        "--metrics-bind-address",
+        "127.0.0.1:10349",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    run.restart_agents(libc::SIGTERM, |_| {});
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README");
+    for setting in [
+        "healthzBindAddress: \"0.0.0.0:10356\"",
+        "metricsBindAddress: \"127.0.0.1:10349\"",
+    ] {
+        assert!(readme.contains(setting), "README documents {setting}");
+    }
+    for agent in &run.agents {
+        assert!(
+            !agent.log().contains("running without it"),
+            "{}",
+            agent.log()
+        );
+    }
+    let (health, metrics) = run.from("node-1", || {
+        (
+            http_get("127.0.0.1:10356", "/healthz"),
+            http_get("127.0.0.1:10349", "/metrics"),
+        )
+    });
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(metrics.contains("lb_syncs"), "{metrics}");
+    drop(held);
+}

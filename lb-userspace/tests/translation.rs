@@ -682,3 +682,46 @@ fn source_ranges_guard_load_balancer_ips_and_fail_closed() {
         );
     }
 }
+
+/// The API's limits and name rules are checked: an object breaking them is rejected with the
+/// limit named (the API server would refuse it), and the other objects are programmed.
+#[test]
+fn api_limits_and_names_are_checked() {
+    let endpoints: String = (0..1001)
+        .map(|i| format!("  - addresses: [\"10.244.{}.{}\"]\n", i / 250, 1 + i % 250))
+        .collect();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: Web_1}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: Team}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: ports}}\nspec: {{clusterIP: 10.96.0.3, ports: [{{name: a-very-long-port-name, port: 80}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: fine}}\nspec: {{clusterIP: 10.96.0.4, ports: [{{port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: huge, labels: {{kubernetes.io/service-name: fine}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: fine-1, labels: {{kubernetes.io/service-name: fine}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.9.9]}}]\n"
+    );
+    let read = manifest::parse(&yaml, "limits.yaml");
+    let problems: Vec<String> = read.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    let expect = [
+        ("default/Web_1", "metadata.name"),
+        ("Team/web", "metadata.namespace"),
+        ("default/ports", "spec.ports[0].name"),
+        (
+            "default/huge",
+            "endpoints: 1001 items; the API allows at most 1000",
+        ),
+    ];
+    for ((object, detail), problem) in expect.iter().zip(&problems) {
+        assert!(
+            problem.starts_with("error") && problem.contains(object) && problem.contains(detail),
+            "{problem}"
+        );
+    }
+    let desired = translate(&read.objects, &NodeContext::default());
+    assert_eq!(desired.frontends.len(), 1, "only fine is programmed");
+    assert_eq!(
+        backends(&desired, fe([10, 96, 0, 4], 80, Protocol::Tcp)),
+        [be([10, 244, 9, 9], 8080)]
+    );
+}

@@ -39,6 +39,8 @@ pub struct ManifestSource {
     occurrences: Occurrences,
     /// Re-read on the next snapshot even if the file looks unchanged.
     force: bool,
+    /// Kinds lb does not read that were already named in the log (once each).
+    skipped_kinds_named: std::collections::HashSet<String>,
 }
 
 /// How many documents of the file name each object.
@@ -90,17 +92,25 @@ struct Document {
     objects: Vec<Arc<Object>>,
     rejected: Vec<ObjectRef>,
     problems: Vec<Problem>,
+    skipped_kinds: Vec<String>,
+    declares_empty: bool,
 }
 
 impl Document {
     fn parse(text: &str, location: String) -> Self {
         let mut read = manifest::ManifestRead::default();
         manifest::parse_document(text, &location, &mut read);
+        Self::from_read(read, location)
+    }
+
+    fn from_read(read: manifest::ManifestRead, location: String) -> Self {
         Self {
             location,
             objects: shared(read.objects),
             rejected: read.rejected,
             problems: read.problems,
+            skipped_kinds: read.skipped_kinds.into_keys().collect(),
+            declares_empty: read.declares_empty,
         }
     }
 
@@ -131,6 +141,9 @@ pub struct Reload {
     pub problems: Vec<Problem>,
     /// Rejected objects whose previous version is kept.
     pub kept_last_good: Vec<ObjectRef>,
+    /// The file held no object while the last good read had some: nothing was changed (a file
+    /// emptied or cut short while being written must not remove every Service).
+    pub kept_everything: bool,
 }
 
 impl ManifestSource {
@@ -143,6 +156,7 @@ impl ManifestSource {
             problems: Vec::new(),
             occurrences: Occurrences::default(),
             force: true,
+            skipped_kinds_named: Default::default(),
         }
     }
 
@@ -183,7 +197,7 @@ impl ManifestSource {
         // The documents parsed afresh, and those of the last read that are gone: with no id
         // given twice in the file, only their objects can have changed.
         let mut fresh = Vec::new();
-        let left: Vec<Document>;
+        let left: Vec<(u64, Document)>;
         let documents = match manifest::split_documents(&text) {
             Some(split) => {
                 let mut previous = std::mem::take(&mut self.documents);
@@ -226,31 +240,49 @@ impl ManifestSource {
                         (hash, parsed)
                     })
                     .collect();
-                left = previous.into_values().collect();
+                left = previous.into_iter().collect();
                 documents
             }
             // Parsed whole; nothing to reuse.
             None => {
-                let read = manifest::parse(&text, &source);
-                let whole = Document {
-                    location: String::new(),
-                    objects: shared(read.objects),
-                    rejected: read.rejected,
-                    problems: read.problems,
-                };
-                left = std::mem::take(&mut self.documents).into_values().collect();
+                let whole = Document::from_read(manifest::parse(&text, &source), String::new());
+                left = std::mem::take(&mut self.documents).into_iter().collect();
                 fresh.push(0);
                 vec![(0, whole)]
             }
         };
-        for document in &left {
+        let holds_nothing = (documents.iter()).all(|(_, d)| d.ids().next().is_none());
+        let declares_empty = documents.iter().any(|(_, d)| d.declares_empty);
+        if holds_nothing && !declares_empty && self.store.ids().next().is_some() {
+            // The last good read stays in force, documents included, so the next read of a
+            // complete file only parses what changed.
+            self.documents = left.into_iter().collect();
+            let mut problems = vec![Problem {
+                severity: crate::model::Severity::Error,
+                object: None,
+                location: source.clone(),
+                field: String::new(),
+                message: "holds no Service or EndpointSlice (empty, or cut short while being \
+                          written?); keeping every Service of the last good read. To remove \
+                          them all, write an empty list: `{apiVersion: v1, kind: List, items: []}`"
+                    .to_owned(),
+            }];
+            problems.extend(documents.into_iter().flat_map(|(_, d)| d.problems));
+            self.problems = problems.clone();
+            return Ok(Reload {
+                problems,
+                kept_last_good: Vec::new(),
+                kept_everything: true,
+            });
+        }
+        for (_, document) in &left {
             self.occurrences.forget(document.ids());
         }
         for &index in &fresh {
             self.occurrences.count(documents[index].1.ids());
         }
         if self.occurrences.duplicated == 0 {
-            for id in left.iter().flat_map(Document::ids) {
+            for id in left.iter().flat_map(|(_, d)| d.ids()) {
                 if !self.occurrences.by_id.contains_key(id) {
                     self.store.remove(id);
                 }
@@ -289,6 +321,16 @@ impl ManifestSource {
         self.problems = (documents.iter())
             .flat_map(|(_, d)| d.problems.iter().cloned())
             .collect();
+        for (_, document) in &documents {
+            for kind in &document.skipped_kinds {
+                if self.skipped_kinds_named.insert(kind.clone()) {
+                    tracing::info!(
+                        "{}: skipping objects of kind {kind} (lb reads Services and EndpointSlices)",
+                        self.path.display()
+                    );
+                }
+            }
+        }
         self.documents = HashMap::with_capacity(documents.len());
         for (hash, document) in documents {
             // The same text twice: one copy is kept (the counts follow what is kept).
@@ -299,6 +341,7 @@ impl ManifestSource {
         Ok(Reload {
             problems: self.problems.clone(),
             kept_last_good: self.store.kept().cloned().collect(),
+            kept_everything: false,
         })
     }
 }
@@ -377,6 +420,72 @@ mod tests {
         assert_eq!(names(&source), ["api"]);
     }
 
+    /// Bad input loses nothing: a document that is not YAML is reported and skipped alone
+    /// (the documents after it still load); a file that holds nothing (emptied, or cut short
+    /// while being written) keeps every Service until an empty List says that is meant; a
+    /// misspelt kind is a warning; other kinds are skipped quietly.
+    #[test]
+    fn bad_input_is_reported_and_loses_nothing() {
+        let path = std::env::temp_dir().join(format!("lb-source-bad-{}.yaml", std::process::id()));
+        let broken = "---
+apiVersion: v1
+kind: Service
+metadata: {name: broken
+spec: [
+";
+        let typo = "---
+apiVersion: v1
+kind: Servic
+metadata: {name: typo}
+";
+        let deployment = "---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+";
+        std::fs::write(&path, format!("{GOOD}{broken}{typo}{deployment}{OTHER}")).unwrap();
+        let mut source = ManifestSource::new(&path);
+        let reload = source.reload().unwrap();
+        assert_eq!(
+            names(&source),
+            ["api", "web"],
+            "the documents after the bad one load"
+        );
+        let problems: Vec<String> = reload.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].contains("document 2") && problems[0].contains("invalid YAML"));
+        assert!(
+            problems[1].starts_with("warning") && problems[1].contains("did you mean Service?")
+        );
+
+        for cut_short in ["", "\n", "# being written\n", "---\n", "apiVersion: v1\nki"] {
+            std::fs::write(&path, cut_short).unwrap();
+            let reload = source.reload().unwrap();
+            assert!(reload.kept_everything, "{cut_short:?}");
+            assert_eq!(
+                names(&source),
+                ["api", "web"],
+                "{cut_short:?} keeps every Service"
+            );
+            assert!(
+                reload.problems[0]
+                    .to_string()
+                    .contains("keeping every Service"),
+                "{:?}",
+                reload.problems
+            );
+        }
+        // A complete file again, then an intended empty one.
+        std::fs::write(&path, OTHER).unwrap();
+        assert!(!source.reload().unwrap().kept_everything);
+        assert_eq!(names(&source), ["api"]);
+        std::fs::write(&path, "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+        let reload = source.reload().unwrap();
+        assert!(!reload.kept_everything && reload.problems.is_empty());
+        assert!(names(&source).is_empty(), "an empty List removes them all");
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// A re-read that parses only changed documents must leave what a first read of the same
     /// file gives, through random edits: documents added, removed, changed, moved and given
     /// twice.
@@ -418,7 +527,12 @@ mod tests {
                     documents.insert(at, variant(below(6), below(3) + 1));
                 }
             }
-            std::fs::write(&path, documents.join("---\n")).unwrap();
+            // Emptied on purpose: said with an empty List (a file of nothing changes nothing).
+            let text = match documents.is_empty() {
+                true => "apiVersion: v1\nkind: List\nitems: []\n".to_owned(),
+                false => documents.join("---\n"),
+            };
+            std::fs::write(&path, text).unwrap();
             source.force_reread();
             source.reload().unwrap();
             let mut first = ManifestSource::new(&path);
