@@ -191,6 +191,14 @@ pub fn pin_dir(bpffs_dir: &Path) -> Result<PathBuf, LoadError> {
     if stat.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
         return Err(LoadError::NotBpffs { path: dir });
     }
+    // Root only: whoever can open a pinned map can rewrite where Services go.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        LoadError::PinDir {
+            path: dir.clone(),
+            source,
+        }
+    })?;
     Ok(dir)
 }
 
@@ -379,10 +387,15 @@ impl Dataplane {
             source_ranges: take_map(&mut ebpf, SOURCE_RANGES_MAP)?,
         };
         let links_dir = pin_dir.join(LINKS_DIR);
-        std::fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {
-            path: links_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&links_dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&links_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| LoadError::PinDir {
+                path: links_dir.clone(),
+                source,
+            })?;
         let adoptable = std::fs::read_dir(&links_dir)
             .map_err(|source| LoadError::PinDir {
                 path: links_dir.clone(),

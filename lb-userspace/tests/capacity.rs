@@ -372,3 +372,36 @@ fn an_older_counters_map_is_replaced_keeping_its_counts() {
     assert_eq!(after[&Counter::Translated], 5, "carried over");
     assert!(!pin_dir.join(resize::RESIZING_DIR).exists());
 }
+
+/// Least privilege: the pin directory and every object pinned in it (maps, links) belong to
+/// root and nobody else may open them.
+#[test]
+fn pinned_objects_are_root_only() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !privileged("pinned_objects_are_root_only") {
+        return;
+    }
+    let pins = PinDir::new("modes");
+    let dataplane = Dataplane::load(&pins.0, false).expect("load");
+    let mut checked = 0;
+    let mut pending = vec![dataplane.pin_dir().to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.uid(), 0, "{} is root's", path.display());
+        assert_eq!(
+            meta.mode() & 0o077,
+            0,
+            "{} is root-only (mode {:o})",
+            path.display(),
+            meta.mode() & 0o777
+        );
+        checked += 1;
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        checked >= 9,
+        "the maps and the links directory were checked: {checked}"
+    );
+}

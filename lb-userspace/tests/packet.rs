@@ -1609,3 +1609,324 @@ fn source_ranges_follow_the_service_and_the_node_port_option() {
         path.programmer.programmed().source_ranges
     );
 }
+
+/// xorshift64: reproducible randomness for the fuzzer without a dependency.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+/// What the fuzzer's oracle knows, from the programmed maps (not from the programs): the
+/// frontends, the backends, and the node's SNAT address and ports.
+struct Oracle {
+    frontends: std::collections::BTreeSet<([u8; 4], u16, u8)>,
+    backends: std::collections::BTreeSet<([u8; 4], u16)>,
+    addresses: std::collections::BTreeSet<[u8; 4]>,
+}
+
+impl Oracle {
+    fn new(path: &LoadedPath) -> Self {
+        let programmed = path.programmer.programmed();
+        let octets = lb_common::addr_octets;
+        let frontends: std::collections::BTreeSet<_> = (programmed.services.keys())
+            .map(|k| (octets(k.addr_be), u16::from_be(k.port_be), k.proto))
+            .collect();
+        let backends: std::collections::BTreeSet<_> = (programmed.backends.values())
+            .map(|b| (octets(b.addr_be), u16::from_be(b.port_be)))
+            .collect();
+        let addresses = (frontends.iter().map(|f| f.0))
+            .chain(backends.iter().map(|b| b.0))
+            .chain([NODE])
+            .collect();
+        Self {
+            frontends,
+            backends,
+            addresses,
+        }
+    }
+
+    /// Whether a packet may be rewritten, judged from its bytes alone: a plain Ethernet IPv4
+    /// packet, not a later fragment, TCP or UDP to a frontend, from a backend, or to a SNAT
+    /// port of the node; or an ICMP error quoting a packet between such addresses.
+    fn may_rewrite(&self, p: &[u8]) -> bool {
+        if p.len() < 34 || p[12..14] != [0x08, 0x00] || p[14] >> 4 != 4 {
+            return false;
+        }
+        let ihl = usize::from(p[14] & 0x0f) * 4;
+        let l4 = 14 + ihl;
+        let later_fragment = u16::from_be_bytes([p[20], p[21]]) & 0x1fff != 0;
+        if ihl < 20 || later_fragment || p.len() < l4 + 4 {
+            return false;
+        }
+        let (proto, src, dst) = (p[23], addr4(&p[26..30]), addr4(&p[30..34]));
+        let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+        match proto {
+            6 | 17 => {
+                let (sport, dport) = (port(l4), port(l4 + 2));
+                self.frontends.contains(&(dst, dport, proto))
+                    || self.backends.contains(&(src, sport))
+                    || (dst == NODE && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&dport))
+            }
+            1 => {
+                let error = matches!(p[l4], 3 | 11 | 12);
+                let quoted = l4 + 8;
+                error
+                    && p.len() >= quoted + 20
+                    && (self
+                        .addresses
+                        .contains(&addr4(&p[quoted + 12..quoted + 16]))
+                        || self
+                            .addresses
+                            .contains(&addr4(&p[quoted + 16..quoted + 20])))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn addr4(bytes: &[u8]) -> [u8; 4] {
+    bytes.try_into().expect("four bytes")
+}
+
+/// Frames BPF_PROG_TEST_RUN refuses to build an skb from: shorter than Ethernet, or than the
+/// IPv4 or IPv6 header their ethertype announces.
+fn refused_by_the_harness(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        None => true,
+        Some([0x08, 0x00]) => frame.len() < 14 + 20,
+        Some([0x86, 0xdd]) => frame.len() < 14 + 40,
+        Some(_) => false,
+    }
+}
+
+/// A valid packet to or from the programmed Services: the seed a mutation starts from.
+fn seed_packet(rng: &mut Xorshift, oracle: &Oracle) -> Vec<u8> {
+    let frontends: Vec<_> = oracle.frontends.iter().copied().collect();
+    let backends: Vec<_> = oracle.backends.iter().copied().collect();
+    let clients = [CLIENT, OUTSIDE, NODE2, ADMITTED, POD_A, [203, 0, 113, 9]];
+    let sport = 1024 + rng.below(64_000) as u16;
+    match rng.below(6) {
+        0 | 1 => {
+            let (addr, port, proto) = rng.pick(&frontends);
+            let client = rng.pick(&clients);
+            if proto == 6 {
+                let flags = rng.pick(&["S", "A", "FA", "R", "SA"]);
+                tcp_with(client, sport, addr, port, flags)
+            } else {
+                udp(client, sport, addr, port, rng.below(2) == 0)
+            }
+        }
+        2 => {
+            let (addr, port) = rng.pick(&backends);
+            tcp_with(
+                addr,
+                port,
+                rng.pick(&clients),
+                sport,
+                rng.pick(&["SA", "A", "FA"]),
+            )
+        }
+        3 => {
+            let (addr, port) = rng.pick(&backends);
+            udp(addr, port, rng.pick(&clients), sport, false)
+        }
+        4 => {
+            // An ICMP error about a Service flow.
+            let (addr, port, _) = rng.pick(&frontends);
+            let quoted = tcp_with(rng.pick(&clients), sport, addr, port, "S");
+            icmp_error(
+                rng.pick(&[NODE2, OUTSIDE]),
+                rng.pick(&clients),
+                match rng.below(3) {
+                    0 => frag_needed(),
+                    1 => time_exceeded(),
+                    _ => port_unreachable_type(),
+                },
+                &quoted,
+            )
+        }
+        _ => {
+            // Traffic that is none of lb's business.
+            let other = [10, 1, rng.below(255) as u8, 1];
+            tcp_with(
+                rng.pick(&clients),
+                sport,
+                other,
+                rng.below(65_535) as u16,
+                "S",
+            )
+        }
+    }
+}
+
+/// One to three of: truncation, byte flips, header length, total length, fragment bits,
+/// protocol, a VLAN tag, an IPv6 ethertype, or random bytes altogether.
+fn mutate(rng: &mut Xorshift, mut p: Vec<u8>) -> Vec<u8> {
+    for _ in 0..=rng.below(3) {
+        match rng.below(10) {
+            0 => p.truncate(rng.below(p.len() + 1)),
+            1 => {
+                for _ in 0..=rng.below(4) {
+                    if !p.is_empty() {
+                        let at = rng.below(p.len());
+                        p[at] ^= 1 << rng.below(8);
+                    }
+                }
+            }
+            2 if p.len() > 14 => p[14] = 0x40 | rng.below(16) as u8,
+            3 if p.len() > 17 => {
+                let length = rng.below(1600) as u16;
+                p[16..18].copy_from_slice(&length.to_be_bytes());
+            }
+            4 if p.len() > 21 => {
+                let fragment = rng.pick(&[0x2000u16, 0x0001, 0x2001, 0x1fff, 0x4000]);
+                p[20..22].copy_from_slice(&fragment.to_be_bytes());
+            }
+            5 if p.len() > 23 => p[23] = rng.pick(&[0, 1, 2, 4, 6, 17, 41, 47, 50, 132, 255]),
+            6 if p.len() >= 14 => {
+                let tag = [0x81, 0x00, 0x00, rng.below(255) as u8];
+                p.splice(12..12, tag);
+            }
+            7 if p.len() >= 14 => p[12..14].copy_from_slice(&[0x86, 0xdd]),
+            8 => {
+                p = (0..rng.below(200)).map(|_| rng.next() as u8).collect();
+            }
+            _ => {
+                // IP options of random bytes, the header length raised to cover them.
+                if p.len() > 34 {
+                    let words = 1 + rng.below(4);
+                    let options: Vec<u8> = (0..words * 4).map(|_| rng.next() as u8).collect();
+                    p.splice(34..34, options);
+                    p[14] = 0x40 | (5 + words) as u8;
+                }
+            }
+        }
+    }
+    p
+}
+
+/// At least 100,000 packets per program (`LB_FUZZ_PACKETS=100000`, RELIABILITY.md) and 20,000
+/// in `cargo xtask test`: random and mutated packets, from valid packets of the programmed
+/// Services, through every program with BPF_PROG_TEST_RUN. Every run must succeed with a
+/// documented verdict, and a packet may come out changed only if the oracle, reading its bytes
+/// alone, finds it part of a Service flow.
+#[test]
+fn fuzzed_packets_get_documented_verdicts_and_only_service_flows_are_rewritten() {
+    use lb_common::maps::{EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM};
+    if !privileged("fuzzed_packets_get_documented_verdicts_and_only_service_flows_are_rewritten") {
+        return;
+    }
+    let per_program: usize = std::env::var("LB_FUZZ_PACKETS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("fuzz");
+    path.provision_as(
+        &manifest(&[POD_A, POD_B, REMOTE_POD]),
+        &NodeContext {
+            source_ranges_on_node_ports: true,
+            ..node_context()
+        },
+    );
+    let oracle = Oracle::new(&path);
+    let mut rng = Xorshift(0x5eed_f022_1234_9876);
+    let programs = [
+        (
+            POD_INGRESS_PROGRAM,
+            "pod0",
+            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].as_slice(),
+        ),
+        (
+            EXTERNAL_INGRESS_PROGRAM,
+            "ext0",
+            &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+        ),
+        (
+            HOST_EGRESS_PROGRAM,
+            "ext0",
+            &[TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+        ),
+        (EXTERNAL_XDP_PROGRAM, "ext0", &[XDP_PASS, XDP_TX, XDP_DROP]),
+    ];
+    let mut report = Vec::new();
+    for (program, device, verdicts) in programs {
+        let ifindex = net.ifindex(device);
+        let mut by_verdict: BTreeMap<u32, usize> = BTreeMap::new();
+        let (mut rewritten, mut refused, mut ran) = (0, 0, 0);
+        for i in 0.. {
+            if ran == per_program {
+                break;
+            }
+            let seed = seed_packet(&mut rng, &oracle);
+            // One packet in eight goes unmutated, so valid flows make conntrack state too.
+            let input = if i % 8 == 0 {
+                seed
+            } else {
+                mutate(&mut rng, seed)
+            };
+            let mut out = vec![0u8; input.len() + 256];
+            let xdp = program == EXTERNAL_XDP_PROGRAM;
+            let ctx = if xdp {
+                xdp_context(ifindex, input.len())
+            } else {
+                skb_context(ifindex)
+            };
+            let options = TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            };
+            let run = if xdp {
+                path.dataplane.external_xdp().test_run(options)
+            } else {
+                path.dataplane.program(program).test_run(options)
+            };
+            let result = match run {
+                Ok(result) => result,
+                // The kernel's test harness refuses frames shorter than their ethertype's
+                // network header (IPv4 20, IPv6 40 bytes) before any program runs.
+                Err(_) if refused_by_the_harness(&input) => {
+                    refused += 1;
+                    continue;
+                }
+                Err(err) => panic!("{program}: BPF_PROG_TEST_RUN failed on {input:02x?}: {err:?}"),
+            };
+            ran += 1;
+            out.truncate(result.data_size_out as usize);
+            assert!(
+                verdicts.contains(&result.return_value),
+                "{program}: undocumented verdict {} for {input:02x?}",
+                result.return_value
+            );
+            *by_verdict.entry(result.return_value).or_default() += 1;
+            if out != input {
+                rewritten += 1;
+                assert!(
+                    oracle.may_rewrite(&input),
+                    "{program} rewrote a packet of no Service flow:\n in  {input:02x?}\n out {out:02x?}"
+                );
+            }
+        }
+        report.push(format!(
+            "{program}: {per_program} packets run, verdicts {by_verdict:?}, {rewritten} rewritten (all of Service flows), {refused} refused by the kernel's harness"
+        ));
+    }
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "fuzz: {}", report.join("; "));
+}
