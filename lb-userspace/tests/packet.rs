@@ -1581,6 +1581,14 @@ fn source_ranges_follow_the_service_and_the_node_port_option() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, tcp_with(NODE2, 40301, POD_A, 8080, "S"), "admitted");
 
+    // What a restarted agent reads back is what was written.
+    let read_back = path.dataplane.maps.read_contents().expect("read the maps");
+    assert_eq!(
+        read_back.source_ranges,
+        path.programmer.programmed().source_ranges
+    );
+    assert_eq!(read_back.source_ranges.len(), 1);
+
     // ADMITTED opens a connection, then the Service's ranges stop admitting it.
     let (verdict, _) = send(&mut path, ADMITTED, 40302, GUARDED_LB, 80, "S");
     assert_eq!(verdict, TC_ACT_OK);
