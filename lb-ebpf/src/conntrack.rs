@@ -106,6 +106,12 @@ fn write(key: &FlowKey, state: u8, expires_s: u32) {
     }
 }
 
+/// Forgets the entry at `key`.
+#[inline(always)]
+pub fn remove(key: &FlowKey) {
+    let _ = LB_CONNTRACK.remove(key);
+}
+
 /// Forgets a flow's other entry (when its backend left and the flow is balanced afresh).
 #[inline(always)]
 pub fn remove_partner(flow: &FlowKey, entry: &CtEntry) {

@@ -136,7 +136,8 @@ const SNAT_TRIES: u32 = 16;
 
 /// The conntrack entry to apply to a packet of a known, live flow (`found` for it), with the
 /// packet recorded in it; `None` when the packet starts a flow: a dead flow, a TCP SYN reusing a
-/// closed connection's tuple, or a flow whose backend left (for UDP: also one that drains).
+/// closed connection's tuple (or a SYN-ACK answering such a connection, which is then no flow of
+/// this node), or a flow whose backend left (for UDP: also one that drains).
 #[inline(always)]
 fn established_entry(
     flow: &FlowKey,
@@ -145,6 +146,17 @@ fn established_entry(
     events: &mut FlowEvents,
 ) -> Option<CtEntry> {
     let (entry, now) = conntrack::live(flow, found)?;
+    // A SYN-ACK is the answer to a new connection: in a closing flow's reply direction, the
+    // tuple was reused by a new connection (e.g. the client port went to another Service
+    // whose backend is this one, through another node). The old flow is over; rewriting the
+    // answer by its entry would send it to the client from the wrong address.
+    let handshake_answer = flow.proto == IPPROTO_TCP
+        && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
+    if entry.kind == CT_KIND_REPLY && handshake_answer && entry.state & CT_S_CLOSING != 0 {
+        conntrack::remove(flow);
+        conntrack::remove_partner(flow, &entry);
+        return None;
+    }
     if entry.kind == CT_KIND_FORWARD {
         let new_syn = flow.proto == IPPROTO_TCP
             && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN

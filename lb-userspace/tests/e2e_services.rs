@@ -240,7 +240,7 @@ fn external_traffic(xdp: bool) -> Running {
         assert!(outcome.is_err(), "{who} must be refused: {outcome:?}");
     };
     run.change_manifest(&shop_admitting("\"172.30.0.100/32\""));
-    let admitted = run.from("outside", move || tcp_many(shop_lb, N / 2));
+    let admitted = run.from("outside", move || tcp_many(shop_lb, N));
     assert_eq!(
         pods(&admitted),
         set(&["pod-b", "pod-d"]),
@@ -253,14 +253,15 @@ fn external_traffic(xdp: bool) -> Running {
     );
     let still_open = run.from("client-1", || {
         (
-            tcp_many(at(NODE2, 30090), N / 2),
-            tcp_many(at([10, 96, 0, 30], 80), N / 2),
+            tcp_many(at(NODE2, 30090), N),
+            tcp_many(at([10, 96, 0, 30], 80), N),
         )
     });
     assert_eq!(
         pods(&still_open.0),
         set(&["pod-b", "pod-d"]),
-        "NodePort open"
+        "NodePort open: {:?}",
+        still_open.0
     );
     assert_eq!(
         pods(&still_open.1),
@@ -273,7 +274,7 @@ fn external_traffic(xdp: bool) -> Running {
         run.from("outside", move || tcp_outcome(shop_lb, wait)),
         "outside after the change",
     );
-    let pods_admitted = run.from("client-1", move || tcp_many(shop_lb, N / 2));
+    let pods_admitted = run.from("client-1", move || tcp_many(shop_lb, N));
     assert_eq!(
         pods(&pods_admitted),
         set(&["pod-b", "pod-d"]),

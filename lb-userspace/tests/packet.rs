@@ -1938,3 +1938,69 @@ fn fuzzed_packets_get_documented_verdicts_and_only_service_flows_are_rewritten()
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "fuzz: {}", report.join("; "));
 }
+
+/// A client port that closed a NodePort flow here and then opened a connection to another
+/// Service with the same backend, through another node: the backend's SYN-ACK has the old
+/// flow's reply tuple. It answers the new connection (translated by the other node), so it
+/// passes unchanged and the closed flow is forgotten; while the old flow is open, a repeated
+/// SYN-ACK is still its own and translated.
+#[test]
+fn a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched() {
+    if !privileged("a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched") {
+        return;
+    }
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("reused-tuple");
+    provision(&mut path, &[POD_A, POD_B]);
+    let (pod, ext) = (net.ifindex("pod0"), net.ifindex("ext0"));
+    let from_client = |flags| tcp_with(OUTSIDE, 40500, NODE, 30081, flags);
+    let from_pod = |flags| tcp_with(POD_A, 8080, OUTSIDE, 40500, flags);
+
+    let (verdict, out) = run_verdict(&mut path, EXTERNAL_INGRESS_PROGRAM, ext, &from_client("S"));
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, tcp_with(OUTSIDE, 40500, POD_A, 8080, "S"))
+    );
+    for attempt in ["first", "repeated"] {
+        let (verdict, out) = run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &from_pod("SA"));
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "{attempt} SYN-ACK of the open flow"
+        );
+        assert_eq!(
+            out,
+            with_macs(
+                tcp_with(NODE, 30081, OUTSIDE, 40500, "SA"),
+                OUTSIDE_MAC,
+                EXT_MAC
+            )
+        );
+    }
+    run_verdict(&mut path, EXTERNAL_INGRESS_PROGRAM, ext, &from_client("FA"));
+    run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &from_pod("FA"));
+    let reply_key = key(POD_A, 8080, OUTSIDE, 40500, 6);
+    assert!(
+        ct_entry(&path, reply_key).is_some(),
+        "the closed flow lingers"
+    );
+
+    let before = path.counters();
+    let (verdict, out) = run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &from_pod("SA"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        from_pod("SA"),
+        "the new connection's SYN-ACK passes unchanged"
+    );
+    assert_eq!(
+        path.counters()[&Counter::Passed],
+        before[&Counter::Passed] + 1
+    );
+    assert!(
+        ct_entry(&path, reply_key).is_none(),
+        "the closed flow is forgotten"
+    );
+    assert!(ct_entry(&path, key(OUTSIDE, 40500, NODE, 30081, 6)).is_none());
+}

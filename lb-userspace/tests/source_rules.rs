@@ -40,12 +40,19 @@ fn every_unsafe_block_of_the_packet_path_says_why_it_is_safe() {
             missing.push(format!("{}:{line}", path.display()));
         }
     }
-    assert!(checked >= 10, "found the packet path's unsafe blocks ({checked})");
-    assert!(missing.is_empty(), "unsafe without a SAFETY comment: {missing:#?}");
+    assert!(
+        checked >= 10,
+        "found the packet path's unsafe blocks ({checked})"
+    );
+    assert!(
+        missing.is_empty(),
+        "unsafe without a SAFETY comment: {missing:#?}"
+    );
 }
 
 #[test]
 fn the_check_finds_an_undocumented_block() {
-    let source = "fn f() {\n    let x = unsafe { g() };\n}\n// SAFETY: checked.\nlet y = unsafe { h() };\n";
+    let source =
+        "fn f() {\n    let x = unsafe { g() };\n}\n// SAFETY: checked.\nlet y = unsafe { h() };\n";
     assert_eq!(undocumented_unsafe(source), [2]);
 }
