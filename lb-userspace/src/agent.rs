@@ -239,7 +239,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "packet path loaded; adopting what is already programmed"
     );
     let source = match &config.source {
-        SourceConfig::Manifests(path) => Source::Manifests(Box::new(ManifestSource::new(path))),
+        SourceConfig::Manifests(path) => Source::Manifests(Box::new(
+            ManifestSource::new(path).with_programmed_services(!adopted.services.is_empty()),
+        )),
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref(), config.master.as_deref()).await?;
             let node = config

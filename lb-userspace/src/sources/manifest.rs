@@ -41,6 +41,9 @@ pub struct ManifestSource {
     force: bool,
     /// Kinds lb does not read that were already named in the log (once each).
     skipped_kinds_named: std::collections::HashSet<String>,
+    /// The maps held Services when the agent started and no read was applied since: a file
+    /// that holds nothing must not flush them either.
+    programmed_at_start: bool,
 }
 
 /// How many documents of the file name each object.
@@ -157,7 +160,15 @@ impl ManifestSource {
             occurrences: Occurrences::default(),
             force: true,
             skipped_kinds_named: Default::default(),
+            programmed_at_start: false,
         }
+    }
+
+    /// Tells the source that the maps already hold Services (adopted from an earlier run): a
+    /// first read that holds nothing then keeps them instead of flushing them.
+    pub fn with_programmed_services(mut self, programmed: bool) -> Self {
+        self.programmed_at_start = programmed;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -253,7 +264,8 @@ impl ManifestSource {
         };
         let holds_nothing = (documents.iter()).all(|(_, d)| d.ids().next().is_none());
         let declares_empty = documents.iter().any(|(_, d)| d.declares_empty);
-        if holds_nothing && !declares_empty && self.store.ids().next().is_some() {
+        let something_to_lose = self.store.ids().next().is_some() || self.programmed_at_start;
+        if holds_nothing && !declares_empty && something_to_lose {
             // The last good read stays in force, documents included, so the next read of a
             // complete file only parses what changed.
             self.documents = left.into_iter().collect();
@@ -263,8 +275,8 @@ impl ManifestSource {
                 location: source.clone(),
                 field: String::new(),
                 message: "holds no Service or EndpointSlice (empty, or cut short while being \
-                          written?); keeping every Service of the last good read. To remove \
-                          them all, write an empty list: `{apiVersion: v1, kind: List, items: []}`"
+                          written?); keeping every Service programmed. To remove them all, \
+                          write an empty list: `{apiVersion: v1, kind: List, items: []}`"
                     .to_owned(),
             }];
             problems.extend(documents.into_iter().flat_map(|(_, d)| d.problems));
@@ -275,6 +287,7 @@ impl ManifestSource {
                 kept_everything: true,
             });
         }
+        self.programmed_at_start = false;
         for (_, document) in &left {
             self.occurrences.forget(document.ids());
         }
@@ -348,14 +361,25 @@ impl ManifestSource {
 
 impl ObjectSource for ManifestSource {
     fn snapshot(&mut self) -> Option<Snapshot> {
-        if (self.changed() || std::mem::take(&mut self.force))
-            && let Err(err) = self.reload()
-        {
-            error!(
-                "cannot read {}: {err}; keeping what is programmed",
-                self.path.display()
-            );
-            return None;
+        if self.changed() || std::mem::take(&mut self.force) {
+            match self.reload() {
+                Err(err) => {
+                    error!(
+                        "cannot read {}: {err}; keeping what is programmed",
+                        self.path.display()
+                    );
+                    return None;
+                }
+                // Nothing read yet but the maps hold Services from an earlier run: no sync,
+                // which would flush them.
+                Ok(reload) if reload.kept_everything && self.store.ids().next().is_none() => {
+                    for problem in &reload.problems {
+                        error!("{problem}");
+                    }
+                    return None;
+                }
+                Ok(_) => {}
+            }
         }
         // Unchanged file: only something else changed (node addresses), no objects.
         Some(Snapshot {
@@ -475,6 +499,18 @@ metadata: {name: app}
                 reload.problems
             );
         }
+        // An agent restarted on an empty file over maps that hold Services: no sync at all.
+        std::fs::write(&path, "").unwrap();
+        let mut restarted = ManifestSource::new(&path).with_programmed_services(true);
+        assert!(
+            restarted.snapshot().is_none(),
+            "nothing to sync: the maps stay"
+        );
+        assert!(
+            ManifestSource::new(&path).snapshot().is_some(),
+            "nothing programmed: fine"
+        );
+
         // A complete file again, then an intended empty one.
         std::fs::write(&path, OTHER).unwrap();
         assert!(!source.reload().unwrap().kept_everything);
