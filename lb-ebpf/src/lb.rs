@@ -8,8 +8,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP,
     conntrack::{
-        CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_CLOSING, CtEntry, FlowKey,
-        timeout_s,
+        CT_F_REDIRECT, CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_CLOSING, CT_S_FIN_REPLY,
+        CT_S_RST, CtEntry, FlowKey, timeout_s,
     },
     hash::{flow_hash, slot_for},
     service::{
@@ -136,8 +136,9 @@ const SNAT_TRIES: u32 = 16;
 
 /// The conntrack entry to apply to a packet of a known, live flow (`found` for it), with the
 /// packet recorded in it; `None` when the packet starts a flow: a dead flow, a TCP SYN reusing a
-/// closed connection's tuple (or a SYN-ACK answering such a connection, which is then no flow of
-/// this node), or a flow whose backend left (for UDP: also one that drains).
+/// closed connection's tuple (or a backend's SYN-ACK after it closed the flow: it answers a new
+/// connection, no flow of this node), or a flow whose backend left (for UDP: also one that
+/// drains).
 #[inline(always)]
 fn established_entry(
     flow: &FlowKey,
@@ -146,13 +147,15 @@ fn established_entry(
     events: &mut FlowEvents,
 ) -> Option<CtEntry> {
     let (entry, now) = conntrack::live(flow, found)?;
-    // A SYN-ACK is the answer to a new connection: in a closing flow's reply direction, the
-    // tuple was reused by a new connection (e.g. the client port went to another Service
-    // whose backend is this one, through another node). The old flow is over; rewriting the
-    // answer by its entry would send it to the client from the wrong address.
+    // A SYN-ACK from a backend that already closed (FIN or RST) its side of this flow answers
+    // a new connection reusing the tuple (e.g. the client port went to another Service whose
+    // backend is this one, through another node). The old flow is over; rewriting the answer by
+    // its entry would send it to the client from the wrong address. (After the client's FIN
+    // alone, a SYN-ACK may still be the old handshake's retransmission: it is translated.)
     let handshake_answer = flow.proto == IPPROTO_TCP
         && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK;
-    if entry.kind == CT_KIND_REPLY && handshake_answer && entry.state & CT_S_CLOSING != 0 {
+    let backend_closed = entry.state & (CT_S_FIN_REPLY | CT_S_RST) != 0;
+    if entry.kind == CT_KIND_REPLY && handshake_answer && backend_closed {
         conntrack::remove(flow);
         conntrack::remove_partner(flow, &entry);
         return None;

@@ -1941,9 +1941,10 @@ fn fuzzed_packets_get_documented_verdicts_and_only_service_flows_are_rewritten()
 
 /// A client port that closed a NodePort flow here and then opened a connection to another
 /// Service with the same backend, through another node: the backend's SYN-ACK has the old
-/// flow's reply tuple. It answers the new connection (translated by the other node), so it
-/// passes unchanged and the closed flow is forgotten; while the old flow is open, a repeated
-/// SYN-ACK is still its own and translated.
+/// flow's reply tuple. Once the backend closed the old flow, it answers the new connection
+/// (translated by the other node), so it passes unchanged and the closed flow is forgotten;
+/// before that (the flow open, or closed by the client only) a SYN-ACK is still the old flow's
+/// and translated.
 #[test]
 fn a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched() {
     if !privileged("a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched") {
@@ -1979,6 +1980,11 @@ fn a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched() {
         );
     }
     run_verdict(&mut path, EXTERNAL_INGRESS_PROGRAM, ext, &from_client("FA"));
+    let (verdict, _) = run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &from_pod("SA"));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "after the client's FIN alone, a SYN-ACK may be the handshake's retransmission"
+    );
     run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &from_pod("FA"));
     let reply_key = key(POD_A, 8080, OUTSIDE, 40500, 6);
     assert!(
