@@ -21,25 +21,15 @@ use lb_common::{
 use lb_userspace::{
     bpf_sys::{
         BPF_MAP_CREATE, BPF_MAP_GET_NEXT_KEY, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_BATCH, BatchAttr,
-        ElemAttr, bpf,
+        CreateMapAttr, ElemAttr, bpf,
     },
     conntrack::{dead_keys, delete, now_s, read_all},
 };
 
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-/// `union bpf_attr`'s map-creation member, as far as this benchmark sets it.
-#[repr(C)]
-struct CreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
 fn create_map(entries: u32) -> OwnedFd {
-    let mut attr = CreateAttr {
+    let mut attr = CreateMapAttr {
         map_type: BPF_MAP_TYPE_LRU_HASH,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<CtEntry>() as u32,

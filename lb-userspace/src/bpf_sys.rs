@@ -2,12 +2,33 @@
 //! structs and one syscall wrapper. Layouts follow `union bpf_attr` in include/uapi/linux/bpf.h.
 
 pub const BPF_MAP_CREATE: libc::c_int = 0;
+pub const BPF_OBJ_PIN: libc::c_int = 6;
 pub const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 pub const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
 pub const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
 pub const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
+
+/// `union bpf_attr`'s map-creation member, as far as lb sets it (tests and benchmarks create
+/// maps of their own; the rest of the member is zero).
+#[repr(C)]
+#[derive(Default)]
+pub struct CreateMapAttr {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+/// `union bpf_attr`'s object-pinning member (`pathname`: a NUL-terminated path).
+#[repr(C)]
+pub struct PinAttr {
+    pub pathname: u64,
+    pub bpf_fd: u32,
+    pub file_flags: u32,
+}
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]

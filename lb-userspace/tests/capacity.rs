@@ -37,19 +37,22 @@ fn services(n: usize) -> String {
         .collect()
 }
 
+/// Capacities small enough to fill in a test.
+const SMALL: Capacities = Capacities {
+    frontends: 64,
+    backends: 128,
+    slots: 2048,
+    conntrack: 512,
+    affinity: 64,
+};
+
 #[test]
 fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
     if !privileged("capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries") {
         return;
     }
     let pins = PinDir::new("capacity");
-    let small = Capacities {
-        frontends: 64,
-        backends: 128,
-        slots: 2048,
-        conntrack: 512,
-        affinity: 64,
-    };
+    let small = SMALL;
     let mut dataplane = Dataplane::load_sized(&pins.0, false, small).expect("load");
     assert_eq!(dataplane.capacities, small);
     assert!(dataplane.capacity_notes.is_empty());
@@ -285,7 +288,7 @@ fn an_older_counters_map_is_replaced_keeping_its_counts() {
         counters::{COUNTER_SLOTS, Counter},
         maps::{COUNTERS_MAP, PIN_LAYOUT_VERSION},
     };
-    use lb_userspace::bpf_sys::{BPF_MAP_CREATE, bpf};
+    use lb_userspace::bpf_sys::{BPF_MAP_CREATE, BPF_OBJ_PIN, CreateMapAttr, PinAttr, bpf};
     if !privileged("an_older_counters_map_is_replaced_keeping_its_counts") {
         return;
     }
@@ -295,28 +298,13 @@ fn an_older_counters_map_is_replaced_keeping_its_counts() {
     let old_pin = pin_dir.join(COUNTERS_MAP);
 
     // BPF_MAP_CREATE of a 13-slot per-CPU array, then BPF_OBJ_PIN: what the older lb left.
-    #[repr(C)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        rest: [u32; 14],
-    }
-    #[repr(C)]
-    struct PinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    const BPF_OBJ_PIN: libc::c_int = 6;
-    let mut create = CreateAttr {
+    let mut create = CreateMapAttr {
         map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
         key_size: 4,
         value_size: 8,
         max_entries: 13,
-        rest: [0; 14],
+        ..CreateMapAttr::default()
     };
     // SAFETY: a BPF_MAP_CREATE attribute without pointers.
     let fd = unsafe { bpf(BPF_MAP_CREATE, &mut create) };
@@ -346,13 +334,7 @@ fn an_older_counters_map_is_replaced_keeping_its_counts() {
     assert_eq!(before[&Counter::Translated], 5);
     assert_eq!(before[&Counter::DroppedSourceRange], 0, "not counted then");
 
-    let small = Capacities {
-        frontends: 64,
-        backends: 128,
-        slots: 2048,
-        conntrack: 512,
-        affinity: 64,
-    };
+    let small = SMALL;
     let mut dataplane = Dataplane::load_sized(&pins.0, false, small).expect("load");
     assert!(
         dataplane

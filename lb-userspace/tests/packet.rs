@@ -1298,20 +1298,7 @@ fn tcp_with(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str) -> 
 
 /// Runs `input` through `program` and returns the output packet.
 fn run(path: &mut LoadedPath, program: &'static str, ifindex: u32, input: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; input.len() + 256];
-    let ctx = skb_context(ifindex);
-    let result = path
-        .dataplane
-        .program(program)
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    out
+    run_verdict(path, program, ifindex, input).1
 }
 
 fn ct_entry(path: &LoadedPath, key: FlowKey) -> Option<lb_common::conntrack::CtEntry> {
