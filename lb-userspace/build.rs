@@ -3,7 +3,30 @@
 
 use std::{env, path::PathBuf};
 
+/// Puts the commit being built into `LB_GIT_COMMIT` for `lb --version` ("unknown" outside a git
+/// checkout, e.g. from a source tarball).
+fn git_commit() {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let commit = std::process::Command::new("git")
+        .args(["-C", repo, "rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=LB_GIT_COMMIT={commit}");
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+        let path = PathBuf::from(repo).join(path);
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    git_commit();
     // `cargo xtask setup` builds bpf-linker against the nightly's own LLVM and links it here.
     let tools_dir = env::var_os("HOME")
         .map(|home| PathBuf::from(home).join(".cache/lb-xtask/bin"))

@@ -20,6 +20,7 @@ pub mod hash;
 pub mod maglev;
 pub mod maps;
 pub mod service;
+pub mod stats;
 
 /// A protocol number as it appears in the IPv4 header.
 pub const IPPROTO_TCP: u8 = 6;

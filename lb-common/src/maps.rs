@@ -17,6 +17,20 @@ pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 pub const NODE_MAP: &str = "LB_NODE";
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 pub const SOURCE_RANGES_MAP: &str = "LB_SOURCE_RANGES";
+/// Per-frontend traffic counters (`stats::ServiceStats`), per CPU, keyed by service id; as many
+/// as LB_SERVICES holds.
+pub const SERVICE_STATS_MAP: &str = "LB_SERVICE_STATS";
+/// Per-backend traffic counters (`stats::BackendStats`), per CPU, keyed by backend id; as many
+/// as LB_BACKENDS holds.
+pub const BACKEND_STATS_MAP: &str = "LB_BACKEND_STATS";
+/// The monitor's switch and rate (`stats::MonitorConfig`), one entry.
+pub const MONITOR_MAP: &str = "LB_MONITOR";
+/// Each CPU's monitor budget for the current second (`stats::MonitorBudget`).
+pub const MONITOR_BUDGET_MAP: &str = "LB_MONITOR_BUDGET";
+/// The monitor's ring buffer of `stats::MonitorEvent`s.
+pub const EVENTS_MAP: &str = "LB_EVENTS";
+/// The ring buffer's size: 5,461 events; `lb monitor` drains it many times a second.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 // Capacities: the object file's maps are built with the defaults below; the agent sets each
 // sized map's capacity at load (its flags, see `Capacities`), and a map already pinned keeps its
@@ -65,6 +79,16 @@ impl Capacities {
         conntrack: MAX_CONNTRACK,
         affinity: MAX_AFFINITY,
     };
+
+    /// The counter maps' capacities follow the maps they count for: one per frontend, one per
+    /// backend. (Not resized with them: a pinned counter map of another size is replaced, its
+    /// counts starting again from zero.)
+    pub fn stats_max_entries(&self) -> [(&'static str, u32); 2] {
+        [
+            (SERVICE_STATS_MAP, self.frontends),
+            (BACKEND_STATS_MAP, self.backends),
+        ]
+    }
 
     /// Each sized map's name and its capacity in map elements (the slots array holds
     /// [`SLOTS_PER_ELEMENT`] slots an element).

@@ -16,6 +16,7 @@ use lb_common::{
         ANY_SOURCE, AffinityKey, AffinityValue, BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend,
         BackendId, SERVICE_F_NODE_ADDRESS, SERVICE_F_REJECT, ServiceEntry, ServiceKey,
     },
+    stats::{ORIGIN_EXTERNAL, ORIGIN_HOST, ORIGIN_POD},
 };
 
 use crate::{
@@ -25,6 +26,7 @@ use crate::{
         LB_AFFINITY, LB_BACKENDS, LB_SERVICES, lookup, lookup_lru, node_config, slot,
         source_allowed,
     },
+    stats::Attributed,
 };
 
 /// Where the packet entered the node's networking.
@@ -36,6 +38,18 @@ pub enum Origin {
     External,
     /// From a process in the node's own network namespace (tc egress on an external device).
     Host,
+}
+
+impl Origin {
+    /// The `stats::ORIGIN_*` code the monitor reports.
+    #[inline(always)]
+    pub const fn code(self) -> u8 {
+        match self {
+            Origin::Pod => ORIGIN_POD,
+            Origin::External => ORIGIN_EXTERNAL,
+            Origin::Host => ORIGIN_HOST,
+        }
+    }
 }
 
 /// Which flows a program handles.
@@ -72,6 +86,19 @@ pub struct FlowEvents {
     pub rebalanced: bool,
     /// Its reply tuple was another live flow's: its source port was remapped.
     pub port_remapped: bool,
+    /// The packet started its flow (a backend was chosen).
+    pub new_flow: bool,
+    /// The frontend a new flow was for, translated or not (0: none was found).
+    pub service_id: u32,
+}
+
+impl FlowEvents {
+    pub const NONE: Self = Self {
+        rebalanced: false,
+        port_remapped: false,
+        new_flow: false,
+        service_id: 0,
+    };
 }
 
 /// An [`Action`] and what happened to the flow on the way.
@@ -80,10 +107,32 @@ pub struct Decision {
     pub events: FlowEvents,
 }
 
+impl Decision {
+    /// The Service traffic this packet is, for the per-Service counters: a translated packet
+    /// (its entry names frontend and backend) or a refused new flow (its frontend only).
+    #[inline(always)]
+    pub fn attributed(&self, flow: &FlowKey, origin: Origin) -> Option<Attributed> {
+        let ct = match &self.action {
+            Action::Translate(ct) => *ct,
+            Action::SnatFailed | Action::NoBackend { .. } | Action::Denied => CtEntry {
+                service_id: self.events.service_id,
+                ..CtEntry::ZERO
+            },
+            Action::NotAService | Action::OutOfScope => return None,
+        };
+        Some(Attributed {
+            flow: *flow,
+            ct,
+            new_flow: self.events.new_flow,
+            origin: origin.code(),
+        })
+    }
+}
+
 /// The one decision every entry point makes: conntrack first, then the Service frontend.
 #[inline(always)]
 pub fn classify(flow: &FlowKey, tcp_flags: u8, origin: Origin, scope: Scope) -> Decision {
-    let mut events = FlowEvents::default();
+    let mut events = FlowEvents::NONE;
     let action = decide(flow, tcp_flags, origin, scope, &mut events);
     Decision { action, events }
 }
@@ -107,6 +156,7 @@ fn decide(
     let Some(service) = lookup(&LB_SERVICES, &frontend) else {
         return Action::NotAService;
     };
+    events.service_id = service.service_id;
     // Only new flows are checked, as kube-proxy's firewall chain sees only a flow's first
     // packet: a flow admitted before its ranges changed keeps going.
     if service.source_ranges_id != ANY_SOURCE
@@ -115,7 +165,10 @@ fn decide(
         return Action::Denied;
     }
     match new_flow(flow, &service, origin, events) {
-        Ok(forward) => Action::Translate(forward),
+        Ok(forward) => {
+            events.new_flow = true;
+            Action::Translate(forward)
+        }
         Err(NoFlow::SnatFailed) => Action::SnatFailed,
         Err(NoFlow::NoBackend) => Action::NoBackend {
             reject: service.flags & SERVICE_F_REJECT != 0,

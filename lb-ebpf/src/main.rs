@@ -18,6 +18,7 @@ mod outcome;
 mod redirect;
 mod reject;
 mod service_path;
+mod stats;
 mod xdp;
 
 use aya_ebpf::{
@@ -29,7 +30,9 @@ use crate::lb::Origin;
 
 #[inline(always)]
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
-    service_path::process(ctx, origin).record()
+    // Read before any rewrite; translation never changes a packet's length.
+    let bytes = u64::from(ctx.len());
+    service_path::process(ctx, origin).record(bytes)
 }
 
 /// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
@@ -57,7 +60,8 @@ pub fn lb_host_egress(ctx: TcContext) -> i32 {
 /// everything else goes on to the tc programs untouched.
 #[xdp]
 pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
-    xdp::process(&ctx).record()
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    xdp::process(&ctx).record(bytes)
 }
 
 #[cfg(not(test))]

@@ -4,19 +4,22 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
+    },
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::{COUNTER_SLOTS, Counter},
     maps::{
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-        SLOTS_PER_ELEMENT,
+        EVENTS_RING_BYTES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS,
+        MAX_SOURCE_RANGES, SLOTS_PER_ELEMENT,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig,
         SOURCE_RANGE_LOOKUP_BITS, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
     },
+    stats::{BackendStats, MonitorBudget, MonitorConfig, ServiceStats},
 };
 
 // Hash maps written by user space use BPF_F_NO_PREALLOC: an update then swaps in a new element
@@ -55,6 +58,27 @@ pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0)
 #[map(name = "LB_SOURCE_RANGES")]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, SourceRangeValue> =
     LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// Per-frontend counters by service id; an entry is created by the frontend's first packet and
+/// deleted by user space once the frontend is gone.
+#[map(name = "LB_SERVICE_STATS")]
+pub static LB_SERVICE_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Per-backend counters by backend id, kept like the frontends'.
+#[map(name = "LB_BACKEND_STATS")]
+pub static LB_BACKEND_STATS: PerCpuHashMap<BackendId, BackendStats> =
+    PerCpuHashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Whether `lb monitor` listens, and how many events a second it takes.
+#[map(name = "LB_MONITOR")]
+pub static LB_MONITOR: Array<MonitorConfig> = Array::pinned(1, 0);
+
+#[map(name = "LB_MONITOR_BUDGET")]
+pub static LB_MONITOR_BUDGET: PerCpuArray<MonitorBudget> = PerCpuArray::pinned(1, 0);
+
+#[map(name = "LB_EVENTS")]
+pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 /// Whether `addr_be` lies in some range of source-range set `set_id`.
 #[inline(always)]

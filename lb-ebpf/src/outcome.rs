@@ -3,7 +3,11 @@
 
 use lb_common::counters::Counter;
 
-use crate::{lb::FlowEvents, maps::count};
+use crate::{
+    lb::FlowEvents,
+    maps::count,
+    stats::{self, Attributed},
+};
 
 pub struct Outcome<V> {
     pub verdict: V,
@@ -13,6 +17,9 @@ pub struct Outcome<V> {
     pub sent: Option<Counter>,
     /// What happened to its flow on the way (rebalanced, port remapped).
     pub events: FlowEvents,
+    /// The Service traffic it was (for the per-Service counters and the monitor); `None` for
+    /// anything else.
+    pub attributed: Option<Attributed>,
 }
 
 impl<V> Outcome<V> {
@@ -22,10 +29,8 @@ impl<V> Outcome<V> {
             verdict,
             counter: Some(counter),
             sent: None,
-            events: FlowEvents {
-                rebalanced: false,
-                port_remapped: false,
-            },
+            events: FlowEvents::NONE,
+            attributed: None,
         }
     }
 
@@ -36,10 +41,8 @@ impl<V> Outcome<V> {
             verdict,
             counter: None,
             sent: None,
-            events: FlowEvents {
-                rebalanced: false,
-                port_remapped: false,
-            },
+            events: FlowEvents::NONE,
+            attributed: None,
         }
     }
 
@@ -50,16 +53,25 @@ impl<V> Outcome<V> {
     }
 
     #[inline(always)]
+    pub const fn attributed(mut self, attributed: Option<Attributed>) -> Self {
+        self.attributed = attributed;
+        self
+    }
+
+    #[inline(always)]
     pub const fn sent(mut self, how: Option<Counter>) -> Self {
         self.sent = how;
         self
     }
 
-    /// Counts the outcome and returns its verdict.
+    /// Counts the outcome of a packet of `bytes` and returns its verdict.
     #[inline(always)]
-    pub fn record(self) -> V {
+    pub fn record(self, bytes: u64) -> V {
         if let Some(counter) = self.counter {
             count(counter);
+        }
+        if let Some(attributed) = &self.attributed {
+            stats::record(attributed, self.counter, bytes);
         }
         if let Some(counter) = self.sent {
             count(counter);

@@ -52,7 +52,9 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
         },
         Action::NoBackend { reject: false } => Outcome::new(SHOT, Counter::DroppedNoBackend),
     };
-    outcome.with_events(decision.events)
+    outcome
+        .with_events(decision.events)
+        .attributed(decision.attributed(&flow, origin))
 }
 
 /// Applies a conntrack entry to the packet and sends it on.

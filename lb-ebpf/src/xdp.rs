@@ -67,5 +67,7 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
         // drops it): tc handles and counts it.
         _ => Outcome::uncounted(PASS),
     };
-    outcome.with_events(decision.events)
+    outcome
+        .with_events(decision.events)
+        .attributed(decision.attributed(&flow, Origin::External))
 }

@@ -98,6 +98,8 @@ pub struct AgentConfig {
     /// content, unless it holds more than the new size; see `resize.rs`).
     pub capacities: lb_common::maps::Capacities,
     pub bpffs_dir: PathBuf,
+    /// Where the state file naming what the maps hold goes (`state.rs`).
+    pub state_dir: PathBuf,
     /// How often to look for new interfaces, address changes and manifest changes.
     pub poll_interval: Duration,
     /// Changes closer together than this are applied in one sync.
@@ -140,6 +142,11 @@ struct Agent {
     /// A change is waiting for a sync since then; the sync runs at `next_sync`.
     dirty_since: Option<Instant>,
     last_sync: Option<Instant>,
+    /// A sync ran since the state file was last written.
+    state_stale: bool,
+    state_written: Option<Instant>,
+    /// The last error writing the state file (logged once until it changes).
+    state_error: Option<String>,
 }
 
 /// A client from `kubeconfig`, or from in-cluster configuration (then `KUBECONFIG` and
@@ -215,6 +222,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             from, to, "map created anew at the capacity asked for"
         );
     }
+    for (name, from, to) in &dataplane.counters_reset {
+        info!(
+            map = name,
+            from, to, "counter map created anew to follow the capacities (its counts restart)"
+        );
+    }
     let pin_dir = dataplane.pin_dir().to_owned();
     if let Some(carried) = crate::resize::carry_over(&pin_dir, &mut dataplane.maps, false)
         .context("carrying the resized maps' content over")?
@@ -252,7 +265,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let health = Arc::new(HealthState::new(config.healthz_timeout));
-    let metrics = Arc::new(Metrics::new(config.bpffs_dir.clone()));
+    let metrics = Arc::new(Metrics::new(
+        config.bpffs_dir.clone(),
+        config.state_dir.clone(),
+    ));
     metrics.set_capacities(&dataplane.capacities);
     let mut servers = Vec::new();
     if let Some(addr) = config.healthz_bind_address
@@ -297,6 +313,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         health_checks: HealthCheckServers::default(),
         dirty_since: Some(Instant::now()),
         last_sync: None,
+        state_stale: false,
+        state_written: None,
+        state_error: None,
         config,
     };
     let settings = agent.settings();
@@ -364,6 +383,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 if let Source::Manifests(m) = &agent.source && m.changed() {
                     agent.mark_dirty();
                 }
+                agent.write_state();
             }
             _ = kube_changed(&agent.source) => agent.mark_dirty(),
             _ = sleep_until(next_sync) => agent.sync().await,
@@ -525,6 +545,39 @@ impl Agent {
         self.health_checks.reconcile(&desired.health_checks).await;
         // What is programmed, after a failed sync too (it may have written part).
         (self.metrics).set_programmed(self.pipeline.programmer().programmed());
+        self.state_stale = true;
+        self.write_state();
+    }
+
+    /// Writes the state file if a sync ran since it was last written, at most once a
+    /// [`crate::state::MIN_WRITE_INTERVAL`] (the next poll writes what waits).
+    fn write_state(&mut self) {
+        let recent = self
+            .state_written
+            .is_some_and(|at| at.elapsed() < crate::state::MIN_WRITE_INTERVAL);
+        if !self.state_stale || recent {
+            return;
+        }
+        let state = crate::state::NodeState::collect(
+            self.node.name.as_deref(),
+            self.pipeline.translator(),
+            self.pipeline.desired(),
+        );
+        self.state_written = Some(Instant::now());
+        self.state_stale = false;
+        match state.write(&self.config.state_dir) {
+            Ok(()) => self.state_error = None,
+            Err(err) => {
+                let message = format!("{err:#}");
+                if self.state_error.as_ref() != Some(&message) {
+                    warn!(
+                        "cannot write the state file (lb services and lb explain show ids \
+                         instead of names): {message}"
+                    );
+                }
+                self.state_error = Some(message);
+            }
+        }
     }
 
     /// Attaches to matching interfaces that appeared, forgets ones that went away, and refreshes

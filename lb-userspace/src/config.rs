@@ -112,6 +112,10 @@ pub struct AgentArgs {
     /// [default: /sys/fs/bpf/lb]
     #[arg(long)]
     pub bpffs_dir: Option<PathBuf>,
+    /// Directory for the state file naming what the maps hold (read by `lb services`, `lb
+    /// explain`, `lb conntrack`, `lb monitor`). [default: /run/lb]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// How often to look for new interfaces, address changes and manifest changes, in ms.
     /// [default: 500]
     #[arg(long)]
@@ -198,6 +202,7 @@ pub struct ConfigFile {
     pub service_proxy_name: Option<String>,
     pub maglev_table_size: Option<u32>,
     pub bpffs_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
     pub poll_interval_ms: Option<u64>,
     pub min_sync_interval_ms: Option<u64>,
     pub healthz_bind_address: Option<String>,
@@ -474,6 +479,8 @@ impl AgentArgs {
                 .bpffs_dir
                 .or(file.bpffs_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR)),
+            state_dir: (self.state_dir.or(file.state_dir))
+                .unwrap_or_else(|| PathBuf::from(crate::state::DEFAULT_STATE_DIR)),
             poll_interval: Duration::from_millis(
                 self.poll_interval_ms
                     .or(file.poll_interval_ms)

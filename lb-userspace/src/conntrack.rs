@@ -211,11 +211,58 @@ pub fn spawn_sweeper(
                     }
                     Err(err) => tracing::warn!("conntrack sweep failed: {err}"),
                 }
+                if let Some(pin_dir) = pin.parent() {
+                    match prune_counters(pin_dir) {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::debug!(pruned, "counters of gone frontends and backends deleted"),
+                        Err(err) => tracing::warn!("pruning the per-Service counters failed: {err:#}"),
+                    }
+                }
             }
         });
     if let Err(err) = spawned {
         tracing::error!("conntrack sweeps disabled: {err}");
     }
+}
+
+/// Deletes the per-Service and per-backend counters whose frontend or backend is no longer in
+/// the maps (the packet path creates them on first use; a flow outliving its frontend can
+/// create one again, which the next pass deletes). Returns how many went.
+pub fn prune_counters(pin_dir: &std::path::Path) -> anyhow::Result<usize> {
+    use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+    use lb_common::{
+        maps::{BACKEND_STATS_MAP, BACKENDS_MAP, SERVICE_STATS_MAP, SERVICES_MAP},
+        service::{Backend, ServiceEntry, ServiceKey},
+        stats::{BackendStats, ServiceStats},
+    };
+    fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+        dir: &std::path::Path,
+        name: &str,
+    ) -> anyhow::Result<T> {
+        Ok(T::try_from(Map::from_map_data(MapData::from_pin(dir.join(name))?)?)?)
+    }
+    let services: HashMap<MapData, ServiceKey, ServiceEntry> = open(pin_dir, SERVICES_MAP)?;
+    let live: HashSet<u32> = services.iter().flatten().map(|(_, e)| e.service_id).collect();
+    let mut service_stats: PerCpuHashMap<MapData, u32, ServiceStats> =
+        open(pin_dir, SERVICE_STATS_MAP)?;
+    let gone: Vec<u32> = (service_stats.keys().flatten())
+        .filter(|id| !live.contains(id))
+        .collect();
+    let mut pruned = 0;
+    for id in gone {
+        pruned += usize::from(service_stats.remove(&id).is_ok());
+    }
+    let backends: HashMap<MapData, u32, Backend> = open(pin_dir, BACKENDS_MAP)?;
+    let live: HashSet<u32> = backends.keys().flatten().collect();
+    let mut backend_stats: PerCpuHashMap<MapData, u32, BackendStats> =
+        open(pin_dir, BACKEND_STATS_MAP)?;
+    let gone: Vec<u32> = (backend_stats.keys().flatten())
+        .filter(|id| !live.contains(id))
+        .collect();
+    for id in gone {
+        pruned += usize::from(backend_stats.remove(&id).is_ok());
+    }
+    Ok(pruned)
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use std::{
 pub use crate::slot_table::SlotTable;
 use crate::sync::AffinityPrune;
 use aya::maps::{
-    Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key,
+    Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    lpm_trie::Key,
 };
 use lb_common::{
     addr_be,
@@ -25,6 +26,7 @@ use lb_common::{
         AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, SOURCE_RANGE_ALLOW,
         ServiceEntry, ServiceKey, SourceRange, SourceRangeValue, source_range_prefix_len,
     },
+    stats::{BackendStats, ServiceStats},
 };
 
 use crate::model::SourceRanges;
@@ -302,6 +304,8 @@ pub struct BpfMaps {
     pub node: Array<MapData, NodeConfig>,
     pub counters: PerCpuArray<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRange, SourceRangeValue>,
+    pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    pub backend_stats: PerCpuHashMap<MapData, BackendId, BackendStats>,
 }
 
 /// The LPM key of one range of a source-range set.

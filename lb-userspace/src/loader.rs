@@ -21,16 +21,18 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
-        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities,
-        EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR,
-        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-        NODE_MAP, PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICES_MAP, SLOTS_MAP,
+        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities,
+        EVENTS_MAP, EVENTS_RING_BYTES, EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM,
+        HOST_EGRESS_PROGRAM, LINKS_DIR, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+        MAX_SLOTS, MAX_SOURCE_RANGES, MONITOR_BUDGET_MAP, MONITOR_MAP, NODE_MAP,
+        PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP,
         SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
         SourceRange, SourceRangeValue,
     },
+    stats::{BackendStats, MonitorBudget, MonitorConfig, ServiceStats},
 };
 
 use crate::dataplane::{BpfMaps, MappedSlots};
@@ -113,7 +115,7 @@ const fn expected<K, V>(name: &'static str, map_type: MapType, max_entries: u32)
     }
 }
 
-const EXPECTED_MAPS: [ExpectedMap; 8] = [
+const EXPECTED_MAPS: [ExpectedMap; 13] = [
     expected::<ServiceKey, ServiceEntry>(SERVICES_MAP, MapType::Hash, MAX_SERVICES),
     expected::<u32, [BackendId; SLOTS_PER_ELEMENT as usize]>(
         SLOTS_MAP,
@@ -130,6 +132,11 @@ const EXPECTED_MAPS: [ExpectedMap; 8] = [
         MapType::LpmTrie,
         MAX_SOURCE_RANGES,
     ),
+    expected::<u32, ServiceStats>(SERVICE_STATS_MAP, MapType::PerCpuHash, MAX_SERVICES),
+    expected::<BackendId, BackendStats>(BACKEND_STATS_MAP, MapType::PerCpuHash, MAX_BACKENDS),
+    expected::<u32, MonitorConfig>(MONITOR_MAP, MapType::Array, 1),
+    expected::<u32, MonitorBudget>(MONITOR_BUDGET_MAP, MapType::PerCpuArray, 1),
+    expected::<(), ()>(EVENTS_MAP, MapType::RingBuf, EVENTS_RING_BYTES),
 ];
 
 /// Pinned maps from another layout must never be reused silently: check before loading.
@@ -150,9 +157,8 @@ fn check_pinned(pin_dir: &Path) -> Result<(), LoadError> {
         // Sized maps may differ in capacity: `resize::prepare` decides about those (and
         // replaces a counters map with fewer slots than this lb counts).
         let sized = want.name == COUNTERS_MAP
-            || Capacities::DEFAULT
-                .max_entries()
-                .iter()
+            || (Capacities::DEFAULT.max_entries().iter())
+                .chain(&Capacities::DEFAULT.stats_max_entries())
                 .any(|(name, _)| *name == want.name);
         let found = (
             map_type,
@@ -297,6 +303,8 @@ pub struct Dataplane {
     /// Pinned maps created anew at the capacity asked for, (name, old, new capacity): their
     /// content is carried over by [`crate::resize::carry_over`].
     pub resized: Vec<(&'static str, u32, u32)>,
+    /// Counter maps replaced to follow new capacities (their counts restart).
+    pub counters_reset: Vec<(&'static str, u32, u32)>,
     pin_dir: PathBuf,
     links_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
@@ -356,7 +364,11 @@ impl Dataplane {
         let capacities = resize.capacities;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&pin_dir);
-        for (name, entries) in capacities.max_entries() {
+        for (name, entries) in capacities
+            .max_entries()
+            .into_iter()
+            .chain(capacities.stats_max_entries())
+        {
             loader.map_max_entries(name, entries);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
@@ -385,6 +397,8 @@ impl Dataplane {
             node: take_map(&mut ebpf, NODE_MAP)?,
             counters: take_map(&mut ebpf, COUNTERS_MAP)?,
             source_ranges: take_map(&mut ebpf, SOURCE_RANGES_MAP)?,
+            service_stats: take_map(&mut ebpf, SERVICE_STATS_MAP)?,
+            backend_stats: take_map(&mut ebpf, BACKEND_STATS_MAP)?,
         };
         let links_dir = pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)
@@ -421,6 +435,7 @@ impl Dataplane {
             capacities,
             capacity_notes: resize.kept,
             resized: resize.resized,
+            counters_reset: resize.counters_reset,
             pin_dir,
             links_dir,
             attached: BTreeMap::new(),

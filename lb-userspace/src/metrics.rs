@@ -2,6 +2,7 @@
 //! counters read from the pinned maps at scrape time.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, atomic::AtomicU64},
 };
@@ -64,7 +65,9 @@ pub struct Metrics {
 pub type MapLabel = [(&'static str, &'static str); 1];
 
 impl Metrics {
-    pub fn new(bpffs_dir: PathBuf) -> Self {
+    /// `bpffs_dir` and `state_dir`: the agent's, for the packet path's counters read at scrape
+    /// time.
+    pub fn new(bpffs_dir: PathBuf, state_dir: PathBuf) -> Self {
         let mut registry = Registry::with_prefix("lb");
         let syncs = Counter::default();
         let sync_failures = Counter::default();
@@ -165,7 +168,13 @@ impl Metrics {
              conntrack after each sweep (alert on map_entries / map_capacity)",
             map_entries.clone(),
         );
-        registry.register_collector(Box::new(PacketCounters { bpffs_dir }));
+        registry.register_collector(Box::new(PacketCounters {
+            bpffs_dir: bpffs_dir.clone(),
+        }));
+        registry.register_collector(Box::new(ServiceCounters {
+            bpffs_dir,
+            state_dir,
+        }));
         Self {
             registry,
             syncs,
@@ -250,6 +259,147 @@ impl Collector for PacketCounters {
     }
 }
 
+/// Per-Service and per-backend counters, read from the pinned maps when scraped and named by
+/// the state file: `lb_service_*` summed over a Service port's frontends (ClusterIP, NodePorts,
+/// LoadBalancer IPs...), `lb_backend_*` per endpoint and Service port.
+#[derive(Debug)]
+struct ServiceCounters {
+    bpffs_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+/// namespace, service, port name.
+type ServicePort = (String, String, String);
+
+fn labels<'a>(sp: &'a ServicePort, extra: &[(&'static str, &'a str)]) -> Vec<(&'static str, &'a str)> {
+    let mut out = vec![
+        ("namespace", sp.0.as_str()),
+        ("service", sp.1.as_str()),
+        ("port_name", sp.2.as_str()),
+    ];
+    out.extend_from_slice(extra);
+    out
+}
+
+fn encode_counters<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Vec<(&'static str, &'a str)>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ServiceCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(maps) = crate::inspect::PinnedMaps::open(&self.bpffs_dir) else {
+            return Ok(());
+        };
+        let Ok(state) = crate::state::NodeState::read(&self.state_dir) else {
+            return Ok(());
+        };
+        let views = crate::inspect::services::collect(&maps, Some(&state));
+        let mut services: BTreeMap<ServicePort, lb_common::stats::ServiceStats> = BTreeMap::new();
+        let mut backends: BTreeMap<(ServicePort, String), lb_common::stats::BackendStats> =
+            BTreeMap::new();
+        let mut backend_ids: BTreeSet<(ServicePort, u32)> = BTreeSet::new();
+        for view in views.iter().filter(|v| v.not_programmed.is_none()) {
+            for f in &view.frontends {
+                let sp = (view.namespace.clone(), view.name.clone(), f.port_name.clone());
+                services.entry(sp.clone()).or_default().add(&f.counters);
+                for b in &f.backends {
+                    // A backend serves every frontend of its Service port: counted once.
+                    if backend_ids.insert((sp.clone(), b.backend_id)) {
+                        (backends.entry((sp.clone(), format!("{}:{}", b.address, b.port))))
+                            .or_default()
+                            .add(&b.counters);
+                    }
+                }
+            }
+        }
+        for (direction, pick) in [
+            ("forward", (|s: &lb_common::stats::ServiceStats| s.forward_packets) as fn(&_) -> u64),
+            ("reply", |s| s.reply_packets),
+        ] {
+            encode_counters(
+                &mut encoder,
+                &format!("service_packets_{direction}"),
+                &format!(
+                    "Packets of a Service port ({direction}: {}), over its frontends",
+                    if direction == "forward" { "client to Service" } else { "backend to client" }
+                ),
+                services.iter().map(|(sp, s)| (labels(sp, &[]), pick(s))),
+            )?;
+        }
+        encode_counters(
+            &mut encoder,
+            "service_bytes_forward",
+            "Bytes from clients to a Service port, over its frontends",
+            services.iter().map(|(sp, s)| (labels(sp, &[]), s.forward_bytes)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_bytes_reply",
+            "Bytes from a Service port's backends to clients, over its frontends",
+            services.iter().map(|(sp, s)| (labels(sp, &[]), s.reply_bytes)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_new_flows",
+            "Connections (flows) a Service port started",
+            services.iter().map(|(sp, s)| (labels(sp, &[]), s.new_flows)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "service_dropped_flows",
+            "New flows to a Service port dropped or rejected, by reason",
+            services.iter().flat_map(|(sp, s)| {
+                [
+                    ("no_backend", s.no_backend),
+                    ("source_range", s.denied_source_range),
+                    ("snat_failed", s.snat_failed),
+                ]
+                .map(|(reason, n)| (labels(sp, &[("reason", reason)]), n))
+            }),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_packets_forward",
+            "Packets sent to a backend of a Service port",
+            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_packets)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_packets_reply",
+            "Packets from a backend of a Service port to its clients",
+            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_packets)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_bytes_forward",
+            "Bytes sent to a backend of a Service port",
+            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_bytes)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_bytes_reply",
+            "Bytes from a backend of a Service port to its clients",
+            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_bytes)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "backend_new_flows",
+            "Connections a backend of a Service port was given",
+            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.new_flows)),
+        )?;
+        Ok(())
+    }
+}
+
 /// Serves `/metrics` on `listener` until the task is dropped.
 pub fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> JoinHandle<()> {
     let app = Router::new()
@@ -277,7 +427,7 @@ mod tests {
 
     #[test]
     fn map_fill_is_exported_beside_each_maps_capacity() {
-        let metrics = Metrics::new(PathBuf::from("/nonexistent"));
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"), PathBuf::from("/nonexistent"));
         let capacities = Capacities {
             frontends: 64,
             backends: 128,

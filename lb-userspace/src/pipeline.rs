@@ -64,6 +64,10 @@ impl Pipeline {
         &mut self.programmer
     }
 
+    pub fn translator(&self) -> &Translator {
+        &self.translator
+    }
+
     /// What translation asks for, as of the last step.
     pub fn desired(&self) -> &Desired {
         self.translator.desired()

@@ -54,6 +54,9 @@ pub struct Plan {
     pub resized: Vec<(&'static str, u32, u32)>,
     /// Maps that keep their pinned capacity, and why.
     pub kept: Vec<String>,
+    /// Counter maps replaced to follow a new capacity (their counts start again), with (old,
+    /// new) sizes.
+    pub counters_reset: Vec<(&'static str, u32, u32)>,
 }
 
 fn open(path: &Path) -> Result<Map, MapError> {
@@ -189,6 +192,21 @@ pub fn prepare(pin_dir: &Path, wanted: Capacities) -> anyhow::Result<Plan> {
         std::fs::rename(&path, aside.join(name))
             .with_context(|| format!("moving {} aside to resize it", path.display()))?;
         plan.resized.push((name, pinned, asked));
+    }
+    // The per-Service and per-backend counters follow the capacities chosen above; a pinned one
+    // of another size is simply replaced (its counts restart, which Prometheus handles).
+    for (name, elements) in plan.capacities.stats_max_entries() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        if info.max_entries() != elements {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            plan.counters_reset
+                .push((name, info.max_entries(), elements));
+        }
     }
     // A counters map pinned by an lb that counted fewer things is replaced (its counts carried
     // over): the programs must be able to count everything this lb counts.

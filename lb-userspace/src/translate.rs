@@ -344,6 +344,11 @@ impl Translator {
         &self.desired
     }
 
+    /// Every Service's objects, as of the last [`Translator::apply`] (in no order).
+    pub fn inputs(&self) -> impl Iterator<Item = &ServiceInputs> {
+        self.memo.values().map(|memo| &memo.inputs)
+    }
+
     /// Takes the inputs of the Services that changed (`full`: of every Service, the ones not
     /// listed being gone) and returns the frontends that may have changed.
     pub fn apply(

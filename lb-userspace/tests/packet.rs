@@ -1997,3 +1997,210 @@ fn a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched() {
     );
     assert!(ct_entry(&path, key(OUTSIDE, 40500, NODE, 30081, 6)).is_none());
 }
+
+/// `lb explain` answers what the real program does: for thousands of random flows (new ones,
+/// repeated ones that hit the conntrack, affinity, hairpin, source ranges, no endpoints, Local
+/// policies, not a Service) its verdict, read from the pinned maps before the packet is sent,
+/// matches the outcome, backend and SNAT of the packet the program then rewrites.
+#[test]
+fn explain_predicts_the_programs_choice_for_random_flows() {
+    use lb_userspace::inspect::{
+        PinnedMaps,
+        explain::{self, Origin, Query, Verdict},
+    };
+    if !privileged("explain_predicts_the_programs_choice_for_random_flows") {
+        return;
+    }
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("explain");
+    // An affinity timeout far longer than the test, so no memory expires between the
+    // prediction and the packet.
+    let yaml = manifest(&[POD_A, POD_B, POD_C]).replace("timeoutSeconds: 1 ", "timeoutSeconds: 3600 ");
+    assert_ne!(yaml, manifest(&[POD_A, POD_B, POD_C]));
+    path.provision_as(&yaml, &node_context());
+    let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
+    let frontends: &[([u8; 4], u16, bool)] = &[
+        (VIP, 80, false),
+        (VIP, 53, true),
+        (EMPTY_VIP, 80, false),
+        (SELF_VIP, 80, false),
+        (STICKY_VIP, 80, false),
+        (NODE, 30080, false),
+        (NODE, 30053, true),
+        (NODE, 30081, false),
+        (NODE, 30082, false),
+        (GUARDED_LB, 80, false),
+        ([10, 96, 0, 99], 80, false),
+    ];
+    let clients = [CLIENT, POD_A, OUTSIDE, ADMITTED, NODE2];
+    let mut rng = Xorshift(0x5eed_e8a1_a1b2_c3d4);
+    let mut tuples_seen = std::collections::BTreeSet::new();
+    let mut by_outcome = BTreeMap::<&str, u32>::new();
+    let flows = 3000;
+    for i in 0..flows {
+        let (dst, dport, is_udp) = rng.pick(frontends);
+        let src = rng.pick(&clients);
+        // A small port space, so about a third of the flows repeat a tuple (conntrack).
+        let sport = 40000 + rng.below(1500) as u16;
+        let (program, ifindex, origin) = if rng.below(2) == 0 {
+            (POD_INGRESS_PROGRAM, net.ifindex("pod0"), Origin::Pod)
+        } else {
+            (EXTERNAL_INGRESS_PROGRAM, net.ifindex("ext0"), Origin::External)
+        };
+        let query = Query {
+            from: Ipv4Addr::from(src),
+            from_port: Some(sport),
+            to: Ipv4Addr::from(dst),
+            to_port: dport,
+            protocol: if is_udp { "UDP" } else { "TCP" },
+            origin,
+        };
+        let answer = explain::explain(&maps, None, &query);
+        let input = if is_udp {
+            udp(src, sport, dst, dport, false)
+        } else {
+            tcp_with(src, sport, dst, dport, "S")
+        };
+        let before = path.counters();
+        let (verdict, out) = run_verdict(&mut path, program, ifindex, &input);
+        let after = path.counters();
+        let delta = |c: Counter| after[&c] - before[&c];
+        let what = format!("flow {i}: {query:?}: explain said {answer:#?}");
+        match &answer.verdict {
+            Verdict::Backend {
+                address,
+                port,
+                chosen_by,
+                snat,
+                ..
+            } => {
+                assert_eq!(delta(Counter::Translated), 1, "{what}: translated");
+                let sliced = SlicedPacket::from_ethernet(&out).expect("parse the output");
+                let Some(etherparse::NetSlice::Ipv4(ipv4)) = sliced.net else {
+                    panic!("{what}: IPv4 out")
+                };
+                let dport_out = match sliced.transport {
+                    Some(TransportSlice::Tcp(t)) => t.destination_port(),
+                    Some(TransportSlice::Udp(u)) => u.destination_port(),
+                    _ => panic!("{what}: transport"),
+                };
+                assert_eq!(
+                    (ipv4.header().destination_addr(), dport_out),
+                    (*address, *port),
+                    "{what}: backend"
+                );
+                assert_eq!(
+                    ipv4.header().source_addr() != Ipv4Addr::from(src),
+                    *snat,
+                    "{what}: SNAT"
+                );
+                let repeated = tuples_seen.contains(&(src, sport, dst, dport, is_udp));
+                assert_eq!(*chosen_by == "conntrack", repeated, "{what}: by conntrack");
+                *by_outcome.entry(chosen_by).or_default() += 1;
+            }
+            Verdict::NotAService => {
+                assert_eq!(verdict, TC_ACT_OK, "{what}");
+                assert_eq!(out, input, "{what}: untouched");
+                *by_outcome.entry("not a service").or_default() += 1;
+            }
+            Verdict::DeniedBySourceRanges => {
+                assert_eq!(verdict, TC_ACT_SHOT, "{what}");
+                assert_eq!(delta(Counter::DroppedSourceRange), 1, "{what}");
+                *by_outcome.entry("denied").or_default() += 1;
+            }
+            Verdict::NoBackend { reject } => {
+                let answered = delta(Counter::Rejected) + delta(Counter::DroppedNoBackend);
+                assert_eq!(answered, 1, "{what}: no backend");
+                if !reject {
+                    assert_eq!(delta(Counter::DroppedNoBackend), 1, "{what}: dropped");
+                }
+                *by_outcome
+                    .entry(if *reject { "rejected" } else { "dropped" })
+                    .or_default() += 1;
+            }
+            other => panic!("{what}: unexpected {other:?}"),
+        }
+        if matches!(answer.verdict, Verdict::Backend { .. }) {
+            tuples_seen.insert((src, sport, dst, dport, is_udp));
+        }
+    }
+    eprintln!("explain matched the program on {flows} flows: {by_outcome:?}");
+    for outcome in ["maglev", "conntrack", "affinity", "denied", "rejected", "dropped", "not a service"] {
+        assert!(
+            by_outcome.get(outcome).copied().unwrap_or(0) > 10,
+            "the random flows cover {outcome}: {by_outcome:?}"
+        );
+    }
+}
+
+/// Each packet is counted against its frontend and its backend (packets and bytes both ways,
+/// new flows) and refused flows against their frontend by reason; the counters sum what the
+/// packets were.
+#[test]
+fn per_service_counters_count_each_frontends_packets() {
+    use lb_userspace::inspect::{PinnedMaps, services};
+    if !privileged("per_service_counters_count_each_frontends_packets") {
+        return;
+    }
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("service-counters");
+    provision(&mut path, &[POD_A]);
+    let pod = net.ifindex("pod0");
+    let ext = net.ifindex("ext0");
+    let mut forward_bytes = 0u64;
+    for sport in 41000..41010u16 {
+        let syn = tcp_with(CLIENT, sport, VIP, 80, "S");
+        forward_bytes += syn.len() as u64;
+        let (verdict, _) = run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &syn);
+        assert_eq!(verdict, TC_ACT_OK);
+    }
+    let syn_ack = tcp_with(POD_A, 8080, CLIENT, 41000, "SA");
+    run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &syn_ack);
+    // Refused: no endpoints (rejected) and outside the source ranges.
+    run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &tcp_with(CLIENT, 41100, EMPTY_VIP, 80, "S"));
+    run_verdict(&mut path, EXTERNAL_INGRESS_PROGRAM, ext, &tcp_with(OUTSIDE, 41101, GUARDED_LB, 80, "S"));
+
+    let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
+    let views = services::collect(&maps, None);
+    let frontend = |addr: [u8; 4], port: u16| {
+        views
+            .iter()
+            .flat_map(|s| &s.frontends)
+            .find(|f| f.address == Ipv4Addr::from(addr) && f.port == port && f.protocol == "TCP")
+            .unwrap_or_else(|| panic!("frontend {addr:?}:{port} in {views:#?}"))
+            .clone()
+    };
+    let web = frontend(VIP, 80);
+    assert_eq!(web.counters.new_flows, 10);
+    assert_eq!(web.counters.forward_packets, 10);
+    assert_eq!(web.counters.forward_bytes, forward_bytes);
+    assert_eq!(web.counters.reply_packets, 1);
+    assert_eq!(web.counters.reply_bytes, syn_ack.len() as u64);
+    assert_eq!(web.counters.drops(), 0);
+    assert_eq!(web.backends.len(), 1);
+    let backend = &web.backends[0];
+    assert_eq!((backend.address, backend.port), (Ipv4Addr::from(POD_A), 8080));
+    assert_eq!(backend.counters.new_flows, 10);
+    assert_eq!(backend.counters.forward_packets, 10);
+    assert_eq!(backend.counters.reply_packets, 1);
+    assert_eq!(frontend(EMPTY_VIP, 80).counters.no_backend, 1);
+    assert_eq!(frontend(GUARDED_LB, 80).counters.denied_source_range, 1);
+    assert_eq!(frontend(GUARDED_LB, 80).counters.new_flows, 0);
+
+    // Counters of frontends that left are pruned (the packet path made them, user space
+    // deletes them).
+    let service_ids_before = maps.service_stats().len();
+    let gone = manifest(&[POD_A]);
+    let only_web: String = gone.split("---\n").take(2).collect::<Vec<_>>().join("---\n") + "---\n";
+    path.provision_as(&only_web, &node_context());
+    let pruned = lb_userspace::conntrack::prune_counters(&path.bpffs_dir().join(lb_common::maps::PIN_LAYOUT_VERSION))
+        .expect("prune");
+    assert!(pruned >= 2, "the empty and guarded frontends' counters went: {pruned} of {service_ids_before}");
+    let left = maps.service_stats();
+    assert_eq!(left.len(), 1, "only web's frontend keeps counters: {left:?}");
+    assert_eq!(left.values().next().unwrap().forward_packets, 10);
+}

@@ -101,6 +101,11 @@ impl LoadedPath {
         assert!(unplaced.is_empty(), "{unplaced:?}");
     }
 
+    /// The bpffs directory the maps are pinned under (what `lb --bpffs-dir` takes).
+    pub fn bpffs_dir(&self) -> &std::path::Path {
+        &self._pins.0
+    }
+
     pub fn counters(&self) -> BTreeMap<Counter, u64> {
         self.dataplane.maps.read_counters().expect("read counters")
     }

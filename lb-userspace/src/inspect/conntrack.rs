@@ -1,0 +1,188 @@
+//! `lb conntrack`: the flows lb translates, one row per flow (its forward entry, with its
+//! reply entry's SNAT port), and `--flush`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::IterableMap as _;
+
+use lb_common::{
+    addr_octets,
+    conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey, partner_key},
+};
+use serde::Serialize;
+
+use super::PinnedMaps;
+use crate::{model::Protocol, state::NodeState};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowView {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    /// namespace/name of the frontend's Service ("service id N" without a state file).
+    pub service: String,
+    pub backend: String,
+    /// The source the backend sees, when SNATed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<String>,
+    pub state: &'static str,
+    pub age_s: u32,
+    /// Seconds until the flow dies unless a packet comes (0: already expired, awaiting sweep).
+    pub expires_in_s: u32,
+}
+
+fn endpoint(addr_be: u32, port_be: u16) -> String {
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(addr_octets(addr_be)),
+        u16::from_be(port_be)
+    )
+}
+
+/// The service ids of the Service `namespace/name`'s frontends, as the maps hold them.
+pub fn service_ids(maps: &PinnedMaps, state: &NodeState, wanted: &str) -> Vec<u32> {
+    let index = state.frontend_index();
+    maps.services
+        .iter()
+        .flatten()
+        .filter(|(key, _)| {
+            let protocol = Protocol::from_number(key.proto).map(|p| p.to_string());
+            index
+                .get(&(
+                    Ipv4Addr::from(addr_octets(key.addr_be)),
+                    u16::from_be(key.port_be),
+                    protocol.as_deref().unwrap_or("?"),
+                ))
+                .is_some_and(|(s, _)| format!("{}/{}", s.namespace, s.name) == wanted)
+        })
+        .map(|(_, entry)| entry.service_id)
+        .collect()
+}
+
+/// Every conntrack entry.
+pub fn entries(maps: &PinnedMaps) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
+    use std::os::fd::AsFd as _;
+    crate::conntrack::read_all(maps.conntrack.map().fd().as_fd())
+}
+
+/// One row per flow whose service id is in `only` (all flows when `None`).
+pub fn collect(
+    maps: &PinnedMaps,
+    state: Option<&NodeState>,
+    entries: &[(FlowKey, CtEntry)],
+    only: Option<&[u32]>,
+) -> Vec<FlowView> {
+    let now = crate::conntrack::now_s();
+    let names: BTreeMap<u32, String> = match state {
+        Some(state) => {
+            let index = state.frontend_index();
+            maps.services
+                .iter()
+                .flatten()
+                .filter_map(|(key, entry)| {
+                    let protocol = Protocol::from_number(key.proto)?.to_string();
+                    let (s, f) = index.get(&(
+                        Ipv4Addr::from(addr_octets(key.addr_be)),
+                        u16::from_be(key.port_be),
+                        protocol.as_str(),
+                    ))?;
+                    Some((
+                        entry.service_id,
+                        format!("{}/{} ({})", s.namespace, s.name, f.kind),
+                    ))
+                })
+                .collect()
+        }
+        None => BTreeMap::new(),
+    };
+    let by_key: BTreeMap<FlowKey, CtEntry> = entries.iter().copied().collect();
+    let mut out: Vec<FlowView> = entries
+        .iter()
+        .filter(|(_, e)| e.kind == CT_KIND_FORWARD)
+        .filter(|(_, e)| only.is_none_or(|ids| ids.contains(&e.service_id)))
+        .map(|(key, e)| {
+            let reply = by_key.get(&partner_key(key, e));
+            let expires = reply.map_or(e.expires_s, |r| r.expires_s.max(e.expires_s));
+            FlowView {
+                protocol: Protocol::from_number(key.proto)
+                    .map_or(key.proto.to_string(), |p| p.to_string()),
+                client: endpoint(key.saddr_be, key.sport_be),
+                frontend: endpoint(key.daddr_be, key.dport_be),
+                service: names
+                    .get(&e.service_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("service id {}", e.service_id)),
+                backend: endpoint(e.new_daddr_be, e.new_dport_be),
+                snat: (e.flags & CT_F_SNAT != 0).then(|| endpoint(e.new_saddr_be, e.new_sport_be)),
+                state: state_name(e, key.proto),
+                age_s: now.saturating_sub(e.created_s),
+                expires_in_s: expires.saturating_sub(now),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
+    out
+}
+
+fn state_name(e: &CtEntry, proto: u8) -> &'static str {
+    use lb_common::conntrack::{CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST};
+    if proto != lb_common::IPPROTO_TCP {
+        return if e.state & CT_S_REPLIED != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        };
+    }
+    if e.state & CT_S_RST != 0 {
+        "reset"
+    } else if e.state & (CT_S_FIN_FORWARD | CT_S_FIN_REPLY) != 0 {
+        "closing"
+    } else if e.state & CT_S_REPLIED != 0 {
+        "established"
+    } else {
+        "syn-sent"
+    }
+}
+
+/// Deletes both entries of every flow in `entries` whose service id is in `only` (every flow
+/// when `None`). Their next packets start new flows (and may get another backend). Returns how
+/// many flows went.
+pub fn flush(
+    maps: &PinnedMaps,
+    entries: &[(FlowKey, CtEntry)],
+    only: Option<&[u32]>,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsFd as _;
+    let doomed: Vec<FlowKey> = entries
+        .iter()
+        .filter(|(_, e)| only.is_none_or(|ids| ids.contains(&e.service_id)))
+        .map(|(k, _)| *k)
+        .collect();
+    let flows = entries
+        .iter()
+        .filter(|(_, e)| e.kind == CT_KIND_FORWARD)
+        .filter(|(_, e)| only.is_none_or(|ids| ids.contains(&e.service_id)))
+        .count();
+    crate::conntrack::delete(maps.conntrack.map().fd().as_fd(), &doomed)?;
+    Ok(flows)
+}
+
+pub fn render(flows: &[FlowView]) -> String {
+    let mut table = super::table(&[
+        "PROTO", "CLIENT", "FRONTEND", "SERVICE", "BACKEND", "SNAT", "STATE", "AGE", "EXPIRES",
+    ]);
+    for f in flows {
+        table.add_row([
+            f.protocol.clone(),
+            f.client.clone(),
+            f.frontend.clone(),
+            f.service.clone(),
+            f.backend.clone(),
+            f.snat.clone().unwrap_or_else(|| "-".to_owned()),
+            f.state.to_owned(),
+            format!("{}s", f.age_s),
+            format!("{}s", f.expires_in_s),
+        ]);
+    }
+    format!("{table}\n{} flows", flows.len())
+}

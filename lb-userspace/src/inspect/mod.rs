@@ -1,0 +1,194 @@
+//! The operator's views of a running node, read from the pinned maps (what the packet path
+//! really uses) and named with the agent's state file: `lb services`, `lb explain`, `lb
+//! conntrack`, `lb monitor` and the per-Service metrics. Nothing here needs the agent running
+//! or API access; nothing here writes a map the packet path decides by (only `--flush` deletes
+//! conntrack entries, and the monitor switches its own events on).
+
+pub mod conntrack;
+pub mod explain;
+pub mod monitor;
+pub mod services;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key,
+    },
+};
+use lb_common::{
+    conntrack::{CtEntry, FlowKey},
+    maps::{
+        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, NODE_MAP,
+        PIN_LAYOUT_VERSION, SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
+        SOURCE_RANGES_MAP,
+    },
+    service::{
+        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
+        SOURCE_RANGE_LOOKUP_BITS as LOOKUP_BITS, SourceRange, SourceRangeValue,
+    },
+    stats::{BackendStats, ServiceStats},
+};
+
+use crate::dataplane::MappedSlots;
+
+/// The pinned maps of one node, opened for reading.
+pub struct PinnedMaps {
+    pub pin_dir: PathBuf,
+    pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    pub backends: HashMap<MapData, BackendId, Backend>,
+    pub slots: MappedSlots,
+    pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub node: Array<MapData, NodeConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, SourceRangeValue>,
+    /// Absent when pinned by an lb without per-Service counters.
+    pub service_stats: Option<PerCpuHashMap<MapData, u32, ServiceStats>>,
+    pub backend_stats: Option<PerCpuHashMap<MapData, BackendId, BackendStats>>,
+}
+
+fn open<T: TryFrom<Map>>(pin_dir: &Path, name: &str) -> anyhow::Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is an agent running, or did one run, with this --bpffs-dir?)",
+            path.display()
+        )
+    })?;
+    let map = Map::from_map_data(data).with_context(|| format!("opening {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("{} is not the map this lb expects", path.display()))
+}
+
+impl PinnedMaps {
+    /// Opens the maps an agent pinned under `<bpffs_dir>/<layout version>/`.
+    pub fn open(bpffs_dir: &Path) -> anyhow::Result<Self> {
+        let pin_dir = bpffs_dir.join(PIN_LAYOUT_VERSION);
+        let slots_path = pin_dir.join(SLOTS_MAP);
+        let elements = MapInfo::from_pin(&slots_path)
+            .with_context(|| format!("opening {}", slots_path.display()))?
+            .max_entries();
+        let slots_data = MapData::from_pin(&slots_path)
+            .with_context(|| format!("opening {}", slots_path.display()))?;
+        Ok(Self {
+            services: open(&pin_dir, SERVICES_MAP)?,
+            backends: open(&pin_dir, BACKENDS_MAP)?,
+            slots: MappedSlots::new(slots_data, elements * SLOTS_PER_ELEMENT)
+                .with_context(|| format!("mapping {}", slots_path.display()))?,
+            conntrack: open(&pin_dir, CONNTRACK_MAP)?,
+            affinity: open(&pin_dir, AFFINITY_MAP)?,
+            node: open(&pin_dir, NODE_MAP)?,
+            source_ranges: open(&pin_dir, SOURCE_RANGES_MAP)?,
+            service_stats: open(&pin_dir, SERVICE_STATS_MAP).ok(),
+            backend_stats: open(&pin_dir, BACKEND_STATS_MAP).ok(),
+            pin_dir,
+        })
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<ServiceEntry> {
+        self.services.get(key, 0).ok()
+    }
+
+    pub fn backend(&self, id: BackendId) -> Option<Backend> {
+        self.backends.get(&id, 0).ok()
+    }
+
+    /// The backend id in slot `index` (0 = none written), as the packet path reads it.
+    pub fn slot(&self, index: u32) -> Option<BackendId> {
+        self.slots.get(index).filter(|id| *id != 0)
+    }
+
+    pub fn conntrack_entry(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    pub fn affinity_entry(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.affinity.get(key, 0).ok()
+    }
+
+    pub fn node_config(&self) -> NodeConfig {
+        self.node.get(&0, 0).unwrap_or_default()
+    }
+
+    /// Whether `addr_be` lies in a range of source-range set `set_id` (the packet path's LPM
+    /// lookup).
+    pub fn source_allowed(&self, set_id: u32, addr_be: u32) -> bool {
+        let key = Key::new(LOOKUP_BITS, SourceRange { set_id, addr_be });
+        self.source_ranges.get(&key, 0).is_ok()
+    }
+
+    /// Every frontend's counters, summed over CPUs.
+    pub fn service_stats(&self) -> BTreeMap<u32, ServiceStats> {
+        summed(self.service_stats.as_ref(), ServiceStats::add)
+    }
+
+    /// Every backend's counters, summed over CPUs.
+    pub fn backend_stats(&self) -> BTreeMap<BackendId, BackendStats> {
+        summed(self.backend_stats.as_ref(), BackendStats::add)
+    }
+}
+
+fn summed<V: Pod + Default>(
+    map: Option<&PerCpuHashMap<MapData, u32, V>>,
+    add: fn(&mut V, &V),
+) -> BTreeMap<u32, V> {
+    let mut out = BTreeMap::new();
+    let Some(map) = map else {
+        return out;
+    };
+    for (id, per_cpu) in map.iter().flatten() {
+        let mut total = V::default();
+        for value in per_cpu.iter() {
+            add(&mut total, value);
+        }
+        out.insert(id, total);
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns()`'s clock.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// How the CLI prints a view.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A table for people.
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `value` as JSON or YAML, or calls `table` for the table.
+pub fn print<T: serde::Serialize>(
+    format: Format,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    let text = match format {
+        Format::Table => table(value),
+        Format::Json => serde_json::to_string_pretty(value)?,
+        Format::Yaml => serde_yaml_ng::to_string(value)?,
+    };
+    println!("{}", text.trim_end());
+    Ok(())
+}
+
+/// A table in the CLI's style, with `header`.
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(header);
+    table
+}
