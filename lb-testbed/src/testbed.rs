@@ -212,6 +212,12 @@ impl Cluster {
         PathBuf::from(format!("/sys/fs/bpf/{}-{node}", self.run_id))
     }
 
+    /// The `--state-dir` an agent on `node` of this testbed uses (the file naming what its maps
+    /// hold, for `lb services` and the like).
+    pub fn agent_state_dir(&self, node: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-{node}-state", self.run_id))
+    }
+
     pub fn node(&self, name: &str) -> &Node {
         self.nodes
             .iter()
@@ -407,6 +413,7 @@ pub struct AgentProcess {
     child: Option<Child>,
     log: PathBuf,
     pin_dir: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl AgentProcess {
@@ -426,8 +433,11 @@ impl AgentProcess {
             .unwrap_or_else(std::env::temp_dir)
             .join(format!("{}-{}-agent.log", cluster.run_id, node.name));
         let pin_dir = cluster.agent_pin_dir(&node.name);
+        let state_dir = cluster.agent_state_dir(&node.name);
         if !options.detached {
             cleanup::register_pin_dir(pin_dir.clone());
+            // Any directory: the registry removes it whole at the end.
+            cleanup::register_pin_dir(state_dir.clone());
         }
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -442,6 +452,8 @@ impl AgentProcess {
             .args(["--external-interfaces", EXTERNAL_INTERFACE])
             .arg("--bpffs-dir")
             .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(["--poll-interval-ms", &options.poll_ms.to_string()])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -461,6 +473,7 @@ impl AgentProcess {
             child: Some(child),
             log,
             pin_dir,
+            state_dir,
         };
         agent.wait_for_log("agent ready", Duration::from_secs(30))?;
         Ok(agent)
@@ -469,6 +482,11 @@ impl AgentProcess {
     /// The agent's pin directory (its `--bpffs-dir`).
     pub fn bpffs_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The agent's `--state-dir`.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     pub fn log_path(&self) -> &Path {

@@ -214,8 +214,13 @@ pub fn spawn_sweeper(
                 if let Some(pin_dir) = pin.parent() {
                     match prune_counters(pin_dir) {
                         Ok(0) => {}
-                        Ok(pruned) => tracing::debug!(pruned, "counters of gone frontends and backends deleted"),
-                        Err(err) => tracing::warn!("pruning the per-Service counters failed: {err:#}"),
+                        Ok(pruned) => tracing::debug!(
+                            pruned,
+                            "counters of gone frontends and backends deleted"
+                        ),
+                        Err(err) => {
+                            tracing::warn!("pruning the per-Service counters failed: {err:#}")
+                        }
                     }
                 }
             }
@@ -239,10 +244,16 @@ pub fn prune_counters(pin_dir: &std::path::Path) -> anyhow::Result<usize> {
         dir: &std::path::Path,
         name: &str,
     ) -> anyhow::Result<T> {
-        Ok(T::try_from(Map::from_map_data(MapData::from_pin(dir.join(name))?)?)?)
+        Ok(T::try_from(Map::from_map_data(MapData::from_pin(
+            dir.join(name),
+        )?)?)?)
     }
     let services: HashMap<MapData, ServiceKey, ServiceEntry> = open(pin_dir, SERVICES_MAP)?;
-    let live: HashSet<u32> = services.iter().flatten().map(|(_, e)| e.service_id).collect();
+    let live: HashSet<u32> = services
+        .iter()
+        .flatten()
+        .map(|(_, e)| e.service_id)
+        .collect();
     let mut service_stats: PerCpuHashMap<MapData, u32, ServiceStats> =
         open(pin_dir, SERVICE_STATS_MAP)?;
     let gone: Vec<u32> = (service_stats.keys().flatten())

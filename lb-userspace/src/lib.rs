@@ -23,7 +23,7 @@ pub mod pipeline;
 pub mod report;
 pub mod resize;
 pub mod slot_table;
-pub mod state;
 pub mod sources;
+pub mod state;
 pub mod sync;
 pub mod translate;

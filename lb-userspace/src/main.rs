@@ -20,7 +20,12 @@ use lb_userspace::{
 };
 
 /// The version line: the crate version and the commit it was built from.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LB_GIT_COMMIT"), ")");
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LB_GIT_COMMIT"),
+    ")"
+);
 
 /// lb: an eBPF Kubernetes Service load balancer (a kube-proxy replacement).
 #[derive(Parser)]
@@ -334,9 +339,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (maps, state) = dirs.open()?;
             let only = match &service {
                 Some(wanted) => {
-                    let state = state
-                        .as_ref()
-                        .context("--service needs the state file to know the Service's frontends")?;
+                    let state = state.as_ref().context(
+                        "--service needs the state file to know the Service's frontends",
+                    )?;
                     let ids = inspect::conntrack::service_ids(&maps, state, wanted);
                     if ids.is_empty() {
                         anyhow::bail!("no frontend of Service {wanted} is programmed");
@@ -352,7 +357,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("flushed {flows} flows");
                 return Ok(ExitCode::SUCCESS);
             }
-            let flows = inspect::conntrack::collect(&maps, state.as_ref(), &entries, only.as_deref());
+            let flows =
+                inspect::conntrack::collect(&maps, state.as_ref(), &entries, only.as_deref());
             inspect::print(output, &flows, |f| inspect::conntrack::render(f))?;
             Ok(ExitCode::SUCCESS)
         }

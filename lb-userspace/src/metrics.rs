@@ -271,7 +271,10 @@ struct ServiceCounters {
 /// namespace, service, port name.
 type ServicePort = (String, String, String);
 
-fn labels<'a>(sp: &'a ServicePort, extra: &[(&'static str, &'a str)]) -> Vec<(&'static str, &'a str)> {
+fn labels<'a>(
+    sp: &'a ServicePort,
+    extra: &[(&'static str, &'a str)],
+) -> Vec<(&'static str, &'a str)> {
     let mut out = vec![
         ("namespace", sp.0.as_str()),
         ("service", sp.1.as_str()),
@@ -309,7 +312,11 @@ impl Collector for ServiceCounters {
         let mut backend_ids: BTreeSet<(ServicePort, u32)> = BTreeSet::new();
         for view in views.iter().filter(|v| v.not_programmed.is_none()) {
             for f in &view.frontends {
-                let sp = (view.namespace.clone(), view.name.clone(), f.port_name.clone());
+                let sp = (
+                    view.namespace.clone(),
+                    view.name.clone(),
+                    f.port_name.clone(),
+                );
                 services.entry(sp.clone()).or_default().add(&f.counters);
                 for b in &f.backends {
                     // A backend serves every frontend of its Service port: counted once.
@@ -322,7 +329,10 @@ impl Collector for ServiceCounters {
             }
         }
         for (direction, pick) in [
-            ("forward", (|s: &lb_common::stats::ServiceStats| s.forward_packets) as fn(&_) -> u64),
+            (
+                "forward",
+                (|s: &lb_common::stats::ServiceStats| s.forward_packets) as fn(&_) -> u64,
+            ),
             ("reply", |s| s.reply_packets),
         ] {
             encode_counters(
@@ -330,7 +340,11 @@ impl Collector for ServiceCounters {
                 &format!("service_packets_{direction}"),
                 &format!(
                     "Packets of a Service port ({direction}: {}), over its frontends",
-                    if direction == "forward" { "client to Service" } else { "backend to client" }
+                    if direction == "forward" {
+                        "client to Service"
+                    } else {
+                        "backend to client"
+                    }
                 ),
                 services.iter().map(|(sp, s)| (labels(sp, &[]), pick(s))),
             )?;
@@ -339,19 +353,25 @@ impl Collector for ServiceCounters {
             &mut encoder,
             "service_bytes_forward",
             "Bytes from clients to a Service port, over its frontends",
-            services.iter().map(|(sp, s)| (labels(sp, &[]), s.forward_bytes)),
+            services
+                .iter()
+                .map(|(sp, s)| (labels(sp, &[]), s.forward_bytes)),
         )?;
         encode_counters(
             &mut encoder,
             "service_bytes_reply",
             "Bytes from a Service port's backends to clients, over its frontends",
-            services.iter().map(|(sp, s)| (labels(sp, &[]), s.reply_bytes)),
+            services
+                .iter()
+                .map(|(sp, s)| (labels(sp, &[]), s.reply_bytes)),
         )?;
         encode_counters(
             &mut encoder,
             "service_new_flows",
             "Connections (flows) a Service port started",
-            services.iter().map(|(sp, s)| (labels(sp, &[]), s.new_flows)),
+            services
+                .iter()
+                .map(|(sp, s)| (labels(sp, &[]), s.new_flows)),
         )?;
         encode_counters(
             &mut encoder,
@@ -370,31 +390,41 @@ impl Collector for ServiceCounters {
             &mut encoder,
             "backend_packets_forward",
             "Packets sent to a backend of a Service port",
-            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_packets)),
+            backends
+                .iter()
+                .map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_packets)),
         )?;
         encode_counters(
             &mut encoder,
             "backend_packets_reply",
             "Packets from a backend of a Service port to its clients",
-            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_packets)),
+            backends
+                .iter()
+                .map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_packets)),
         )?;
         encode_counters(
             &mut encoder,
             "backend_bytes_forward",
             "Bytes sent to a backend of a Service port",
-            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_bytes)),
+            backends
+                .iter()
+                .map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.forward_bytes)),
         )?;
         encode_counters(
             &mut encoder,
             "backend_bytes_reply",
             "Bytes from a backend of a Service port to its clients",
-            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_bytes)),
+            backends
+                .iter()
+                .map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.reply_bytes)),
         )?;
         encode_counters(
             &mut encoder,
             "backend_new_flows",
             "Connections a backend of a Service port was given",
-            backends.iter().map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.new_flows)),
+            backends
+                .iter()
+                .map(|((sp, b), s)| (labels(sp, &[("backend", b.as_str())]), s.new_flows)),
         )?;
         Ok(())
     }

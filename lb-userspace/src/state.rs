@@ -110,7 +110,12 @@ fn policy_name(policy: TrafficPolicy) -> &'static str {
     }
 }
 
-fn frontend_info(address: Ipv4Addr, port: u16, protocol: String, plan: &FrontendPlan) -> FrontendInfo {
+fn frontend_info(
+    address: Ipv4Addr,
+    port: u16,
+    protocol: String,
+    plan: &FrontendPlan,
+) -> FrontendInfo {
     FrontendInfo {
         address,
         port,
@@ -132,12 +137,15 @@ impl NodeState {
     pub fn collect(node: Option<&str>, translator: &Translator, desired: &Desired) -> Self {
         let mut frontends: BTreeMap<&ObjectRef, Vec<FrontendInfo>> = BTreeMap::new();
         for (frontend, plan) in &desired.frontends {
-            frontends.entry(&plan.service).or_default().push(frontend_info(
-                frontend.addr,
-                frontend.port,
-                frontend.protocol.to_string(),
-                plan,
-            ));
+            frontends
+                .entry(&plan.service)
+                .or_default()
+                .push(frontend_info(
+                    frontend.addr,
+                    frontend.port,
+                    frontend.protocol.to_string(),
+                    plan,
+                ));
         }
         let unprogrammed: BTreeMap<&ObjectRef, &str> = (desired.unprogrammed.iter())
             .map(|u| (&u.service, u.reason.as_str()))

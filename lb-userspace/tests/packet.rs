@@ -2017,7 +2017,8 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
     let mut path = load("explain");
     // An affinity timeout far longer than the test, so no memory expires between the
     // prediction and the packet.
-    let yaml = manifest(&[POD_A, POD_B, POD_C]).replace("timeoutSeconds: 1 ", "timeoutSeconds: 3600 ");
+    let yaml =
+        manifest(&[POD_A, POD_B, POD_C]).replace("timeoutSeconds: 1 ", "timeoutSeconds: 3600 ");
     assert_ne!(yaml, manifest(&[POD_A, POD_B, POD_C]));
     path.provision_as(&yaml, &node_context());
     let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
@@ -2047,7 +2048,11 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
         let (program, ifindex, origin) = if rng.below(2) == 0 {
             (POD_INGRESS_PROGRAM, net.ifindex("pod0"), Origin::Pod)
         } else {
-            (EXTERNAL_INGRESS_PROGRAM, net.ifindex("ext0"), Origin::External)
+            (
+                EXTERNAL_INGRESS_PROGRAM,
+                net.ifindex("ext0"),
+                Origin::External,
+            )
         };
         let query = Query {
             from: Ipv4Addr::from(src),
@@ -2127,7 +2132,15 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
         }
     }
     eprintln!("explain matched the program on {flows} flows: {by_outcome:?}");
-    for outcome in ["maglev", "conntrack", "affinity", "denied", "rejected", "dropped", "not a service"] {
+    for outcome in [
+        "maglev",
+        "conntrack",
+        "affinity",
+        "denied",
+        "rejected",
+        "dropped",
+        "not a service",
+    ] {
         assert!(
             by_outcome.get(outcome).copied().unwrap_or(0) > 10,
             "the random flows cover {outcome}: {by_outcome:?}"
@@ -2161,8 +2174,18 @@ fn per_service_counters_count_each_frontends_packets() {
     let syn_ack = tcp_with(POD_A, 8080, CLIENT, 41000, "SA");
     run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &syn_ack);
     // Refused: no endpoints (rejected) and outside the source ranges.
-    run_verdict(&mut path, POD_INGRESS_PROGRAM, pod, &tcp_with(CLIENT, 41100, EMPTY_VIP, 80, "S"));
-    run_verdict(&mut path, EXTERNAL_INGRESS_PROGRAM, ext, &tcp_with(OUTSIDE, 41101, GUARDED_LB, 80, "S"));
+    run_verdict(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 41100, EMPTY_VIP, 80, "S"),
+    );
+    run_verdict(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp_with(OUTSIDE, 41101, GUARDED_LB, 80, "S"),
+    );
 
     let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
     let views = services::collect(&maps, None);
@@ -2183,7 +2206,10 @@ fn per_service_counters_count_each_frontends_packets() {
     assert_eq!(web.counters.drops(), 0);
     assert_eq!(web.backends.len(), 1);
     let backend = &web.backends[0];
-    assert_eq!((backend.address, backend.port), (Ipv4Addr::from(POD_A), 8080));
+    assert_eq!(
+        (backend.address, backend.port),
+        (Ipv4Addr::from(POD_A), 8080)
+    );
     assert_eq!(backend.counters.new_flows, 10);
     assert_eq!(backend.counters.forward_packets, 10);
     assert_eq!(backend.counters.reply_packets, 1);
@@ -2195,12 +2221,26 @@ fn per_service_counters_count_each_frontends_packets() {
     // deletes them).
     let service_ids_before = maps.service_stats().len();
     let gone = manifest(&[POD_A]);
-    let only_web: String = gone.split("---\n").take(2).collect::<Vec<_>>().join("---\n") + "---\n";
+    let only_web: String = gone
+        .split("---\n")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("---\n")
+        + "---\n";
     path.provision_as(&only_web, &node_context());
-    let pruned = lb_userspace::conntrack::prune_counters(&path.bpffs_dir().join(lb_common::maps::PIN_LAYOUT_VERSION))
-        .expect("prune");
-    assert!(pruned >= 2, "the empty and guarded frontends' counters went: {pruned} of {service_ids_before}");
+    let pruned = lb_userspace::conntrack::prune_counters(
+        &path.bpffs_dir().join(lb_common::maps::PIN_LAYOUT_VERSION),
+    )
+    .expect("prune");
+    assert!(
+        pruned >= 2,
+        "the empty and guarded frontends' counters went: {pruned} of {service_ids_before}"
+    );
     let left = maps.service_stats();
-    assert_eq!(left.len(), 1, "only web's frontend keeps counters: {left:?}");
+    assert_eq!(
+        left.len(),
+        1,
+        "only web's frontend keeps counters: {left:?}"
+    );
     assert_eq!(left.values().next().unwrap().forward_packets, 10);
 }

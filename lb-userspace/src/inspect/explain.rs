@@ -101,9 +101,7 @@ pub enum Verdict {
         node: Option<String>,
     },
     /// The client port is not given: each port maps to one of these (Maglev shares).
-    AnyOf {
-        backends: Vec<(Ipv4Addr, u16, u32)>,
-    },
+    AnyOf { backends: Vec<(Ipv4Addr, u16, u32)> },
     /// A new flow from outside `loadBalancerSourceRanges`: dropped.
     DeniedBySourceRanges,
     /// No usable backend: answered with a TCP RST / ICMP unreachable (`reject`) or dropped.
@@ -119,11 +117,7 @@ const PORTS_SAMPLED: u16 = 4096;
 pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> Explanation {
     let mut out = Explanation::default();
     let proto = query.proto();
-    let key = ServiceKey::new(
-        addr_be(query.to.octets()),
-        query.to_port.to_be(),
-        proto,
-    );
+    let key = ServiceKey::new(addr_be(query.to.octets()), query.to_port.to_be(), proto);
     let service = maps.service(&key);
     if let Some(state) = state
         && let Some((svc, frontend)) = state.frontend(query.to, query.to_port, query.protocol)
@@ -207,7 +201,8 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
             }
         }
     } else {
-        out.steps.push("conntrack: no flow yet: a new flow".to_owned());
+        out.steps
+            .push("conntrack: no flow yet: a new flow".to_owned());
     }
     let Some(entry) = service else {
         out.steps.push(format!(
@@ -258,7 +253,11 @@ fn node_of(state: Option<&NodeState>, addr: Ipv4Addr) -> Option<String> {
 }
 
 /// The frontend's policies, as lines.
-fn describe_frontend(state: Option<&NodeState>, query: &Query, entry: &ServiceEntry) -> Vec<String> {
+fn describe_frontend(
+    state: Option<&NodeState>,
+    query: &Query,
+    entry: &ServiceEntry,
+) -> Vec<String> {
     let mut steps = Vec::new();
     let plan = state.and_then(|s| s.frontend(query.to, query.to_port, query.protocol));
     match plan {
@@ -266,7 +265,11 @@ fn describe_frontend(state: Option<&NodeState>, query: &Query, entry: &ServiceEn
             let mut line = format!(
                 "frontend: {} of {}/{}, {} traffic policy (externalTrafficPolicy {}, \
                  internalTrafficPolicy {})",
-                f.kind, svc.namespace, svc.name, f.policy, svc.external_traffic_policy,
+                f.kind,
+                svc.namespace,
+                svc.name,
+                f.policy,
+                svc.external_traffic_policy,
                 svc.internal_traffic_policy
             );
             if f.terminating_fallback {
@@ -284,7 +287,11 @@ fn describe_frontend(state: Option<&NodeState>, query: &Query, entry: &ServiceEn
         "maglev table of {} slots at offset {}{}",
         entry.table_size,
         entry.table_offset,
-        if node_port { "; a node address (NodePort)" } else { "" }
+        if node_port {
+            "; a node address (NodePort)"
+        } else {
+            ""
+        }
     ));
     steps
 }
@@ -402,12 +409,11 @@ fn new_flow(
         out.steps.push(if query.origin == Origin::Pod {
             format!("the client is the backend itself (hairpin): SNAT to {node}")
         } else {
-            format!(
-                "the backend runs on another node: SNAT to {node} so the reply comes back here"
-            )
+            format!("the backend runs on another node: SNAT to {node} so the reply comes back here")
         });
     } else if query.origin == Origin::External {
-        out.steps.push("the backend runs on this node: only the destination changes".to_owned());
+        out.steps
+            .push("the backend runs on this node: only the destination changes".to_owned());
     }
     out.verdict = Verdict::Backend {
         backend_id: id,
@@ -468,7 +474,10 @@ fn any_port(
             .and_then(|id| maps.backend(id))
         {
             *shares
-                .entry((Ipv4Addr::from(addr_octets(b.addr_be)), u16::from_be(b.port_be)))
+                .entry((
+                    Ipv4Addr::from(addr_octets(b.addr_be)),
+                    u16::from_be(b.port_be),
+                ))
                 .or_default() += 1;
         }
     }
@@ -510,14 +519,22 @@ pub fn render(query: &Query, e: &Explanation) -> String {
             ..
         } => format!(
             "=> backend {address}:{port}{} (by {chosen_by}){}",
-            node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(),
-            if *snat { ", source NATed to the node" } else { "" }
+            node.as_ref()
+                .map(|n| format!(" on {n}"))
+                .unwrap_or_default(),
+            if *snat {
+                ", source NATed to the node"
+            } else {
+                ""
+            }
         ),
         Verdict::AnyOf { backends } => {
             let total: u32 = backends.iter().map(|b| b.2).sum::<u32>().max(1);
             let list: Vec<String> = backends
                 .iter()
-                .map(|(a, p, n)| format!("{a}:{p} {:.0}%", f64::from(*n) * 100.0 / f64::from(total)))
+                .map(|(a, p, n)| {
+                    format!("{a}:{p} {:.0}%", f64::from(*n) * 100.0 / f64::from(total))
+                })
                 .collect();
             format!("=> one of {}", list.join(", "))
         }

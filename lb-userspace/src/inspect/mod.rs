@@ -17,20 +17,18 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Pod,
-    maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, NODE_MAP,
-        PIN_LAYOUT_VERSION, SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
-        SOURCE_RANGES_MAP,
+        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, NODE_MAP, PIN_LAYOUT_VERSION,
+        SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
     },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
-        SOURCE_RANGE_LOOKUP_BITS as LOOKUP_BITS, SourceRange, SourceRangeValue,
+        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig,
+        SOURCE_RANGE_LOOKUP_BITS as LOOKUP_BITS, ServiceEntry, ServiceKey, SourceRange,
+        SourceRangeValue,
     },
     stats::{BackendStats, ServiceStats},
 };

@@ -73,7 +73,10 @@ impl Monitor {
 
     /// Keeps the packet path's events on for another [`LEASE`] (at most once a second).
     pub fn renew(&mut self) -> anyhow::Result<()> {
-        if self.renewed.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+        if self
+            .renewed
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
             return Ok(());
         }
         let config = MonitorConfig {
@@ -137,7 +140,10 @@ pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u
                 u16::from_be(key.port_be),
                 protocol.as_str(),
             ))?;
-            Some((entry.service_id, format!("{}/{} ({})", s.namespace, s.name, f.kind)))
+            Some((
+                entry.service_id,
+                format!("{}/{} ({})", s.namespace, s.name, f.kind),
+            ))
         })
         .collect()
 }

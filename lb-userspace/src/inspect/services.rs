@@ -297,7 +297,11 @@ pub fn render(services: &[ServiceView]) -> String {
                 backends,
                 policy.join("\n"),
                 c.new_flows.to_string(),
-                format!("{} pkts\n{}", c.forward_packets, human_bytes(c.forward_bytes)),
+                format!(
+                    "{} pkts\n{}",
+                    c.forward_packets,
+                    human_bytes(c.forward_bytes)
+                ),
                 format!("{} pkts\n{}", c.reply_packets, human_bytes(c.reply_bytes)),
                 c.drops().to_string(),
             ]);
