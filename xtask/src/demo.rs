@@ -383,6 +383,34 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
             .status()?;
         anyhow::ensure!(status.success(), "lb stats failed");
     }
+    let node1 = &agents[0];
+    let on_node1 = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new(lb)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(node1.bpffs_dir())
+            .arg("--state-dir")
+            .arg(node1.state_dir())
+            .status()?;
+        anyhow::ensure!(status.success(), "lb {} failed", args.join(" "));
+        Ok(())
+    };
+    step(
+        "what node-1 programmed, by Service, with the traffic above counted (`lb services`): a \
+         NodePort and a LoadBalancer IP are frontends on every node, each with the same backends",
+    );
+    on_node1(&["services"])?;
+    step(
+        "why a flow gets its backend (`lb explain`): a client outside the cluster reaching the \
+         `web` NodePort on node-1, whose pods run on node-2",
+    );
+    on_node1(&[
+        "explain",
+        "--from",
+        "172.30.0.100:40000",
+        "--to",
+        "172.30.0.11:30080",
+    ])?;
     step(
         "stopping the agents (the programs would stay attached for the next agent; the demo \
          unpins them) and tearing the testbed down",
