@@ -39,6 +39,9 @@ pub struct Sweep {
     pub entries: usize,
     /// Entries deleted (both entries of each dead flow).
     pub deleted: usize,
+    /// Live entries whose other half is missing: the LRU evicted it (the map was full), as
+    /// the packet path always writes and removes a flow's two entries together.
+    pub orphans: usize,
     pub elapsed: Duration,
 }
 
@@ -55,6 +58,15 @@ pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
         .filter(|(k, e)| e.expired(now) && !alive.contains(&partner_key(k, e)))
         .map(|(k, _)| *k)
         .collect()
+}
+
+/// Live entries among `entries` at `now` whose partner entry is missing (see [`Sweep::orphans`]).
+pub fn orphans(entries: &[(FlowKey, CtEntry)], now: u32) -> usize {
+    let keys: HashSet<FlowKey> = entries.iter().map(|(k, _)| *k).collect();
+    entries
+        .iter()
+        .filter(|(k, e)| !e.expired(now) && !keys.contains(&partner_key(k, e)))
+        .count()
 }
 
 /// Reads every entry of the conntrack map `fd`.
@@ -161,11 +173,13 @@ pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
     let started = Instant::now();
     let fd = map.fd().as_fd();
     let entries = read_all(fd)?;
-    let dead = dead_keys(&entries, now_s());
+    let now = now_s();
+    let dead = dead_keys(&entries, now);
     let deleted = delete(fd, &dead)?;
     Ok(Sweep {
         entries: entries.len(),
         deleted,
+        orphans: orphans(&entries, now),
         elapsed: started.elapsed(),
     })
 }
@@ -195,9 +209,8 @@ pub fn spawn_sweeper(
                 match sweep(&map) {
                     Ok(done) => {
                         metrics.conntrack_entries.set(done.entries as i64);
-                        (metrics.map_entries)
-                            .get_or_create(&[("map", lb_common::maps::CONNTRACK_MAP)])
-                            .set(done.entries as i64);
+                        metrics.conntrack_orphans.set(done.orphans as i64);
+                        metrics.set_entries(lb_common::maps::CONNTRACK_MAP, done.entries as u64);
                         metrics.conntrack_gc_deleted.inc_by(done.deleted as u64);
                         metrics
                             .conntrack_gc_duration
@@ -319,5 +332,7 @@ mod tests {
         let mut want = vec![entries[0].0, entries[1].0, orphan.0];
         want.sort();
         assert_eq!(dead, want);
+        // Only the fresh orphan is live with its partner gone (evicted).
+        assert_eq!(orphans(&entries, 100), 1);
     }
 }

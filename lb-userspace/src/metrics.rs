@@ -54,11 +54,15 @@ pub struct Metrics {
     /// Conntrack entries (two per flow) at the last sweep.
     pub conntrack_entries: Gauge,
     pub conntrack_gc_deleted: Counter,
+    /// Live conntrack entries whose other half the LRU evicted, at the last sweep.
+    pub conntrack_orphans: Gauge,
     pub conntrack_gc_duration: Histogram,
     /// Each map's room, set at load, and its use: the programmed maps after each sync,
     /// conntrack after each sweep (`map` is the pinned map's name; slots count slots).
     pub map_capacity: Family<MapLabel, Gauge>,
     pub map_entries: Family<MapLabel, Gauge>,
+    /// `map_entries / map_capacity` (Cilium's `bpf_map_pressure`).
+    pub map_pressure: Family<MapLabel, Gauge<f64, AtomicU64>>,
 }
 
 /// The `map` label of the capacity metrics.
@@ -138,6 +142,14 @@ impl Metrics {
         );
         let conntrack_entries = Gauge::default();
         let conntrack_gc_deleted = Counter::default();
+        let conntrack_orphans = Gauge::default();
+        registry.register(
+            "conntrack_orphaned_entries",
+            "Live conntrack entries whose other half is gone at the last sweep: the LRU evicted \
+             it because the map was full (the flow's replies or next packets are not \
+             translated; raise --max-conntrack-flows)",
+            conntrack_orphans.clone(),
+        );
         let conntrack_gc_duration =
             Histogram::new([0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         registry.register(
@@ -157,6 +169,14 @@ impl Metrics {
         );
         let map_capacity = Family::<MapLabel, Gauge>::default();
         let map_entries = Family::<MapLabel, Gauge>::default();
+        let map_pressure = Family::<MapLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "bpf_map_pressure",
+            "Fill level of each map, map_entries / map_capacity (as Cilium's \
+             bpf_map_pressure; at 1 the conntrack LRU evicts live flows and a full services, \
+             backends or slots map leaves Services unprogrammed)",
+            map_pressure.clone(),
+        );
         registry.register(
             "map_capacity",
             "Entries each map has room for (slots for the slots array), as sized at load",
@@ -190,9 +210,21 @@ impl Metrics {
             object_errors,
             conntrack_entries,
             conntrack_gc_deleted,
+            conntrack_orphans,
             conntrack_gc_duration,
             map_capacity,
             map_entries,
+            map_pressure,
+        }
+    }
+
+    /// Sets `lb_map_entries` of `map` and its `lb_bpf_map_pressure` against its capacity.
+    pub fn set_entries(&self, map: &'static str, entries: u64) {
+        let label = [("map", map)];
+        self.map_entries.get_or_create(&label).set(entries as i64);
+        let capacity = self.map_capacity.get_or_create(&label).get();
+        if capacity > 0 {
+            (self.map_pressure.get_or_create(&label)).set(entries as f64 / capacity as f64);
         }
     }
 
@@ -219,9 +251,7 @@ impl Metrics {
             (BACKENDS_MAP, programmed.backends.len() as u64),
             (SLOTS_MAP, slots),
         ] {
-            self.map_entries
-                .get_or_create(&[("map", map)])
-                .set(entries as i64);
+            self.set_entries(map, entries);
         }
     }
 
@@ -500,6 +530,14 @@ mod tests {
             ("entries", SLOTS_MAP, 502),
         ] {
             let line = format!("lb_map_{name}{{map=\"{map}\"}} {value}\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        for (map, pressure) in [
+            (SERVICES_MAP, "0.03125"),
+            (BACKENDS_MAP, "0.03125"),
+            (SLOTS_MAP, "0.2451171875"),
+        ] {
+            let line = format!("lb_bpf_map_pressure{{map=\"{map}\"}} {pressure}\n");
             assert!(text.contains(&line), "{line} in\n{text}");
         }
     }

@@ -387,3 +387,90 @@ fn pinned_objects_are_root_only() {
         "the maps and the links directory were checked: {checked}"
     );
 }
+
+/// A full conntrack shows: flows past its capacity make the LRU evict live entries, and the
+/// sweep counts the halves left behind (`lb_conntrack_orphaned_entries`). The per-Service
+/// counter maps follow the frontends' and backends' capacities, and are replaced when those
+/// change.
+#[test]
+fn a_full_conntrack_shows_as_orphans_and_counter_maps_follow_the_capacities() {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    use etherparse::PacketBuilder;
+    use lb_common::maps::{BACKEND_STATS_MAP, SERVICE_STATS_MAP};
+    if !privileged("a_full_conntrack_shows_as_orphans_and_counter_maps_follow_the_capacities") {
+        return;
+    }
+    let pins = PinDir::new("orphans");
+    let mut dataplane = Dataplane::load_sized(&pins.0, false, SMALL).expect("load");
+    for (name, entries) in [
+        (SERVICE_STATS_MAP, SMALL.frontends),
+        (BACKEND_STATS_MAP, SMALL.backends),
+    ] {
+        let info = MapInfo::from_pin(dataplane.pin_dir().join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), entries, "{name}");
+    }
+    let read = manifest::parse(&services(1), "test");
+    let desired = translate(&read.objects, &NodeContext::default());
+    let mut programmer = Programmer::adopt(
+        Default::default(),
+        Settings {
+            capacities: dataplane.capacities,
+            ..Settings::default()
+        },
+    );
+    programmer
+        .sync(&desired, &mut dataplane.maps)
+        .expect("sync");
+    let pins_dir = dataplane.pin_dir().to_owned();
+    let mut send = |sport: u16| {
+        let mut packet = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 244, 0, 9], [10, 96, 1, 0], 64)
+            .tcp(20000 + sport, 80, 1, 64240)
+            .syn()
+            .write(&mut packet, &[])
+            .unwrap();
+        let mut out = vec![0u8; packet.len() + 64];
+        dataplane
+            .pod_ingress()
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+    };
+    // Fill the conntrack (two entries a flow); then the clients keep sending on those flows
+    // while their backends are quiet, so the LRU sees the forward entries used and the reply
+    // entries not; then as many new flows again: the LRU evicts the idle halves.
+    let half = SMALL.conntrack as u16 / 2;
+    for sport in 0..half {
+        send(sport);
+    }
+    for sport in 0..half {
+        send(sport);
+    }
+    for sport in half..2 * half {
+        send(sport);
+    }
+    let map = aya::maps::MapData::from_pin(pins_dir.join(CONNTRACK_MAP)).unwrap();
+    let sweep = lb_userspace::conntrack::sweep(&map).expect("sweep");
+    assert!(sweep.entries <= SMALL.conntrack as usize, "{sweep:?}");
+    assert!(
+        sweep.orphans > 0,
+        "the LRU evicted halves of live flows: {sweep:?}"
+    );
+    drop(dataplane);
+
+    // More frontends: the counter map is created anew at the new size.
+    let mut larger = SMALL;
+    larger.frontends = 128;
+    let dataplane = Dataplane::load_sized(&pins.0, false, larger).expect("reload");
+    assert_eq!(
+        dataplane.counters_reset,
+        [(SERVICE_STATS_MAP, SMALL.frontends, 128)],
+        "only the frontends' counters follow"
+    );
+    let info = MapInfo::from_pin(dataplane.pin_dir().join(SERVICE_STATS_MAP)).expect("pinned");
+    assert_eq!(info.max_entries(), 128);
+}

@@ -2244,3 +2244,92 @@ fn per_service_counters_count_each_frontends_packets() {
     );
     assert_eq!(left.values().next().unwrap().forward_packets, 10);
 }
+
+/// The monitor's events: none while nobody holds the lease; with one, a new flow's event names
+/// its frontend, backend and origin and a refused one its reason; at most `rate` a second per
+/// CPU, the rest counted as lost; and none again once the monitor stops.
+#[test]
+fn monitor_events_follow_the_lease_and_the_rate() {
+    use lb_common::stats::{EVENT_DROP, EVENT_NEW_FLOW, ORIGIN_POD};
+    use lb_userspace::inspect::{PinnedMaps, monitor::Monitor};
+    if !privileged("monitor_events_follow_the_lease_and_the_rate") {
+        return;
+    }
+    // One CPU, so one per-CPU budget is in play.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).expect("pin to CPU 0");
+    let net = PacketNetns::new();
+    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let mut path = load("monitor");
+    provision(&mut path, &[POD_A]);
+    let pod = net.ifindex("pod0");
+    let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
+    let rate = 5;
+    let mut monitor = Monitor::open(&maps, rate).expect("open the monitor maps");
+    let new_flow = |path: &mut LoadedPath, sport: u16| {
+        let (verdict, _) = run_verdict(
+            path,
+            POD_INGRESS_PROGRAM,
+            pod,
+            &tcp_with(CLIENT, sport, VIP, 80, "S"),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+    };
+
+    new_flow(&mut path, 42000);
+    assert!(monitor.drain().is_empty(), "no lease, no events");
+
+    monitor.renew().expect("switch events on");
+    new_flow(&mut path, 42001);
+    run_verdict(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42002, EMPTY_VIP, 80, "S"),
+    );
+    let events = monitor.drain();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let web = maps
+        .service(&lb_common::service::ServiceKey::new(
+            lb_common::addr_be(VIP),
+            80u16.to_be(),
+            6,
+        ))
+        .expect("web's frontend");
+    assert_eq!(events[0].kind, EVENT_NEW_FLOW);
+    assert_eq!(events[0].service_id, web.service_id);
+    assert_eq!(events[0].flow, key(CLIENT, 42001, VIP, 80, 6));
+    assert_eq!(events[0].new_daddr_be, lb_common::addr_be(POD_A));
+    assert_eq!(u16::from_be(events[0].new_dport_be), 8080);
+    assert_eq!(events[0].origin, ORIGIN_POD);
+    assert_eq!(events[1].kind, EVENT_DROP);
+    assert_eq!(events[1].reason, Counter::Rejected as u8);
+    // Known flows are not events.
+    run_verdict(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp_with(CLIENT, 42001, VIP, 80, "A"),
+    );
+    assert!(monitor.drain().is_empty());
+
+    // Over the rate: the rest of the second's events are lost, and counted. (Two budgets' worth
+    // at most, should the 40 flows straddle a second.)
+    let lost_before = monitor.lost();
+    for sport in 43000..43040 {
+        new_flow(&mut path, sport);
+    }
+    let shown = monitor.drain().len() as u64;
+    let lost = monitor.lost() - lost_before;
+    assert!(
+        shown <= 2 * u64::from(rate),
+        "{shown} events shown at {rate}/s"
+    );
+    assert_eq!(shown + lost, 40, "every event shown or counted lost");
+
+    monitor.stop();
+    new_flow(&mut path, 44000);
+    assert!(monitor.drain().is_empty(), "stopped: no events");
+}
