@@ -9,7 +9,8 @@
 //! changes, one Service gaining or losing an endpoint each, re-reading the whole file every
 //! time. It reports the time to program everything (and how much of it is reading the YAML,
 //! which an agent fed by the API server does not pay), the changes' p50 and p99, VmHWM (which
-//! includes the mapped slots array) and the heap in use after (RssAnon). The manifests are
+//! includes the mapped slots array) and the heap in use after (RssAnon), and the time and size
+//! of the state file the agent writes after a sync (`lb services` reads it). The manifests are
 //! written by a helper process, so the generator's memory is not counted. The smallest scale is
 //! the baseline for ratios, measured in the same run. Above 10,000 Services the maps are sized
 //! as the agent's capacity flags would size them (see `capacities_for`).
@@ -23,6 +24,7 @@ use lb_userspace::{
     loader::Dataplane,
     pipeline::Pipeline,
     sources::{ManifestSource, ObjectSource as _},
+    state::Snapshot,
     sync::{Programmer, Settings},
     translate::NodeContext,
 };
@@ -81,6 +83,15 @@ fn child(services: usize) {
         services + services.min(SYNTHETIC_NODE_PORTS),
         "a ClusterIP each and a NodePort for the first {SYNTHETIC_NODE_PORTS}"
     );
+    // And then, within a second, the state file naming what the maps hold.
+    let started = Instant::now();
+    Snapshot::new(Some("node-1"), pipeline.translator(), pipeline.desired())
+        .write(&dir)
+        .expect("write the state file");
+    let state_write = started.elapsed();
+    let state_bytes = std::fs::metadata(dir.join(lb_userspace::state::STATE_FILE))
+        .unwrap()
+        .len();
 
     let mut changes = Vec::new();
     for change in 0..CHANGES {
@@ -100,13 +111,15 @@ fn child(services: usize) {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     println!(
-        "figures {} {} {} {} {} {}",
+        "figures {} {} {} {} {} {} {} {}",
         program.as_micros(),
         parse.as_micros(),
         changes[CHANGES / 2].as_micros(),
         changes[CHANGES - 1].as_micros(),
         kib("VmHWM:"),
-        kib("RssAnon:")
+        kib("RssAnon:"),
+        state_write.as_micros(),
+        state_bytes,
     );
     drop(dataplane);
     let _ = std::fs::remove_dir_all(&pins);
@@ -153,7 +166,7 @@ fn spread(values: &mut [f64]) -> String {
     )
 }
 
-fn run_round(exe: &Path, services: usize) -> [f64; 6] {
+fn run_round(exe: &Path, services: usize) -> [f64; 8] {
     let out = Command::new(exe)
         .args(["--child", &services.to_string()])
         .output()
@@ -175,6 +188,8 @@ fn run_round(exe: &Path, services: usize) -> [f64; 6] {
         v[3] / 1e3,
         v[4] / 1024.0,
         v[5] / 1024.0,
+        v[6] / 1e3,
+        v[7] / 1024.0 / 1024.0,
     ]
 }
 
@@ -216,11 +231,13 @@ fn main() {
         "VmHWM MiB",
         "RssAnon MiB",
         "KiB per Service",
+        "state file ms",
+        "state file MiB",
     ]);
     println!("control plane from a manifest file, {rounds} rounds, median (min-max)");
     let mut baseline_anon = None;
     for services in scales {
-        let mut columns: [Vec<f64>; 6] = Default::default();
+        let mut columns: [Vec<f64>; 8] = Default::default();
         for _ in 0..rounds {
             for (column, value) in columns.iter_mut().zip(run_round(&exe, services)) {
                 column.push(value);
@@ -238,8 +255,9 @@ fn main() {
             "baseline".to_owned()
         };
         let mut row = vec![services.to_string()];
-        row.extend(columns.iter_mut().map(|c| spread(c)));
+        row.extend(columns[..6].iter_mut().map(|c| spread(c)));
         row.push(per_service);
+        row.extend(columns[6..].iter_mut().map(|c| spread(c)));
         table.add_row(row);
     }
     println!("{table}");

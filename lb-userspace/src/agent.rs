@@ -558,7 +558,7 @@ impl Agent {
         if !self.state_stale || recent {
             return;
         }
-        let state = crate::state::NodeState::collect(
+        let state = crate::state::Snapshot::new(
             self.node.name.as_deref(),
             self.pipeline.translator(),
             self.pipeline.desired(),

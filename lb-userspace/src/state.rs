@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     model::{Object, ObjectRef, ServiceKind, TrafficPolicy},
-    translate::{Desired, FrontendPlan, Translator, WhenEmpty},
+    translate::{Desired, Frontend, FrontendPlan, ServiceInputs, Translator, WhenEmpty},
 };
 
 /// The file's name under the state directory.
@@ -132,99 +132,147 @@ fn frontend_info(
     }
 }
 
-impl NodeState {
-    /// The names of everything `translator` knows, with the frontends `desired` plans.
-    pub fn collect(node: Option<&str>, translator: &Translator, desired: &Desired) -> Self {
-        let mut frontends: BTreeMap<&ObjectRef, Vec<FrontendInfo>> = BTreeMap::new();
+/// What the state is made from: the translator's objects and the plans of the last sync.
+/// Serializes as a [`NodeState`] one Service at a time, so writing the file for 10,000 Services
+/// never holds their names twice.
+pub struct Snapshot<'a> {
+    node: Option<&'a str>,
+    inputs: Vec<&'a ServiceInputs>,
+    frontends: BTreeMap<&'a ObjectRef, Vec<(&'a Frontend, &'a FrontendPlan)>>,
+    unprogrammed: BTreeMap<&'a ObjectRef, &'a str>,
+}
+
+impl<'a> Snapshot<'a> {
+    pub fn new(node: Option<&'a str>, translator: &'a Translator, desired: &'a Desired) -> Self {
+        let mut frontends: BTreeMap<&ObjectRef, Vec<(&Frontend, &FrontendPlan)>> = BTreeMap::new();
         for (frontend, plan) in &desired.frontends {
-            frontends
-                .entry(&plan.service)
-                .or_default()
-                .push(frontend_info(
-                    frontend.addr,
-                    frontend.port,
-                    frontend.protocol.to_string(),
-                    plan,
-                ));
+            (frontends.entry(&plan.service).or_default()).push((frontend, plan.as_ref()));
         }
-        let unprogrammed: BTreeMap<&ObjectRef, &str> = (desired.unprogrammed.iter())
-            .map(|u| (&u.service, u.reason.as_str()))
-            .collect();
-        let mut services: Vec<ServiceInfo> = Vec::new();
-        for inputs in translator.inputs() {
-            let Some(Object::Service(spec)) = inputs.service.as_deref() else {
+        let mut inputs: Vec<&ServiceInputs> = translator.inputs().collect();
+        inputs.sort_by(|a, b| a.name.cmp(&b.name));
+        Self {
+            node,
+            inputs,
+            frontends,
+            unprogrammed: (desired.unprogrammed.iter())
+                .map(|u| (&u.service, u.reason.as_str()))
+                .collect(),
+        }
+    }
+
+    fn services(&self) -> impl Iterator<Item = ServiceInfo> + '_ {
+        self.inputs.iter().filter_map(|inputs| self.service(inputs))
+    }
+
+    fn service(&self, inputs: &ServiceInputs) -> Option<ServiceInfo> {
+        let Some(Object::Service(spec)) = inputs.service.as_deref() else {
+            return None;
+        };
+        let mut endpoints: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
+        for slice in &inputs.slices {
+            let Object::Slice(slice) = slice.as_ref() else {
                 continue;
             };
-            let mut endpoints: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
-            for slice in &inputs.slices {
-                let Object::Slice(slice) = slice.as_ref() else {
-                    continue;
-                };
-                for e in &slice.endpoints {
-                    endpoints.entry(e.addr).or_insert_with(|| EndpointInfo {
-                        address: e.addr,
-                        node: e.node_name.clone(),
-                        ready: e.ready,
-                        serving: e.serving,
-                        terminating: e.terminating,
-                    });
-                }
+            for e in &slice.endpoints {
+                endpoints.entry(e.addr).or_insert_with(|| EndpointInfo {
+                    address: e.addr,
+                    node: e.node_name.clone(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                });
             }
-            let not_programmed = match &spec.kind {
-                ServiceKind::Headless => Some("headless (clusterIP: None): DNS-only".to_owned()),
-                ServiceKind::ExternalName(target) => {
-                    Some(format!("ExternalName {target}: DNS-only"))
-                }
-                ServiceKind::Virtual => unprogrammed.get(&spec.id).map(|r| (*r).to_owned()),
-            };
-            services.push(ServiceInfo {
-                namespace: spec.id.namespace.to_string(),
-                name: spec.id.name.to_string(),
-                type_name: spec.type_name.clone(),
-                not_programmed,
-                external_traffic_policy: policy_name(spec.external_traffic_policy).to_owned(),
-                internal_traffic_policy: policy_name(spec.internal_traffic_policy).to_owned(),
-                affinity_timeout_s: spec.affinity_timeout_s,
-                source_ranges: (spec.source_ranges.iter().flat_map(|r| r.iter()))
-                    .map(ToString::to_string)
-                    .collect(),
-                frontends: frontends.remove(&spec.id).unwrap_or_default(),
-                endpoints: endpoints.into_values().collect(),
-            });
         }
-        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        Self {
-            node: node.map(str::to_owned),
-            written_unix_s: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            services,
+        let not_programmed = match &spec.kind {
+            ServiceKind::Headless => Some("headless (clusterIP: None): DNS-only".to_owned()),
+            ServiceKind::ExternalName(target) => Some(format!("ExternalName {target}: DNS-only")),
+            ServiceKind::Virtual => self.unprogrammed.get(&spec.id).map(|r| (*r).to_owned()),
+        };
+        Some(ServiceInfo {
+            namespace: spec.id.namespace.to_string(),
+            name: spec.id.name.to_string(),
+            type_name: spec.type_name.clone(),
+            not_programmed,
+            external_traffic_policy: policy_name(spec.external_traffic_policy).to_owned(),
+            internal_traffic_policy: policy_name(spec.internal_traffic_policy).to_owned(),
+            affinity_timeout_s: spec.affinity_timeout_s,
+            source_ranges: (spec.source_ranges.iter().flat_map(|r| r.iter()))
+                .map(ToString::to_string)
+                .collect(),
+            frontends: (self.frontends.get(&spec.id).into_iter().flatten())
+                .map(|(f, plan)| frontend_info(f.addr, f.port, f.protocol.to_string(), plan))
+                .collect(),
+            endpoints: endpoints.into_values().collect(),
+        })
+    }
+
+    /// The whole state in memory (for tests; the agent writes it with [`Snapshot::write`]).
+    pub fn collect(&self) -> NodeState {
+        NodeState {
+            node: self.node.map(str::to_owned),
+            written_unix_s: unix_now(),
+            services: self.services().collect(),
         }
     }
 
     /// Writes the state to `<dir>/services.json` atomically (a reader sees the old or the new
-    /// file, whole). The directory is created root-only if missing.
+    /// file, whole), a Service at a time. The directory is created root-only if missing.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        serde_json::to_writer(&mut out, self).context("encoding the state")?;
-        out.flush()
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("writing {}", path.display()))
+        write_atomically(dir, self)
+    }
+}
+
+impl Serialize for Snapshot<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        /// The Services as a sequence built while it is written.
+        struct Services<'s, 'a>(&'s Snapshot<'a>);
+        impl Serialize for Services<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.services())
+            }
+        }
+        let mut state = serializer.serialize_struct("NodeState", 3)?;
+        state.serialize_field("node", &self.node)?;
+        state.serialize_field("written_unix_s", &unix_now())?;
+        state.serialize_field("services", &Services(self))?;
+        state.end()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn write_atomically(dir: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut out, value).context("encoding the state")?;
+    out.flush()
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+impl NodeState {
+    /// Writes the state to `<dir>/services.json` atomically.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        write_atomically(dir, self)
     }
 
     /// Reads `<dir>/services.json`.
@@ -269,4 +317,84 @@ impl NodeState {
 
 pub fn state_file(dir: &Path) -> PathBuf {
     dir.join(STATE_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.1.0.1], nodeName: node-1}
+- {addresses: [10.1.0.2], nodeName: node-2, conditions: {ready: false, serving: true, terminating: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {type: ExternalName, externalName: api.example.org}
+";
+
+    #[test]
+    fn the_state_names_services_frontends_and_endpoints_and_reads_back_as_written() {
+        let read = crate::manifest::parse(MANIFEST, "test");
+        assert!(read.problems.is_empty(), "{:?}", read.problems);
+        let node = crate::translate::NodeContext {
+            name: Some("node-1".to_owned()),
+            addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
+            ..Default::default()
+        };
+        let translator = crate::translate::translator_for(&read.objects, &node);
+        let snapshot = Snapshot::new(Some("node-1"), &translator, translator.desired());
+        let state = snapshot.collect();
+        assert_eq!(state.services.len(), 2);
+        let api = &state.services[0];
+        assert_eq!(
+            (api.name.as_str(), api.type_name.as_str()),
+            ("api", "ExternalName")
+        );
+        assert_eq!(
+            api.not_programmed.as_deref(),
+            Some("ExternalName api.example.org: DNS-only")
+        );
+        let web = &state.services[1];
+        assert_eq!(web.external_traffic_policy, "Local");
+        let (svc, node_port) = state
+            .frontend(Ipv4Addr::new(192, 168, 0, 1), 30080, "TCP")
+            .expect("the NodePort frontend");
+        assert_eq!(svc.name, "web");
+        assert_eq!(
+            (node_port.kind.as_str(), node_port.policy.as_str()),
+            ("NodePort", "Local")
+        );
+        assert_eq!(node_port.port_name, "http");
+        let conditions: Vec<(&str, Option<&str>)> = (web.endpoints.iter())
+            .map(|e| (e.condition(), e.node.as_deref()))
+            .collect();
+        assert_eq!(
+            conditions,
+            [("ready", Some("node-1")), ("terminating", Some("node-2"))]
+        );
+
+        // Written a Service at a time, read back whole.
+        let dir = std::env::temp_dir().join(format!("lb-state-test-{}", std::process::id()));
+        snapshot.write(&dir).expect("write");
+        let mut back = NodeState::read(&dir).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        back.written_unix_s = state.written_unix_s;
+        assert_eq!(back, state);
+    }
 }

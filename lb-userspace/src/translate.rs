@@ -234,6 +234,15 @@ impl Desired {
 
 /// Translates `objects` for `node`. Pure: the same objects in any order give the same result.
 pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeContext) -> Desired {
+    translator_for(objects, node).desired
+}
+
+/// A [`Translator`] that has translated `objects` for `node` (its [`Translator::desired`] is
+/// [`translate`]'s answer).
+pub fn translator_for<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+    node: &NodeContext,
+) -> Translator {
     let mut by_service: BTreeMap<ServiceName, ServiceInputs> = BTreeMap::new();
     for object in objects {
         let name = object.service_name();
@@ -255,7 +264,7 @@ pub fn translate<'a>(objects: impl IntoIterator<Item = &'a Object>, node: &NodeC
     }
     let mut translator = Translator::default();
     translator.apply(by_service.into_values(), true, node);
-    translator.desired
+    translator
 }
 
 /// Everything filed under one Service's name: the Service (if there is one) and its
