@@ -520,6 +520,14 @@ impl Agent {
                         .last_sync_timestamp
                         .set(since_epoch.as_secs_f64());
                 }
+                self.metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+                for (policy, count) in desired.services_without_local_endpoints() {
+                    (self.metrics.no_local_endpoints)
+                        .get_or_create(&[("traffic_policy", policy)])
+                        .set(count as i64);
+                }
                 let backends = desired.backend_count();
                 self.metrics.frontends.set(desired.frontends.len() as i64);
                 self.metrics.backends.set(backends as i64);

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// From the first unapplied change to the end of the sync that applied it.
     pub sync_latency: Histogram,
+    /// kube-proxy's `sync_proxy_rules_duration_seconds`: how long one sync took.
+    pub sync_duration: Histogram,
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: Services with a `Local`
+    /// policy and no endpoint on this node, by `traffic_policy` (internal, external).
+    pub no_local_endpoints: Family<[(&'static str, &'static str); 1], Gauge>,
     /// kube-proxy's `network_programming_duration_seconds`: from the EndpointSlice
     /// controller's last-change-trigger-time of a Service's change to the maps holding it.
     pub network_programming_duration: Histogram,
@@ -83,6 +88,22 @@ impl Metrics {
             60.0, 120.0, 300.0,
         ]);
         let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
+        let sync_duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        registry.register(
+            "sync_proxy_rules_duration_seconds",
+            "How long one sync of the maps took (as kube-proxy's \
+             sync_proxy_rules_duration_seconds)",
+            sync_duration.clone(),
+        );
+        let no_local_endpoints = Family::default();
+        registry.register(
+            "sync_proxy_rules_no_local_endpoints",
+            "Services with a Local traffic policy and no endpoint on this node, by \
+             traffic_policy (as kube-proxy's sync_proxy_rules_no_local_endpoints_total)",
+            no_local_endpoints.clone(),
+        );
         registry.register(
             "network_programming_duration_seconds",
             "From a change's endpoints.kubernetes.io/last-change-trigger-time to the maps holding \
@@ -200,6 +221,8 @@ impl Metrics {
             syncs,
             sync_failures,
             sync_latency,
+            sync_duration,
+            no_local_endpoints,
             network_programming_duration,
             last_sync_timestamp,
             frontends,

@@ -163,6 +163,24 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// Services with a `Local` policy and no endpoint on this node, counted per policy
+    /// ("internal": ClusterIP frontends, "external": the others), as kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total` counts them.
+    pub fn services_without_local_endpoints(&self) -> [(&'static str, usize); 2] {
+        let mut internal = BTreeSet::new();
+        let mut external = BTreeSet::new();
+        for plan in self.frontends.values() {
+            if plan.policy == TrafficPolicy::Local && plan.backends.is_empty() {
+                if plan.kind.is_external() {
+                    external.insert(&plan.service);
+                } else {
+                    internal.insert(&plan.service);
+                }
+            }
+        }
+        [("internal", internal.len()), ("external", external.len())]
+    }
+
     /// Frontends whose Maglev table gives its backends fewer than 100 slots each (more backends
     /// than the largest table can spread evenly).
     pub fn uneven_tables(&self) -> usize {

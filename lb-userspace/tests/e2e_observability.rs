@@ -14,6 +14,7 @@ use std::{
 };
 
 use lb_testbed::echo::udp_request_from;
+use lb_testbed::testbed::AgentOptions;
 use support::{
     cluster::{Running, at, tcp_many},
     privileged,
@@ -71,7 +72,24 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
     if !privileged("operator_commands_and_metrics_show_what_the_packet_path_does") {
         return;
     }
-    let run = Running::start(false);
+    // The agents log JSON, as `--log-format json` asks (for log pipelines).
+    let run = Running::start_with_options(AgentOptions {
+        extra_args: vec!["--log-format".to_owned(), "json".to_owned()],
+        ..AgentOptions::default()
+    });
+    for agent in &run.agents {
+        let log = agent.log();
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            assert!(
+                entry["level"].is_string() && entry["fields"].is_object(),
+                "{line}"
+            );
+        }
+        assert!(log.contains("\"message\":\"agent ready\""), "{log}");
+        assert!(!log.contains('\x1b'), "no terminal escapes in a log file");
+    }
     let node1 = &run.agents[0];
     let (bpffs, state) = (node1.bpffs_dir().to_owned(), node1.state_dir().to_owned());
     // The state file is written within a second of the first sync.

@@ -130,6 +130,16 @@ fn external_traffic_policy_local_keeps_only_this_nodes_endpoints() {
         backends(&on2, fe([10, 96, 0, 21], 80, Protocol::Tcp)),
         vec![be([10, 244, 1, 12], 8080)]
     );
+    // kube-proxy's sync_proxy_rules_no_local_endpoints_total: web-local (external) on node-2;
+    // node-cache (internalTrafficPolicy Local) has an endpoint on each node.
+    assert_eq!(
+        on2.services_without_local_endpoints(),
+        [("internal", 0), ("external", 1)]
+    );
+    assert_eq!(
+        on1.services_without_local_endpoints(),
+        [("internal", 0), ("external", 0)]
+    );
 }
 
 #[test]

@@ -494,13 +494,17 @@ fn any_port(
 /// The explanation as text.
 pub fn render(query: &Query, e: &Explanation) -> String {
     let mut text = format!(
-        "{}{} -> {}:{}/{} (from {:?})\n",
+        "{}{} -> {}:{}/{} ({})\n",
         query.from,
         query.from_port.map(|p| format!(":{p}")).unwrap_or_default(),
         query.to,
         query.to_port,
         query.protocol,
-        query.origin
+        match query.origin {
+            Origin::Pod => "from a pod on this node",
+            Origin::External => "arriving from the network",
+            Origin::Host => "from the node itself",
+        }
     );
     if let Some(service) = &e.service {
         text.push_str(&format!("service: {service}\n"));
