@@ -5,7 +5,8 @@
 //! into one write plan) -> [`dataplane`] map writes; [`pipeline`] is that step, the one the
 //! agent, the tests and the benchmarks run. The [`loader`] owns the eBPF object and its
 //! attachments; [`agent`] runs the loop with [`health`] and [`metrics`]; [`config`] resolves its
-//! settings.
+//! settings. [`state`] is the file naming what the maps hold; [`inspect`] reads the pinned maps
+//! for the operator's commands (`lb services`, `explain`, `conntrack`, `monitor`).
 
 pub mod agent;
 pub mod bpf_sys;
