@@ -2,7 +2,7 @@
 //! with the node-wide counters (see `outcome`). Only Service traffic reaches here: a translated
 //! packet (its conntrack entry names the frontend and the backend) or a new flow refused.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::PerCpuHashMap};
 use lb_common::{
     conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey},
     counters::Counter,
@@ -99,25 +99,26 @@ pub fn record(a: &Attributed, counter: Option<Counter>, bytes: u64) {
     }
 }
 
-/// This CPU's counters of frontend `id`, created on its first packet.
+/// This CPU's counters of frontend or backend `id` in `map`, created on its first packet.
 #[inline(always)]
-fn service_stats(id: u32) -> Option<*mut ServiceStats> {
-    if let Some(found) = LB_SERVICE_STATS.get_ptr_mut(id) {
+fn counters<V: Default>(map: &PerCpuHashMap<u32, V>, id: u32) -> Option<*mut V> {
+    if let Some(found) = map.get_ptr_mut(id) {
         return Some(found);
     }
-    // Full (more frontends than LB_SERVICES holds cannot happen) or raced by another CPU: the
-    // lookup after it tells.
-    let _ = LB_SERVICE_STATS.insert(id, ServiceStats::default(), BPF_NOEXIST as u64);
-    LB_SERVICE_STATS.get_ptr_mut(id)
+    // Full (more ids than the map holds cannot happen: it is sized like the map of what it
+    // counts) or raced by another CPU: the lookup after it tells.
+    let _ = map.insert(id, V::default(), BPF_NOEXIST as u64);
+    map.get_ptr_mut(id)
+}
+
+#[inline(always)]
+fn service_stats(id: u32) -> Option<*mut ServiceStats> {
+    counters(&LB_SERVICE_STATS, id)
 }
 
 #[inline(always)]
 fn backend_stats(id: u32) -> Option<*mut BackendStats> {
-    if let Some(found) = LB_BACKEND_STATS.get_ptr_mut(id) {
-        return Some(found);
-    }
-    let _ = LB_BACKEND_STATS.insert(id, BackendStats::default(), BPF_NOEXIST as u64);
-    LB_BACKEND_STATS.get_ptr_mut(id)
+    counters(&LB_BACKEND_STATS, id)
 }
 
 /// Writes an event for `lb monitor` if one listens and this CPU's budget for the second allows.

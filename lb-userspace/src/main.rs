@@ -437,7 +437,7 @@ fn monitor(
     use std::io::Write as _;
     let (maps, mut state) = dirs.open()?;
     let mut monitor = inspect::monitor::Monitor::open(&maps, rate)?;
-    let mut names = inspect::monitor::service_names(&maps, state.as_ref());
+    let mut names = inspect::service_names(&maps, state.as_ref());
     let lost_before = monitor.lost();
     for signal in [
         nix::sys::signal::Signal::SIGINT,
@@ -451,6 +451,8 @@ fn monitor(
     let started = Instant::now();
     let mut seen = 0usize;
     let mut names_read = Instant::now();
+    // Switched on before saying so: a flow started after this line is seen.
+    monitor.renew()?;
     eprintln!("listening for new and refused flows (Ctrl-C stops)");
     let mut out = std::io::stdout().lock();
     while !INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
@@ -461,7 +463,7 @@ fn monitor(
         // New Services get names as the agent writes them.
         if names_read.elapsed() > Duration::from_secs(2) {
             state = NodeState::read(&dirs.state_dir).ok().or(state);
-            names = inspect::monitor::service_names(&maps, state.as_ref());
+            names = inspect::service_names(&maps, state.as_ref());
             names_read = Instant::now();
         }
         let events = monitor.drain();

@@ -5,35 +5,17 @@
 
 mod support;
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use support::{
-    cluster::{Running, api_objects, at, example_manifest, pods, set, tcp_many, tcp_outcome},
+    cluster::{
+        Running, api_objects, at, example_manifest, http_get, pods, set, tcp_many, tcp_outcome,
+    },
     privileged,
 };
 
 const N: usize = 24;
-
-/// `GET path` over plain HTTP/1.1; the status line and body.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text
-}
 
 #[test]
 fn agents_follow_the_api_server_and_serve_health_checks() {

@@ -6,8 +6,8 @@
 mod support;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -16,7 +16,7 @@ use std::{
 use lb_testbed::echo::udp_request_from;
 use lb_testbed::testbed::AgentOptions;
 use support::{
-    cluster::{Running, at, tcp_many},
+    cluster::{Running, at, http_get, tcp_many},
     privileged,
 };
 
@@ -42,21 +42,6 @@ fn lb(args: &[&str], bpffs: &Path, state: &Path) -> String {
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text
 }
 
 /// The value of the metric line starting with `prefix` (name and labels).
@@ -166,24 +151,25 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
 
     // lb explain predicts the backend of real UDP flows from client-1 (a pod on node-1).
     let echo_udp = at(ECHO_VIP, 53);
+    let explain_udp = |port: u16| {
+        let from = format!("{CLIENT_1}:{port}");
+        let args = [
+            "explain",
+            "--from",
+            &from,
+            "--to",
+            "10.96.0.10:53",
+            "--proto",
+            "udp",
+            "--origin",
+            "pod",
+            "-o",
+            "json",
+        ];
+        json(&lb(&args, &bpffs, &state))
+    };
     for port in 41000..41012u16 {
-        let said = json(&lb(
-            &[
-                "explain",
-                "--from",
-                &format!("{CLIENT_1}:{port}"),
-                "--to",
-                "10.96.0.10:53",
-                "--proto",
-                "udp",
-                "--origin",
-                "pod",
-                "-o",
-                "json",
-            ],
-            &bpffs,
-            &state,
-        ));
+        let said = explain_udp(port);
         assert_eq!(said["verdict"]["outcome"], "backend", "{said:#}");
         assert_eq!(said["verdict"]["chosen_by"], "maglev", "{said:#}");
         let reply = run
@@ -196,23 +182,7 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
             "{said:#} vs {reply:?}"
         );
         // Now it is a known flow: explain says so, with the same backend.
-        let again = json(&lb(
-            &[
-                "explain",
-                "--from",
-                &format!("{CLIENT_1}:{port}"),
-                "--to",
-                "10.96.0.10:53",
-                "--proto",
-                "udp",
-                "--origin",
-                "pod",
-                "-o",
-                "json",
-            ],
-            &bpffs,
-            &state,
-        ));
+        let again = explain_udp(port);
         assert_eq!(again["verdict"]["chosen_by"], "conntrack", "{again:#}");
         assert_eq!(again["verdict"]["address"], pod_ip.as_str());
     }

@@ -149,6 +149,16 @@ impl PacketNetns {
             .run(move || nix::net::if_::if_nametoindex(dev).expect("ifindex"))
             .unwrap()
     }
+
+    /// A new namespace, entered by the calling thread: the program reads the FIB of the
+    /// namespace the test runs in, and this one has known routes.
+    fn entered() -> Self {
+        let net = Self::new();
+        let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the test namespace");
+        net
+    }
 }
 
 fn manifest(backends: &[[u8; 4]]) -> String {
@@ -738,11 +748,7 @@ fn packet_table() {
         return;
     }
     // The program reads the FIB of the namespace the test runs in: use one with known routes.
-    let net = PacketNetns::new();
-    let ns_name = net.ns.name().to_owned();
-    let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("enter the test namespace");
+    let net = PacketNetns::entered();
     let mut path = load("packet-table");
 
     const AB: &[[u8; 4]] = &[POD_A, POD_B];
@@ -1325,9 +1331,7 @@ fn flows_have_a_lifecycle() {
     if !privileged("flows_have_a_lifecycle") {
         return;
     }
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let timeouts = CtTimeouts {
         tcp_syn_s: 30,
         tcp_established_s: 1000,
@@ -1543,9 +1547,7 @@ fn source_ranges_follow_the_service_and_the_node_port_option() {
     if !privileged("source_ranges_follow_the_service_and_the_node_port_option") {
         return;
     }
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("source-ranges");
     let ext = net.ifindex("ext0");
     let guarding_node_ports = NodeContext {
@@ -1827,9 +1829,7 @@ fn fuzzed_packets_get_documented_verdicts_and_only_service_flows_are_rewritten()
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("fuzz");
     path.provision_as(
         &manifest(&[POD_A, POD_B, REMOTE_POD]),
@@ -1937,9 +1937,7 @@ fn a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched() {
     if !privileged("a_closed_flows_reply_tuple_reused_by_a_new_connection_passes_untouched") {
         return;
     }
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("reused-tuple");
     provision(&mut path, &[POD_A, POD_B]);
     let (pod, ext) = (net.ifindex("pod0"), net.ifindex("ext0"));
@@ -2011,9 +2009,7 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
     if !privileged("explain_predicts_the_programs_choice_for_random_flows") {
         return;
     }
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("explain");
     // An affinity timeout far longer than the test, so no memory expires between the
     // prediction and the packet.
@@ -2157,9 +2153,7 @@ fn per_service_counters_count_each_frontends_packets() {
     if !privileged("per_service_counters_count_each_frontends_packets") {
         return;
     }
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("service-counters");
     provision(&mut path, &[POD_A]);
     let pod = net.ifindex("pod0");
@@ -2259,9 +2253,7 @@ fn monitor_events_follow_the_lease_and_the_rate() {
     let mut one_cpu = nix::sched::CpuSet::new();
     one_cpu.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).expect("pin to CPU 0");
-    let net = PacketNetns::new();
-    let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+    let net = PacketNetns::entered();
     let mut path = load("monitor");
     provision(&mut path, &[POD_A]);
     let pod = net.ifindex("pod0");

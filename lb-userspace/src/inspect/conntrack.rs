@@ -11,7 +11,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::PinnedMaps;
+use super::{PinnedMaps, endpoint_text, flow_state};
 use crate::{model::Protocol, state::NodeState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -29,14 +29,6 @@ pub struct FlowView {
     pub age_s: u32,
     /// Seconds until the flow dies unless a packet comes (0: already expired, awaiting sweep).
     pub expires_in_s: u32,
-}
-
-fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!(
-        "{}:{}",
-        Ipv4Addr::from(addr_octets(addr_be)),
-        u16::from_be(port_be)
-    )
 }
 
 /// The service ids of the Service `namespace/name`'s frontends, as the maps hold them.
@@ -73,28 +65,7 @@ pub fn collect(
     only: Option<&[u32]>,
 ) -> Vec<FlowView> {
     let now = crate::conntrack::now_s();
-    let names: BTreeMap<u32, String> = match state {
-        Some(state) => {
-            let index = state.frontend_index();
-            maps.services
-                .iter()
-                .flatten()
-                .filter_map(|(key, entry)| {
-                    let protocol = Protocol::from_number(key.proto)?.to_string();
-                    let (s, f) = index.get(&(
-                        Ipv4Addr::from(addr_octets(key.addr_be)),
-                        u16::from_be(key.port_be),
-                        protocol.as_str(),
-                    ))?;
-                    Some((
-                        entry.service_id,
-                        format!("{}/{} ({})", s.namespace, s.name, f.kind),
-                    ))
-                })
-                .collect()
-        }
-        None => BTreeMap::new(),
-    };
+    let names = super::service_names(maps, state);
     let by_key: BTreeMap<FlowKey, CtEntry> = entries.iter().copied().collect();
     let mut out: Vec<FlowView> = entries
         .iter()
@@ -106,15 +77,16 @@ pub fn collect(
             FlowView {
                 protocol: Protocol::from_number(key.proto)
                     .map_or(key.proto.to_string(), |p| p.to_string()),
-                client: endpoint(key.saddr_be, key.sport_be),
-                frontend: endpoint(key.daddr_be, key.dport_be),
+                client: endpoint_text(key.saddr_be, key.sport_be),
+                frontend: endpoint_text(key.daddr_be, key.dport_be),
                 service: names
                     .get(&e.service_id)
                     .cloned()
                     .unwrap_or_else(|| format!("service id {}", e.service_id)),
-                backend: endpoint(e.new_daddr_be, e.new_dport_be),
-                snat: (e.flags & CT_F_SNAT != 0).then(|| endpoint(e.new_saddr_be, e.new_sport_be)),
-                state: state_name(e, key.proto),
+                backend: endpoint_text(e.new_daddr_be, e.new_dport_be),
+                snat: (e.flags & CT_F_SNAT != 0)
+                    .then(|| endpoint_text(e.new_saddr_be, e.new_sport_be)),
+                state: flow_state(e, key.proto),
                 age_s: now.saturating_sub(e.created_s),
                 expires_in_s: expires.saturating_sub(now),
             }
@@ -122,26 +94,6 @@ pub fn collect(
         .collect();
     out.sort_by(|a, b| (&a.service, &a.client).cmp(&(&b.service, &b.client)));
     out
-}
-
-fn state_name(e: &CtEntry, proto: u8) -> &'static str {
-    use lb_common::conntrack::{CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST};
-    if proto != lb_common::IPPROTO_TCP {
-        return if e.state & CT_S_REPLIED != 0 {
-            "replied"
-        } else {
-            "unreplied"
-        };
-    }
-    if e.state & CT_S_RST != 0 {
-        "reset"
-    } else if e.state & (CT_S_FIN_FORWARD | CT_S_FIN_REPLY) != 0 {
-        "closing"
-    } else if e.state & CT_S_REPLIED != 0 {
-        "established"
-    } else {
-        "syn-sent"
-    }
 }
 
 /// Deletes both entries of every flow in `entries` whose service id is in `only` (every flow

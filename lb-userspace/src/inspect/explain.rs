@@ -20,7 +20,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::{PinnedMaps, monotonic_ns};
+use super::{PinnedMaps, flow_state, monotonic_ns};
 use crate::state::NodeState;
 
 /// Where the packet enters the node (which program sees it first).
@@ -212,26 +212,6 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
         return out;
     };
     new_flow(maps, state, query, &flow, &entry, out)
-}
-
-fn flow_state(entry: &CtEntry, proto: u8) -> &'static str {
-    use lb_common::conntrack::{CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST};
-    if proto != IPPROTO_TCP {
-        return if entry.state & CT_S_REPLIED != 0 {
-            "replied"
-        } else {
-            "unreplied"
-        };
-    }
-    if entry.state & CT_S_RST != 0 {
-        "reset"
-    } else if entry.state & (CT_S_FIN_FORWARD | CT_S_FIN_REPLY) != 0 {
-        "closing"
-    } else if entry.state & CT_S_REPLIED != 0 {
-        "established"
-    } else {
-        "handshake"
-    }
 }
 
 /// The packet path's `backend_usable`.

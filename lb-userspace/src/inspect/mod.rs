@@ -33,7 +33,7 @@ use lb_common::{
     stats::{BackendStats, ServiceStats},
 };
 
-use crate::dataplane::MappedSlots;
+use crate::{dataplane::MappedSlots, state::NodeState};
 
 /// The pinned maps of one node, opened for reading.
 pub struct PinnedMaps {
@@ -149,6 +149,61 @@ fn summed<V: Pod + Default>(
         out.insert(id, total);
     }
     out
+}
+
+/// `IP:PORT` of a wire-order address and port.
+pub fn endpoint_text(addr_be: u32, port_be: u16) -> String {
+    format!(
+        "{}:{}",
+        std::net::Ipv4Addr::from(lb_common::addr_octets(addr_be)),
+        u16::from_be(port_be)
+    )
+}
+
+/// `namespace/name (kind)` of each programmed frontend, by service id (empty without a state
+/// file).
+pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u32, String> {
+    let Some(state) = state else {
+        return BTreeMap::new();
+    };
+    let index = state.frontend_index();
+    maps.services
+        .iter()
+        .flatten()
+        .filter_map(|(key, entry)| {
+            let protocol = crate::model::Protocol::from_number(key.proto)?.to_string();
+            let (s, f) = index.get(&(
+                std::net::Ipv4Addr::from(lb_common::addr_octets(key.addr_be)),
+                u16::from_be(key.port_be),
+                protocol.as_str(),
+            ))?;
+            Some((
+                entry.service_id,
+                format!("{}/{} ({})", s.namespace, s.name, f.kind),
+            ))
+        })
+        .collect()
+}
+
+/// A flow's state in words, from its conntrack entry.
+pub fn flow_state(entry: &CtEntry, proto: u8) -> &'static str {
+    use lb_common::conntrack::{CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST};
+    if proto != lb_common::IPPROTO_TCP {
+        return if entry.state & CT_S_REPLIED != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        };
+    }
+    if entry.state & CT_S_RST != 0 {
+        "reset"
+    } else if entry.state & (CT_S_FIN_FORWARD | CT_S_FIN_REPLY) != 0 {
+        "closing"
+    } else if entry.state & CT_S_REPLIED != 0 {
+        "established"
+    } else {
+        "handshake"
+    }
 }
 
 /// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns()`'s clock.

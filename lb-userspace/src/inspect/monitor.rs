@@ -6,14 +6,12 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use lb_common::{
-    addr_octets,
     counters::Counter,
     maps::{EVENTS_MAP, MONITOR_BUDGET_MAP, MONITOR_MAP},
     stats::{
@@ -23,8 +21,8 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::{PinnedMaps, monotonic_ns};
-use crate::{model::Protocol, state::NodeState};
+use super::{PinnedMaps, endpoint_text, monotonic_ns};
+use crate::model::Protocol;
 
 /// How far ahead a monitor switches events on; renewed every second.
 pub const LEASE: Duration = Duration::from_secs(3);
@@ -124,38 +122,6 @@ impl Drop for Monitor {
     }
 }
 
-/// Service names by service id.
-pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u32, String> {
-    let Some(state) = state else {
-        return BTreeMap::new();
-    };
-    let index = state.frontend_index();
-    maps.services
-        .iter()
-        .flatten()
-        .filter_map(|(key, entry)| {
-            let protocol = Protocol::from_number(key.proto)?.to_string();
-            let (s, f) = index.get(&(
-                Ipv4Addr::from(addr_octets(key.addr_be)),
-                u16::from_be(key.port_be),
-                protocol.as_str(),
-            ))?;
-            Some((
-                entry.service_id,
-                format!("{}/{} ({})", s.namespace, s.name, f.kind),
-            ))
-        })
-        .collect()
-}
-
-fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!(
-        "{}:{}",
-        Ipv4Addr::from(addr_octets(addr_be)),
-        u16::from_be(port_be)
-    )
-}
-
 pub fn view(event: &MonitorEvent, names: &BTreeMap<u32, String>) -> EventView {
     let reason = Counter::ALL
         .iter()
@@ -167,13 +133,13 @@ pub fn view(event: &MonitorEvent, names: &BTreeMap<u32, String>) -> EventView {
         reason,
         protocol: Protocol::from_number(event.flow.proto)
             .map_or(event.flow.proto.to_string(), |p| p.to_string()),
-        client: endpoint(event.flow.saddr_be, event.flow.sport_be),
-        frontend: endpoint(event.flow.daddr_be, event.flow.dport_be),
+        client: endpoint_text(event.flow.saddr_be, event.flow.sport_be),
+        frontend: endpoint_text(event.flow.daddr_be, event.flow.dport_be),
         service: names
             .get(&event.service_id)
             .cloned()
             .unwrap_or_else(|| format!("service id {}", event.service_id)),
-        backend: new_flow.then(|| endpoint(event.new_daddr_be, event.new_dport_be)),
+        backend: new_flow.then(|| endpoint_text(event.new_daddr_be, event.new_dport_be)),
         origin: match event.origin {
             ORIGIN_POD => "pod",
             ORIGIN_EXTERNAL => "external",

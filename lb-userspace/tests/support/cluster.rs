@@ -337,3 +337,22 @@ pub fn pods(replies: &[Reply]) -> std::collections::BTreeSet<String> {
 pub fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
     names.iter().map(|s| (*s).to_owned()).collect()
 }
+
+/// `GET path` over plain HTTP/1.1 (health checks, /metrics); the status line, headers and
+/// body as received.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
