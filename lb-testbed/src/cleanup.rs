@@ -94,7 +94,7 @@ pub fn install_interrupt_handler() {
     });
 }
 
-/// Deletes namespaces (and pin directories) left by testbed runs whose process no longer exists,
+/// Deletes namespaces (and pin and state directories) left by testbed runs whose process no longer exists,
 /// e.g. after a SIGKILL. Only names with our prefix and a dead pid are touched.
 pub fn sweep_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -106,10 +106,14 @@ pub fn sweep_stale() {
             let _ = Command::new("ip").args(["netns", "delete", name]).status();
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+    // Pin directories, and the agents' state directories in the temp directory.
+    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if dead_owner(&name).is_some() {
+            if dead_owner(&name).is_some() && entry.path().is_dir() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -74,7 +74,7 @@ fn start_everything(
     manifest: &Path,
     xdp: bool,
     pids: &mut Vec<u32>,
-) -> anyhow::Result<Vec<(&'static str, PathBuf, PathBuf)>> {
+) -> anyhow::Result<Vec<(&'static str, PathBuf, PathBuf, PathBuf)>> {
     if xdp {
         cluster.prepare_for_xdp()?;
     }
@@ -102,13 +102,14 @@ fn start_everything(
             node,
             agent.log_path().to_owned(),
             agent.bpffs_dir().to_owned(),
+            agent.state_dir().to_owned(),
         ));
         agent.leave_running();
     }
     Ok(logs)
 }
 
-fn print_guide(lb: &Path, manifest: &Path, logs: &[(&str, PathBuf, PathBuf)]) {
+fn print_guide(lb: &Path, manifest: &Path, logs: &[(&str, PathBuf, PathBuf, PathBuf)]) {
     println!("The testbed is up (docs/testbed.md):");
     for node in &LAYOUT {
         println!(
@@ -128,12 +129,14 @@ fn print_guide(lb: &Path, manifest: &Path, logs: &[(&str, PathBuf, PathBuf)]) {
     println!(
         "  ip netns exec {RUN_ID}-client-1 bash -c 'exec 3<>/dev/tcp/10.96.0.10/80; echo hi >&3; head -1 <&3'"
     );
-    for (node, log, pins) in logs {
+    for (node, log, pins, names) in logs {
         println!(
-            "  {node}: log {}, counters: {} stats --bpffs-dir {}",
+            "  {node}: log {}; what it programmed: {} services --bpffs-dir {} --state-dir {} \
+             (also explain, conntrack, monitor, stats)",
             log.display(),
             lb.display(),
-            pins.display()
+            pins.display(),
+            names.display()
         );
     }
     println!(
@@ -163,10 +166,13 @@ pub fn down() -> anyhow::Result<()> {
         let _ = Command::new("ip").args(["netns", "delete", name]).status();
         removed += 1;
     }
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(entry.path());
+    // The agents' pin directories and their state files (`agent_state_dir`).
+    for dir in [Path::new("/sys/fs/bpf").to_owned(), std::env::temp_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
             }
         }
     }
