@@ -452,8 +452,8 @@ impl AgentProcess {
             .args(["--external-interfaces", EXTERNAL_INTERFACE])
             .arg("--bpffs-dir")
             .arg(&pin_dir)
-            .arg("--state-dir")
-            .arg(&state_dir)
+            // By the environment, which an older lb (the upgrade test's v2) ignores.
+            .env("LB_STATE_DIR", &state_dir)
             .args(["--poll-interval-ms", &options.poll_ms.to_string()])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

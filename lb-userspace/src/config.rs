@@ -114,7 +114,7 @@ pub struct AgentArgs {
     pub bpffs_dir: Option<PathBuf>,
     /// Directory for the state file naming what the maps hold (read by `lb services`, `lb
     /// explain`, `lb conntrack`, `lb monitor`). [default: /run/lb]
-    #[arg(long)]
+    #[arg(long, env = "LB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// How often to look for new interfaces, address changes and manifest changes, in ms.
     /// [default: 500]

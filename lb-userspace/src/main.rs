@@ -52,7 +52,7 @@ struct NodeDirs {
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs_dir: PathBuf,
     /// The agent's --state-dir (names for what the maps hold; without it ids are shown).
-    #[arg(long, default_value = lb_userspace::state::DEFAULT_STATE_DIR)]
+    #[arg(long, env = "LB_STATE_DIR", default_value = lb_userspace::state::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 }
 

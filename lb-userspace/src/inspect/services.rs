@@ -283,7 +283,9 @@ pub fn render(services: &[ServiceView]) -> String {
             if !f.source_ranges.is_empty() {
                 policy.push(format!("from {}", f.source_ranges.join(",")));
             }
-            policy.push(format!("maglev {}", f.maglev_table_size));
+            if f.maglev_table_size > 0 {
+                policy.push(format!("maglev {}", f.maglev_table_size));
+            }
             let port = if f.port_name.is_empty() {
                 String::new()
             } else {
