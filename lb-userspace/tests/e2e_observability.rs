@@ -122,6 +122,8 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
             .is_some_and(|t| t > 0),
         "sticky has ClientIP affinity"
     );
+    assert_eq!(find("web-local")["external_traffic_policy"], "Local");
+    assert_eq!(find("node-cache")["internal_traffic_policy"], "Local");
     let web = find("web");
     assert!(
         web["frontends"]
@@ -289,6 +291,23 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
         udp["counters"]["new_flows"].as_u64().unwrap() >= 12,
         "{udp:#}"
     );
+
+    // lb stats: the node-wide counters by name, drops by reason among them.
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["stats", "-o", "json", "--bpffs-dir"])
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    let stats = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(stats["translated"].as_u64().unwrap() >= 13, "{stats:#}");
+    for reason in [
+        "dropped_no_backend",
+        "dropped_source_range",
+        "snat_failed",
+        "rejected",
+    ] {
+        assert!(stats[reason].is_u64(), "{reason} in {stats:#}");
+    }
 
     // --version names the commit; completions are generated.
     let version = Command::new(env!("CARGO_BIN_EXE_lb"))

@@ -27,6 +27,11 @@ pub struct ServiceView {
     /// Why nothing of it is programmed (DNS-only Services, another proxy's...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_programmed: Option<String>,
+    /// `externalTrafficPolicy` and `internalTrafficPolicy` (absent without a state file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
     pub frontends: Vec<FrontendView>,
 }
 
@@ -97,6 +102,12 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
                 "?".to_owned(),
             ),
         };
+        let policies = named.map(|(s, _)| {
+            (
+                s.external_traffic_policy.clone(),
+                s.internal_traffic_policy.clone(),
+            )
+        });
         let backends = backends_of(maps, &entry, &endpoints, &backend_stats);
         let frontend = FrontendView {
             address,
@@ -134,6 +145,8 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
                 name,
                 type_name,
                 not_programmed: None,
+                external_traffic_policy: policies.as_ref().map(|p| p.0.clone()),
+                internal_traffic_policy: policies.map(|p| p.1),
                 frontends: Vec::new(),
             })
             .frontends
@@ -155,6 +168,8 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
                         .clone()
                         .unwrap_or_else(|| "no frontend in the maps".to_owned()),
                 ),
+                external_traffic_policy: Some(s.external_traffic_policy.clone()),
+                internal_traffic_policy: Some(s.internal_traffic_policy.clone()),
                 frontends: Vec::new(),
             },
         );
