@@ -10,7 +10,8 @@
 //! time. It reports the time to program everything (and how much of it is reading the YAML,
 //! which an agent fed by the API server does not pay), the changes' p50 and p99, VmHWM (which
 //! includes the mapped slots array) and the heap in use after (RssAnon), and the time and size
-//! of the state file the agent writes after a sync (`lb services` reads it). The manifests are
+//! of the state file the agent writes after a sync (`lb services` reads it), and what one `lb
+//! services -o json` (the same work as a /metrics scrape) takes, in a process of its own. The manifests are
 //! written by a helper process, so the generator's memory is not counted. The smallest scale is
 //! the baseline for ratios, measured in the same run. Above 10,000 Services the maps are sized
 //! as the agent's capacity flags would size them (see `capacities_for`).
@@ -92,6 +93,17 @@ fn child(services: usize) {
     let state_bytes = std::fs::metadata(dir.join(lb_userspace::state::STATE_FILE))
         .unwrap()
         .len();
+    // What `lb services` (and a /metrics scrape, which does the same) costs at this scale, in
+    // a process of its own as the CLI runs.
+    let started = Instant::now();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .arg("--view")
+        .arg(&pins)
+        .arg(&dir)
+        .status()
+        .expect("run the view");
+    assert!(status.success());
+    let view = started.elapsed();
 
     let mut changes = Vec::new();
     for change in 0..CHANGES {
@@ -111,7 +123,7 @@ fn child(services: usize) {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     println!(
-        "figures {} {} {} {} {} {} {} {}",
+        "figures {} {} {} {} {} {} {} {} {}",
         program.as_micros(),
         parse.as_micros(),
         changes[CHANGES / 2].as_micros(),
@@ -120,6 +132,7 @@ fn child(services: usize) {
         kib("RssAnon:"),
         state_write.as_micros(),
         state_bytes,
+        view.as_micros(),
     );
     drop(dataplane);
     let _ = std::fs::remove_dir_all(&pins);
@@ -166,7 +179,7 @@ fn spread(values: &mut [f64]) -> String {
     )
 }
 
-fn run_round(exe: &Path, services: usize) -> [f64; 8] {
+fn run_round(exe: &Path, services: usize) -> [f64; 9] {
     let out = Command::new(exe)
         .args(["--child", &services.to_string()])
         .output()
@@ -190,6 +203,7 @@ fn run_round(exe: &Path, services: usize) -> [f64; 8] {
         v[5] / 1024.0,
         v[6] / 1e3,
         v[7] / 1024.0 / 1024.0,
+        v[8] / 1e3,
     ]
 }
 
@@ -203,6 +217,17 @@ fn main() {
             changes.parse().unwrap(),
             Path::new(path),
         );
+        return;
+    }
+    if let [flag, pins, state] = args.as_slice()
+        && flag == "--view"
+    {
+        // `lb services -o json` without the printing.
+        let maps = lb_userspace::inspect::PinnedMaps::open(Path::new(pins)).expect("open maps");
+        let state = lb_userspace::state::NodeState::read(Path::new(state)).expect("read state");
+        let views = lb_userspace::inspect::services::collect(&maps, Some(&state));
+        let json = serde_json::to_string(&views).unwrap();
+        assert!(json.len() > 2);
         return;
     }
     if let [flag, services] = args.as_slice()
@@ -233,11 +258,12 @@ fn main() {
         "KiB per Service",
         "state file ms",
         "state file MiB",
+        "lb services ms",
     ]);
     println!("control plane from a manifest file, {rounds} rounds, median (min-max)");
     let mut baseline_anon = None;
     for services in scales {
-        let mut columns: [Vec<f64>; 8] = Default::default();
+        let mut columns: [Vec<f64>; 9] = Default::default();
         for _ in 0..rounds {
             for (column, value) in columns.iter_mut().zip(run_round(&exe, services)) {
                 column.push(value);

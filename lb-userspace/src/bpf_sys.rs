@@ -69,3 +69,53 @@ pub unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> libc::c_long {
         )
     }
 }
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+pub const BATCH: u32 = 4096;
+
+/// Every entry of the (non-per-CPU) hash map `fd`, read `BATCH` at a time with
+/// `BPF_MAP_LOOKUP_BATCH`: one syscall per 4,096 entries where aya's iterator makes two per
+/// entry.
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<Vec<(K, V)>> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `aya::Pod` types are plain integers and arrays of them: all zeros is a value.
+    let (zero_key, zero_value): (K, V) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let mut out = Vec::new();
+    let mut keys = vec![zero_key; BATCH as usize];
+    let mut values = vec![zero_value; BATCH as usize];
+    let mut in_batch = 0u64;
+    let mut out_batch = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut in_batch as *mut u64 as u64
+            },
+            out_batch: &mut out_batch as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the batch buffers hold `BATCH` keys and values of the map's sizes (the caller
+        // names the map's own key and value types); the batch cursors are u64s.
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err {
+            None => {}
+            // ENOENT: this was the last batch.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}

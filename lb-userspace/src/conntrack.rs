@@ -15,15 +15,15 @@ use std::{
 };
 
 use crate::bpf_sys::{
-    BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BatchAttr, ElemAttr, bpf,
+    BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BatchAttr, ElemAttr, bpf,
 };
 use lb_common::{
     IPPROTO_UDP,
     conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},
 };
 
-/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
-pub const BATCH: u32 = 4096;
+/// Entries read or deleted per batch call.
+pub use crate::bpf_sys::BATCH;
 
 /// Monotonic seconds, the packet path's clock (`bpf_ktime_get_ns`).
 pub fn now_s() -> u32 {
@@ -71,41 +71,7 @@ pub fn orphans(entries: &[(FlowKey, CtEntry)], now: u32) -> usize {
 
 /// Reads every entry of the conntrack map `fd`.
 pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
-    let mut out = Vec::new();
-    let mut keys = vec![FlowKey::new(0, 0, 0, 0, 0); BATCH as usize];
-    let mut values = vec![CtEntry::ZERO; BATCH as usize];
-    let mut in_batch = 0u64;
-    let mut out_batch = 0u64;
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut in_batch as *mut u64 as u64
-            },
-            out_batch: &mut out_batch as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH,
-            map_fd: fd.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: the batch buffers hold `BATCH` keys and values; the batch cursors are u64s.
-        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        let n = attr.count as usize;
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        match err {
-            None => {}
-            // ENOENT: this was the last batch.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Some(e) => return Err(e),
-        }
-        in_batch = out_batch;
-        first = false;
-    }
+    crate::bpf_sys::lookup_all(fd)
 }
 
 /// Deletes `keys` from the map `fd` (missing ones are fine: the LRU or the packet path may have

@@ -34,9 +34,8 @@ pub struct FlowView {
 /// The service ids of the Service `namespace/name`'s frontends, as the maps hold them.
 pub fn service_ids(maps: &PinnedMaps, state: &NodeState, wanted: &str) -> Vec<u32> {
     let index = state.frontend_index();
-    maps.services
-        .iter()
-        .flatten()
+    maps.all_services()
+        .into_iter()
         .filter(|(key, _)| {
             let protocol = Protocol::from_number(key.proto).map(|p| p.to_string());
             index

@@ -17,7 +17,8 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Pod,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        IterableMap as _,Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
@@ -88,6 +89,20 @@ impl PinnedMaps {
             backend_stats: open(&pin_dir, BACKEND_STATS_MAP).ok(),
             pin_dir,
         })
+    }
+
+    /// Every frontend, read in batches.
+    pub fn all_services(&self) -> Vec<(ServiceKey, ServiceEntry)> {
+        use std::os::fd::AsFd as _;
+        crate::bpf_sys::lookup_all(self.services.map().fd().as_fd()).unwrap_or_default()
+    }
+
+    /// Every backend, read in batches.
+    pub fn all_backends(&self) -> BTreeMap<BackendId, Backend> {
+        use std::os::fd::AsFd as _;
+        (crate::bpf_sys::lookup_all(self.backends.map().fd().as_fd()).unwrap_or_default())
+            .into_iter()
+            .collect()
     }
 
     pub fn service(&self, key: &ServiceKey) -> Option<ServiceEntry> {
@@ -167,9 +182,8 @@ pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u
         return BTreeMap::new();
     };
     let index = state.frontend_index();
-    maps.services
-        .iter()
-        .flatten()
+    maps.all_services()
+        .into_iter()
         .filter_map(|(key, entry)| {
             let protocol = crate::model::Protocol::from_number(key.proto)?.to_string();
             let (s, f) = index.get(&(

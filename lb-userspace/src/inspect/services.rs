@@ -8,9 +8,7 @@ use std::{
 
 use lb_common::{
     addr_octets,
-    service::{
-        ANY_SOURCE, BACKEND_F_DRAINING, BACKEND_F_REMOTE, BackendId, SERVICE_F_REJECT, ServiceEntry,
-    },
+    service::{ANY_SOURCE, BACKEND_F_DRAINING, BACKEND_F_REMOTE, BackendId, SERVICE_F_REJECT},
     stats::{BackendStats, ServiceStats},
 };
 use serde::Serialize;
@@ -88,7 +86,25 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
         .map(|e| (e.address, e))
         .collect();
     let mut services: BTreeMap<(String, String), ServiceView> = BTreeMap::new();
-    let entries: Vec<_> = maps.services.iter().flatten().collect();
+    let entries = maps.all_services();
+    // Each table read once, in offset order: the slots array is mapped a window at a time, and
+    // reading tables in the hash's order would map a window for nearly every frontend.
+    let ranges: BTreeSet<(u32, u32)> = (entries.iter())
+        .map(|(_, e)| (e.table_offset, e.table_size))
+        .collect();
+    let shares: BTreeMap<(u32, u32), BTreeMap<BackendId, u32>> = ranges
+        .into_iter()
+        .map(|(offset, size)| {
+            let mut slots: BTreeMap<BackendId, u32> = BTreeMap::new();
+            for index in offset..offset + size {
+                if let Some(id) = maps.slot(index) {
+                    *slots.entry(id).or_default() += 1;
+                }
+            }
+            ((offset, size), slots)
+        })
+        .collect();
+    let backends = maps.all_backends();
     for (key, entry) in entries {
         let address = Ipv4Addr::from(addr_octets(key.addr_be));
         let port = u16::from_be(key.port_be);
@@ -108,7 +124,8 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
                 s.internal_traffic_policy.clone(),
             )
         });
-        let backends = backends_of(maps, &entry, &endpoints, &backend_stats);
+        let table = &shares[&(entry.table_offset, entry.table_size)];
+        let backends = backends_of(table, &backends, &endpoints, &backend_stats);
         let frontend = FrontendView {
             address,
             port,
@@ -198,24 +215,18 @@ fn kind_order(kind: &str) -> u8 {
     }
 }
 
-/// The backends a frontend's Maglev table holds, with their slot counts.
+/// The backends of a frontend's Maglev table (`table`: backend id -> slots), from every
+/// backend in the map (`known`).
 fn backends_of(
-    maps: &PinnedMaps,
-    entry: &ServiceEntry,
+    table: &BTreeMap<BackendId, u32>,
+    known: &BTreeMap<BackendId, lb_common::service::Backend>,
     endpoints: &BTreeMap<Ipv4Addr, &crate::state::EndpointInfo>,
     stats: &BTreeMap<BackendId, BackendStats>,
 ) -> Vec<BackendView> {
-    let mut slots: BTreeMap<BackendId, u32> = BTreeMap::new();
-    for index in entry.table_offset..entry.table_offset + entry.table_size {
-        if let Some(id) = maps.slot(index) {
-            *slots.entry(id).or_default() += 1;
-        }
-    }
-    let ids: BTreeSet<BackendId> = slots.keys().copied().collect();
-    let mut out: Vec<BackendView> = ids
-        .into_iter()
-        .filter_map(|id| {
-            let b = maps.backend(id)?;
+    let mut out: Vec<BackendView> = table
+        .iter()
+        .filter_map(|(&id, &slots)| {
+            let b = known.get(&id)?;
             let address = Ipv4Addr::from(addr_octets(b.addr_be));
             let endpoint = endpoints.get(&address);
             Some(BackendView {
@@ -226,7 +237,7 @@ fn backends_of(
                 condition: endpoint.map_or("?".to_owned(), |e| e.condition().to_owned()),
                 remote: b.flags & BACKEND_F_REMOTE != 0,
                 draining: b.flags & BACKEND_F_DRAINING != 0,
-                slots: slots[&id],
+                slots,
                 counters: stats.get(&id).copied().unwrap_or_default(),
             })
         })
