@@ -14,9 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bpf_sys::{
-    BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BatchAttr, ElemAttr, bpf,
-};
+use crate::bpf_sys::{BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BatchAttr, ElemAttr, bpf};
 use lb_common::{
     IPPROTO_UDP,
     conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},

@@ -18,7 +18,9 @@ use anyhow::Context as _;
 use aya::{
     Pod,
     maps::{
-        IterableMap as _,Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap, lpm_trie::Key},
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapInfo, PerCpuHashMap,
+        lpm_trie::Key,
+    },
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
