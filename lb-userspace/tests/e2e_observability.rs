@@ -64,7 +64,9 @@ fn operator_commands_and_metrics_show_what_the_packet_path_does() {
     });
     for agent in &run.agents {
         let log = agent.log();
-        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        // Whole lines only: the agent may be writing one as the file is read.
+        let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
             let entry: serde_json::Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
             assert!(
