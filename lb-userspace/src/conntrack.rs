@@ -25,9 +25,14 @@ pub use crate::bpf_sys::BATCH;
 
 /// Monotonic seconds, the packet path's clock (`bpf_ktime_get_ns`).
 pub fn now_s() -> u32 {
+    mono_seconds(monotonic_ns())
+}
+
+/// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns()`'s clock (the affinity map's and the monitor's).
+pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always readable");
-    mono_seconds(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// What one sweep found and did.
@@ -46,25 +51,31 @@ pub struct Sweep {
 /// The dead entries among `entries` at `now`: an expired entry whose partner is expired too, or
 /// missing. Pure, so the rule is tested without a kernel.
 pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
-    let alive: HashSet<FlowKey> = entries
-        .iter()
-        .filter(|(_, e)| !e.expired(now))
-        .map(|(k, _)| *k)
-        .collect();
-    entries
-        .iter()
-        .filter(|(k, e)| e.expired(now) && !alive.contains(&partner_key(k, e)))
-        .map(|(k, _)| *k)
-        .collect()
+    examine(entries, now).0
 }
 
 /// Live entries among `entries` at `now` whose partner entry is missing (see [`Sweep::orphans`]).
 pub fn orphans(entries: &[(FlowKey, CtEntry)], now: u32) -> usize {
-    let keys: HashSet<FlowKey> = entries.iter().map(|(k, _)| *k).collect();
-    entries
-        .iter()
-        .filter(|(k, e)| !e.expired(now) && !keys.contains(&partner_key(k, e)))
-        .count()
+    examine(entries, now).1
+}
+
+/// [`dead_keys`] and [`orphans`] from one index of the entries (a sweep of 1M entries builds
+/// it once).
+pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<FlowKey>, usize) {
+    // Each key, and whether its entry is still alive.
+    let alive: std::collections::HashMap<FlowKey, bool> =
+        entries.iter().map(|(k, e)| (*k, !e.expired(now))).collect();
+    let partner_alive = |k: &FlowKey, e: &CtEntry| alive.get(&partner_key(k, e)).copied();
+    let mut dead = Vec::new();
+    let mut orphans = 0;
+    for (k, e) in entries {
+        match (e.expired(now), partner_alive(k, e)) {
+            (true, None | Some(false)) => dead.push(*k),
+            (false, None) => orphans += 1,
+            _ => {}
+        }
+    }
+    (dead, orphans)
 }
 
 /// Reads every entry of the conntrack map `fd`.
@@ -138,12 +149,12 @@ pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
     let fd = map.fd().as_fd();
     let entries = read_all(fd)?;
     let now = now_s();
-    let dead = dead_keys(&entries, now);
+    let (dead, orphans) = examine(&entries, now);
     let deleted = delete(fd, &dead)?;
     Ok(Sweep {
         entries: entries.len(),
         deleted,
-        orphans: orphans(&entries, now),
+        orphans,
         elapsed: started.elapsed(),
     })
 }

@@ -15,10 +15,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_common::service::ServiceKey;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Object, ObjectRef, ServiceKind, TrafficPolicy},
+    model::{Object, ObjectRef, Protocol, ServiceKind, TrafficPolicy},
     translate::{Desired, Frontend, FrontendPlan, ServiceInputs, Translator, WhenEmpty},
 };
 
@@ -303,12 +304,22 @@ impl NodeState {
         })
     }
 
-    /// An index of [`NodeState::frontend`] for many lookups.
-    pub fn frontend_index(&self) -> BTreeMap<(Ipv4Addr, u16, &str), (&ServiceInfo, &FrontendInfo)> {
+    /// Every planned frontend by the key the maps hold it under, for joining many map entries
+    /// with their names.
+    pub fn frontend_index(&self) -> BTreeMap<ServiceKey, (&ServiceInfo, &FrontendInfo)> {
         let mut index = BTreeMap::new();
         for s in &self.services {
             for f in &s.frontends {
-                index.insert((f.address, f.port, f.protocol.as_str()), (s, f));
+                let proto = match f.protocol.as_str() {
+                    "UDP" => Protocol::Udp,
+                    _ => Protocol::Tcp,
+                };
+                let key = ServiceKey::new(
+                    lb_common::addr_be(f.address.octets()),
+                    f.port.to_be(),
+                    proto.number(),
+                );
+                index.insert(key, (s, f));
             }
         }
         index

@@ -37,6 +37,17 @@ fn services(n: usize) -> String {
         .collect()
 }
 
+/// A programmer that has programmed nothing yet, placing tables in maps of `capacities`.
+fn empty_programmer(capacities: Capacities) -> Programmer {
+    Programmer::adopt(
+        Default::default(),
+        Settings {
+            capacities,
+            ..Settings::default()
+        },
+    )
+}
+
 /// Capacities small enough to fill in a test.
 const SMALL: Capacities = Capacities {
     frontends: 64,
@@ -65,13 +76,7 @@ fn capacities_are_set_at_load_and_a_restart_resizes_without_losing_entries() {
     let read = manifest::parse(&services(10), "test");
     assert!(read.problems.is_empty(), "{:?}", read.problems);
     let desired = translate(&read.objects, &NodeContext::default());
-    let mut programmer = Programmer::adopt(
-        Default::default(),
-        Settings {
-            capacities: dataplane.capacities,
-            ..Settings::default()
-        },
-    );
+    let mut programmer = empty_programmer(dataplane.capacities);
     let (_, unplaced) = programmer
         .sync(&desired, &mut dataplane.maps)
         .expect("a sync that runs out of slots still succeeds");
@@ -215,13 +220,7 @@ fn the_slots_array_is_written_through_a_bounded_window() {
     let read = manifest::parse(&services(1200), "test");
     assert!(read.problems.is_empty(), "{:?}", read.problems);
     let desired = translate(&read.objects, &NodeContext::default());
-    let mut programmer = Programmer::adopt(
-        Default::default(),
-        Settings {
-            capacities,
-            ..Settings::default()
-        },
-    );
+    let mut programmer = empty_programmer(capacities);
     let (_, unplaced) = programmer
         .sync(&desired, &mut dataplane.maps)
         .expect("sync");
@@ -411,13 +410,7 @@ fn a_full_conntrack_shows_as_orphans_and_counter_maps_follow_the_capacities() {
     }
     let read = manifest::parse(&services(1), "test");
     let desired = translate(&read.objects, &NodeContext::default());
-    let mut programmer = Programmer::adopt(
-        Default::default(),
-        Settings {
-            capacities: dataplane.capacities,
-            ..Settings::default()
-        },
-    );
+    let mut programmer = empty_programmer(dataplane.capacities);
     programmer
         .sync(&desired, &mut dataplane.maps)
         .expect("sync");

@@ -1,14 +1,11 @@
 //! `lb conntrack`: the flows lb translates, one row per flow (its forward entry, with its
 //! reply entry's SNAT port), and `--flush`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::collections::BTreeMap;
 
 use aya::maps::IterableMap as _;
 
-use lb_common::{
-    addr_octets,
-    conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey, partner_key},
-};
+use lb_common::conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey, partner_key};
 use serde::Serialize;
 
 use super::{PinnedMaps, endpoint_text, flow_state};
@@ -37,14 +34,7 @@ pub fn service_ids(maps: &PinnedMaps, state: &NodeState, wanted: &str) -> Vec<u3
     maps.all_services()
         .into_iter()
         .filter(|(key, _)| {
-            let protocol = Protocol::from_number(key.proto).map(|p| p.to_string());
-            index
-                .get(&(
-                    Ipv4Addr::from(addr_octets(key.addr_be)),
-                    u16::from_be(key.port_be),
-                    protocol.as_deref().unwrap_or("?"),
-                ))
-                .is_some_and(|(s, _)| format!("{}/{}", s.namespace, s.name) == wanted)
+            (index.get(key)).is_some_and(|(s, _)| format!("{}/{}", s.namespace, s.name) == wanted)
         })
         .map(|(_, entry)| entry.service_id)
         .collect()

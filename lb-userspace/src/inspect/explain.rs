@@ -276,23 +276,25 @@ fn describe_frontend(
     steps
 }
 
-fn new_flow(
+/// The frontend's steps up to the choice of a backend, shared by one flow and "any port": its
+/// policies, then whether a new flow is admitted at all (source ranges, endpoints). `false`
+/// when that already decides the verdict.
+fn admitted(
     maps: &PinnedMaps,
     state: Option<&NodeState>,
     query: &Query,
-    flow: &FlowKey,
     entry: &ServiceEntry,
-    mut out: Explanation,
-) -> Explanation {
+    out: &mut Explanation,
+) -> bool {
     out.steps.extend(describe_frontend(state, query, entry));
     if entry.source_ranges_id != ANY_SOURCE {
-        if !maps.source_allowed(entry.source_ranges_id, flow.saddr_be) {
+        if !maps.source_allowed(entry.source_ranges_id, addr_be(query.from.octets())) {
             out.steps.push(format!(
                 "loadBalancerSourceRanges (set {}): {} is outside them: dropped",
                 entry.source_ranges_id, query.from
             ));
             out.verdict = Verdict::DeniedBySourceRanges;
-            return out;
+            return false;
         }
         out.steps.push(format!(
             "loadBalancerSourceRanges (set {}): {} is inside them",
@@ -310,6 +312,20 @@ fn new_flow(
             }
         ));
         out.verdict = Verdict::NoBackend { reject };
+        return false;
+    }
+    true
+}
+
+fn new_flow(
+    maps: &PinnedMaps,
+    state: Option<&NodeState>,
+    query: &Query,
+    flow: &FlowKey,
+    entry: &ServiceEntry,
+    mut out: Explanation,
+) -> Explanation {
+    if !admitted(maps, state, query, entry, &mut out) {
         return out;
     }
     let mut chosen: Option<(BackendId, Backend, &'static str)> = None;
@@ -427,22 +443,7 @@ fn any_port(
     entry: &ServiceEntry,
     mut out: Explanation,
 ) -> Explanation {
-    out.steps.extend(describe_frontend(state, query, entry));
-    if entry.source_ranges_id != ANY_SOURCE
-        && !maps.source_allowed(entry.source_ranges_id, addr_be(query.from.octets()))
-    {
-        out.steps.push(format!(
-            "loadBalancerSourceRanges (set {}): {} is outside them: dropped",
-            entry.source_ranges_id, query.from
-        ));
-        out.verdict = Verdict::DeniedBySourceRanges;
-        return out;
-    }
-    if entry.table_size == 0 {
-        out.verdict = Verdict::NoBackend {
-            reject: entry.flags & SERVICE_F_REJECT != 0,
-        };
-        out.steps.push("no usable endpoint".to_owned());
+    if !admitted(maps, state, query, entry, &mut out) {
         return out;
     }
     let mut shares: std::collections::BTreeMap<(Ipv4Addr, u16), u32> = Default::default();

@@ -187,12 +187,7 @@ pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u
     maps.all_services()
         .into_iter()
         .filter_map(|(key, entry)| {
-            let protocol = crate::model::Protocol::from_number(key.proto)?.to_string();
-            let (s, f) = index.get(&(
-                std::net::Ipv4Addr::from(lb_common::addr_octets(key.addr_be)),
-                u16::from_be(key.port_be),
-                protocol.as_str(),
-            ))?;
+            let (s, f) = index.get(&key)?;
             Some((
                 entry.service_id,
                 format!("{}/{} ({})", s.namespace, s.name, f.kind),
@@ -222,12 +217,7 @@ pub fn flow_state(entry: &CtEntry, proto: u8) -> &'static str {
     }
 }
 
-/// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns()`'s clock.
-pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always readable");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+pub use crate::conntrack::monotonic_ns;
 
 /// How the CLI prints a view.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -109,7 +109,7 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
         let address = Ipv4Addr::from(addr_octets(key.addr_be));
         let port = u16::from_be(key.port_be);
         let protocol = Protocol::from_number(key.proto).map_or("?".to_owned(), |p| p.to_string());
-        let named = index.get(&(address, port, protocol.as_str()));
+        let named = index.get(&key);
         let (namespace, name, type_name) = match named {
             Some((s, _)) => (s.namespace.clone(), s.name.clone(), s.type_name.clone()),
             None => (
