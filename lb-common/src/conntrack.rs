@@ -11,29 +11,25 @@
 //! the flow's state ([`timeout_s`]). A flow is alive while either of its entries is unexpired;
 //! the packet path ignores a dead flow's entries and user space's sweep deletes them.
 
-use crate::{IPPROTO_TCP, user_pod};
+use crate::{Address, IPPROTO_TCP, Ip6, user_pod};
 
-/// A flow's 5-tuple as seen on the wire, in the direction the packet travels.
+/// A flow's 5-tuple as seen on the wire, in the direction the packet travels. `A` is the
+/// family's address field (`u32` IPv4, [`Ip6`] IPv6); each family has its own conntrack map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowKey {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+pub struct FlowKey<A = u32> {
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey<Ip6>>() == 40);
 
-impl FlowKey {
-    pub const fn new(
-        saddr_be: u32,
-        daddr_be: u32,
-        sport_be: u16,
-        dport_be: u16,
-        proto: u8,
-    ) -> Self {
+impl<A: Copy> FlowKey<A> {
+    pub const fn new(saddr_be: A, daddr_be: A, sport_be: u16, dport_be: u16, proto: u8) -> Self {
         Self {
             saddr_be,
             daddr_be,
@@ -84,9 +80,9 @@ pub const CT_S_CLOSING: u8 = CT_S_FIN_FORWARD | CT_S_FIN_REPLY | CT_S_RST;
 /// (unchanged ones are simply equal to the packet's), plus the flow's state and lifetime.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtEntry {
-    pub new_saddr_be: u32,
-    pub new_daddr_be: u32,
+pub struct CtEntry<A = u32> {
+    pub new_saddr_be: A,
+    pub new_daddr_be: A,
     pub new_sport_be: u16,
     pub new_dport_be: u16,
     /// `CT_KIND_FORWARD` or `CT_KIND_REPLY`.
@@ -106,12 +102,13 @@ pub struct CtEntry {
     pub expires_s: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntry<Ip6>>() == 56);
 
-impl CtEntry {
+impl<A: Address> CtEntry<A> {
     /// Every field zero: a buffer to read entries into, or a base for building one.
     pub const ZERO: Self = Self {
-        new_saddr_be: 0,
-        new_daddr_be: 0,
+        new_saddr_be: A::UNSPECIFIED,
+        new_daddr_be: A::UNSPECIFIED,
         new_sport_be: 0,
         new_dport_be: 0,
         kind: 0,
@@ -123,7 +120,9 @@ impl CtEntry {
         created_s: 0,
         expires_s: 0,
     };
+}
 
+impl<A> CtEntry<A> {
     pub const fn expired(&self, now_s: u32) -> bool {
         self.expires_s < now_s
     }
@@ -131,7 +130,7 @@ impl CtEntry {
 
 /// The key of the flow's other entry: the packet this entry produces, seen from the other end.
 #[inline(always)]
-pub const fn partner_key(key: &FlowKey, entry: &CtEntry) -> FlowKey {
+pub const fn partner_key<A: Copy>(key: &FlowKey<A>, entry: &CtEntry<A>) -> FlowKey<A> {
     FlowKey::new(
         entry.new_daddr_be,
         entry.new_saddr_be,
@@ -206,7 +205,7 @@ pub const fn mono_seconds(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
 }
 
-user_pod!(FlowKey, CtEntry, CtTimeouts);
+user_pod!(FlowKey, FlowKey<Ip6>, CtEntry, CtEntry<Ip6>, CtTimeouts);
 
 #[cfg(test)]
 mod tests {

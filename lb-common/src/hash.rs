@@ -1,7 +1,7 @@
 //! The flow hash that picks a backend slot. Both sides use this exact function: the packet path to
 //! choose, user space and tests to predict the choice.
 
-use crate::conntrack::FlowKey;
+use crate::{Address, conntrack::FlowKey};
 
 /// Murmur3's 32-bit finaliser: every input bit affects every output bit.
 #[inline(always)]
@@ -15,19 +15,24 @@ const fn fmix32(mut h: u32) -> u32 {
 }
 
 /// Hashes a client -> service tuple. Stable across restarts and CPUs (no seed), so a flow's slot is
-/// reproducible; fields are mixed in wire byte order exactly as stored in [`FlowKey`].
+/// reproducible; fields are mixed in wire byte order exactly as stored in [`FlowKey`], an address
+/// a word at a time (one word for IPv4, four for IPv6).
 #[inline(always)]
-pub const fn flow_hash(flow: &FlowKey) -> u32 {
+pub fn flow_hash<A: Address>(flow: &FlowKey<A>) -> u32 {
     let mut h = 0x9747_b28c_u32;
-    h = fmix32(h ^ flow.saddr_be);
-    h = fmix32(h ^ flow.daddr_be);
+    for word in flow.saddr_be.words() {
+        h = fmix32(h ^ word);
+    }
+    for word in flow.daddr_be.words() {
+        h = fmix32(h ^ word);
+    }
     h = fmix32(h ^ ((flow.sport_be as u32) << 16 | flow.dport_be as u32));
     fmix32(h ^ flow.proto as u32)
 }
 
 /// The slot a flow uses in a table of `slot_count` slots (`slot_count > 0`).
 #[inline(always)]
-pub const fn slot_for(flow: &FlowKey, slot_count: u32) -> u32 {
+pub fn slot_for<A: Address>(flow: &FlowKey<A>, slot_count: u32) -> u32 {
     flow_hash(flow) % slot_count
 }
 

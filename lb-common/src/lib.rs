@@ -13,6 +13,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod addr;
 pub mod conntrack;
 pub mod counters;
 pub mod hash;
@@ -28,6 +29,10 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// A protocol number as it appears in the IPv4 header.
 pub const IPPROTO_ICMP: u8 = 1;
+/// ICMPv6's next-header number.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub use addr::{Address, Ip6};
 
 /// Converts IPv4 octets to the `u32` whose memory holds them in wire order (what `_be` fields hold).
 #[inline(always)]

@@ -5,21 +5,24 @@
 //! then `BackendId -> Backend`. User space decides what every slot holds; the packet path only
 //! reads.
 
-use crate::{conntrack::CtTimeouts, user_pod};
+use crate::{Ip6, conntrack::CtTimeouts, user_pod};
 
-/// A frontend: the address, port and protocol a client sends to (e.g. a ClusterIP port).
+/// A frontend: the address, port and protocol a client sends to (e.g. a ClusterIP port). `A` is
+/// the family's address field, as in [`crate::conntrack::FlowKey`]: each family has its own
+/// frontends map; the entries, the slots and the ids are common to both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub addr_be: u32,
+pub struct ServiceKey<A = u32> {
+    pub addr_be: A,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey<Ip6>>() == 20);
 
-impl ServiceKey {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
+impl<A: Copy> ServiceKey<A> {
+    pub const fn new(addr_be: A, port_be: u16, proto: u8) -> Self {
         Self {
             addr_be,
             port_be,
@@ -64,18 +67,22 @@ pub const ANY_SOURCE: u32 = 0;
 /// The data of an IPv4 source-range key (the map is an LPM trie; its key is a prefix length
 /// followed by this): the set id, whose 32 bits always belong to the prefix, then the client
 /// address. One lookup with [`SOURCE_RANGE_LOOKUP_BITS`] finds whether an address lies in any
-/// range of a set. IPv6 gets a twin map with a 16-byte address and the same set ids.
+/// range of a set. IPv6 has a twin map (`SourceRange<Ip6>`) with the same set ids: a set's IPv4
+/// ranges go to one, its IPv6 ranges to the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange {
+pub struct SourceRange<A = u32> {
     /// Compared as bytes like the address; any fixed byte order works as all 32 bits match.
     pub set_id: u32,
-    pub addr_be: u32,
+    pub addr_be: A,
 }
 const _: () = assert!(core::mem::size_of::<SourceRange>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRange<Ip6>>() == 20);
 
-/// The prefix length a lookup uses: the set id and the whole address.
+/// The prefix length an IPv4 lookup uses: the set id and the whole address.
 pub const SOURCE_RANGE_LOOKUP_BITS: u32 = 64;
+/// The prefix length an IPv6 lookup uses.
+pub const SOURCE_RANGE_LOOKUP_BITS6: u32 = 32 + 128;
 
 /// The LPM prefix length of a range `addr/prefix` (the set id comes first).
 pub const fn source_range_prefix_len(prefix: u8) -> u32 {
@@ -93,17 +100,19 @@ pub const SOURCE_RANGE_ALLOW: SourceRangeValue = 1;
 pub type BackendId = u32;
 pub const NO_BACKEND: BackendId = 0;
 
-/// A backend endpoint: pod IP and target port.
+/// A backend endpoint: pod IP and target port. A frontend's backends are of its own family
+/// (Kubernetes gives each family its own EndpointSlices), in that family's backends map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr_be: u32,
+pub struct Backend<A = u32> {
+    pub addr_be: A,
     pub port_be: u16,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend<Ip6>>() == 20);
 
 /// The backend runs on another node: traffic from outside the node is SNATed to the node so the
 /// reply comes back through it.
@@ -113,8 +122,8 @@ pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 /// move to a live backend at once.
 pub const BACKEND_F_DRAINING: u8 = 1 << 1;
 
-impl Backend {
-    pub const fn new(addr_be: u32, port_be: u16, flags: u8) -> Self {
+impl<A: Copy> Backend<A> {
+    pub const fn new(addr_be: A, port_be: u16, flags: u8) -> Self {
         Self {
             addr_be,
             port_be,
@@ -127,11 +136,12 @@ impl Backend {
 /// `sessionAffinity: ClientIP`: the backend a client got last on a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityKey {
+pub struct AffinityKey<A = u32> {
     pub service_id: u32,
-    pub client_addr_be: u32,
+    pub client_addr_be: A,
 }
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityKey<Ip6>>() == 20);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -162,10 +172,14 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
 
 user_pod!(
     ServiceKey,
+    ServiceKey<Ip6>,
     SourceRange,
+    SourceRange<Ip6>,
     ServiceEntry,
     Backend,
+    Backend<Ip6>,
     AffinityKey,
+    AffinityKey<Ip6>,
     AffinityValue,
     NodeConfig
 );

@@ -10,7 +10,7 @@
 //! dropped one into a ring buffer, at most `events_per_s` a second per CPU. With nobody
 //! listening the cost is one array lookup and a compare on new and dropped flows only.
 
-use crate::{conntrack::FlowKey, user_pod};
+use crate::{Ip6, conntrack::FlowKey, user_pod};
 
 /// One frontend's traffic (a ClusterIP port, a NodePort on one node address...). "Forward" is
 /// client to Service, "reply" is backend to client.
@@ -114,13 +114,14 @@ pub const EVENT_DROP: u8 = 2;
 pub struct MonitorEvent {
     /// `bpf_ktime_get_ns()` when it happened.
     pub time_ns: u64,
-    /// The packet's flow as it arrived.
-    pub flow: FlowKey,
+    /// The packet's flow as it arrived; either family in IPv6 form (IPv4 as `::ffff:a.b.c.d`),
+    /// so one ring and one reader serve both.
+    pub flow: FlowKey<Ip6>,
     pub service_id: u32,
     /// The chosen backend (new flows), else 0.
     pub backend_id: u32,
-    /// Where the flow goes after translation (new flows), else 0.
-    pub new_daddr_be: u32,
+    /// Where the flow goes after translation (new flows), else unspecified.
+    pub new_daddr_be: Ip6,
     pub new_dport_be: u16,
     /// `EVENT_*`.
     pub kind: u8,
@@ -130,9 +131,9 @@ pub struct MonitorEvent {
     pub origin: u8,
     /// The flow was SNATed (or its source port remapped).
     pub snat: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<MonitorEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<MonitorEvent>() == 80);
 
 pub const ORIGIN_POD: u8 = 1;
 pub const ORIGIN_EXTERNAL: u8 = 2;

@@ -2,6 +2,8 @@
 //! (rejections) and for rewrites where no kernel helper applies (XDP works on raw frames). The tc
 //! rewrites use the kernel's `l3/l4_csum_replace`, which also handle offloaded checksums.
 
+use lb_common::Address;
+
 /// One's-complement sum of big-endian 16-bit words (`bytes` has an even length).
 #[inline(always)]
 pub fn sum_words(mut sum: u32, bytes: &[u8]) -> u32 {
@@ -21,18 +23,20 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// The sum of the IPv4 pseudo-header TCP and UDP checksums cover.
+/// The sum of the pseudo-header TCP, UDP and ICMPv6 checksums cover. IPv4's (addresses, zero,
+/// protocol, 16-bit length) and IPv6's (addresses, 32-bit length, zeros, next header) add up
+/// to the same words for lengths below 64 KiB.
 #[inline(always)]
-pub fn pseudo_header_sum(saddr_be: u32, daddr_be: u32, proto: u8, l4_len: u16) -> u32 {
-    let s = saddr_be.to_ne_bytes();
-    let d = daddr_be.to_ne_bytes();
+pub fn pseudo_header_sum<A: Address>(saddr_be: A, daddr_be: A, proto: u8, l4_len: u16) -> u32 {
+    let mut sum = 0;
+    for word in saddr_be.words() {
+        sum = sum_words(sum, &word.to_ne_bytes());
+    }
+    for word in daddr_be.words() {
+        sum = sum_words(sum, &word.to_ne_bytes());
+    }
     let l = l4_len.to_be_bytes();
-    sum_words(
-        0,
-        &[
-            s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], 0, proto, l[0], l[1],
-        ],
-    )
+    sum_words(sum, &[0, proto, l[0], l[1]])
 }
 
 /// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') over every 16-bit word that changed, `old` and

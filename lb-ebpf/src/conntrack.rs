@@ -15,8 +15,9 @@ use lb_common::{
 };
 
 use crate::{
+    family::Family,
     headers::{TCP_FLAG_FIN, TCP_FLAG_RST},
-    maps::{LB_CONNTRACK, lookup_lru, node_config},
+    maps::{lookup_lru, node_config},
 };
 
 /// Monotonic seconds, the clock of `CtEntry::created_s` / `expires_s`. The coarse clock (the
@@ -35,20 +36,20 @@ pub fn timeouts() -> CtTimeouts {
 }
 
 #[inline(always)]
-pub fn lookup(flow: &FlowKey) -> Option<CtEntry> {
-    lookup_lru(&LB_CONNTRACK, flow)
+pub fn lookup<A: Family>(flow: &FlowKey<A>) -> Option<CtEntry<A>> {
+    lookup_lru(A::conntrack(), flow)
 }
 
 /// Whether the flow `key`'s entry belongs to is alive: this entry or its partner unexpired.
 #[inline(always)]
-pub fn flow_alive(key: &FlowKey, entry: &CtEntry, now: u32) -> bool {
+pub fn flow_alive<A: Family>(key: &FlowKey<A>, entry: &CtEntry<A>, now: u32) -> bool {
     !entry.expired(now) || lookup(&partner_key(key, entry)).is_some_and(|p| !p.expired(now))
 }
 
 /// `entry` (found for `flow`) and the time, if its flow is alive; a dead flow's entries count
 /// as absent. The clock is read only once an entry was found.
 #[inline(always)]
-pub fn live(flow: &FlowKey, entry: CtEntry) -> Option<(CtEntry, u32)> {
+pub fn live<A: Family>(flow: &FlowKey<A>, entry: CtEntry<A>) -> Option<(CtEntry<A>, u32)> {
     let now = now_s();
     flow_alive(flow, &entry, now).then_some((entry, now))
 }
@@ -56,7 +57,12 @@ pub fn live(flow: &FlowKey, entry: CtEntry) -> Option<(CtEntry, u32)> {
 /// Records one packet of `flow` (whose entry is `entry`): the flow's state from its TCP flags and
 /// direction, and the entry's expiry. Returns the entry as updated.
 #[inline(always)]
-pub fn seen(flow: &FlowKey, entry: &CtEntry, tcp_flags: u8, now: u32) -> CtEntry {
+pub fn seen<A: Family>(
+    flow: &FlowKey<A>,
+    entry: &CtEntry<A>,
+    tcp_flags: u8,
+    now: u32,
+) -> CtEntry<A> {
     let mut state = entry.state;
     if entry.kind == CT_KIND_REPLY {
         state |= CT_S_REPLIED;
@@ -94,8 +100,8 @@ pub fn seen(flow: &FlowKey, entry: &CtEntry, tcp_flags: u8, now: u32) -> CtEntry
 }
 
 #[inline(always)]
-fn write(key: &FlowKey, state: u8, expires_s: u32) {
-    if let Some(ptr) = LB_CONNTRACK.get_ptr_mut(key) {
+fn write<A: Family>(key: &FlowKey<A>, state: u8, expires_s: u32) {
+    if let Some(ptr) = A::conntrack().get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run (an
         // LRU element is freed only after an RCU grace period). Two CPUs writing one flow at once
         // race benignly: each writes whole fields, and the last state or expiry wins.
@@ -108,14 +114,14 @@ fn write(key: &FlowKey, state: u8, expires_s: u32) {
 
 /// Forgets the entry at `key`.
 #[inline(always)]
-pub fn remove(key: &FlowKey) {
-    let _ = LB_CONNTRACK.remove(key);
+pub fn remove<A: Family>(key: &FlowKey<A>) {
+    let _ = A::conntrack().remove(key);
 }
 
 /// Forgets a flow's other entry (when its backend left and the flow is balanced afresh).
 #[inline(always)]
-pub fn remove_partner(flow: &FlowKey, entry: &CtEntry) {
-    let _ = LB_CONNTRACK.remove(&partner_key(flow, entry));
+pub fn remove_partner<A: Family>(flow: &FlowKey<A>, entry: &CtEntry<A>) {
+    let _ = A::conntrack().remove(&partner_key(flow, entry));
 }
 
 /// Records the reply direction of the flow `owner` at `key`, unless another live flow holds that
@@ -123,21 +129,27 @@ pub fn remove_partner(flow: &FlowKey, entry: &CtEntry) {
 /// a live entry of another flow is never overwritten (its replies would be translated for the
 /// wrong flow).
 #[inline(always)]
-pub fn claim_reply(key: &FlowKey, entry: &CtEntry, owner: &FlowKey, now: u32) -> Result<(), i32> {
-    if LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+pub fn claim_reply<A: Family>(
+    key: &FlowKey<A>,
+    entry: &CtEntry<A>,
+    owner: &FlowKey<A>,
+    now: u32,
+) -> Result<(), i32> {
+    let map = A::conntrack();
+    if map.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         return Ok(());
     }
     match lookup(key) {
         Some(old) if partner_key(key, &old) == *owner || !flow_alive(key, &old, now) => {
-            LB_CONNTRACK.insert(key, entry, BPF_ANY as u64)
+            map.insert(key, entry, BPF_ANY as u64)
         }
         // Gone meanwhile (LRU): try once more.
-        None => LB_CONNTRACK.insert(key, entry, BPF_NOEXIST as u64),
+        None => map.insert(key, entry, BPF_NOEXIST as u64),
         Some(_) => Err(-1),
     }
 }
 
 #[inline(always)]
-pub fn insert_forward(key: &FlowKey, entry: &CtEntry) -> Result<(), i32> {
-    LB_CONNTRACK.insert(key, entry, BPF_ANY as u64)
+pub fn insert_forward<A: Family>(key: &FlowKey<A>, entry: &CtEntry<A>) -> Result<(), i32> {
+    A::conntrack().insert(key, entry, BPF_ANY as u64)
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
 };
 
-const AF_INET: u8 = 2;
+use crate::family::Family;
 
 /// The FIB's answer.
 pub enum Route {
@@ -26,22 +26,21 @@ pub enum Route {
 }
 
 /// A forwarding (input) lookup, as if the packet from `saddr_be` to `daddr_be` had arrived on
-/// `ifindex`. The IPv6 lookup will fill `ipv6_src`/`ipv6_dst` here, and nowhere else.
+/// `ifindex`, in the addresses' family.
 #[inline(always)]
-pub fn lookup<C: EbpfContext>(
+pub fn lookup<C: EbpfContext, A: Family>(
     ctx: &C,
     ifindex: u32,
-    saddr_be: u32,
-    daddr_be: u32,
+    saddr_be: A,
+    daddr_be: A,
     proto: u8,
 ) -> Route {
     // SAFETY: `bpf_fib_lookup` is plain old data; all zeroes is its documented "no input" state.
     let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
-    params.family = AF_INET;
+    params.family = A::AF;
     params.l4_protocol = proto;
     params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    A::fib_addrs(&mut params, saddr_be, daddr_be);
     // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size passed; the context
     // pointer is the program's own.
     let rc = unsafe {

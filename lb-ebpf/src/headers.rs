@@ -1,7 +1,7 @@
 //! Header parsing, one parser for tc and XDP alike through [`PacketAccess`]: on tc a load is
 //! `bpf_skb_load_bytes` (works on non-linear skbs), on XDP a bounds-checked read of the frame.
 //! Either way a short packet is an error here rather than a verifier or memory problem, and
-//! variable-length IPv4 headers (options) need no special casing.
+//! variable-length headers (IPv4 options, IPv6 extension headers) need no special casing.
 
 use core::mem;
 
@@ -12,12 +12,10 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
+use crate::family::Family;
+
 pub const ETH_LEN: usize = EthHdr::LEN;
 const ETHER_TYPE_OFF: usize = 12;
-/// Offset of the IPv4 header checksum from the start of the IPv4 header.
-pub const IPV4_CSUM_OFF: usize = 10;
-pub const IPV4_SRC_OFF: usize = 12;
-pub const IPV4_DST_OFF: usize = 16;
 /// Offsets of the ports from the start of the TCP/UDP header.
 pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
@@ -31,8 +29,6 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_HDR_LEN: usize = 8;
-/// An IPv4 header without options.
-pub const IPV4_MIN_LEN: usize = 20;
 const UDP_CSUM_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
@@ -69,48 +65,57 @@ pub fn frame_ptr<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// An IPv4 TCP or UDP packet's addressing, with the offsets the rewriters need.
-pub struct Packet {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+/// A TCP or UDP packet's addressing, with the offsets the rewriters need; `A` is its family.
+pub struct Packet<A> {
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
     /// Start of the IP header.
     pub l3_off: usize,
-    /// Start of the TCP/UDP header.
+    /// Start of the TCP/UDP header (after IPv4 options or IPv6 extension headers).
     pub l4_off: usize,
     /// The TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
 }
 
-/// An ICMP destination-unreachable or time-exceeded message quoting a TCP/UDP packet: the error
-/// about some flow's packet, travelling the other way.
-pub struct IcmpError {
-    pub outer_saddr_be: u32,
-    pub outer_daddr_be: u32,
+/// An ICMP (ICMPv6) destination-unreachable, packet-too-big or time-exceeded message quoting a
+/// TCP/UDP packet: the error about some flow's packet, travelling the other way.
+pub struct IcmpError<A> {
+    pub outer_saddr_be: A,
+    pub outer_daddr_be: A,
     /// Start of the ICMP header.
     pub icmp_off: usize,
-    /// Start of the quoted IPv4 header (always 20 bytes: quotes with options are not handled).
+    /// Start of the quoted IP header (20 bytes for IPv4, 40 for IPv6: quotes with options or
+    /// extension headers are not handled).
     pub inner_ip_off: usize,
     /// The quoted packet's addressing, as it was where the error arose.
-    pub inner_saddr_be: u32,
-    pub inner_daddr_be: u32,
+    pub inner_saddr_be: A,
+    pub inner_daddr_be: A,
     pub inner_sport_be: u16,
     pub inner_dport_be: u16,
     pub inner_proto: u8,
 }
 
-/// What the packet path may act on.
-pub enum Parsed {
-    Flow(Packet),
-    IcmpError(IcmpError),
+impl<A: Family> IcmpError<A> {
+    /// Where the quoted packet's ports are.
+    #[inline(always)]
+    pub fn inner_l4_off(&self) -> usize {
+        self.inner_ip_off + A::HDR_LEN
+    }
 }
 
-impl Packet {
+/// What the packet path may act on, for a packet of family `A`.
+pub enum Parsed<A> {
+    Flow(Packet<A>),
+    IcmpError(IcmpError<A>),
+}
+
+impl<A: Family> Packet<A> {
     /// The conntrack key of the packet's direction of its flow.
     #[inline(always)]
-    pub fn flow(&self) -> FlowKey {
+    pub fn flow(&self) -> FlowKey<A> {
         FlowKey::new(
             self.saddr_be,
             self.daddr_be,
@@ -134,14 +139,16 @@ impl Packet {
 
 /// Why a packet is not one the load balancer handles.
 pub enum NotHandled {
-    /// Legitimately not ours: not IPv4, not TCP/UDP/ICMP error, a non-first fragment.
+    /// Legitimately not ours: not IP, not TCP/UDP/ICMP error, a non-first fragment.
     Pass,
-    /// Claims to be IPv4 TCP/UDP but headers are cut short or inconsistent.
+    /// Claims to be IP TCP/UDP but headers are cut short or inconsistent.
     Malformed,
 }
 
+/// Parses an IPv4 packet; anything else (IPv6 until the packet path has its IPv6 copy, ARP, ...)
+/// is not ours.
 #[inline(always)]
-pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed, NotHandled> {
+pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<u32>, NotHandled> {
     let ether_type: u16 = ctx.read(ETHER_TYPE_OFF).ok_or(NotHandled::Malformed)?;
     if ether_type != EtherType::Ipv4 as u16 {
         return Err(NotHandled::Pass);
@@ -156,10 +163,31 @@ pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed, NotHandled> {
     }
     // `ihl()` is in bytes (20..=60), so options are simply skipped.
     let l4_off = ETH_LEN + (ip.ihl() as usize & 0x3c);
+    let saddr = u32::from_ne_bytes(ip.src_addr);
+    let daddr = u32::from_ne_bytes(ip.dst_addr);
     let proto = ip.proto;
     if proto == IPPROTO_ICMP {
-        return icmp_error(ctx, &ip, l4_off).map(Parsed::IcmpError);
+        return icmp_error(
+            ctx,
+            saddr,
+            daddr,
+            l4_off,
+            [ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED],
+        )
+        .map(Parsed::IcmpError);
     }
+    flow(ctx, saddr, daddr, proto, l4_off).map(Parsed::Flow)
+}
+
+/// A TCP or UDP packet from its addresses and where its L4 header starts.
+#[inline(always)]
+fn flow<C: PacketAccess, A: Family>(
+    ctx: &C,
+    saddr_be: A,
+    daddr_be: A,
+    proto: u8,
+    l4_off: usize,
+) -> Result<Packet<A>, NotHandled> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(NotHandled::Pass);
     }
@@ -172,52 +200,65 @@ pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed, NotHandled> {
         let udp: [u8; UDP_LEN] = ctx.read(l4_off).ok_or(NotHandled::Malformed)?;
         ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
-    Ok(Parsed::Flow(Packet {
-        saddr_be: u32::from_ne_bytes(ip.src_addr),
-        daddr_be: u32::from_ne_bytes(ip.dst_addr),
+    Ok(Packet {
+        saddr_be,
+        daddr_be,
         sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
         dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
         l3_off: ETH_LEN,
         l4_off,
         tcp_flags,
-    }))
+    })
 }
 
-/// An ICMP error quoting a TCP/UDP packet; anything else ICMP (echo, ...) is not ours.
+/// An ICMP error (of one of `error_types`) quoting a TCP/UDP packet; anything else ICMP (echo,
+/// neighbour discovery, ...) is not ours.
 #[inline(always)]
-fn icmp_error<C: PacketAccess>(
+fn icmp_error<C: PacketAccess, A: Family, const N: usize>(
     ctx: &C,
-    ip: &Ipv4Hdr,
+    outer_saddr_be: A,
+    outer_daddr_be: A,
     icmp_off: usize,
-) -> Result<IcmpError, NotHandled> {
+    error_types: [u8; N],
+) -> Result<IcmpError<A>, NotHandled> {
     let icmp_type: u8 = ctx.read(icmp_off).ok_or(NotHandled::Malformed)?;
-    if icmp_type != ICMP_DEST_UNREACHABLE && icmp_type != ICMP_TIME_EXCEEDED {
+    if !error_types.contains(&icmp_type) {
         return Err(NotHandled::Pass);
     }
     let inner_ip_off = icmp_off + ICMP_HDR_LEN;
-    let inner: Ipv4Hdr = ctx.read(inner_ip_off).ok_or(NotHandled::Malformed)?;
-    if inner.version() != 4 || inner.ihl() as usize != IPV4_MIN_LEN {
-        // A quote with IP options (or garbage) is left alone: rare, and not worth a second
-        // variable-offset parse.
-        return Err(NotHandled::Pass);
-    }
-    if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+    let (inner_saddr_be, inner_daddr_be, inner_proto) = quoted_header::<C, A>(ctx, inner_ip_off)?;
+    if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
         return Err(NotHandled::Pass);
     }
     // Every ICMP error quotes at least 8 bytes past the IP header: both ports are there.
     let ports: [u8; 4] = ctx
-        .read(inner_ip_off + IPV4_MIN_LEN)
+        .read(inner_ip_off + A::HDR_LEN)
         .ok_or(NotHandled::Malformed)?;
     Ok(IcmpError {
-        outer_saddr_be: u32::from_ne_bytes(ip.src_addr),
-        outer_daddr_be: u32::from_ne_bytes(ip.dst_addr),
+        outer_saddr_be,
+        outer_daddr_be,
         icmp_off,
         inner_ip_off,
-        inner_saddr_be: u32::from_ne_bytes(inner.src_addr),
-        inner_daddr_be: u32::from_ne_bytes(inner.dst_addr),
+        inner_saddr_be,
+        inner_daddr_be,
         inner_sport_be: u16::from_ne_bytes([ports[0], ports[1]]),
         inner_dport_be: u16::from_ne_bytes([ports[2], ports[3]]),
-        inner_proto: inner.proto,
+        inner_proto,
     })
+}
+
+/// The quoted IP header's addresses and protocol. A quote with IPv4 options or IPv6 extension
+/// headers (or garbage) is left alone: rare, and not worth a second variable-offset parse.
+#[inline(always)]
+fn quoted_header<C: PacketAccess, A: Family>(ctx: &C, at: usize) -> Result<(A, A, u8), NotHandled> {
+    let first: u8 = ctx.read(at).ok_or(NotHandled::Malformed)?;
+    let (mask, plain) = A::PLAIN_HEADER_FIRST_BYTE;
+    if first & mask != plain {
+        return Err(NotHandled::Pass);
+    }
+    let proto: u8 = ctx.read(at + A::PROTO_OFF).ok_or(NotHandled::Malformed)?;
+    let saddr: A = ctx.read(at + A::SRC_OFF).ok_or(NotHandled::Malformed)?;
+    let daddr: A = ctx.read(at + A::DST_OFF).ok_or(NotHandled::Malformed)?;
+    Ok((saddr, daddr, proto))
 }

@@ -5,26 +5,29 @@
 //! Service (or client) address when the flow's far end itself sent the error. Without this, path
 //! MTU discovery through a Service black-holes and port unreachables never reach the socket.
 //!
-//! Checksums: the outer IPv4 header, the quoted IPv4 header and the ICMP checksum (which covers
-//! the quote) are fixed incrementally. The quoted TCP/UDP checksum is left as it was: receivers
+//! The same for ICMPv6 (destination unreachable, packet too big, time exceeded).
+//!
+//! Checksums, fixed incrementally: IPv4's outer and quoted header checksums and the ICMP checksum
+//! (which covers the quote); ICMPv6 has no header checksums but its checksum also covers the
+//! outer addresses (a pseudo-header). The quoted TCP/UDP checksum is left as it was: receivers
 //! do not check it, and the quote is often cut before it.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use lb_common::{
+    Address,
     conntrack::{CT_F_REDIRECT, FlowKey},
     counters::Counter,
 };
 
 use crate::{
     conntrack,
-    headers::{ETH_LEN, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF, IcmpError},
+    family::Family,
+    headers::{ETH_LEN, IcmpError},
     lb::Origin,
     redirect,
 };
 
 const ICMP_CSUM_OFF: usize = 2;
-const INNER_SPORT_OFF: usize = 20;
-const INNER_DPORT_OFF: usize = 22;
 
 pub enum IcmpOutcome {
     /// Not about a flow lb translated.
@@ -36,7 +39,7 @@ pub enum IcmpOutcome {
 }
 
 #[inline(always)]
-pub fn translate(ctx: &TcContext, err: &IcmpError, origin: Origin) -> IcmpOutcome {
+pub fn translate<A: Family>(ctx: &TcContext, err: &IcmpError<A>, origin: Origin) -> IcmpOutcome {
     // The quoted packet went one way; the error, and the entry that rewrites it, go the other.
     let quoted = FlowKey::new(
         err.inner_saddr_be,
@@ -78,12 +81,8 @@ pub fn translate(ctx: &TcContext, err: &IcmpError, origin: Origin) -> IcmpOutcom
         return IcmpOutcome::Broken;
     }
     if ct.flags & CT_F_REDIRECT != 0 || origin == Origin::Host {
-        let (verdict, sent) = redirect::by_fib(
-            ctx,
-            new_outer_saddr,
-            new_outer_daddr,
-            lb_common::IPPROTO_ICMP,
-        );
+        let (verdict, sent) =
+            redirect::by_fib(ctx, new_outer_saddr, new_outer_daddr, A::ICMP_PROTO);
         IcmpOutcome::Translated {
             verdict,
             sent: Some(sent),
@@ -98,55 +97,76 @@ pub fn translate(ctx: &TcContext, err: &IcmpError, origin: Origin) -> IcmpOutcom
 
 struct Failed;
 
+/// Calls `fix` with each 32-bit word that differs between `old` and `new`.
 #[inline(always)]
-fn rewrite(
+fn changed_words<A: Address>(
+    old: A,
+    new: A,
+    mut fix: impl FnMut(u32, u32) -> Result<(), Failed>,
+) -> Result<(), Failed> {
+    let (o, n) = (old.words(), new.words());
+    for i in 0..o.len() {
+        if o[i] != n[i] {
+            fix(o[i], n[i])?;
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite<A: Family>(
     ctx: &TcContext,
-    err: &IcmpError,
-    inner_addrs: [u32; 2],
+    err: &IcmpError<A>,
+    inner_addrs: [A; 2],
     inner_ports: [u16; 2],
-    outer_addrs: [u32; 2],
+    outer_addrs: [A; 2],
 ) -> Result<(), Failed> {
     let icmp_csum = err.icmp_off + ICMP_CSUM_OFF;
-    let inner_csum = err.inner_ip_off + IPV4_CSUM_OFF;
-    let old_inner_csum: u16 = ctx.load(inner_csum).map_err(|_| Failed)?;
-    // The quoted header: each address changes the quoted IPv4 checksum and the ICMP checksum.
+    let icmp_fix = |o: u32, n: u32, flags: u64| {
+        ctx.l4_csum_replace(icmp_csum, o as u64, n as u64, flags | 4)
+            .map_err(|_| Failed)
+    };
+    // The quoted header: each address changes the ICMP checksum, and IPv4's quoted header
+    // checksum, whose own change the ICMP checksum then takes in too.
+    let inner_csum = A::L3_CSUM_OFF.map(|off| err.inner_ip_off + off);
+    let old_inner_csum: u16 = match inner_csum {
+        Some(at) => ctx.load(at).map_err(|_| Failed)?,
+        None => 0,
+    };
     let quoted_addrs = [
         (
-            err.inner_ip_off + IPV4_SRC_OFF,
+            err.inner_ip_off + A::SRC_OFF,
             err.inner_saddr_be,
             inner_addrs[0],
         ),
         (
-            err.inner_ip_off + IPV4_DST_OFF,
+            err.inner_ip_off + A::DST_OFF,
             err.inner_daddr_be,
             inner_addrs[1],
         ),
     ];
     for (offset, old, new) in quoted_addrs {
         if old != new {
-            ctx.l3_csum_replace(inner_csum, old as u64, new as u64, 4)
-                .map_err(|_| Failed)?;
-            ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 4)
-                .map_err(|_| Failed)?;
+            changed_words(old, new, |o, n| {
+                if let Some(at) = inner_csum {
+                    ctx.l3_csum_replace(at, o as u64, n as u64, 4)
+                        .map_err(|_| Failed)?;
+                }
+                icmp_fix(o, n, 0)
+            })?;
             ctx.store(offset, &new, 0).map_err(|_| Failed)?;
         }
     }
-    let new_inner_csum: u16 = ctx.load(inner_csum).map_err(|_| Failed)?;
-    if new_inner_csum != old_inner_csum {
-        ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
-            .map_err(|_| Failed)?;
+    if let Some(at) = inner_csum {
+        let new_inner_csum: u16 = ctx.load(at).map_err(|_| Failed)?;
+        if new_inner_csum != old_inner_csum {
+            ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
+                .map_err(|_| Failed)?;
+        }
     }
     let quoted_ports = [
-        (
-            err.inner_ip_off + INNER_SPORT_OFF,
-            err.inner_sport_be,
-            inner_ports[0],
-        ),
-        (
-            err.inner_ip_off + INNER_DPORT_OFF,
-            err.inner_dport_be,
-            inner_ports[1],
-        ),
+        (err.inner_l4_off(), err.inner_sport_be, inner_ports[0]),
+        (err.inner_l4_off() + 2, err.inner_dport_be, inner_ports[1]),
     ];
     for (offset, old, new) in quoted_ports {
         if old != new {
@@ -155,15 +175,19 @@ fn rewrite(
             ctx.store(offset, &new, 0).map_err(|_| Failed)?;
         }
     }
-    // The outer header: only the IPv4 checksum covers it (ICMP has no pseudo-header).
+    // The outer header: covered by IPv4's header checksum, or by ICMPv6's pseudo-header.
     let outer = [
-        (ETH_LEN + IPV4_SRC_OFF, err.outer_saddr_be, outer_addrs[0]),
-        (ETH_LEN + IPV4_DST_OFF, err.outer_daddr_be, outer_addrs[1]),
+        (ETH_LEN + A::SRC_OFF, err.outer_saddr_be, outer_addrs[0]),
+        (ETH_LEN + A::DST_OFF, err.outer_daddr_be, outer_addrs[1]),
     ];
     for (offset, old, new) in outer {
         if old != new {
-            ctx.l3_csum_replace(ETH_LEN + IPV4_CSUM_OFF, old as u64, new as u64, 4)
-                .map_err(|_| Failed)?;
+            changed_words(old, new, |o, n| match A::L3_CSUM_OFF {
+                Some(csum_off) => ctx
+                    .l3_csum_replace(ETH_LEN + csum_off, o as u64, n as u64, 4)
+                    .map_err(|_| Failed),
+                None => icmp_fix(o, n, BPF_F_PSEUDO_HDR as u64),
+            })?;
             ctx.store(offset, &new, 0).map_err(|_| Failed)?;
         }
     }

@@ -21,11 +21,9 @@ use lb_common::{
 
 use crate::{
     conntrack,
+    family::Family,
     headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
-    maps::{
-        LB_AFFINITY, LB_BACKENDS, LB_SERVICES, lookup, lookup_lru, node_config, slot,
-        source_allowed,
-    },
+    maps::{lookup, lookup_lru, node_config, slot, source_allowed},
     stats::Attributed,
 };
 
@@ -63,9 +61,10 @@ pub enum Scope {
 }
 
 /// What to do with a packet of `flow`.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Rewrite it by this entry: a known flow's, or the new flow's just recorded.
-    Translate(CtEntry),
+    /// Rewrite it by the decision's entry: a known flow's, or the new flow's just recorded.
+    Translate,
     /// Not to a Service frontend, and no flow of ours.
     NotAService,
     /// A known flow outside the program's [`Scope`].
@@ -101,28 +100,37 @@ impl FlowEvents {
     };
 }
 
-/// An [`Action`] and what happened to the flow on the way.
-pub struct Decision {
+/// An [`Action`], the entry a `Translate` applies, and what happened to the flow on the way.
+///
+/// The entry sits beside the action rather than inside it: an enum carrying it would leave its
+/// bytes unwritten for the other actions, and the verifier refuses a copy of unwritten stack.
+pub struct Decision<A> {
     pub action: Action,
+    /// The conntrack entry to apply (`Translate`); all zero otherwise.
+    pub entry: CtEntry<A>,
     pub events: FlowEvents,
 }
 
-impl Decision {
+impl<A: Family> Decision<A> {
     /// The Service traffic this packet is, for the per-Service counters: a translated packet
     /// (its entry names frontend and backend) or a refused new flow (its frontend only).
     #[inline(always)]
-    pub fn attributed(&self, flow: &FlowKey, origin: Origin) -> Option<Attributed> {
-        let ct = match &self.action {
-            Action::Translate(ct) => *ct,
-            Action::SnatFailed | Action::NoBackend { .. } | Action::Denied => CtEntry {
-                service_id: self.events.service_id,
-                ..CtEntry::ZERO
-            },
+    pub fn attributed<'a>(
+        &'a self,
+        flow: &'a FlowKey<A>,
+        origin: Origin,
+    ) -> Option<Attributed<'a, A>> {
+        let (ct, service_id) = match self.action {
+            Action::Translate => (Some(&self.entry), self.entry.service_id),
+            Action::SnatFailed | Action::NoBackend { .. } | Action::Denied => {
+                (None, self.events.service_id)
+            }
             Action::NotAService | Action::OutOfScope => return None,
         };
         Some(Attributed {
-            flow: *flow,
+            flow,
             ct,
+            service_id,
             new_flow: self.events.new_flow,
             origin: origin.code(),
         })
@@ -131,18 +139,29 @@ impl Decision {
 
 /// The one decision every entry point makes: conntrack first, then the Service frontend.
 #[inline(always)]
-pub fn classify(flow: &FlowKey, tcp_flags: u8, origin: Origin, scope: Scope) -> Decision {
-    let mut events = FlowEvents::NONE;
-    let action = decide(flow, tcp_flags, origin, scope, &mut events);
-    Decision { action, events }
-}
-
-#[inline(always)]
-fn decide(
-    flow: &FlowKey,
+pub fn classify<A: Family>(
+    flow: &FlowKey<A>,
     tcp_flags: u8,
     origin: Origin,
     scope: Scope,
+) -> Decision<A> {
+    let mut events = FlowEvents::NONE;
+    let mut entry = CtEntry::ZERO;
+    let action = decide(flow, tcp_flags, origin, scope, &mut entry, &mut events);
+    Decision {
+        action,
+        entry,
+        events,
+    }
+}
+
+#[inline(always)]
+fn decide<A: Family>(
+    flow: &FlowKey<A>,
+    tcp_flags: u8,
+    origin: Origin,
+    scope: Scope,
+    entry: &mut CtEntry<A>,
     events: &mut FlowEvents,
 ) -> Action {
     let known = conntrack::lookup(flow);
@@ -150,24 +169,27 @@ fn decide(
         return Action::OutOfScope;
     }
     if let Some(ct) = known.and_then(|found| established_entry(flow, found, tcp_flags, events)) {
-        return Action::Translate(ct);
+        *entry = ct;
+        return Action::Translate;
     }
     let frontend = ServiceKey::new(flow.daddr_be, flow.dport_be, flow.proto);
-    let Some(service) = lookup(&LB_SERVICES, &frontend) else {
+    let Some(service) = lookup(A::services(), &frontend) else {
         return Action::NotAService;
     };
     events.service_id = service.service_id;
     // Only new flows are checked, as kube-proxy's firewall chain sees only a flow's first
     // packet: a flow admitted before its ranges changed keeps going.
+    let (ranges, lookup_bits) = A::source_ranges();
     if service.source_ranges_id != ANY_SOURCE
-        && !source_allowed(service.source_ranges_id, flow.saddr_be)
+        && !source_allowed(ranges, lookup_bits, service.source_ranges_id, flow.saddr_be)
     {
         return Action::Denied;
     }
     match new_flow(flow, &service, origin, events) {
         Ok(forward) => {
             events.new_flow = true;
-            Action::Translate(forward)
+            *entry = forward;
+            Action::Translate
         }
         Err(NoFlow::SnatFailed) => Action::SnatFailed,
         Err(NoFlow::NoBackend) => Action::NoBackend {
@@ -193,12 +215,12 @@ const SNAT_TRIES: u32 = 16;
 /// connection, no flow of this node), or a flow whose backend left (for UDP: also one that
 /// drains).
 #[inline(always)]
-fn established_entry(
-    flow: &FlowKey,
-    found: CtEntry,
+fn established_entry<A: Family>(
+    flow: &FlowKey<A>,
+    found: CtEntry<A>,
     tcp_flags: u8,
     events: &mut FlowEvents,
-) -> Option<CtEntry> {
+) -> Option<CtEntry<A>> {
     let (entry, now) = conntrack::live(flow, found)?;
     // A SYN-ACK from a backend that already closed (FIN or RST) its side of this flow answers
     // a new connection reusing the tuple (e.g. the client port went to another Service whose
@@ -232,8 +254,8 @@ fn established_entry(
 
 /// Whether a forward entry's backend is still the one it names, and may keep this flow.
 #[inline(always)]
-fn backend_usable(entry: &CtEntry, proto: u8) -> bool {
-    match lookup(&LB_BACKENDS, &entry.backend_id) {
+fn backend_usable<A: Family>(entry: &CtEntry<A>, proto: u8) -> bool {
+    match lookup(A::backends(), &entry.backend_id) {
         Some(b) => {
             b.addr_be == entry.new_daddr_be
                 && b.port_be == entry.new_dport_be
@@ -246,12 +268,12 @@ fn backend_usable(entry: &CtEntry, proto: u8) -> bool {
 /// Starts a flow to `service`: picks its backend, SNATs if needed, records both directions in
 /// the conntrack and returns the forward entry to apply to this packet.
 #[inline(always)]
-fn new_flow(
-    flow: &FlowKey,
+fn new_flow<A: Family>(
+    flow: &FlowKey<A>,
     service: &ServiceEntry,
     origin: Origin,
     events: &mut FlowEvents,
-) -> Result<CtEntry, NoFlow> {
+) -> Result<CtEntry<A>, NoFlow> {
     let (backend_id, backend) = choose_backend(flow, service).ok_or(NoFlow::NoBackend)?;
     // From outside, a remote backend would answer the client directly, bypassing this node's
     // reverse translation: SNAT makes the reply come back here. A pod reaching itself through the
@@ -284,11 +306,11 @@ fn new_flow(
     };
     let (src_addr_be, src_port_be) = if snat {
         reply.flags |= CT_F_SNAT;
-        let node = node_config();
-        if node.snat_addr_be == 0 {
+        let snat_addr = A::snat_addr();
+        if snat_addr == A::UNSPECIFIED {
             return Err(NoFlow::SnatFailed);
         }
-        claim_port(flow, node.snat_addr_be, &backend, &reply, now)?
+        claim_port(flow, snat_addr, &backend, &reply, now)?
     } else {
         let reply_key = FlowKey::new(
             backend.addr_be,
@@ -336,13 +358,13 @@ fn new_flow(
 /// client's own when only its port must change) towards `backend`, and records the reply entry
 /// on it.
 #[inline(always)]
-fn claim_port(
-    flow: &FlowKey,
-    src_addr_be: u32,
-    backend: &Backend,
-    reply: &CtEntry,
+fn claim_port<A: Family>(
+    flow: &FlowKey<A>,
+    src_addr_be: A,
+    backend: &Backend<A>,
+    reply: &CtEntry<A>,
     now: u32,
-) -> Result<(u32, u16), NoFlow> {
+) -> Result<(A, u16), NoFlow> {
     let node = node_config();
     if node.snat_port_last < node.snat_port_first || node.snat_port_first == 0 {
         return Err(NoFlow::SnatFailed);
@@ -368,7 +390,10 @@ fn claim_port(
 
 /// The client's remembered backend (session affinity) if still fresh, else the Maglev slot.
 #[inline(always)]
-fn choose_backend(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, Backend)> {
+fn choose_backend<A: Family>(
+    flow: &FlowKey<A>,
+    service: &ServiceEntry,
+) -> Option<(BackendId, Backend<A>)> {
     if service.table_size == 0 {
         return None;
     }
@@ -382,9 +407,9 @@ fn choose_backend(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, 
     // SAFETY: a helper without arguments or side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
-    let remembered = lookup_lru(&LB_AFFINITY, &key)
+    let remembered = lookup_lru(A::affinity(), &key)
         .filter(|a| now.wrapping_sub(a.last_used_ns) < timeout_ns)
-        .and_then(|a| Some((a.backend_id, lookup(&LB_BACKENDS, &a.backend_id)?)))
+        .and_then(|a| Some((a.backend_id, lookup(A::backends(), &a.backend_id)?)))
         // A draining backend takes no new flows, remembered or not.
         .filter(|(_, b)| b.flags & BACKEND_F_DRAINING == 0);
     let chosen = match remembered {
@@ -398,14 +423,14 @@ fn choose_backend(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, 
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = LB_AFFINITY.insert(&key, &value, 0);
+    let _ = A::affinity().insert(&key, &value, 0);
     Some(chosen)
 }
 
 #[inline(always)]
-fn maglev(flow: &FlowKey, service: &ServiceEntry) -> Option<(BackendId, Backend)> {
+fn maglev<A: Family>(flow: &FlowKey<A>, service: &ServiceEntry) -> Option<(BackendId, Backend<A>)> {
     // A missing slot or backend means user space is mid-update; treat it as no backend rather
     // than guess.
     let id = slot(service.table_offset + slot_for(flow, service.table_size))?;
-    Some((id, lookup(&LB_BACKENDS, &id)?))
+    Some((id, lookup(A::backends(), &id)?))
 }

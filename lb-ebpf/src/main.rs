@@ -1,13 +1,16 @@
-//! The packet path. Entry points only; each is a thin wrapper that records the [`outcome::Outcome`] of
-//! the real work (its counters) and returns its verdict.
+//! The packet path. Entry points only; each is a thin wrapper around its path (`service_path` for
+//! tc, `xdp`), which parses the packet, hands it to its family's copy of the generic layers and
+//! records the [`outcome::Outcome`] (its counters) before returning the verdict.
 //!
 //! Layers, shared by tc and XDP: `headers` (parse), `lb` (classify: conntrack, then Service),
 //! `nat` + `checksum` (rewrite), `fib` (where next); tc adds `redirect`, `reject` and `icmp`.
+//! `family` holds what differs between IPv4 and IPv6; every layer is generic over it.
 #![no_std]
 #![no_main]
 
 mod checksum;
 mod conntrack;
+mod family;
 mod fib;
 mod headers;
 mod icmp;
@@ -32,7 +35,7 @@ use crate::lb::Origin;
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
     // Read before any rewrite; translation never changes a packet's length.
     let bytes = u64::from(ctx.len());
-    service_path::process(ctx, origin).record(bytes)
+    service_path::process(ctx, origin, bytes)
 }
 
 /// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
@@ -61,7 +64,7 @@ pub fn lb_host_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    xdp::process(&ctx).record(bytes)
+    xdp::process(&ctx, bytes)
 }
 
 #[cfg(not(test))]

@@ -16,8 +16,8 @@ use lb_common::{
         MAX_SOURCE_RANGES, SLOTS_PER_ELEMENT,
     },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig,
-        SOURCE_RANGE_LOOKUP_BITS, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
+        ServiceKey, SourceRange, SourceRangeValue,
     },
     stats::{BackendStats, MonitorBudget, MonitorConfig, ServiceStats},
 };
@@ -80,11 +80,17 @@ pub static LB_MONITOR_BUDGET: PerCpuArray<MonitorBudget> = PerCpuArray::pinned(1
 #[map(name = "LB_EVENTS")]
 pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
-/// Whether `addr_be` lies in some range of source-range set `set_id`.
+/// Whether `addr_be` lies in some range of source-range set `set_id`, in `trie` (the family's
+/// map) with a lookup of `bits` (the set id and the whole address).
 #[inline(always)]
-pub fn source_allowed(set_id: u32, addr_be: u32) -> bool {
-    let key = Key::new(SOURCE_RANGE_LOOKUP_BITS, SourceRange { set_id, addr_be });
-    LB_SOURCE_RANGES.get(&key).is_some()
+pub fn source_allowed<A>(
+    trie: &LpmTrie<SourceRange<A>, SourceRangeValue>,
+    bits: u32,
+    set_id: u32,
+    addr_be: A,
+) -> bool {
+    let key = Key::new(bits, SourceRange { set_id, addr_be });
+    trie.get(&key).is_some()
 }
 
 /// Adds one to this CPU's slot of `counter`. Per-CPU, so a plain increment cannot race.

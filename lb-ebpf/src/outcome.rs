@@ -4,12 +4,14 @@
 use lb_common::counters::Counter;
 
 use crate::{
+    family::Family,
     lb::FlowEvents,
     maps::count,
     stats::{self, Attributed},
 };
 
-pub struct Outcome<V> {
+/// `A`: the family of the packet's flow (IPv4 for packets of no flow).
+pub struct Outcome<'a, V, A = u32> {
     pub verdict: V,
     /// What became of the packet; `None` when XDP hands it on to tc, which counts it.
     pub counter: Option<Counter>,
@@ -19,10 +21,10 @@ pub struct Outcome<V> {
     pub events: FlowEvents,
     /// The Service traffic it was (for the per-Service counters and the monitor); `None` for
     /// anything else.
-    pub attributed: Option<Attributed>,
+    pub attributed: Option<Attributed<'a, A>>,
 }
 
-impl<V> Outcome<V> {
+impl<'a, V, A: Family> Outcome<'a, V, A> {
     #[inline(always)]
     pub const fn new(verdict: V, counter: Counter) -> Self {
         Self {
@@ -53,7 +55,7 @@ impl<V> Outcome<V> {
     }
 
     #[inline(always)]
-    pub const fn attributed(mut self, attributed: Option<Attributed>) -> Self {
+    pub const fn attributed(mut self, attributed: Option<Attributed<'a, A>>) -> Self {
         self.attributed = attributed;
         self
     }

@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use lb_common::counters::Counter;
 
-use crate::fib::{self, Route};
+use crate::{
+    family::Family,
+    fib::{self, Route},
+};
 
 /// The interface the packet is on.
 #[inline(always)]
@@ -29,7 +32,7 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 /// would be pinned to this interface as the way out, and a host packet translated on egress
 /// usually has to leave by another one (a local pod's veth).
 #[inline(always)]
-pub fn by_fib(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> (i32, Counter) {
+pub fn by_fib<A: Family>(ctx: &TcContext, saddr_be: A, daddr_be: A, proto: u8) -> (i32, Counter) {
     match fib::lookup(ctx, ifindex(ctx), saddr_be, daddr_be, proto) {
         Route::Resolved {
             ifindex,

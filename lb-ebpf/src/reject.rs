@@ -1,29 +1,33 @@
 //! Answering a new flow to a Service without backends, as kube-proxy does: a TCP RST, or an ICMP
-//! port unreachable for UDP. The packet is rewritten in place into the answer and sent back the
-//! way it came.
+//! (ICMPv6) port unreachable for UDP. The packet is rewritten in place into the answer and sent
+//! back the way it came.
+
+use core::mem;
 
 use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_redirect, programs::TcContext};
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
+use lb_common::IPPROTO_TCP;
 
 use crate::{
     checksum::{fold, pseudo_header_sum, sum_words},
+    family::Family,
     headers::{
-        ETH_LEN, ICMP_HDR_LEN, IPV4_MIN_LEN, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
-        TCP_FLAG_SYN,
+        ETH_LEN, ICMP_HDR_LEN, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
     },
     lb::Origin,
     redirect::ifindex,
 };
 
 const TCP_HDR_LEN: usize = 20;
-/// What an ICMP error quotes of the offending packet: its IPv4 header and 8 bytes after it.
-const QUOTE_LEN: usize = IPV4_MIN_LEN + 8;
 
 pub struct NotRejected;
 
 /// Turns `pkt` into its rejection and returns the redirect verdict that sends it back.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Packet, origin: Origin) -> Result<i32, NotRejected> {
+pub fn reject<A: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    origin: Origin,
+) -> Result<i32, NotRejected> {
     let macs: [[u8; 6]; 2] = ctx.load(0).map_err(|_| NotRejected)?;
     if pkt.proto == IPPROTO_TCP {
         tcp_reset(ctx, pkt)?;
@@ -44,26 +48,10 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, origin: Origin) -> Result<i32, NotR
     Ok(unsafe { bpf_redirect(ifindex(ctx), flags) } as i32)
 }
 
-/// An IPv4 header for an answer from `saddr_be` to `daddr_be`, checksum filled in.
-#[inline(always)]
-fn ipv4_header(total_len: u16, proto: u8, saddr_be: u32, daddr_be: u32) -> [u8; IPV4_MIN_LEN] {
-    let len = total_len.to_be_bytes();
-    let s = saddr_be.to_ne_bytes();
-    let d = daddr_be.to_ne_bytes();
-    let mut h = [
-        0x45, 0, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, s[0], s[1], s[2], s[3], d[0],
-        d[1], d[2], d[3],
-    ];
-    let csum = fold(sum_words(0, &h)).to_be_bytes();
-    h[10] = csum[0];
-    h[11] = csum[1];
-    h
-}
-
 /// RFC 9293 3.10.7.1: with ACK set, the reset takes its sequence number from the ACK field;
 /// otherwise it has sequence 0 and acknowledges everything the segment occupied.
 #[inline(always)]
-fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
+fn tcp_reset<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<(), NotRejected> {
     let hdr: [u8; 14] = ctx.load(pkt.l4_off).map_err(|_| NotRejected)?;
     let flags = hdr[13];
     if flags & TCP_FLAG_RST != 0 {
@@ -71,9 +59,11 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
     }
     let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
     let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let ip_total: u16 = u16::from_be(ctx.load(ETH_LEN + 2).map_err(|_| NotRejected)?);
+    let (len_off, len_add) = A::LEN_FIELD;
+    let len_field: u16 = ctx.load(ETH_LEN + len_off).map_err(|_| NotRejected)?;
+    let ip_total = u16::from_be(len_field) as u32 + len_add as u32;
     let headers = (pkt.l4_off - ETH_LEN) as u32 + ((hdr[12] >> 4) as u32) * 4;
-    let payload = (ip_total as u32).saturating_sub(headers);
+    let payload = ip_total.saturating_sub(headers);
     let (rst_seq, rst_ack, rst_flags) = if flags & TCP_FLAG_ACK != 0 {
         (ack, 0, TCP_FLAG_RST)
     } else {
@@ -111,40 +101,40 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
     let csum = fold(sum_words(pseudo, &tcp)).to_be_bytes();
     tcp[16] = csum[0];
     tcp[17] = csum[1];
-    let ip = ipv4_header(
-        (IPV4_MIN_LEN + TCP_HDR_LEN) as u16,
-        IPPROTO_TCP,
-        pkt.daddr_be,
-        pkt.saddr_be,
-    );
-    resize(ctx, ETH_LEN + IPV4_MIN_LEN + TCP_HDR_LEN)?;
+    let ip = A::header(TCP_HDR_LEN as u16, IPPROTO_TCP, pkt.daddr_be, pkt.saddr_be);
+    resize(ctx, ETH_LEN + A::HDR_LEN + TCP_HDR_LEN)?;
     ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_MIN_LEN, &tcp, 0)
+    ctx.store(ETH_LEN + A::HDR_LEN, &tcp, 0)
         .map_err(|_| NotRejected)
 }
 
-/// ICMP destination unreachable, code 3 (port unreachable), quoting the offending header.
+/// ICMP destination unreachable, port unreachable (ICMPv6: type 1 code 4), quoting the offending
+/// header and the 8 bytes after it.
 #[inline(always)]
-fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), NotRejected> {
-    if pkt.l4_off != ETH_LEN + IPV4_MIN_LEN {
-        return Err(NotRejected); // IPv4 options: not worth quoting; the flow is dropped instead
+fn icmp_port_unreachable<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<(), NotRejected> {
+    if pkt.l4_off != ETH_LEN + A::HDR_LEN {
+        // IPv4 options or IPv6 extension headers: not worth quoting; the flow is dropped instead.
+        return Err(NotRejected);
     }
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_LEN).map_err(|_| NotRejected)?;
-    let mut icmp = [3u8, 3, 0, 0, 0, 0, 0, 0];
-    let csum = fold(sum_words(sum_words(0, &icmp), &quote)).to_be_bytes();
+    let quote: A::Quote = ctx.load(ETH_LEN).map_err(|_| NotRejected)?;
+    let quote_len = mem::size_of::<A::Quote>();
+    let [icmp_type, icmp_code] = A::ICMP_PORT_UNREACHABLE;
+    let mut icmp = [icmp_type, icmp_code, 0, 0, 0, 0, 0, 0];
+    let icmp_len = (ICMP_HDR_LEN + quote_len) as u16;
+    let pseudo = if A::ICMP_PSEUDO_HEADER {
+        pseudo_header_sum(pkt.daddr_be, pkt.saddr_be, A::ICMP_PROTO, icmp_len)
+    } else {
+        0
+    };
+    let csum = fold(sum_words(sum_words(pseudo, &icmp), quote.as_ref())).to_be_bytes();
     icmp[2] = csum[0];
     icmp[3] = csum[1];
-    let ip = ipv4_header(
-        (IPV4_MIN_LEN + ICMP_HDR_LEN + QUOTE_LEN) as u16,
-        IPPROTO_ICMP,
-        pkt.daddr_be,
-        pkt.saddr_be,
-    );
-    resize(ctx, ETH_LEN + IPV4_MIN_LEN + ICMP_HDR_LEN + QUOTE_LEN)?;
+    let ip = A::header(icmp_len, A::ICMP_PROTO, pkt.daddr_be, pkt.saddr_be);
+    resize(ctx, ETH_LEN + A::HDR_LEN + ICMP_HDR_LEN + quote_len)?;
     ctx.store(ETH_LEN, &ip, 0).map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_MIN_LEN, &icmp, 0)
+    ctx.store(ETH_LEN + A::HDR_LEN, &icmp, 0)
         .map_err(|_| NotRejected)?;
-    ctx.store(ETH_LEN + IPV4_MIN_LEN + ICMP_HDR_LEN, &quote, 0)
+    ctx.store(ETH_LEN + A::HDR_LEN + ICMP_HDR_LEN, &quote, 0)
         .map_err(|_| NotRejected)
 }
 

@@ -1,5 +1,6 @@
 //! The tc packet path shared by every tc entry point: parse, [`lb::classify`], then rewrite and
-//! send on, answer (reject) or leave the packet alone.
+//! send on, answer (reject) or leave the packet alone; then record what happened. Each family
+//! runs its own copy of the generic steps.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -11,7 +12,8 @@ use lb_common::{
 };
 
 use crate::{
-    headers::{self, NotHandled, Packet, Parsed},
+    family::Family,
+    headers::{self, IcmpError, NotHandled, Packet, Parsed},
     icmp::{self, IcmpOutcome},
     lb::{self, Action, Origin, Scope},
     nat,
@@ -22,32 +24,52 @@ use crate::{
 const PASS: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
+/// Handles one packet of `bytes`, records its outcome and returns the verdict.
 #[inline(always)]
-pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
-    let pkt = match headers::parse(ctx) {
-        Ok(Parsed::Flow(pkt)) => pkt,
-        Ok(Parsed::IcmpError(err)) => {
-            return match icmp::translate(ctx, &err, origin) {
-                IcmpOutcome::NotOurs => Outcome::new(PASS, Counter::Passed),
-                IcmpOutcome::Broken => Outcome::new(SHOT, Counter::Malformed),
-                IcmpOutcome::Translated { verdict, sent } => {
-                    Outcome::new(verdict, Counter::IcmpTranslated).sent(sent)
-                }
-            };
+pub fn process(ctx: &TcContext, origin: Origin, bytes: u64) -> i32 {
+    match headers::parse(ctx) {
+        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, origin, bytes),
+        Ok(Parsed::IcmpError(err)) => icmp_error(ctx, &err, origin).record(bytes),
+        Err(not_handled) => not_ours(not_handled).record(bytes),
+    }
+}
+
+#[inline(always)]
+fn not_ours(why: NotHandled) -> Outcome<'static, i32> {
+    match why {
+        NotHandled::Pass => Outcome::new(PASS, Counter::Passed),
+        NotHandled::Malformed => Outcome::new(PASS, Counter::Malformed),
+    }
+}
+
+#[inline(always)]
+fn icmp_error<A: Family>(
+    ctx: &TcContext,
+    err: &IcmpError<A>,
+    origin: Origin,
+) -> Outcome<'static, i32> {
+    match icmp::translate(ctx, err, origin) {
+        IcmpOutcome::NotOurs => Outcome::new(PASS, Counter::Passed),
+        IcmpOutcome::Broken => Outcome::new(SHOT, Counter::Malformed),
+        IcmpOutcome::Translated { verdict, sent } => {
+            Outcome::new(verdict, Counter::IcmpTranslated).sent(sent)
         }
-        Err(NotHandled::Pass) => return Outcome::new(PASS, Counter::Passed),
-        Err(NotHandled::Malformed) => return Outcome::new(PASS, Counter::Malformed),
-    };
+    }
+}
+
+#[inline(always)]
+fn flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, origin: Origin, bytes: u64) -> i32 {
     let flow = pkt.flow();
     let decision = lb::classify(&flow, pkt.tcp_flags, origin, Scope::Every);
-    let outcome = match decision.action {
-        Action::Translate(ct) => translate(ctx, &pkt, &ct),
+    let outcome: Outcome<i32, A> = match decision.action {
+        Action::Translate => translate(ctx, pkt, &decision.entry),
         Action::NotAService | Action::OutOfScope => Outcome::new(PASS, Counter::Passed),
         Action::SnatFailed => Outcome::new(SHOT, Counter::SnatFailed),
         Action::Denied => Outcome::new(SHOT, Counter::DroppedSourceRange),
-        Action::NoBackend { reject: true } => match reject::reject(ctx, &pkt, origin) {
+        Action::NoBackend { reject: true } => match reject::reject(ctx, pkt, origin) {
             Ok(verdict) => Outcome::new(verdict, Counter::Rejected),
-            // Not answerable (a reset, or UDP with IPv4 options): drop instead.
+            // Not answerable (a reset, or UDP with IPv4 options / IPv6 extension headers):
+            // drop instead.
             Err(_) => Outcome::new(SHOT, Counter::DroppedNoBackend),
         },
         Action::NoBackend { reject: false } => Outcome::new(SHOT, Counter::DroppedNoBackend),
@@ -55,11 +77,16 @@ pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
     outcome
         .with_events(decision.events)
         .attributed(decision.attributed(&flow, origin))
+        .record(bytes)
 }
 
 /// Applies a conntrack entry to the packet and sends it on.
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, ct: &CtEntry) -> Outcome<i32> {
+fn translate<'a, A: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    ct: &CtEntry<A>,
+) -> Outcome<'a, i32, A> {
     let counter = if ct.kind == CT_KIND_FORWARD {
         Counter::Translated
     } else {

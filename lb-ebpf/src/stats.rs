@@ -9,16 +9,21 @@ use lb_common::{
     stats::{BackendStats, EVENT_DROP, EVENT_NEW_FLOW, MonitorEvent, ServiceStats},
 };
 
-use crate::maps::{LB_BACKEND_STATS, LB_EVENTS, LB_MONITOR, LB_MONITOR_BUDGET, LB_SERVICE_STATS};
+use crate::{
+    family::Family,
+    maps::{LB_BACKEND_STATS, LB_EVENTS, LB_MONITOR, LB_MONITOR_BUDGET, LB_SERVICE_STATS},
+};
 
 /// The Service traffic a packet was: what the counters and the monitor need of it.
+/// Held by reference, not copied: an IPv6 flow and entry are 96 bytes, and the BPF stack is 512.
 #[derive(Clone, Copy)]
-pub struct Attributed {
+pub struct Attributed<'a, A> {
     /// The packet's flow as it arrived.
-    pub flow: FlowKey,
-    /// The conntrack entry it was translated by; for a refused new flow, only `service_id` is
-    /// set.
-    pub ct: CtEntry,
+    pub flow: &'a FlowKey<A>,
+    /// The conntrack entry it was translated by; `None` for a refused new flow.
+    pub ct: Option<&'a CtEntry<A>>,
+    /// The frontend.
+    pub service_id: u32,
     /// The flow started with this packet.
     pub new_flow: bool,
     /// `stats::ORIGIN_*`.
@@ -29,27 +34,28 @@ pub struct Attributed {
 /// flow also goes to the monitor. `counter` is `None` when XDP hands the packet on to tc, which
 /// counts it: only a flow XDP started is recorded then (tc sees it as known).
 #[inline(always)]
-pub fn record(a: &Attributed, counter: Option<Counter>, bytes: u64) {
+pub fn record<A: Family>(a: &Attributed<A>, counter: Option<Counter>, bytes: u64) {
     if counter.is_none() && !a.new_flow {
         return;
     }
-    let Some(service) = service_stats(a.ct.service_id) else {
+    let Some(service) = service_stats(a.service_id) else {
         return;
     };
+    let backend_id = a.ct.map_or(0, |ct| ct.backend_id);
     match counter {
         None => {
             // SAFETY: pointers from successful per-CPU lookups, valid for this run; only this
             // CPU writes its copy.
             unsafe {
                 (*service).new_flows += 1;
-                if let Some(backend) = backend_stats(a.ct.backend_id) {
+                if let Some(backend) = backend_stats(backend_id) {
                     (*backend).new_flows += 1;
                 }
             }
             monitor(a, EVENT_NEW_FLOW, Counter::Translated);
         }
         Some(counter @ (Counter::Translated | Counter::ReverseTranslated)) => {
-            let forward = a.ct.kind == CT_KIND_FORWARD;
+            let forward = a.ct.is_some_and(|ct| ct.kind == CT_KIND_FORWARD);
             // SAFETY: pointers from successful per-CPU lookups, valid for this run; only this
             // CPU writes its copy.
             unsafe {
@@ -63,7 +69,7 @@ pub fn record(a: &Attributed, counter: Option<Counter>, bytes: u64) {
                 if a.new_flow {
                     (*service).new_flows += 1;
                 }
-                if let Some(backend) = backend_stats(a.ct.backend_id) {
+                if let Some(backend) = backend_stats(backend_id) {
                     if forward {
                         (*backend).forward_packets += 1;
                         (*backend).forward_bytes += bytes;
@@ -123,7 +129,7 @@ fn backend_stats(id: u32) -> Option<*mut BackendStats> {
 
 /// Writes an event for `lb monitor` if one listens and this CPU's budget for the second allows.
 #[inline(always)]
-fn monitor(a: &Attributed, kind: u8, reason: Counter) {
+fn monitor<A: Family>(a: &Attributed<A>, kind: u8, reason: Counter) {
     let Some(config) = LB_MONITOR.get(0) else {
         return;
     };
@@ -151,22 +157,36 @@ fn monitor(a: &Attributed, kind: u8, reason: Counter) {
         }
         (*budget).sent += 1;
     }
-    let new_flow = kind == EVENT_NEW_FLOW;
-    let event = MonitorEvent {
-        time_ns: now,
-        flow: a.flow,
-        service_id: a.ct.service_id,
-        backend_id: if new_flow { a.ct.backend_id } else { 0 },
-        new_daddr_be: if new_flow { a.ct.new_daddr_be } else { 0 },
-        new_dport_be: if new_flow { a.ct.new_dport_be } else { 0 },
-        kind,
-        reason: reason as u8,
-        origin: a.origin,
-        snat: u8::from(new_flow && a.ct.flags & CT_F_SNAT != 0),
-        _pad: [0; 6],
-    };
-    if LB_EVENTS.output::<MonitorEvent>(&event, 0).is_err() {
+    let Some(mut entry) = LB_EVENTS.reserve::<MonitorEvent>(0) else {
         // SAFETY: as above.
         unsafe { (*budget).lost = (*budget).lost.wrapping_add(1) };
+        return;
+    };
+    // Only a new flow names its backend and where it goes.
+    let translated = a.ct.filter(|_| kind == EVENT_NEW_FLOW);
+    let f = a.flow;
+    // Written in place in the ring (not built on the stack and copied): the event is 80 bytes.
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to the reserved, exclusively ours, `MonitorEvent`-sized record;
+    // every field is written before it is submitted.
+    unsafe {
+        (*event).time_ns = now;
+        (*event).flow = FlowKey::new(
+            f.saddr_be.to_wide(),
+            f.daddr_be.to_wide(),
+            f.sport_be,
+            f.dport_be,
+            f.proto,
+        );
+        (*event).service_id = a.service_id;
+        (*event).backend_id = translated.map_or(0, |ct| ct.backend_id);
+        (*event).new_daddr_be = translated.map_or([0; 4], |ct| ct.new_daddr_be.to_wide());
+        (*event).new_dport_be = translated.map_or(0, |ct| ct.new_dport_be);
+        (*event).kind = kind;
+        (*event).reason = reason as u8;
+        (*event).origin = a.origin;
+        (*event).snat = u8::from(translated.is_some_and(|ct| ct.flags & CT_F_SNAT != 0));
+        (*event)._pad = [0; 2];
     }
+    entry.submit(0);
 }

@@ -13,8 +13,9 @@ use lb_common::{
 };
 
 use crate::{
+    family::Family,
     fib::{self, Route},
-    headers::{self, Parsed},
+    headers::{self, Packet, Parsed},
     lb::{self, Action, Origin, Scope},
     nat,
     outcome::Outcome,
@@ -22,12 +23,18 @@ use crate::{
 
 const PASS: u32 = xdp_action::XDP_PASS;
 
+/// Handles one frame of `bytes`, records its outcome and returns the verdict.
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> Outcome<u32> {
-    // Anything not a TCP/UDP flow (ICMP errors included) is tc's, and tc counts it.
-    let Ok(Parsed::Flow(pkt)) = headers::parse(ctx) else {
-        return Outcome::uncounted(PASS);
-    };
+pub fn process(ctx: &XdpContext, bytes: u64) -> u32 {
+    match headers::parse(ctx) {
+        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, bytes),
+        // Anything not a TCP/UDP flow (ICMP errors included) is tc's, and tc counts it.
+        _ => PASS,
+    }
+}
+
+#[inline(always)]
+fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, bytes: u64) -> u32 {
     let flow = pkt.flow();
     let decision = lb::classify(
         &flow,
@@ -35,8 +42,9 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
         Origin::External,
         Scope::RedirectedOnly,
     );
-    let outcome = match decision.action {
-        Action::Translate(ct) if ct.flags & CT_F_REDIRECT != 0 => {
+    let ct = &decision.entry;
+    let outcome: Outcome<u32, A> = match decision.action {
+        Action::Translate if ct.flags & CT_F_REDIRECT != 0 => {
             let ingress = ctx.ingress_ifindex() as u32;
             match fib::lookup(ctx, ingress, ct.new_saddr_be, ct.new_daddr_be, pkt.proto) {
                 Route::Resolved {
@@ -44,7 +52,7 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
                     dst_mac,
                     src_mac,
                 } if ifindex == ingress => {
-                    if nat::apply_to_frame(ctx, &pkt, &ct, [dst_mac, src_mac]).is_ok() {
+                    if nat::apply_to_frame(ctx, pkt, ct, [dst_mac, src_mac]).is_ok() {
                         let counter = if ct.kind == CT_KIND_FORWARD {
                             Counter::Translated
                         } else {
@@ -70,4 +78,5 @@ pub fn process(ctx: &XdpContext) -> Outcome<u32> {
     outcome
         .with_events(decision.events)
         .attributed(decision.attributed(&flow, Origin::External))
+        .record(bytes)
 }

@@ -116,7 +116,7 @@ fn fill(fd: BorrowedFd<'_>, entries: &[(FlowKey, CtEntry)]) {
 
 /// The walk `aya`'s iterator does: next key, then its value, one syscall each.
 fn walk_one_by_one(fd: BorrowedFd<'_>) -> usize {
-    let mut key = FlowKey::new(0, 0, 0, 0, 0);
+    let mut key: FlowKey = FlowKey::new(0, 0, 0, 0, 0);
     let mut next = key;
     let mut value = [0u8; size_of::<CtEntry>()];
     let mut first = true;

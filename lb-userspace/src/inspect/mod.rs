@@ -170,11 +170,13 @@ fn summed<V: Pod + Default>(
 
 /// `IP:PORT` of a wire-order address and port.
 pub fn endpoint_text(addr_be: u32, port_be: u16) -> String {
-    format!(
-        "{}:{}",
-        std::net::Ipv4Addr::from(lb_common::addr_octets(addr_be)),
-        u16::from_be(port_be)
-    )
+    wide_endpoint_text(lb_common::Address::to_wide(addr_be), port_be)
+}
+
+/// `address:port` (IPv6 in brackets) of an address field that holds either family.
+pub fn wide_endpoint_text(addr: lb_common::Ip6, port_be: u16) -> String {
+    std::net::SocketAddr::new(lb_common::addr::ip_from_wide(addr), u16::from_be(port_be))
+        .to_string()
 }
 
 /// `namespace/name (kind)` of each programmed frontend, by service id (empty without a state

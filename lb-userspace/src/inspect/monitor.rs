@@ -21,7 +21,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::{PinnedMaps, endpoint_text, monotonic_ns};
+use super::{PinnedMaps, monotonic_ns, wide_endpoint_text};
 use crate::model::Protocol;
 
 /// How far ahead a monitor switches events on; renewed every second.
@@ -133,13 +133,13 @@ pub fn view(event: &MonitorEvent, names: &BTreeMap<u32, String>) -> EventView {
         reason,
         protocol: Protocol::from_number(event.flow.proto)
             .map_or(event.flow.proto.to_string(), |p| p.to_string()),
-        client: endpoint_text(event.flow.saddr_be, event.flow.sport_be),
-        frontend: endpoint_text(event.flow.daddr_be, event.flow.dport_be),
+        client: wide_endpoint_text(event.flow.saddr_be, event.flow.sport_be),
+        frontend: wide_endpoint_text(event.flow.daddr_be, event.flow.dport_be),
         service: names
             .get(&event.service_id)
             .cloned()
             .unwrap_or_else(|| format!("service id {}", event.service_id)),
-        backend: new_flow.then(|| endpoint_text(event.new_daddr_be, event.new_dport_be)),
+        backend: new_flow.then(|| wide_endpoint_text(event.new_daddr_be, event.new_dport_be)),
         origin: match event.origin {
             ORIGIN_POD => "pod",
             ORIGIN_EXTERNAL => "external",

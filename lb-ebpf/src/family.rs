@@ -1,0 +1,129 @@
+//! What differs between address families on the packet path, in one trait: each family's maps,
+//! where its header keeps the addresses, whether it has a header checksum, and how an answer's
+//! header is built. Every layer above (`lb`, `conntrack`, `nat`, `icmp`, `reject`, `fib`) is
+//! generic over [`Family`] and compiled once per family. Only IPv4 implements it so far; IPv6
+//! (issue 14) adds its maps and an `impl Family for Ip6`, and an IPv4 packet keeps running the
+//! code it runs now.
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    maps::{HashMap, LpmTrie, LruHashMap},
+};
+use lb_common::{
+    Address, IPPROTO_ICMP,
+    conntrack::{CtEntry, FlowKey},
+    service::{
+        AffinityKey, AffinityValue, Backend, BackendId, SOURCE_RANGE_LOOKUP_BITS, ServiceEntry,
+        ServiceKey, SourceRange, SourceRangeValue,
+    },
+};
+
+use crate::{
+    checksum::{fold, sum_words},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_SERVICES, LB_SOURCE_RANGES, node_config},
+};
+
+pub const IPV4_HDR_LEN: usize = 20;
+
+pub trait Family: Address + 'static {
+    /// `AF_INET` / `AF_INET6`, for the FIB lookup.
+    const AF: u8;
+    /// Where the source and destination addresses sit in the IP header.
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+    /// The IP header's checksum, if the family has one (IPv4's, at this offset).
+    const L3_CSUM_OFF: Option<usize>;
+    /// The header without options or extension headers (what lb builds for its answers, and the
+    /// only quoted header it translates).
+    const HDR_LEN: usize;
+    /// The first byte of such a header: (mask, value). IPv4: version 4 and a 20-byte header;
+    /// IPv6: version 6.
+    const PLAIN_HEADER_FIRST_BYTE: (u8, u8);
+    /// Where the header says the protocol (IPv6: the next header).
+    const PROTO_OFF: usize;
+    /// Where the header's length field is, and what to add to it for the whole packet's length
+    /// from the IP header on (IPv4 counts its header, IPv6 does not count its fixed one).
+    const LEN_FIELD: (usize, u16);
+    /// The family's ICMP: its protocol number, and whether its checksum covers a pseudo-header
+    /// (ICMPv6's does, ICMPv4's does not).
+    const ICMP_PROTO: u8;
+    const ICMP_PSEUDO_HEADER: bool;
+    /// ICMP destination unreachable, port unreachable: type and code.
+    const ICMP_PORT_UNREACHABLE: [u8; 2];
+    type Header: Copy;
+    /// What an ICMP error quotes of the packet it is about: its (plain) header and the 8 bytes
+    /// after it, the ports included.
+    type Quote: Copy + AsRef<[u8]>;
+
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceEntry>;
+    fn backends() -> &'static HashMap<BackendId, Backend<Self>>;
+    fn conntrack() -> &'static LruHashMap<FlowKey<Self>, CtEntry<Self>>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue>;
+    fn source_ranges() -> (&'static LpmTrie<SourceRange<Self>, SourceRangeValue>, u32);
+    /// The node's SNAT address of this family; unspecified when it has none.
+    fn snat_addr() -> Self;
+    /// Puts the addresses into a FIB lookup's parameters.
+    fn fib_addrs(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self);
+    /// An answer's IP header (`payload_len` bytes follow it), checksum filled in if it has one.
+    fn header(payload_len: u16, proto: u8, saddr: Self, daddr: Self) -> Self::Header;
+}
+
+impl Family for u32 {
+    const AF: u8 = 2;
+    const SRC_OFF: usize = 12;
+    const DST_OFF: usize = 16;
+    const L3_CSUM_OFF: Option<usize> = Some(10);
+    const HDR_LEN: usize = IPV4_HDR_LEN;
+    const PLAIN_HEADER_FIRST_BYTE: (u8, u8) = (0xff, 0x45);
+    const PROTO_OFF: usize = 9;
+    const LEN_FIELD: (usize, u16) = (2, 0);
+    const ICMP_PROTO: u8 = IPPROTO_ICMP;
+    const ICMP_PSEUDO_HEADER: bool = false;
+    const ICMP_PORT_UNREACHABLE: [u8; 2] = [3, 3];
+    type Header = [u8; IPV4_HDR_LEN];
+    type Quote = [u8; IPV4_HDR_LEN + 8];
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceEntry> {
+        &LB_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendId, Backend<Self>> {
+        &LB_BACKENDS
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<FlowKey<Self>, CtEntry<Self>> {
+        &LB_CONNTRACK
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue> {
+        &LB_AFFINITY
+    }
+    #[inline(always)]
+    fn source_ranges() -> (&'static LpmTrie<SourceRange<Self>, SourceRangeValue>, u32) {
+        (&LB_SOURCE_RANGES, SOURCE_RANGE_LOOKUP_BITS)
+    }
+    #[inline(always)]
+    fn snat_addr() -> Self {
+        node_config().snat_addr_be
+    }
+    #[inline(always)]
+    fn fib_addrs(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self) {
+        params.__bindgen_anon_3.ipv4_src = saddr;
+        params.__bindgen_anon_4.ipv4_dst = daddr;
+    }
+    #[inline(always)]
+    fn header(payload_len: u16, proto: u8, saddr: Self, daddr: Self) -> Self::Header {
+        let len = (payload_len + IPV4_HDR_LEN as u16).to_be_bytes();
+        let s = saddr.to_ne_bytes();
+        let d = daddr.to_ne_bytes();
+        let mut h = [
+            0x45, 0, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, s[0], s[1], s[2], s[3], d[0],
+            d[1], d[2], d[3],
+        ];
+        let csum = fold(sum_words(0, &h)).to_be_bytes();
+        h[10] = csum[0];
+        h[11] = csum[1];
+        h
+    }
+}
