@@ -29,7 +29,8 @@ pub const MONITOR_MAP: &str = "LB_MONITOR";
 pub const MONITOR_BUDGET_MAP: &str = "LB_MONITOR_BUDGET";
 /// The monitor's ring buffer of `stats::MonitorEvent`s.
 pub const EVENTS_MAP: &str = "LB_EVENTS";
-/// The ring buffer's size: 5,461 events; `lb monitor` drains it many times a second.
+/// The ring buffer's size: about 2,900 events (80 bytes and an 8-byte record header each);
+/// `lb monitor` drains it many times a second.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 // Capacities: the object file's maps are built with the defaults below; the agent sets each
