@@ -61,10 +61,9 @@ pub enum Scope {
 }
 
 /// What to do with a packet of `flow`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Rewrite it by the decision's entry: a known flow's, or the new flow's just recorded.
-    Translate,
+pub enum Action<A> {
+    /// Rewrite it by this entry: a known flow's, or the new flow's just recorded.
+    Translate(CtEntry<A>),
     /// Not to a Service frontend, and no flow of ours.
     NotAService,
     /// A known flow outside the program's [`Scope`].
@@ -100,14 +99,9 @@ impl FlowEvents {
     };
 }
 
-/// An [`Action`], the entry a `Translate` applies, and what happened to the flow on the way.
-///
-/// The entry sits beside the action rather than inside it: an enum carrying it would leave its
-/// bytes unwritten for the other actions, and the verifier refuses a copy of unwritten stack.
+/// An [`Action`] and what happened to the flow on the way.
 pub struct Decision<A> {
-    pub action: Action,
-    /// The conntrack entry to apply (`Translate`); all zero otherwise.
-    pub entry: CtEntry<A>,
+    pub action: Action<A>,
     pub events: FlowEvents,
 }
 
@@ -115,22 +109,18 @@ impl<A: Family> Decision<A> {
     /// The Service traffic this packet is, for the per-Service counters: a translated packet
     /// (its entry names frontend and backend) or a refused new flow (its frontend only).
     #[inline(always)]
-    pub fn attributed<'a>(
-        &'a self,
-        flow: &'a FlowKey<A>,
-        origin: Origin,
-    ) -> Option<Attributed<'a, A>> {
-        let (ct, service_id) = match self.action {
-            Action::Translate => (Some(&self.entry), self.entry.service_id),
-            Action::SnatFailed | Action::NoBackend { .. } | Action::Denied => {
-                (None, self.events.service_id)
-            }
+    pub fn attributed(&self, flow: &FlowKey<A>, origin: Origin) -> Option<Attributed<A>> {
+        let ct = match &self.action {
+            Action::Translate(ct) => *ct,
+            Action::SnatFailed | Action::NoBackend { .. } | Action::Denied => CtEntry {
+                service_id: self.events.service_id,
+                ..CtEntry::ZERO
+            },
             Action::NotAService | Action::OutOfScope => return None,
         };
         Some(Attributed {
-            flow,
+            flow: *flow,
             ct,
-            service_id,
             new_flow: self.events.new_flow,
             origin: origin.code(),
         })
@@ -146,13 +136,8 @@ pub fn classify<A: Family>(
     scope: Scope,
 ) -> Decision<A> {
     let mut events = FlowEvents::NONE;
-    let mut entry = CtEntry::ZERO;
-    let action = decide(flow, tcp_flags, origin, scope, &mut entry, &mut events);
-    Decision {
-        action,
-        entry,
-        events,
-    }
+    let action = decide(flow, tcp_flags, origin, scope, &mut events);
+    Decision { action, events }
 }
 
 #[inline(always)]
@@ -161,16 +146,14 @@ fn decide<A: Family>(
     tcp_flags: u8,
     origin: Origin,
     scope: Scope,
-    entry: &mut CtEntry<A>,
     events: &mut FlowEvents,
-) -> Action {
+) -> Action<A> {
     let known = conntrack::lookup(flow);
     if scope == Scope::RedirectedOnly && known.is_some_and(|ct| ct.flags & CT_F_REDIRECT == 0) {
         return Action::OutOfScope;
     }
     if let Some(ct) = known.and_then(|found| established_entry(flow, found, tcp_flags, events)) {
-        *entry = ct;
-        return Action::Translate;
+        return Action::Translate(ct);
     }
     let frontend = ServiceKey::new(flow.daddr_be, flow.dport_be, flow.proto);
     let Some(service) = lookup(A::services(), &frontend) else {
@@ -188,8 +171,7 @@ fn decide<A: Family>(
     match new_flow(flow, &service, origin, events) {
         Ok(forward) => {
             events.new_flow = true;
-            *entry = forward;
-            Action::Translate
+            Action::Translate(forward)
         }
         Err(NoFlow::SnatFailed) => Action::SnatFailed,
         Err(NoFlow::NoBackend) => Action::NoBackend {

@@ -1,6 +1,5 @@
-//! The packet path. Entry points only; each is a thin wrapper around its path (`service_path` for
-//! tc, `xdp`), which parses the packet, hands it to its family's copy of the generic layers and
-//! records the [`outcome::Outcome`] (its counters) before returning the verdict.
+//! The packet path. Entry points only; each is a thin wrapper that records the [`outcome::Outcome`] of
+//! the real work (its counters) and returns its verdict.
 //!
 //! Layers, shared by tc and XDP: `headers` (parse), `lb` (classify: conntrack, then Service),
 //! `nat` + `checksum` (rewrite), `fib` (where next); tc adds `redirect`, `reject` and `icmp`.
@@ -35,7 +34,7 @@ use crate::lb::Origin;
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
     // Read before any rewrite; translation never changes a packet's length.
     let bytes = u64::from(ctx.len());
-    service_path::process(ctx, origin, bytes)
+    service_path::process(ctx, origin).record(bytes)
 }
 
 /// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
@@ -64,7 +63,7 @@ pub fn lb_host_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    xdp::process(&ctx, bytes)
+    xdp::process(&ctx).record(bytes)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// `A`: the family of the packet's flow (IPv4 for packets of no flow).
-pub struct Outcome<'a, V, A = u32> {
+pub struct Outcome<V, A = u32> {
     pub verdict: V,
     /// What became of the packet; `None` when XDP hands it on to tc, which counts it.
     pub counter: Option<Counter>,
@@ -21,10 +21,10 @@ pub struct Outcome<'a, V, A = u32> {
     pub events: FlowEvents,
     /// The Service traffic it was (for the per-Service counters and the monitor); `None` for
     /// anything else.
-    pub attributed: Option<Attributed<'a, A>>,
+    pub attributed: Option<Attributed<A>>,
 }
 
-impl<'a, V, A: Family> Outcome<'a, V, A> {
+impl<V, A: Family> Outcome<V, A> {
     #[inline(always)]
     pub const fn new(verdict: V, counter: Counter) -> Self {
         Self {
@@ -55,7 +55,7 @@ impl<'a, V, A: Family> Outcome<'a, V, A> {
     }
 
     #[inline(always)]
-    pub const fn attributed(mut self, attributed: Option<Attributed<'a, A>>) -> Self {
+    pub const fn attributed(mut self, attributed: Option<Attributed<A>>) -> Self {
         self.attributed = attributed;
         self
     }

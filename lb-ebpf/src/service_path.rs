@@ -24,18 +24,18 @@ use crate::{
 const PASS: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
-/// Handles one packet of `bytes`, records its outcome and returns the verdict.
+/// Handles one packet; the entry point records the outcome.
 #[inline(always)]
-pub fn process(ctx: &TcContext, origin: Origin, bytes: u64) -> i32 {
+pub fn process(ctx: &TcContext, origin: Origin) -> Outcome<i32> {
     match headers::parse(ctx) {
-        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, origin, bytes),
-        Ok(Parsed::IcmpError(err)) => icmp_error(ctx, &err, origin).record(bytes),
-        Err(not_handled) => not_ours(not_handled).record(bytes),
+        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, origin),
+        Ok(Parsed::IcmpError(err)) => icmp_error(ctx, &err, origin),
+        Err(not_handled) => not_ours(not_handled),
     }
 }
 
 #[inline(always)]
-fn not_ours(why: NotHandled) -> Outcome<'static, i32> {
+fn not_ours(why: NotHandled) -> Outcome<i32> {
     match why {
         NotHandled::Pass => Outcome::new(PASS, Counter::Passed),
         NotHandled::Malformed => Outcome::new(PASS, Counter::Malformed),
@@ -43,11 +43,7 @@ fn not_ours(why: NotHandled) -> Outcome<'static, i32> {
 }
 
 #[inline(always)]
-fn icmp_error<A: Family>(
-    ctx: &TcContext,
-    err: &IcmpError<A>,
-    origin: Origin,
-) -> Outcome<'static, i32> {
+fn icmp_error<A: Family>(ctx: &TcContext, err: &IcmpError<A>, origin: Origin) -> Outcome<i32> {
     match icmp::translate(ctx, err, origin) {
         IcmpOutcome::NotOurs => Outcome::new(PASS, Counter::Passed),
         IcmpOutcome::Broken => Outcome::new(SHOT, Counter::Malformed),
@@ -58,11 +54,11 @@ fn icmp_error<A: Family>(
 }
 
 #[inline(always)]
-fn flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, origin: Origin, bytes: u64) -> i32 {
+fn flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, origin: Origin) -> Outcome<i32, A> {
     let flow = pkt.flow();
     let decision = lb::classify(&flow, pkt.tcp_flags, origin, Scope::Every);
-    let outcome: Outcome<i32, A> = match decision.action {
-        Action::Translate => translate(ctx, pkt, &decision.entry),
+    let outcome: Outcome<i32, A> = match &decision.action {
+        Action::Translate(ct) => translate(ctx, pkt, ct),
         Action::NotAService | Action::OutOfScope => Outcome::new(PASS, Counter::Passed),
         Action::SnatFailed => Outcome::new(SHOT, Counter::SnatFailed),
         Action::Denied => Outcome::new(SHOT, Counter::DroppedSourceRange),
@@ -77,16 +73,11 @@ fn flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, origin: Origin, bytes: u64)
     outcome
         .with_events(decision.events)
         .attributed(decision.attributed(&flow, origin))
-        .record(bytes)
 }
 
 /// Applies a conntrack entry to the packet and sends it on.
 #[inline(always)]
-fn translate<'a, A: Family>(
-    ctx: &TcContext,
-    pkt: &Packet<A>,
-    ct: &CtEntry<A>,
-) -> Outcome<'a, i32, A> {
+fn translate<A: Family>(ctx: &TcContext, pkt: &Packet<A>, ct: &CtEntry<A>) -> Outcome<i32, A> {
     let counter = if ct.kind == CT_KIND_FORWARD {
         Counter::Translated
     } else {

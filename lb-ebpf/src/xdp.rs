@@ -23,18 +23,18 @@ use crate::{
 
 const PASS: u32 = xdp_action::XDP_PASS;
 
-/// Handles one frame of `bytes`, records its outcome and returns the verdict.
+/// Handles one frame; the entry point records the outcome.
 #[inline(always)]
-pub fn process(ctx: &XdpContext, bytes: u64) -> u32 {
+pub fn process(ctx: &XdpContext) -> Outcome<u32> {
     match headers::parse(ctx) {
-        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, bytes),
+        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt),
         // Anything not a TCP/UDP flow (ICMP errors included) is tc's, and tc counts it.
-        _ => PASS,
+        _ => Outcome::uncounted(PASS),
     }
 }
 
 #[inline(always)]
-fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, bytes: u64) -> u32 {
+fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Outcome<u32, A> {
     let flow = pkt.flow();
     let decision = lb::classify(
         &flow,
@@ -42,9 +42,8 @@ fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, bytes: u64) -> u32 {
         Origin::External,
         Scope::RedirectedOnly,
     );
-    let ct = &decision.entry;
-    let outcome: Outcome<u32, A> = match decision.action {
-        Action::Translate if ct.flags & CT_F_REDIRECT != 0 => {
+    let outcome: Outcome<u32, A> = match &decision.action {
+        Action::Translate(ct) if ct.flags & CT_F_REDIRECT != 0 => {
             let ingress = ctx.ingress_ifindex() as u32;
             match fib::lookup(ctx, ingress, ct.new_saddr_be, ct.new_daddr_be, pkt.proto) {
                 Route::Resolved {
@@ -78,5 +77,4 @@ fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, bytes: u64) -> u32 {
     outcome
         .with_events(decision.events)
         .attributed(decision.attributed(&flow, Origin::External))
-        .record(bytes)
 }
