@@ -5,7 +5,8 @@
 //! Why a sweep from user space and not a BPF timer or iterator: it needs no program type beyond
 //! tc/XDP (aya-ebpf 0.2 has no iterator programs), it costs the packet path nothing, and its cost
 //! is measured (docs/design.md): reading the map in batches of [`BATCH`] entries with
-//! `BPF_MAP_LOOKUP_BATCH`, then deleting the dead ones in batches. While no agent runs, nothing
+//! `BPF_MAP_LOOKUP_BATCH`, then deleting the dead ones that still hold what was read
+//! ([`delete_unchanged`]) in batches. While no agent runs, nothing
 //! is swept, but the packet path still treats expired flows as gone and the LRU still evicts.
 
 use std::{
@@ -14,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bpf_sys::{BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BatchAttr, ElemAttr, bpf};
+use crate::bpf_sys::{
+    BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_ELEM, BatchAttr, ElemAttr, bpf,
+};
 use lb_common::{
     IPPROTO_UDP,
     conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},
@@ -51,7 +54,11 @@ pub struct Sweep {
 /// The dead entries among `entries` at `now`: an expired entry whose partner is expired too, or
 /// missing. Pure, so the rule is tested without a kernel.
 pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
-    examine(entries, now).0
+    examine(entries, now)
+        .0
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// Live entries among `entries` at `now` whose partner entry is missing (see [`Sweep::orphans`]).
@@ -59,9 +66,9 @@ pub fn orphans(entries: &[(FlowKey, CtEntry)], now: u32) -> usize {
     examine(entries, now).1
 }
 
-/// [`dead_keys`] and [`orphans`] from one index of the entries (a sweep of 1M entries builds
-/// it once).
-pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<FlowKey>, usize) {
+/// The dead entries (with what was read of them, for [`delete_unchanged`]) and the number of
+/// [`orphans`], from one index of the entries (a sweep of 1M entries builds it once).
+pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<(FlowKey, CtEntry)>, usize) {
     // Each key, and whether its entry is still alive.
     let alive: std::collections::HashMap<FlowKey, bool> =
         entries.iter().map(|(k, e)| (*k, !e.expired(now))).collect();
@@ -70,7 +77,7 @@ pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<FlowKey>, usize
     let mut orphans = 0;
     for (k, e) in entries {
         match (e.expired(now), partner_alive(k, e)) {
-            (true, None | Some(false)) => dead.push(*k),
+            (true, None | Some(false)) => dead.push((*k, *e)),
             (false, None) => orphans += 1,
             _ => {}
         }
@@ -122,6 +129,39 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
     Ok(deleted)
 }
 
+/// Entries looked up again, then deleted, per batch in [`delete_unchanged`]: small, so little
+/// time passes between the check and the delete.
+const RECHECK_BATCH: usize = 64;
+
+/// Deletes the entries of `dead` (keys with the entries a sweep read) that still hold what was
+/// read. Between the read and the delete the packet path may have given a dead flow's tuple to
+/// a new flow (a SNAT port used again: it takes the tuple of a dead flow); deleting that entry
+/// would cut the new flow's replies off after its handshake. Each entry is looked up again just
+/// before its batch is deleted, so the window shrinks from the whole sweep to one small batch.
+pub fn delete_unchanged(fd: BorrowedFd<'_>, dead: &[(FlowKey, CtEntry)]) -> std::io::Result<usize> {
+    let mut deleted = 0;
+    let mut keys = Vec::with_capacity(RECHECK_BATCH);
+    for chunk in dead.chunks(RECHECK_BATCH) {
+        keys.clear();
+        for (key, read) in chunk {
+            let mut now = CtEntry::ZERO;
+            let mut one = ElemAttr {
+                map_fd: fd.as_raw_fd() as u32,
+                _pad: 0,
+                key: key as *const FlowKey as u64,
+                value: &mut now as *mut CtEntry as u64,
+                flags: 0,
+            };
+            // SAFETY: `key` and `value` point at a key and a value of the map's sizes.
+            if unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut one) } == 0 && now == *read {
+                keys.push(*key);
+            }
+        }
+        deleted += delete(fd, &keys)?;
+    }
+    Ok(deleted)
+}
+
 /// Deletes the UDP flows (both entries) whose (service id, backend id) is in `leaving`: their
 /// backend left that Service. Returns how many flows went.
 pub fn purge_udp(fd: BorrowedFd<'_>, leaving: &HashSet<(u32, u32)>) -> std::io::Result<usize> {
@@ -150,7 +190,7 @@ pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
     let entries = read_all(fd)?;
     let now = now_s();
     let (dead, orphans) = examine(&entries, now);
-    let deleted = delete(fd, &dead)?;
+    let deleted = delete_unchanged(fd, &dead)?;
     Ok(Sweep {
         entries: entries.len(),
         deleted,

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _, time::Duration};
 
 use aya::{
     maps::IterableMap as _,
@@ -1470,6 +1470,11 @@ fn flows_have_a_lifecycle() {
         &tcp_with(OUTSIDE, 42100, NODE, 30080, "S"),
     );
     assert_eq!(u16::from_be_bytes([out[34], out[35]]), snat_port);
+    let snat_forward = key(OUTSIDE, 42100, NODE, 30080, 6);
+    let snat_reply = lb_common::conntrack::partner_key(
+        &snat_forward,
+        &ct_entry(&path, snat_forward).expect("the SNATed flow's entry"),
+    );
     run(
         &mut path,
         EXTERNAL_INGRESS_PROGRAM,
@@ -1491,6 +1496,21 @@ fn flows_have_a_lifecycle() {
     );
     assert_eq!(again.new_daddr_be, lb_common::addr_be(u));
 
+    // A sweep reads the map while the SNATed flow is dead; the next flow takes its SNAT port
+    // (and so its reply tuple) before the sweep deletes: the sweep must spare the new entries.
+    let fd = path.dataplane.maps.conntrack.map().fd().as_fd();
+    let read = lb_userspace::conntrack::read_all(fd).expect("read the conntrack");
+    let (dead, _) = lb_userspace::conntrack::examine(&read, now());
+    let stale: Vec<_> = (dead.iter())
+        .filter(|(k, _)| *k == snat_forward || *k == snat_reply)
+        .copied()
+        .collect();
+    assert_eq!(
+        stale.len(),
+        2,
+        "the SNATed flow is dead when the sweep reads"
+    );
+
     let out = run(
         &mut path,
         EXTERNAL_INGRESS_PROGRAM,
@@ -1502,6 +1522,15 @@ fn flows_have_a_lifecycle() {
         snat_port,
         "the closed flow's SNAT port came back"
     );
+    let fd = path.dataplane.maps.conntrack.map().fd().as_fd();
+    assert_eq!(
+        lb_userspace::conntrack::delete_unchanged(fd, &stale).expect("delete"),
+        0,
+        "entries a new flow took since the read are not deleted"
+    );
+    for k in [snat_forward, snat_reply] {
+        assert!(ct_entry(&path, k).is_some_and(|e| e.state == 0), "{k:?}");
+    }
 
     // The sweep deletes dead flows (the closed and reset ones), and only those.
     let swept = lb_userspace::conntrack::sweep(path.dataplane.maps.conntrack.map()).expect("sweep");
