@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -27,17 +27,18 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Listens on `0.0.0.0:tcp_port` (TCP) and `0.0.0.0:udp_port` (UDP) inside `ns`.
+    /// Listens on `[::]:tcp_port` (TCP) and `[::]:udp_port` (UDP) inside `ns`: both families,
+    /// IPv4 clients as IPv4-mapped addresses (the namespace's `bindv6only` is 0).
     pub fn start(ns: &Netns, pod: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
-        let tcp = ns.run(move || TcpListener::bind(("0.0.0.0", tcp_port)))??;
-        let udp = ns.run(move || UdpSocket::bind(("0.0.0.0", udp_port)))??;
+        let tcp = ns.run(move || TcpListener::bind(("::", tcp_port)))??;
+        let udp = ns.run(move || UdpSocket::bind(("::", udp_port)))??;
         Self::serve(pod, tcp, udp)
     }
 
     /// Listens in the namespace this process is in (a pod process of `cargo xtask testbed up`).
     pub fn start_here(pod: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
-        let tcp = TcpListener::bind(("0.0.0.0", tcp_port))?;
-        let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
+        let tcp = TcpListener::bind(("::", tcp_port))?;
+        let udp = UdpSocket::bind(("::", udp_port))?;
         Self::serve(pod, tcp, udp)
     }
 
@@ -70,6 +71,8 @@ impl Drop for EchoServer {
 }
 
 fn answer(pod: &str, peer: SocketAddr) -> String {
+    // An IPv4 client of the dual-stack socket shows as ::ffff:a.b.c.d; report it as IPv4.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     format!("pod={pod} peer={peer}\n")
 }
 
@@ -150,13 +153,14 @@ fn parse_reply(text: &str, answered_from: SocketAddr) -> anyhow::Result<Reply> {
 pub struct Conversation {
     conn: TcpStream,
     reader: BufReader<TcpStream>,
-    target: SocketAddrV4,
+    target: SocketAddr,
 }
 
 impl Conversation {
     /// Connects within `timeout`. Call from a thread inside the client's namespace.
-    pub fn open(target: SocketAddrV4, timeout: Duration) -> std::io::Result<Self> {
-        let conn = TcpStream::connect_timeout(&target.into(), timeout)?;
+    pub fn open(target: impl Into<SocketAddr>, timeout: Duration) -> std::io::Result<Self> {
+        let target = target.into();
+        let conn = TcpStream::connect_timeout(&target, timeout)?;
         conn.set_read_timeout(Some(IO_TIMEOUT))?;
         let reader = BufReader::new(conn.try_clone()?);
         Ok(Self {
@@ -178,20 +182,23 @@ impl Conversation {
 }
 
 /// Connects, sends a line, reads the answer. Call from a thread inside the client's namespace.
-pub fn tcp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
+pub fn tcp_request(target: impl Into<SocketAddr>) -> anyhow::Result<Reply> {
+    let target = target.into();
     Conversation::open(target, IO_TIMEOUT)
         .with_context(|| format!("TCP connect to {target}"))?
         .ask()
 }
 
 /// Sends one datagram and waits for the answer. Call from inside the client's namespace.
-pub fn udp_request(target: SocketAddrV4) -> anyhow::Result<Reply> {
+pub fn udp_request(target: impl Into<SocketAddr>) -> anyhow::Result<Reply> {
     udp_request_from(target, 0)
 }
 
 /// [`udp_request`] from a chosen source port (0: any), e.g. to predict the flow's hash.
-pub fn udp_request_from(target: SocketAddrV4, source_port: u16) -> anyhow::Result<Reply> {
-    let socket = UdpSocket::bind(("0.0.0.0", source_port))?;
+pub fn udp_request_from(target: impl Into<SocketAddr>, source_port: u16) -> anyhow::Result<Reply> {
+    let target = target.into();
+    let any = if target.is_ipv4() { "0.0.0.0" } else { "::" };
+    let socket = UdpSocket::bind((any, source_port))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     // Connected, so an ICMP error for this flow is reported to us (ConnectionRefused).
     socket.connect(target)?;

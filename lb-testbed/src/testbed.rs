@@ -14,9 +14,14 @@
 //! on its host-side veth (`lbp-<pod>`), like a simple routed CNI; each node routes the other's pod
 //! CIDR via the other's underlay address. Nothing is linked to the root namespace or a real
 //! interface and there is no default route anywhere: traffic cannot leave the testbed.
+//!
+//! Every address has an IPv6 twin ([`ipv6_twin`]: `a.b.c.d` is `fd00:b:c::d`, so node-1 is
+//! `fd00:30::11` and pod-a `fd00:244:1::11`), routed the same way: pods through the link-local
+//! gateway `fe80::1`, each node the other's pod /64 via the other's underlay address. Addresses
+//! are added without duplicate address detection, so they are usable at once.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -46,6 +51,34 @@ pub const EXTERNAL_IP_CIDR: &str = "172.30.2.0/24";
 pub const POD_INTERFACE_GLOB: &str = "lbp-*";
 /// Each node's interface on the underlay, for `lb agent --external-interfaces`.
 pub const EXTERNAL_INTERFACE: &str = "ext0";
+/// The IPv6 gateway every pod routes through (on each host-side veth).
+pub const POD_GATEWAY6: &str = "fe80::1";
+/// The IPv6 twins of the ranges above (see [`ipv6_twin`]).
+pub const SERVICE_CIDR6: &str = "fd00:96::/32";
+pub const POD_CIDR6: &str = "fd00:244::/32";
+pub const TESTBED_CIDR6: &str = "fd00:30::/32";
+pub const UNDERLAY_PREFIX6: u8 = 64;
+pub const LOAD_BALANCER_CIDR6: &str = "fd00:30:1::/64";
+pub const EXTERNAL_IP_CIDR6: &str = "fd00:30:2::/64";
+
+/// The IPv6 twin of a testbed address: `a.b.c.d` becomes `fd00:b:c::d`, the decimal digits
+/// written as they are (so 10.244.1.11 is `fd00:244:1::11`, easy to read side by side).
+pub fn ipv6_twin(v4: Ipv4Addr) -> Ipv6Addr {
+    let [_, b, c, d] = v4.octets();
+    format!("fd00:{b}:{c}::{d}")
+        .parse()
+        .expect("decimal octets of at most three digits are valid IPv6 groups")
+}
+
+/// The IPv6 twin of a node's pod CIDR (`10.244.1.0/24` becomes `fd00:244:1::/64`).
+pub fn pod_cidr6(pod_cidr: &str) -> String {
+    let net: Ipv4Addr = pod_cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("a layout pod CIDR");
+    format!("{}/64", ipv6_twin(net))
+}
 
 /// A node of the layout: name, underlay address, pod CIDR and pods.
 pub struct NodeLayout {
@@ -90,10 +123,11 @@ impl NodeLayout {
     }
 }
 
-/// A pod: its own namespace and address.
+/// A pod: its own namespace and addresses.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// Host side of its veth, in the node namespace.
     pub host_if: String,
     pub ns: Netns,
@@ -102,6 +136,7 @@ pub struct Pod {
 pub struct Node {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub pods: Vec<Pod>,
     // Dropped after the pods: deleting the node namespace removes every host-side veth.
     pub ns: Netns,
@@ -110,6 +145,7 @@ pub struct Node {
 /// A machine on the underlay that is not a node (a client out on the network).
 pub struct Outside {
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub ns: Netns,
 }
 
@@ -145,7 +181,7 @@ impl Cluster {
 
     /// Builds [`LAYOUT`] with namespaces named `<run_id>-<role>`.
     pub fn build(run_id: String) -> anyhow::Result<Self> {
-        let lan = Netns::create(&format!("{run_id}-lan"))?;
+        let lan = new_ns(&format!("{run_id}-lan"))?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
         lan.ip(&[
             "addr",
@@ -154,19 +190,30 @@ impl Cluster {
             "dev",
             "br0",
         ])?;
+        lan.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX6}", ipv6_twin(LAN_ROUTER)),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         lan.ip(&["link", "set", "br0", "up"])?;
 
-        let outside_ns = Netns::create(&format!("{run_id}-outside"))?;
+        let outside_ns = new_ns(&format!("{run_id}-outside"))?;
         plug_into_lan(&lan, "outside", &outside_ns, "eth0", OUTSIDE_IP)?;
         let outside = Outside {
             ip: OUTSIDE_IP,
+            ip6: ipv6_twin(OUTSIDE_IP),
             ns: outside_ns,
         };
 
         let mut nodes = Vec::new();
         for layout in &LAYOUT {
-            let ns = Netns::create(&format!("{run_id}-{}", layout.name))?;
+            let ns = new_ns(&format!("{run_id}-{}", layout.name))?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             // Reverse translation makes replies come from addresses with no route back through
             // the interface they arrive on; strict reverse-path filtering would drop them
             // (kube-proxy nodes run with rp_filter 0 or 2 too).
@@ -178,9 +225,18 @@ impl Cluster {
             // The nodes' gateway for the Service range: a hostNetwork process's packet to a
             // ClusterIP is routed out of ext0 (as a default route would), where lb translates it.
             ns.ip(&["route", "add", SERVICE_CIDR, "via", &LAN_ROUTER.to_string()])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                SERVICE_CIDR6,
+                "via",
+                &ipv6_twin(LAN_ROUTER).to_string(),
+            ])?;
             let mut node = Node {
                 name: layout.name.to_owned(),
                 ip: layout.ip,
+                ip6: ipv6_twin(layout.ip),
                 pods: Vec::new(),
                 ns,
             };
@@ -195,6 +251,14 @@ impl Cluster {
             for other in LAYOUT.iter().filter(|l| l.name != node.name) {
                 node.ns
                     .ip(&["route", "add", other.pod_cidr, "via", &other.ip.to_string()])?;
+                node.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &pod_cidr6(other.pod_cidr),
+                    "via",
+                    &ipv6_twin(other.ip).to_string(),
+                ])?;
             }
         }
         let cluster = Self {
@@ -245,6 +309,12 @@ impl Cluster {
             self.outside
                 .ns
                 .ip(&["route", "replace", cidr, "via", &via])?;
+        }
+        let via6 = self.node(node).ip6.to_string();
+        for cidr in [LOAD_BALANCER_CIDR6, EXTERNAL_IP_CIDR6] {
+            self.outside
+                .ns
+                .ip(&["-6", "route", "replace", cidr, "via", &via6])?;
         }
         Ok(())
     }
@@ -308,7 +378,18 @@ impl Cluster {
     }
 }
 
-/// Connects `ns` to the lan bridge with a veth (`ifname` inside `ns`) and gives it `ip`.
+/// A namespace of the testbed: IPv6 addresses there skip duplicate address detection (the
+/// link-local ones the kernel adds too), so no first packet waits a second for it.
+fn new_ns(name: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::create(name)?;
+    for conf in ["all", "default"] {
+        ns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+    }
+    Ok(ns)
+}
+
+/// Connects `ns` to the lan bridge with a veth (`ifname` inside `ns`) and gives it `ip` and its
+/// IPv6 twin.
 fn plug_into_lan(
     lan: &Netns,
     port: &str,
@@ -338,12 +419,21 @@ fn plug_into_lan(
         "dev",
         ifname,
     ])?;
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/{UNDERLAY_PREFIX6}", ipv6_twin(ip)),
+        "dev",
+        ifname,
+        "nodad",
+    ])?;
     ns.ip(&["link", "set", ifname, "up"])?;
     Ok(())
 }
 
 fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
-    let ns = Netns::create(&format!("{run_id}-{name}"))?;
+    let ns = new_ns(&format!("{run_id}-{name}"))?;
     let host_if: String = format!("lbp-{name}").chars().take(15).collect();
     let ip_s = ip.to_string();
     node.ns.ip(&[
@@ -365,15 +455,49 @@ fn add_pod(run_id: &str, node: &Node, name: &str, ip: Ipv4Addr) -> anyhow::Resul
         .sysctl(&format!("net.ipv4.conf.{host_if}.rp_filter"), "0")?;
     node.ns
         .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
+    let ip6 = ipv6_twin(ip);
+    node.ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{POD_GATEWAY6}/64"),
+        "dev",
+        &host_if,
+        "nodad",
+    ])?;
+    node.ns
+        .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
     ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
     for cidr in [SERVICE_CIDR, POD_CIDR, TESTBED_CIDR] {
         ns.ip(&["route", "add", cidr, "via", POD_GATEWAY, "dev", "eth0"])?;
     }
+    for cidr in [SERVICE_CIDR6, POD_CIDR6, TESTBED_CIDR6] {
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            cidr,
+            "via",
+            POD_GATEWAY6,
+            "dev",
+            "eth0",
+        ])?;
+    }
     Ok(Pod {
         name: name.to_owned(),
         ip,
+        ip6,
         host_if,
         ns,
     })

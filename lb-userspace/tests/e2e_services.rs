@@ -497,3 +497,56 @@ fn no_endpoints_is_rejected_at_once(xdp: bool) {
         "from a host process too"
     );
 }
+
+/// Every node and pod of the testbed has an IPv6 twin address (docs/testbed.md). With the agents
+/// running, pods on both nodes and the nodes themselves reach every pod over IPv6, TCP and UDP,
+/// each seen by the pod under its own IPv6 address: the testbed's IPv6 routing works, and lb's
+/// programs (IPv4 only so far) pass IPv6 untouched.
+#[test]
+fn ipv6_reaches_every_pod_from_pods_and_nodes() {
+    use std::net::SocketAddr;
+
+    use support::cluster::{ECHO_TCP_PORT, ECHO_UDP_PORT};
+    if !privileged("ipv6_reaches_every_pod_from_pods_and_nodes") {
+        return;
+    }
+    let run = Running::start(false);
+    let servers: Vec<(String, std::net::Ipv6Addr)> = (run.cluster.pods())
+        .filter(|p| p.name != "client-1")
+        .map(|p| (p.name.clone(), p.ip6))
+        .collect();
+    let clients = [
+        ("client-1", run.cluster.pod("client-1").ip6),
+        ("pod-c", run.cluster.pod("pod-c").ip6),
+        ("node-1", run.cluster.node("node-1").ip6),
+        ("node-2", run.cluster.node("node-2").ip6),
+    ];
+    for (client, client_ip6) in clients {
+        let targets = servers.clone();
+        let answers = run.from(client, move || {
+            (targets.into_iter())
+                .map(|(pod, ip6)| {
+                    let tcp =
+                        lb_testbed::echo::tcp_request(SocketAddr::new(ip6.into(), ECHO_TCP_PORT));
+                    let udp = udp_request(SocketAddr::new(ip6.into(), ECHO_UDP_PORT));
+                    (
+                        pod,
+                        tcp.map_err(|e| format!("{e:#}")),
+                        udp.map_err(|e| format!("{e:#}")),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        for (pod, tcp, udp) in answers {
+            for (proto, reply) in [("TCP", tcp), ("UDP", udp)] {
+                let reply = reply.unwrap_or_else(|e| panic!("{client} -> {pod} {proto}: {e}"));
+                assert_eq!(reply.pod, pod, "{client} -> {pod} {proto}");
+                assert_eq!(
+                    reply.client_seen_by_pod.ip(),
+                    IpAddr::V6(client_ip6),
+                    "{client} -> {pod} {proto}: the pod sees the client's own address"
+                );
+            }
+        }
+    }
+}
