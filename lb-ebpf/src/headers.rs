@@ -1,7 +1,8 @@
 //! Header parsing, one parser for tc and XDP alike through [`PacketAccess`]: on tc a load is
 //! `bpf_skb_load_bytes` (works on non-linear skbs), on XDP a bounds-checked read of the frame.
 //! Either way a short packet is an error here rather than a verifier or memory problem, and
-//! variable-length headers (IPv4 options, IPv6 extension headers) need no special casing.
+//! variable-length headers (IPv4 options) need no special casing. The types are generic over the
+//! address family; only IPv4 is parsed so far (IPv6 passes, see docs/design.md).
 
 use core::mem;
 
@@ -74,14 +75,14 @@ pub struct Packet<A> {
     pub proto: u8,
     /// Start of the IP header.
     pub l3_off: usize,
-    /// Start of the TCP/UDP header (after IPv4 options or IPv6 extension headers).
+    /// Start of the TCP/UDP header (after IPv4 options).
     pub l4_off: usize,
     /// The TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
 }
 
-/// An ICMP (ICMPv6) destination-unreachable, packet-too-big or time-exceeded message quoting a
-/// TCP/UDP packet: the error about some flow's packet, travelling the other way.
+/// An ICMP destination-unreachable or time-exceeded message quoting a TCP/UDP packet: the error
+/// about some flow's packet, travelling the other way.
 pub struct IcmpError<A> {
     pub outer_saddr_be: A,
     pub outer_daddr_be: A,
