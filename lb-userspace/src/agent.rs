@@ -43,33 +43,65 @@ pub enum SourceConfig {
     Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
-/// An IPv4 CIDR, e.g. for `--nodeport-addresses`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
+/// Which of the node's external addresses answer NodePorts (`--nodeport-addresses`, kube-proxy's
+/// flag and `nodePortAddresses` setting).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the external interfaces (the flag not given).
+    #[default]
+    All,
+    /// The addresses within these CIDRs, of either family (a bare address is a host route).
+    Cidrs(Vec<ipnet::IpNet>),
+    /// kube-proxy's `primary`: the node's primary address of each family. lb takes the first
+    /// address of the first external interface (kube-proxy takes the Node's addresses as the
+    /// kubelet reports them, which on most nodes is the same one).
+    Primary,
 }
 
-impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+impl NodePortAddresses {
+    /// From the flag's values: none, `primary` alone, or CIDRs (IPv4 and IPv6 alike: a
+    /// dual-stack kube-proxy configuration is taken as it is).
+    pub fn parse(values: &[String]) -> Result<Self, String> {
+        let values: Vec<&str> = (values.iter())
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.is_empty() {
+            return Ok(Self::All);
+        }
+        if values.contains(&"primary") {
+            return if values.len() == 1 {
+                Ok(Self::Primary)
+            } else {
+                Err("\"primary\" cannot be combined with CIDRs (as in kube-proxy)".to_owned())
+            };
+        }
+        let cidrs = (values.iter())
+            .map(|v| {
+                v.parse::<ipnet::IpNet>()
+                    .or_else(|_| v.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| format!("{v:?} is neither a CIDR nor \"primary\""))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::Cidrs(cidrs))
     }
-}
 
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|e| format!("{text:?}: {e} (IPv4 CIDRs only for now)"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{text:?}: bad prefix length"))?;
-        Ok(Self { addr, prefix })
+    /// The addresses of `external` (the external interfaces' addresses, in interface order)
+    /// that answer NodePorts.
+    pub fn select(&self, external: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        match self {
+            Self::All => external.to_vec(),
+            Self::Cidrs(cidrs) => (external.iter())
+                .filter(|ip| {
+                    cidrs
+                        .iter()
+                        .any(|c| c.contains(&std::net::IpAddr::V4(**ip)))
+                })
+                .copied()
+                .collect(),
+            Self::Primary => external.first().copied().into_iter().collect(),
+        }
     }
 }
 
@@ -80,8 +112,8 @@ pub struct AgentConfig {
     pub pod_interfaces: Vec<glob::Pattern>,
     /// Interfaces towards the network: their addresses answer NodePorts.
     pub external_interfaces: Vec<glob::Pattern>,
-    /// Only external addresses in these CIDRs answer NodePorts (empty: all).
-    pub nodeport_addresses: Vec<Cidr>,
+    /// Which external addresses answer NodePorts.
+    pub nodeport_addresses: NodePortAddresses,
     /// SNAT source address; default: the first NodePort address.
     pub snat_address: Option<Ipv4Addr>,
     pub snat_ports: RangeInclusive<u16>,
@@ -637,17 +669,7 @@ impl Agent {
                 Err(err) => error!("{:#}", anyhow::Error::new(err)),
             }
         }
-        let addresses: Vec<Ipv4Addr> = external_addresses(&external)
-            .into_iter()
-            .filter(|ip| {
-                self.config.nodeport_addresses.is_empty()
-                    || self
-                        .config
-                        .nodeport_addresses
-                        .iter()
-                        .any(|c| c.contains(*ip))
-            })
-            .collect();
+        let addresses = (self.config.nodeport_addresses).select(&external_addresses(&external));
         if addresses == self.node.addresses {
             return false;
         }
@@ -706,22 +728,61 @@ fn external_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cidr;
+    use std::net::Ipv4Addr;
+
+    use super::NodePortAddresses;
+
+    fn parse(values: &[&str]) -> Result<NodePortAddresses, String> {
+        NodePortAddresses::parse(&values.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>())
+    }
+
+    fn ips(list: &[[u8; 4]]) -> Vec<Ipv4Addr> {
+        list.iter().map(|o| Ipv4Addr::from(*o)).collect()
+    }
 
     #[test]
-    fn cidrs_match_their_range_only() {
-        let cidr: Cidr = "172.30.0.0/24".parse().unwrap();
-        assert!(cidr.contains("172.30.0.11".parse().unwrap()));
-        assert!(!cidr.contains("172.30.1.11".parse().unwrap()));
-        let host: Cidr = "10.0.0.1".parse().unwrap();
-        assert_eq!(host.prefix, 32);
-        assert!(
-            "0.0.0.0/0"
-                .parse::<Cidr>()
-                .unwrap()
-                .contains("8.8.8.8".parse().unwrap())
+    fn nodeport_addresses_follow_kube_proxy() {
+        let external = ips(&[[172, 30, 0, 11], [172, 30, 1, 5], [10, 0, 0, 1]]);
+        assert_eq!(parse(&[]).unwrap(), NodePortAddresses::All);
+        assert_eq!(parse(&[]).unwrap().select(&external), external);
+        // CIDRs of both families, as a dual-stack kube-proxy configuration has them.
+        let dual = parse(&["172.30.0.0/24", "fd00:30::/64"]).unwrap();
+        assert_eq!(dual.select(&external), ips(&[[172, 30, 0, 11]]));
+        assert_eq!(
+            parse(&["10.0.0.1", "0.0.0.0/0"]).unwrap().select(&external),
+            external,
+            "a bare address is a host route; 0.0.0.0/0 is everything"
         );
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("fd00::/8".parse::<Cidr>().is_err());
+        assert_eq!(
+            parse(&["10.0.0.1/8"]).unwrap(),
+            NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()]),
+            "host bits are cleared"
+        );
+        assert_eq!(
+            parse(&["fd00::/8"]).unwrap().select(&external),
+            Vec::<Ipv4Addr>::new(),
+            "an IPv6 range holds no IPv4 address"
+        );
+        // primary: the first address of the first external interface, alone.
+        assert_eq!(parse(&["primary"]).unwrap(), NodePortAddresses::Primary);
+        assert_eq!(
+            parse(&["primary"]).unwrap().select(&external),
+            ips(&[[172, 30, 0, 11]])
+        );
+        assert_eq!(
+            parse(&["primary"]).unwrap().select(&[]),
+            Vec::<Ipv4Addr>::new()
+        );
+        assert!(
+            parse(&["primary", "10.0.0.0/8"])
+                .unwrap_err()
+                .contains("combined")
+        );
+        assert!(
+            parse(&["10.0.0.0/33"])
+                .unwrap_err()
+                .contains("neither a CIDR")
+        );
+        assert!(parse(&["eth0"]).is_err());
     }
 }

@@ -17,7 +17,7 @@ use lb_common::{
     maps::{Capacities, SLOTS_PER_ELEMENT},
 };
 
-use crate::agent::{AgentConfig, Cidr, SourceConfig};
+use crate::agent::{AgentConfig, NodePortAddresses, SourceConfig};
 
 /// `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT` when both are set, as Cilium's
 /// `k8sServiceHost`/`k8sServicePort` do. Kubernetes injects both for the `kubernetes` ClusterIP
@@ -72,7 +72,9 @@ pub struct AgentArgs {
     /// addresses; LoadBalancer and external IPs arriving there are served. [default: eth*,en*,bond*]
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
-    /// Only external addresses in these CIDRs answer NodePorts (default: all of them).
+    /// Only external addresses in these CIDRs answer NodePorts (default: all of them), as
+    /// kube-proxy's flag: CIDRs of either family (IPv6 ones hold no address until lb's IPv6
+    /// path), or `primary`: the first address of the first external interface.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Option<Vec<String>>,
     /// Source address for SNAT (external traffic to a backend on another node, hairpin).
@@ -323,16 +325,12 @@ impl AgentArgs {
             .external_interfaces
             .or(file.external_interfaces)
             .unwrap_or_else(|| split(DEFAULT_EXTERNAL_INTERFACES));
-        let nodeport_addresses = self
-            .nodeport_addresses
-            .or(file.node_port_addresses)
-            .unwrap_or_default()
-            .iter()
-            .map(|c| {
-                c.parse::<Cidr>()
-                    .map_err(|e| anyhow::anyhow!("--nodeport-addresses {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let nodeport_addresses = NodePortAddresses::parse(
+            &(self.nodeport_addresses)
+                .or(file.node_port_addresses)
+                .unwrap_or_default(),
+        )
+        .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
         let snat_ports = parse_port_range(
             self.snat_ports
                 .or(file.snat_ports)
@@ -535,7 +533,10 @@ mod tests {
         let config = args.resolve().unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(config.node_name.as_deref(), Some("from-flag"));
-        assert_eq!(config.nodeport_addresses.len(), 1);
+        assert_eq!(
+            config.nodeport_addresses,
+            NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
+        );
         assert_eq!(config.metrics_bind_address, None, "empty disables");
         assert_eq!(
             config.healthz_bind_address,
