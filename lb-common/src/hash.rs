@@ -87,6 +87,25 @@ mod tests {
     }
 
     #[test]
+    fn every_word_of_an_ipv6_address_changes_the_hash() {
+        let base: FlowKey<crate::Ip6> = FlowKey::new(
+            crate::addr::ip6_be([0xfd, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11]),
+            crate::addr::ip6_be([0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]),
+            1000u16.to_be(),
+            80u16.to_be(),
+            crate::IPPROTO_TCP,
+        );
+        for word in 0..4 {
+            let mut s = base;
+            s.saddr_be[word] ^= 1;
+            let mut d = base;
+            d.daddr_be[word] ^= 1;
+            assert_ne!(flow_hash(&s), flow_hash(&base), "source word {word}");
+            assert_ne!(flow_hash(&d), flow_hash(&base), "destination word {word}");
+        }
+    }
+
+    #[test]
     fn source_ports_spread_evenly_over_slots() {
         let mut counts = [0u32; 5];
         for sport in 0..10_000u16 {
