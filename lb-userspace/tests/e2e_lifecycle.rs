@@ -413,6 +413,24 @@ fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
         .ok_or_else(|| std::io::Error::other(format!("unexpected answer {line:?}")))
 }
 
+/// The lines of this thread's namespace's `/proc/net/tcp` whose local port is `port` (state in
+/// the fourth column: 01 established, 06 time-wait, 07 close, 08 close-wait, ...).
+fn sockets_on_port(port: u16) -> Vec<String> {
+    let needle = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .map(|text| {
+            (text.lines())
+                .filter(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .is_some_and(|a| a.ends_with(needle.trim_end()))
+                })
+                .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+                .collect()
+        })
+        .unwrap_or_else(|e| vec![format!("unreadable: {e}")])
+}
+
 /// One client port to two ClusterIPs that share a backend: both connections share the reply
 /// tuple unless lb gives the second another source port, as netfilter does.
 #[test]
@@ -438,8 +456,14 @@ fn one_client_port_to_two_services_with_a_common_backend() {
         }
         drop((first, second));
         // The port again, once the two are closed.
-        let mut again =
-            connect_from(port, at([10, 96, 0, 40], 8080)).expect("the port reused for legacy");
+        let mut again = connect_from(port, at([10, 96, 0, 40], 8080)).unwrap_or_else(|e| {
+            // Seen once in CI (EADDRNOTAVAIL: some socket still held the tuple although both
+            // were closed with a RST): say which, for the next look.
+            panic!(
+                "the port reused for legacy: {e}; sockets on port {port}: {:?}",
+                sockets_on_port(port)
+            )
+        });
         answers.push(ask(&mut again).map_err(|e| format!("legacy again: {e}")));
         (port, answers)
     });
