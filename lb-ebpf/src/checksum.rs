@@ -39,18 +39,36 @@ pub fn pseudo_header_sum<A: Address>(saddr_be: A, daddr_be: A, proto: u8, l4_len
     sum_words(sum, &[0, proto, l[0], l[1]])
 }
 
-/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') over every 16-bit word that changed, `old` and
-/// `new` given as 32-bit words in memory (wire) order, which one's-complement sums do not mind.
+/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') over every 16-bit word that changed, each change an
+/// `(old, new)` pair of 32-bit words in memory (wire) order, which one's-complement sums do not
+/// mind. All changes are summed before the one fold.
 #[inline(always)]
-pub fn update(check: u16, old: &[u32], new: &[u32]) -> u16 {
+pub fn update(check: u16, changes: &[(&[u32], &[u32])]) -> u16 {
     let mut sum = (!check) as u32;
-    let mut i = 0;
-    while i < old.len() {
-        sum += (!(old[i] as u16)) as u32 + (!((old[i] >> 16) as u16)) as u32;
-        sum += (new[i] as u16) as u32 + ((new[i] >> 16) as u16) as u32;
-        i += 1;
+    for (old, new) in changes {
+        let mut i = 0;
+        while i < old.len() {
+            sum += (!(old[i] as u16)) as u32 + (!((old[i] >> 16) as u16)) as u32;
+            sum += (new[i] as u16) as u32 + ((new[i] >> 16) as u16) as u32;
+            i += 1;
+        }
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    fold(sum)
+}
+
+/// Calls `fix` with each 32-bit word that differs between `old` and `new` (the unit the kernel's
+/// incremental checksum helpers take): once for an IPv4 address, up to four times for IPv6.
+#[inline(always)]
+pub fn changed_words<A: Address, E>(
+    old: A,
+    new: A,
+    mut fix: impl FnMut(u32, u32) -> Result<(), E>,
+) -> Result<(), E> {
+    let (o, n) = (old.words(), new.words());
+    for i in 0..o.len() {
+        if o[i] != n[i] {
+            fix(o[i], n[i])?;
+        }
+    }
+    Ok(())
 }

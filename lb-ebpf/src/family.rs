@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    maps::{HashMap, LpmTrie, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use lb_common::{
     Address, IPPROTO_ICMP,
@@ -59,7 +59,20 @@ pub trait Family: Address + 'static {
     fn backends() -> &'static HashMap<BackendId, Backend<Self>>;
     fn conntrack() -> &'static LruHashMap<FlowKey<Self>, CtEntry<Self>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue>;
-    fn source_ranges() -> (&'static LpmTrie<SourceRange<Self>, SourceRangeValue>, u32);
+    /// The family's source-range trie, and the prefix length of a lookup in it (the set id and
+    /// the whole address).
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Self>, SourceRangeValue>;
+    const SOURCE_RANGE_LOOKUP_BITS: u32;
+
+    /// Whether `addr_be` lies in some range of source-range set `set_id`.
+    #[inline(always)]
+    fn source_allowed(set_id: u32, addr_be: Self) -> bool {
+        let key = Key::new(
+            Self::SOURCE_RANGE_LOOKUP_BITS,
+            SourceRange { set_id, addr_be },
+        );
+        Self::source_ranges().get(&key).is_some()
+    }
     /// The node's SNAT address of this family; unspecified when it has none.
     fn snat_addr() -> Self;
     /// Puts the addresses into a FIB lookup's parameters.
@@ -100,9 +113,10 @@ impl Family for u32 {
         &LB_AFFINITY
     }
     #[inline(always)]
-    fn source_ranges() -> (&'static LpmTrie<SourceRange<Self>, SourceRangeValue>, u32) {
-        (&LB_SOURCE_RANGES, SOURCE_RANGE_LOOKUP_BITS)
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Self>, SourceRangeValue> {
+        &LB_SOURCE_RANGES
     }
+    const SOURCE_RANGE_LOOKUP_BITS: u32 = SOURCE_RANGE_LOOKUP_BITS;
     #[inline(always)]
     fn snat_addr() -> Self {
         node_config().snat_addr_be

@@ -14,13 +14,12 @@
 
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use lb_common::{
-    Address,
     conntrack::{CT_F_REDIRECT, FlowKey},
     counters::Counter,
 };
 
 use crate::{
-    conntrack,
+    checksum, conntrack,
     family::Family,
     headers::{ETH_LEN, IcmpError},
     lb::Origin,
@@ -97,22 +96,6 @@ pub fn translate<A: Family>(ctx: &TcContext, err: &IcmpError<A>, origin: Origin)
 
 struct Failed;
 
-/// Calls `fix` with each 32-bit word that differs between `old` and `new`.
-#[inline(always)]
-fn changed_words<A: Address>(
-    old: A,
-    new: A,
-    mut fix: impl FnMut(u32, u32) -> Result<(), Failed>,
-) -> Result<(), Failed> {
-    let (o, n) = (old.words(), new.words());
-    for i in 0..o.len() {
-        if o[i] != n[i] {
-            fix(o[i], n[i])?;
-        }
-    }
-    Ok(())
-}
-
 #[inline(always)]
 fn rewrite<A: Family>(
     ctx: &TcContext,
@@ -147,7 +130,7 @@ fn rewrite<A: Family>(
     ];
     for (offset, old, new) in quoted_addrs {
         if old != new {
-            changed_words(old, new, |o, n| {
+            checksum::changed_words(old, new, |o, n| {
                 if let Some(at) = inner_csum {
                     ctx.l3_csum_replace(at, o as u64, n as u64, 4)
                         .map_err(|_| Failed)?;
@@ -182,7 +165,7 @@ fn rewrite<A: Family>(
     ];
     for (offset, old, new) in outer {
         if old != new {
-            changed_words(old, new, |o, n| match A::L3_CSUM_OFF {
+            checksum::changed_words(old, new, |o, n| match A::L3_CSUM_OFF {
                 Some(csum_off) => ctx
                     .l3_csum_replace(ETH_LEN + csum_off, o as u64, n as u64, 4)
                     .map_err(|_| Failed),

@@ -23,7 +23,7 @@ use crate::{
     conntrack,
     family::Family,
     headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
-    maps::{lookup, lookup_lru, node_config, slot, source_allowed},
+    maps::{lookup, lookup_lru, node_config, slot},
     stats::Attributed,
 };
 
@@ -162,9 +162,8 @@ fn decide<A: Family>(
     events.service_id = service.service_id;
     // Only new flows are checked, as kube-proxy's firewall chain sees only a flow's first
     // packet: a flow admitted before its ranges changed keeps going.
-    let (ranges, lookup_bits) = A::source_ranges();
     if service.source_ranges_id != ANY_SOURCE
-        && !source_allowed(ranges, lookup_bits, service.source_ranges_id, flow.saddr_be)
+        && !A::source_allowed(service.source_ranges_id, flow.saddr_be)
     {
         return Action::Denied;
     }

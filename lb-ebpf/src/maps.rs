@@ -4,9 +4,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use lb_common::{
     conntrack::{CtEntry, FlowKey},
@@ -79,19 +77,6 @@ pub static LB_MONITOR_BUDGET: PerCpuArray<MonitorBudget> = PerCpuArray::pinned(1
 
 #[map(name = "LB_EVENTS")]
 pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
-
-/// Whether `addr_be` lies in some range of source-range set `set_id`, in `trie` (the family's
-/// map) with a lookup of `bits` (the set id and the whole address).
-#[inline(always)]
-pub fn source_allowed<A>(
-    trie: &LpmTrie<SourceRange<A>, SourceRangeValue>,
-    bits: u32,
-    set_id: u32,
-    addr_be: A,
-) -> bool {
-    let key = Key::new(bits, SourceRange { set_id, addr_be });
-    trie.get(&key).is_some()
-}
 
 /// Adds one to this CPU's slot of `counter`. Per-CPU, so a plain increment cannot race.
 #[inline(always)]

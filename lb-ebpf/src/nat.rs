@@ -82,12 +82,7 @@ fn rewrite_addr<A: Family>(
     if old == new {
         return Ok(());
     }
-    let (old_words, new_words) = (old.words(), new.words());
-    for i in 0..old_words.len() {
-        let (o, n) = (old_words[i], new_words[i]);
-        if o == n {
-            continue;
-        }
+    checksum::changed_words(old, new, |o, n| {
         ctx.l4_csum_replace(
             pkt.l4_csum_off(),
             o as u64,
@@ -99,7 +94,8 @@ fn rewrite_addr<A: Family>(
             ctx.l3_csum_replace(pkt.l3_off + csum_off, o as u64, n as u64, 4)
                 .map_err(|_| RewriteFailed)?;
         }
-    }
+        Ok(())
+    })?;
     ctx.store(offset, &new, 0).map_err(|_| RewriteFailed)
 }
 
@@ -145,24 +141,17 @@ pub fn apply_to_frame<A: Family>(
         *eth = macs;
         src.write_unaligned(ct.new_saddr_be);
         dst.write_unaligned(ct.new_daddr_be);
+        let addrs = [
+            (pkt.saddr_be.words(), ct.new_saddr_be.words()),
+            (pkt.daddr_be.words(), ct.new_daddr_be.words()),
+        ];
         if let Some(l3) = l3_csum {
-            let c = checksum::update(
-                l3.read_unaligned(),
-                pkt.saddr_be.words(),
-                ct.new_saddr_be.words(),
-            );
-            l3.write_unaligned(checksum::update(
-                c,
-                pkt.daddr_be.words(),
-                ct.new_daddr_be.words(),
-            ));
+            l3.write_unaligned(checksum::update(l3.read_unaligned(), &addrs));
         }
         ports.write_unaligned([ct.new_sport_be, ct.new_dport_be]);
         let l4 = csum.read_unaligned();
         if !(pkt.proto == IPPROTO_UDP && l4 == 0) {
-            let mut updated = checksum::update(l4, pkt.saddr_be.words(), ct.new_saddr_be.words());
-            updated = checksum::update(updated, pkt.daddr_be.words(), ct.new_daddr_be.words());
-            updated = checksum::update(updated, &old_ports, &new_ports);
+            let updated = checksum::update(l4, &[addrs[0], addrs[1], (&old_ports, &new_ports)]);
             csum.write_unaligned(if pkt.proto == IPPROTO_UDP && updated == 0 {
                 0xffff
             } else {

@@ -64,8 +64,7 @@ fn flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, origin: Origin) -> Outcome<
         Action::Denied => Outcome::new(SHOT, Counter::DroppedSourceRange),
         Action::NoBackend { reject: true } => match reject::reject(ctx, pkt, origin) {
             Ok(verdict) => Outcome::new(verdict, Counter::Rejected),
-            // Not answerable (a reset, or UDP with IPv4 options / IPv6 extension headers):
-            // drop instead.
+            // Not answerable (a reset, or UDP with IPv4 options): drop instead.
             Err(_) => Outcome::new(SHOT, Counter::DroppedNoBackend),
         },
         Action::NoBackend { reject: false } => Outcome::new(SHOT, Counter::DroppedNoBackend),

@@ -43,14 +43,13 @@ pub fn record<A: Family>(a: &Attributed<A>, counter: Option<Counter>, bytes: u64
     let Some(service) = service_stats(a.ct.service_id) else {
         return;
     };
-    let backend_id = a.ct.backend_id;
     match counter {
         None => {
             // SAFETY: pointers from successful per-CPU lookups, valid for this run; only this
             // CPU writes its copy.
             unsafe {
                 (*service).new_flows += 1;
-                if let Some(backend) = backend_stats(backend_id) {
+                if let Some(backend) = backend_stats(a.ct.backend_id) {
                     (*backend).new_flows += 1;
                 }
             }
@@ -71,7 +70,7 @@ pub fn record<A: Family>(a: &Attributed<A>, counter: Option<Counter>, bytes: u64
                 if a.new_flow {
                     (*service).new_flows += 1;
                 }
-                if let Some(backend) = backend_stats(backend_id) {
+                if let Some(backend) = backend_stats(a.ct.backend_id) {
                     if forward {
                         (*backend).forward_packets += 1;
                         (*backend).forward_bytes += bytes;
