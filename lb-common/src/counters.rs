@@ -37,10 +37,13 @@ pub enum Counter {
     /// A new flow to a frontend with `loadBalancerSourceRanges` from a client outside them:
     /// dropped (as kube-proxy and Cilium do).
     DroppedSourceRange = 13,
+    /// A packet whose next stage (an IPv6 program the agent puts in the stage arrays) could not
+    /// run, or whose new flow's entry was gone before it could be applied: dropped.
+    StageFailed = 14,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Translated,
         Counter::ReverseTranslated,
         Counter::Passed,
@@ -55,6 +58,7 @@ impl Counter {
         Counter::IcmpTranslated,
         Counter::PortRemapped,
         Counter::DroppedSourceRange,
+        Counter::StageFailed,
     ];
 
     /// Stable, metric-friendly name.
@@ -74,6 +78,7 @@ impl Counter {
             Counter::IcmpTranslated => "icmp_translated",
             Counter::PortRemapped => "port_remapped",
             Counter::DroppedSourceRange => "dropped_source_range",
+            Counter::StageFailed => "stage_failed",
         }
     }
 }

@@ -170,6 +170,17 @@ pub struct NodeConfig {
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
 
+/// The node's IPv6 settings (the single entry of the IPv6 node map); ports and timeouts are the
+/// [`NodeConfig`]'s, common to both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig6 {
+    /// The node's IPv6 SNAT address; all zero = none (such traffic is dropped and counted).
+    pub snat_addr_be: Ip6,
+    pub _reserved: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig6>() == 32);
+
 user_pod!(
     ServiceKey,
     ServiceKey<Ip6>,
@@ -180,6 +191,7 @@ user_pod!(
     Backend<Ip6>,
     AffinityKey,
     AffinityKey<Ip6>,
+    NodeConfig6,
     AffinityValue,
     NodeConfig
 );

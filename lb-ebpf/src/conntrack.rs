@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     family::Family,
     headers::{TCP_FLAG_FIN, TCP_FLAG_RST},
-    maps::{lookup_lru, node_config},
+    maps::{NewFlowScratch, lookup_lru, node_config},
 };
 
 /// Monotonic seconds, the clock of `CtEntry::created_s` / `expires_s`. The coarse clock (the
@@ -124,28 +124,43 @@ pub fn remove_partner<A: Family>(flow: &FlowKey<A>, entry: &CtEntry<A>) {
     let _ = A::conntrack().remove(&partner_key(flow, entry));
 }
 
-/// Records the reply direction of the flow `owner` at `key`, unless another live flow holds that
-/// tuple: a free tuple, one whose flow is dead, and one `owner` itself held before are taken;
-/// a live entry of another flow is never overwritten (its replies would be translated for the
-/// wrong flow).
+/// Records the reply direction of the flow `owner` (`ws.reply` at `ws.reply_key`), unless
+/// another live flow holds that tuple: a free tuple, one whose flow is dead, and one `owner`
+/// itself held before are taken; a live entry of another flow is never overwritten (its replies
+/// would be translated for the wrong flow).
 #[inline(always)]
 pub fn claim_reply<A: Family>(
-    key: &FlowKey<A>,
-    entry: &CtEntry<A>,
+    ws: &mut NewFlowScratch<A>,
     owner: &FlowKey<A>,
     now: u32,
 ) -> Result<(), i32> {
     let map = A::conntrack();
-    if map.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+    if map
+        .insert(&ws.reply_key, &ws.reply, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         return Ok(());
     }
-    match lookup(key) {
-        Some(old) if partner_key(key, &old) == *owner || !flow_alive(key, &old, now) => {
-            map.insert(key, entry, BPF_ANY as u64)
-        }
+    let Some(old) = map.get_ptr(&ws.reply_key) else {
         // Gone meanwhile (LRU): try once more.
-        None => map.insert(key, entry, BPF_NOEXIST as u64),
-        Some(_) => Err(-1),
+        return map.insert(&ws.reply_key, &ws.reply, BPF_NOEXIST as u64);
+    };
+    // SAFETY: from a successful lookup, valid for this run (LRU elements are freed after an RCU
+    // grace period); read field by field, never kept.
+    let (takeable, old_expired) = unsafe {
+        ws.partner_key = partner_key(&ws.reply_key, &*old);
+        (ws.partner_key == *owner, (*old).expired(now))
+    };
+    // A dead flow's tuple is free: this entry and its partner both expired.
+    let partner_expired = || match map.get_ptr(&ws.partner_key) {
+        // SAFETY: as above.
+        Some(p) => unsafe { (*p).expired(now) },
+        None => true,
+    };
+    if takeable || (old_expired && partner_expired()) {
+        map.insert(&ws.reply_key, &ws.reply, BPF_ANY as u64)
+    } else {
+        Err(-1)
     }
 }
 

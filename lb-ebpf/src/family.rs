@@ -10,20 +10,25 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use lb_common::{
-    Address, IPPROTO_ICMP,
+    Address, IPPROTO_ICMP, IPPROTO_ICMPV6, Ip6,
     conntrack::{CtEntry, FlowKey},
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, SOURCE_RANGE_LOOKUP_BITS, ServiceEntry,
-        ServiceKey, SourceRange, SourceRangeValue,
+        AffinityKey, AffinityValue, Backend, BackendId, SOURCE_RANGE_LOOKUP_BITS,
+        SOURCE_RANGE_LOOKUP_BITS6, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
     },
 };
 
 use crate::{
     checksum::{fold, sum_words},
-    maps::{LB_AFFINITY, LB_BACKENDS, LB_CONNTRACK, LB_SERVICES, LB_SOURCE_RANGES, node_config},
+    maps::{
+        LB_AFFINITY, LB_AFFINITY6, LB_BACKENDS, LB_BACKENDS6, LB_CONNTRACK, LB_CONNTRACK6,
+        LB_NEW_FLOW4, LB_NEW_FLOW6, LB_SERVICES, LB_SERVICES6, LB_SOURCE_RANGES, LB_SOURCE_RANGES6,
+        NewFlowScratch, node_config, node_config6,
+    },
 };
 
 pub const IPV4_HDR_LEN: usize = 20;
+pub const IPV6_HDR_LEN: usize = 40;
 
 pub trait Family: Address + 'static {
     /// `AF_INET` / `AF_INET6`, for the FIB lookup.
@@ -73,6 +78,8 @@ pub trait Family: Address + 'static {
         );
         Self::source_ranges().get(&key).is_some()
     }
+    /// This CPU's working set for a new flow of this family.
+    fn new_flow_scratch() -> Option<*mut NewFlowScratch<Self>>;
     /// The node's SNAT address of this family; unspecified when it has none.
     fn snat_addr() -> Self;
     /// Puts the addresses into a FIB lookup's parameters.
@@ -118,6 +125,10 @@ impl Family for u32 {
     }
     const SOURCE_RANGE_LOOKUP_BITS: u32 = SOURCE_RANGE_LOOKUP_BITS;
     #[inline(always)]
+    fn new_flow_scratch() -> Option<*mut NewFlowScratch<Self>> {
+        LB_NEW_FLOW4.get_ptr_mut(0)
+    }
+    #[inline(always)]
     fn snat_addr() -> Self {
         node_config().snat_addr_be
     }
@@ -139,5 +150,73 @@ impl Family for u32 {
         h[10] = csum[0];
         h[11] = csum[1];
         h
+    }
+}
+
+impl Family for Ip6 {
+    const AF: u8 = 10;
+    const SRC_OFF: usize = 8;
+    const DST_OFF: usize = 24;
+    const L3_CSUM_OFF: Option<usize> = None;
+    const HDR_LEN: usize = IPV6_HDR_LEN;
+    const PLAIN_HEADER_FIRST_BYTE: (u8, u8) = (0xf0, 0x60);
+    const PROTO_OFF: usize = 6;
+    const LEN_FIELD: (usize, u16) = (4, IPV6_HDR_LEN as u16);
+    const ICMP_PROTO: u8 = IPPROTO_ICMPV6;
+    const ICMP_PSEUDO_HEADER: bool = true;
+    const ICMP_PORT_UNREACHABLE: [u8; 2] = [1, 4];
+    type Header = [u32; IPV6_HDR_LEN / 4];
+    type Quote = [u8; IPV6_HDR_LEN + 8];
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceEntry> {
+        &LB_SERVICES6
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<BackendId, Backend<Self>> {
+        &LB_BACKENDS6
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<FlowKey<Self>, CtEntry<Self>> {
+        &LB_CONNTRACK6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue> {
+        &LB_AFFINITY6
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Self>, SourceRangeValue> {
+        &LB_SOURCE_RANGES6
+    }
+    const SOURCE_RANGE_LOOKUP_BITS: u32 = SOURCE_RANGE_LOOKUP_BITS6;
+    #[inline(always)]
+    fn new_flow_scratch() -> Option<*mut NewFlowScratch<Self>> {
+        LB_NEW_FLOW6.get_ptr_mut(0)
+    }
+    #[inline(always)]
+    fn snat_addr() -> Self {
+        node_config6().snat_addr_be
+    }
+    #[inline(always)]
+    fn fib_addrs(params: &mut bpf_fib_lookup, saddr: Self, daddr: Self) {
+        params.__bindgen_anon_3.ipv6_src = saddr;
+        params.__bindgen_anon_4.ipv6_dst = daddr;
+    }
+    #[inline(always)]
+    fn header(payload_len: u16, proto: u8, saddr: Self, daddr: Self) -> Self::Header {
+        // Built as words: byte by byte, each byte would take a stack slot of its own.
+        let len = payload_len.to_be_bytes();
+        [
+            u32::from_ne_bytes([0x60, 0, 0, 0]),
+            u32::from_ne_bytes([len[0], len[1], proto, 64]),
+            saddr[0],
+            saddr[1],
+            saddr[2],
+            saddr[3],
+            daddr[0],
+            daddr[1],
+            daddr[2],
+            daddr[3],
+        ]
     }
 }

@@ -7,13 +7,13 @@
 use core::mem;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, conntrack::FlowKey};
+use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip6, conntrack::FlowKey};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
-use crate::family::Family;
+use crate::family::{Family, IPV6_HDR_LEN};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 const ETHER_TYPE_OFF: usize = 12;
@@ -29,7 +29,20 @@ pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+// IPv6 extension headers skipped on the way to the TCP/UDP header.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTIONS: u8 = 60;
+/// Extension headers followed at most; a packet with more passes untouched. (RFC 8200's order
+/// has at most six before the upper layer; real traffic carries zero or one.)
+const IPV6_MAX_EXT_HEADERS: usize = 4;
 pub const ICMP_HDR_LEN: usize = 8;
+/// An IPv4 header without options.
 const UDP_CSUM_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
@@ -107,10 +120,16 @@ impl<A: Family> IcmpError<A> {
     }
 }
 
-/// What the packet path may act on, for a packet of family `A`.
+/// What the packet path may act on.
 pub enum Parsed<A> {
     Flow(Packet<A>),
     IcmpError(IcmpError<A>),
+}
+
+/// The packet's IP version, from its EtherType.
+pub enum IpVersion {
+    V4,
+    V6,
 }
 
 impl<A: Family> Packet<A> {
@@ -146,14 +165,40 @@ pub enum NotHandled {
     Malformed,
 }
 
-/// Parses an IPv4 packet; anything else (IPv6 until the packet path has its IPv6 copy, ARP, ...)
-/// is not ours.
+/// Which family's path the packet takes; anything not IP is not ours.
 #[inline(always)]
-pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<u32>, NotHandled> {
+pub fn ip_version<C: PacketAccess>(ctx: &C) -> Result<IpVersion, NotHandled> {
     let ether_type: u16 = ctx.read(ETHER_TYPE_OFF).ok_or(NotHandled::Malformed)?;
-    if ether_type != EtherType::Ipv4 as u16 {
-        return Err(NotHandled::Pass);
+    if ether_type == EtherType::Ipv4 as u16 {
+        Ok(IpVersion::V4)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        Ok(IpVersion::V6)
+    } else {
+        Err(NotHandled::Pass)
     }
+}
+
+/// Parsing a packet of the family whose EtherType it has.
+pub trait Parse: Family {
+    fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<Self>, NotHandled>;
+}
+
+impl Parse for u32 {
+    #[inline(always)]
+    fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<Self>, NotHandled> {
+        parse4(ctx)
+    }
+}
+
+impl Parse for Ip6 {
+    #[inline(always)]
+    fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<Self>, NotHandled> {
+        parse6(ctx)
+    }
+}
+
+#[inline(always)]
+fn parse4<C: PacketAccess>(ctx: &C) -> Result<Parsed<u32>, NotHandled> {
     let ip: Ipv4Hdr = ctx.read(ETH_LEN).ok_or(NotHandled::Malformed)?;
     if ip.version() != 4 || ip.ihl() < Ipv4Hdr::LEN as u8 {
         return Err(NotHandled::Malformed);
@@ -178,6 +223,85 @@ pub fn parse<C: PacketAccess>(ctx: &C) -> Result<Parsed<u32>, NotHandled> {
         .map(Parsed::IcmpError);
     }
     flow(ctx, saddr, daddr, proto, l4_off).map(Parsed::Flow)
+}
+
+#[inline(always)]
+fn parse6<C: PacketAccess>(ctx: &C) -> Result<Parsed<Ip6>, NotHandled> {
+    // The fixed part before the addresses (version, ..., next header, hop limit); the addresses
+    // are read as words once the chain is followed (held as bytes across it, they would take
+    // 32 stack slots).
+    let fixed: [u8; 8] = ctx.read(ETH_LEN).ok_or(NotHandled::Malformed)?;
+    if fixed[0] >> 4 != 6 {
+        return Err(NotHandled::Malformed);
+    }
+    let (proto, l4_off) = skip_extension_headers(ctx, fixed[6])?;
+    let saddr: Ip6 = ctx
+        .read(ETH_LEN + Ip6::SRC_OFF)
+        .ok_or(NotHandled::Malformed)?;
+    let daddr: Ip6 = ctx
+        .read(ETH_LEN + Ip6::DST_OFF)
+        .ok_or(NotHandled::Malformed)?;
+    if proto == IPPROTO_ICMPV6 {
+        return icmp_error(
+            ctx,
+            saddr,
+            daddr,
+            l4_off,
+            [
+                ICMPV6_DEST_UNREACHABLE,
+                ICMPV6_PACKET_TOO_BIG,
+                ICMPV6_TIME_EXCEEDED,
+            ],
+        )
+        .map(Parsed::IcmpError);
+    }
+    flow(ctx, saddr, daddr, proto, l4_off).map(Parsed::Flow)
+}
+
+/// Follows IPv6 extension headers from `next` to the upper-layer protocol: its number and where
+/// it starts. A non-first fragment, a routing header with segments left (the destination is
+/// not final yet) and a chain longer than lb follows pass untouched.
+#[inline(always)]
+fn skip_extension_headers<C: PacketAccess>(
+    ctx: &C,
+    mut next: u8,
+) -> Result<(u8, usize), NotHandled> {
+    let mut off = ETH_LEN + IPV6_HDR_LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTIONS | IPV6_ROUTING => {
+                // Next header, length in 8-byte units not counting the first, then (routing)
+                // type and segments left.
+                let h: [u8; 4] = ctx.read(off).ok_or(NotHandled::Malformed)?;
+                if next == IPV6_ROUTING && h[3] != 0 {
+                    return Err(NotHandled::Pass);
+                }
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let h: [u8; 4] = ctx.read(off).ok_or(NotHandled::Malformed)?;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Err(NotHandled::Pass);
+                }
+                next = h[0];
+                off += 8;
+            }
+            IPV6_AUTH => {
+                // Its length is in 4-byte units, not counting the first two.
+                let h: [u8; 2] = ctx.read(off).ok_or(NotHandled::Malformed)?;
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            _ => return Ok((next, off)),
+        }
+    }
+    match next {
+        IPV6_HOP_BY_HOP | IPV6_DEST_OPTIONS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH => {
+            Err(NotHandled::Pass)
+        }
+        _ => Ok((next, off)),
+    }
 }
 
 /// A TCP or UDP packet from its addresses and where its L4 header starts.

@@ -23,7 +23,7 @@ use crate::{
     conntrack,
     family::Family,
     headers::{TCP_FLAG_ACK, TCP_FLAG_SYN},
-    maps::{lookup, lookup_lru, node_config, slot},
+    maps::{NewFlowScratch, lookup, lookup_lru, node_config, slot},
     stats::Attributed,
 };
 
@@ -46,6 +46,16 @@ impl Origin {
             Origin::Pod => ORIGIN_POD,
             Origin::External => ORIGIN_EXTERNAL,
             Origin::Host => ORIGIN_HOST,
+        }
+    }
+
+    /// The origin of [`Origin::code`] `code`.
+    #[inline(always)]
+    pub const fn from_code(code: u8) -> Self {
+        match code {
+            ORIGIN_EXTERNAL => Origin::External,
+            ORIGIN_HOST => Origin::Host,
+            _ => Origin::Pod,
         }
     }
 }
@@ -75,6 +85,9 @@ pub enum Action<A> {
     NoBackend { reject: bool },
     /// A new flow from a client outside the frontend's source ranges: dropped.
     Denied,
+    /// A new flow to a frontend ([`FlowEvents::service_id`]), for the next stage to start
+    /// ([`FlowStart::NextStage`]).
+    StartFlow,
 }
 
 /// What happened to a packet's flow on the way to its [`Action`].
@@ -116,7 +129,7 @@ impl<A: Family> Decision<A> {
                 service_id: self.events.service_id,
                 ..CtEntry::ZERO
             },
-            Action::NotAService | Action::OutOfScope => return None,
+            Action::NotAService | Action::OutOfScope | Action::StartFlow => return None,
         };
         Some(Attributed {
             flow: *flow,
@@ -127,6 +140,15 @@ impl<A: Family> Decision<A> {
     }
 }
 
+/// Where a flow a packet starts is set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FlowStart {
+    /// In this program (IPv4: its working set fits one stack).
+    Here,
+    /// In the next stage ([`Action::StartFlow`]), which calls [`start_flow`] with a fresh stack.
+    NextStage,
+}
+
 /// The one decision every entry point makes: conntrack first, then the Service frontend.
 #[inline(always)]
 pub fn classify<A: Family>(
@@ -134,9 +156,10 @@ pub fn classify<A: Family>(
     tcp_flags: u8,
     origin: Origin,
     scope: Scope,
+    start: FlowStart,
 ) -> Decision<A> {
     let mut events = FlowEvents::NONE;
-    let action = decide(flow, tcp_flags, origin, scope, &mut events);
+    let action = decide(flow, tcp_flags, origin, scope, start, &mut events);
     Decision { action, events }
 }
 
@@ -146,6 +169,7 @@ fn decide<A: Family>(
     tcp_flags: u8,
     origin: Origin,
     scope: Scope,
+    start: FlowStart,
     events: &mut FlowEvents,
 ) -> Action<A> {
     let known = conntrack::lookup(flow);
@@ -160,6 +184,37 @@ fn decide<A: Family>(
         return Action::NotAService;
     };
     events.service_id = service.service_id;
+    match start {
+        FlowStart::Here => admit(flow, &service, origin, events),
+        FlowStart::NextStage => Action::StartFlow,
+    }
+}
+
+/// The new-flow stage's decision: the packet's frontend is looked up again (the stage before
+/// found it), and its flow started.
+#[inline(always)]
+pub fn start_flow<A: Family>(flow: &FlowKey<A>, origin: Origin) -> Decision<A> {
+    let mut events = FlowEvents::NONE;
+    let frontend = ServiceKey::new(flow.daddr_be, flow.dport_be, flow.proto);
+    let action = match lookup(A::services(), &frontend) {
+        Some(service) => {
+            events.service_id = service.service_id;
+            admit(flow, &service, origin, &mut events)
+        }
+        // Gone between the stages (user space deleted it): as if it had not been found.
+        None => Action::NotAService,
+    };
+    Decision { action, events }
+}
+
+/// A new flow to `service`: checked against its source ranges, then started.
+#[inline(always)]
+fn admit<A: Family>(
+    flow: &FlowKey<A>,
+    service: &ServiceEntry,
+    origin: Origin,
+    events: &mut FlowEvents,
+) -> Action<A> {
     // Only new flows are checked, as kube-proxy's firewall chain sees only a flow's first
     // packet: a flow admitted before its ranges changed keeps going.
     if service.source_ranges_id != ANY_SOURCE
@@ -167,7 +222,7 @@ fn decide<A: Family>(
     {
         return Action::Denied;
     }
-    match new_flow(flow, &service, origin, events) {
+    match new_flow(flow, service, origin, events) {
         Ok(forward) => {
             events.new_flow = true;
             Action::Translate(forward)
@@ -269,9 +324,15 @@ fn new_flow<A: Family>(
     } else {
         0
     };
+    let Some(ws) = A::new_flow_scratch() else {
+        // Never: the array has its one entry on every CPU.
+        return Err(NoFlow::SnatFailed);
+    };
+    // SAFETY: this CPU's entry, valid and this run's alone for the whole run (`maps`).
+    let ws = unsafe { &mut *ws };
     let now = conntrack::now_s();
     let expires_s = now.saturating_add(timeout_s(flow.proto, 0, &conntrack::timeouts()));
-    let mut reply = CtEntry {
+    ws.reply = CtEntry {
         new_saddr_be: flow.daddr_be,
         new_daddr_be: flow.saddr_be,
         new_sport_be: flow.dport_be,
@@ -286,28 +347,28 @@ fn new_flow<A: Family>(
         expires_s,
     };
     let (src_addr_be, src_port_be) = if snat {
-        reply.flags |= CT_F_SNAT;
+        ws.reply.flags |= CT_F_SNAT;
         let snat_addr = A::snat_addr();
         if snat_addr == A::UNSPECIFIED {
             return Err(NoFlow::SnatFailed);
         }
-        claim_port(flow, snat_addr, &backend, &reply, now)?
+        claim_port(flow, snat_addr, &backend, ws, now)?
     } else {
-        let reply_key = FlowKey::new(
+        ws.reply_key = FlowKey::new(
             backend.addr_be,
             flow.saddr_be,
             backend.port_be,
             flow.sport_be,
             flow.proto,
         );
-        if conntrack::claim_reply(&reply_key, &reply, flow, now).is_ok() {
+        if conntrack::claim_reply(ws, flow, now).is_ok() {
             (flow.saddr_be, flow.sport_be)
         } else {
             // The same client port already talks to this backend through another Service:
             // both flows would share one reply tuple. Give this one another source port.
             events.port_remapped = true;
-            reply.flags |= CT_F_SNAT;
-            claim_port(flow, flow.saddr_be, &backend, &reply, now)?
+            ws.reply.flags |= CT_F_SNAT;
+            claim_port(flow, flow.saddr_be, &backend, ws, now)?
         }
     };
     // After SNAT the source is a node address; from the host the packet is past routing already:
@@ -317,7 +378,7 @@ fn new_flow<A: Family>(
     } else {
         0
     };
-    let forward = CtEntry {
+    ws.forward = CtEntry {
         new_saddr_be: src_addr_be,
         new_daddr_be: backend.addr_be,
         new_sport_be: src_port_be,
@@ -331,19 +392,19 @@ fn new_flow<A: Family>(
         created_s: now,
         expires_s,
     };
-    let _ = conntrack::insert_forward(flow, &forward);
-    Ok(forward)
+    let _ = conntrack::insert_forward(flow, &ws.forward);
+    Ok(ws.forward)
 }
 
 /// Finds a free source port in the SNAT range for `src_addr_be` (the node's SNAT address, or the
 /// client's own when only its port must change) towards `backend`, and records the reply entry
-/// on it.
+/// (`ws.reply`) on it.
 #[inline(always)]
 fn claim_port<A: Family>(
     flow: &FlowKey<A>,
     src_addr_be: A,
     backend: &Backend<A>,
-    reply: &CtEntry<A>,
+    ws: &mut NewFlowScratch<A>,
     now: u32,
 ) -> Result<(A, u16), NoFlow> {
     let node = node_config();
@@ -355,14 +416,14 @@ fn claim_port<A: Family>(
     for attempt in 0..SNAT_TRIES {
         let port = node.snat_port_first + ((start.wrapping_add(attempt)) % range) as u16;
         let port_be = port.to_be();
-        let reply_key = FlowKey::new(
+        ws.reply_key = FlowKey::new(
             backend.addr_be,
             src_addr_be,
             backend.port_be,
             port_be,
             flow.proto,
         );
-        if conntrack::claim_reply(&reply_key, reply, flow, now).is_ok() {
+        if conntrack::claim_reply(ws, flow, now).is_ok() {
             return Ok((src_addr_be, port_be));
         }
     }

@@ -20,6 +20,7 @@ mod outcome;
 mod redirect;
 mod reject;
 mod service_path;
+mod stages;
 mod stats;
 mod xdp;
 
@@ -34,7 +35,7 @@ use crate::lb::Origin;
 fn run(ctx: &TcContext, origin: Origin) -> i32 {
     // Read before any rewrite; translation never changes a packet's length.
     let bytes = u64::from(ctx.len());
-    service_path::process(ctx, origin).record(bytes)
+    service_path::process(ctx, origin, bytes)
 }
 
 /// tcx ingress on pod-facing interfaces: pods reaching Services (every frontend kind), and
@@ -63,7 +64,37 @@ pub fn lb_host_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_external_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    xdp::process(&ctx).record(bytes)
+    xdp::process(&ctx, bytes)
+}
+
+/// IPv6 stage (tc): known flows, reached from the tc entry points (`stages`).
+#[classifier]
+pub fn lb_tc_ipv6(ctx: TcContext) -> i32 {
+    service_path::ipv6(&ctx)
+}
+
+/// IPv6 stage (tc): new flows.
+#[classifier]
+pub fn lb_tc_ipv6_new_flow(ctx: TcContext) -> i32 {
+    service_path::ipv6_new_flow(&ctx)
+}
+
+/// IPv6 stage (tc): ICMPv6 errors about translated flows.
+#[classifier]
+pub fn lb_tc_ipv6_icmp(ctx: TcContext) -> i32 {
+    service_path::ipv6_icmp(&ctx)
+}
+
+/// IPv6 stage (tc): new flows answered for want of backends.
+#[classifier]
+pub fn lb_tc_ipv6_reject(ctx: TcContext) -> i32 {
+    service_path::ipv6_reject(&ctx)
+}
+
+/// IPv6 stage (XDP): the fast path for known flows.
+#[xdp]
+pub fn lb_xdp_ipv6(ctx: XdpContext) -> u32 {
+    xdp::ipv6(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,15 +7,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use lb_common::{
+    Ip6,
     conntrack::{CtEntry, FlowKey},
     counters::{COUNTER_SLOTS, Counter},
     maps::{
-        EVENTS_RING_BYTES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SLOTS,
-        MAX_SOURCE_RANGES, SLOTS_PER_ELEMENT,
+        EVENTS_RING_BYTES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK6, MAX_SERVICES,
+        MAX_SLOTS, MAX_SOURCE_RANGES, SLOTS_PER_ELEMENT,
     },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry,
-        ServiceKey, SourceRange, SourceRangeValue,
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, NodeConfig6,
+        ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
     },
     stats::{BackendStats, MonitorBudget, MonitorConfig, ServiceStats},
 };
@@ -56,6 +57,54 @@ pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0)
 #[map(name = "LB_SOURCE_RANGES")]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, SourceRangeValue> =
     LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+// The IPv6 twins (`family::Family` picks a packet's maps).
+
+#[map(name = "LB_SERVICES6")]
+pub static LB_SERVICES6: HashMap<ServiceKey<Ip6>, ServiceEntry> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_BACKENDS6")]
+pub static LB_BACKENDS6: HashMap<BackendId, Backend<Ip6>> =
+    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_CONNTRACK6")]
+pub static LB_CONNTRACK6: LruHashMap<FlowKey<Ip6>, CtEntry<Ip6>> =
+    LruHashMap::pinned(MAX_CONNTRACK6, 0);
+
+#[map(name = "LB_AFFINITY6")]
+pub static LB_AFFINITY6: LruHashMap<AffinityKey<Ip6>, AffinityValue> =
+    LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "LB_NODE6")]
+pub static LB_NODE6: Array<NodeConfig6> = Array::pinned(1, 0);
+
+#[map(name = "LB_SOURCE_RANGES6")]
+pub static LB_SOURCE_RANGES6: LpmTrie<SourceRange<Ip6>, SourceRangeValue> =
+    LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// A new flow's entries and keys while it is set up, one per CPU and family: built here rather
+/// than on the stack, where IPv6's (two 56-byte entries, two 40-byte keys) do not fit beside the
+/// rest of the path. A program run is never interrupted by another on its CPU, so each run has
+/// its CPU's entry to itself. Not pinned: nothing outlives the run.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NewFlowScratch<A> {
+    /// The reply direction's key, as a port is tried for it.
+    pub reply_key: FlowKey<A>,
+    /// The reply direction's entry.
+    pub reply: CtEntry<A>,
+    /// The forward direction's entry.
+    pub forward: CtEntry<A>,
+    /// The partner of an entry found at `reply_key`.
+    pub partner_key: FlowKey<A>,
+}
+
+#[map(name = "LB_NEW_FLOW4")]
+pub static LB_NEW_FLOW4: PerCpuArray<NewFlowScratch<u32>> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "LB_NEW_FLOW6")]
+pub static LB_NEW_FLOW6: PerCpuArray<NewFlowScratch<Ip6>> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-frontend counters by service id; an entry is created by the frontend's first packet and
 /// deleted by user space once the frontend is gone.
@@ -117,4 +166,10 @@ pub fn slot(index: u32) -> Option<BackendId> {
 #[inline(always)]
 pub fn node_config() -> NodeConfig {
     LB_NODE.get(0).copied().unwrap_or_default()
+}
+
+/// The node's IPv6 settings (all zero until the agent writes them).
+#[inline(always)]
+pub fn node_config6() -> NodeConfig6 {
+    LB_NODE6.get(0).copied().unwrap_or_default()
 }

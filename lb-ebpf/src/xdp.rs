@@ -8,6 +8,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
+    Ip6,
     conntrack::{CT_F_REDIRECT, CT_KIND_FORWARD},
     counters::Counter,
 };
@@ -15,32 +16,55 @@ use lb_common::{
 use crate::{
     family::Family,
     fib::{self, Route},
-    headers::{self, Packet, Parsed},
-    lb::{self, Action, Origin, Scope},
+    headers::{self, IpVersion, Packet, Parse, Parsed},
+    lb::{self, Action, FlowStart, Origin, Scope},
     nat,
     outcome::Outcome,
+    stages,
 };
 
 const PASS: u32 = xdp_action::XDP_PASS;
 
-/// Handles one frame; the entry point records the outcome.
+/// Handles one frame of `bytes`, records its outcome and returns the verdict. IPv6 goes on to
+/// its stage (`stages`).
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> Outcome<u32> {
-    match headers::parse(ctx) {
-        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt),
+pub fn process(ctx: &XdpContext, bytes: u64) -> u32 {
+    match headers::ip_version(ctx) {
+        Ok(IpVersion::V4) => process_family::<u32>(ctx, FlowStart::Here).record(bytes),
+        Ok(IpVersion::V6) => {
+            stages::xdp_ipv6(ctx);
+            // No stage to run: tc handles (and counts) the packet.
+            PASS
+        }
+        Err(_) => PASS,
+    }
+}
+
+/// The IPv6 stage: known flows only; a new flow is tc's to start.
+#[inline(always)]
+pub fn ipv6(ctx: &XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    process_family::<Ip6>(ctx, FlowStart::NextStage).record(bytes)
+}
+
+#[inline(always)]
+fn process_family<A: Parse>(ctx: &XdpContext, start: FlowStart) -> Outcome<u32, A> {
+    match A::parse(ctx) {
+        Ok(Parsed::Flow(pkt)) => flow(ctx, &pkt, start),
         // Anything not a TCP/UDP flow (ICMP errors included) is tc's, and tc counts it.
         _ => Outcome::uncounted(PASS),
     }
 }
 
 #[inline(always)]
-fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Outcome<u32, A> {
+fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, start: FlowStart) -> Outcome<u32, A> {
     let flow = pkt.flow();
     let decision = lb::classify(
         &flow,
         pkt.tcp_flags,
         Origin::External,
         Scope::RedirectedOnly,
+        start,
     );
     let outcome: Outcome<u32, A> = match &decision.action {
         Action::Translate(ct) if ct.flags & CT_F_REDIRECT != 0 => {
@@ -70,8 +94,8 @@ fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>) -> Outcome<u32, A> {
         Action::SnatFailed => Outcome::new(xdp_action::XDP_DROP, Counter::SnatFailed),
         // Dropped before the kernel allocates anything, as it would be in tc.
         Action::Denied => Outcome::new(xdp_action::XDP_DROP, Counter::DroppedSourceRange),
-        // DNAT only (the stack delivers it, through tc), not ours, or no backend (tc answers or
-        // drops it): tc handles and counts it.
+        // DNAT only (the stack delivers it, through tc), not ours, no backend (tc answers or
+        // drops it), or an IPv6 new flow: tc handles and counts it.
         _ => Outcome::uncounted(PASS),
     };
     outcome

@@ -177,6 +177,10 @@ pub struct AgentArgs {
     /// load). [default: 1048576]
     #[arg(long)]
     pub max_conntrack_flows: Option<u32>,
+    /// IPv6 flows its own conntrack map holds (two entries each, about 290 bytes a flow,
+    /// allocated at load). [default: 262144]
+    #[arg(long)]
+    pub max_conntrack_flows_v6: Option<u32>,
     /// Clients `sessionAffinity: ClientIP` remembers. [default: 131072]
     #[arg(long)]
     pub max_affinity_clients: Option<u32>,
@@ -222,6 +226,7 @@ pub struct ConfigFile {
     pub max_backends: Option<u32>,
     pub max_maglev_slots: Option<u32>,
     pub max_conntrack_flows: Option<u32>,
+    pub max_conntrack_flows_v6: Option<u32>,
     pub max_affinity_clients: Option<u32>,
 }
 
@@ -424,6 +429,12 @@ impl AgentArgs {
             file.max_conntrack_flows,
             d.conntrack / 2,
         )?;
+        let flows6 = capacity(
+            "--max-conntrack-flows-v6",
+            self.max_conntrack_flows_v6,
+            file.max_conntrack_flows_v6,
+            d.conntrack6 / 2,
+        )?;
         let capacities = Capacities {
             frontends: capacity(
                 "--max-frontends",
@@ -448,6 +459,9 @@ impl AgentArgs {
             conntrack: flows
                 .checked_mul(2)
                 .context("--max-conntrack-flows is too large")?,
+            conntrack6: flows6
+                .checked_mul(2)
+                .context("--max-conntrack-flows-v6 is too large")?,
             affinity: capacity(
                 "--max-affinity-clients",
                 self.max_affinity_clients,

@@ -18,13 +18,14 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use lb_common::{
-    addr_be,
+    Ip6, addr_be,
     conntrack::{CtEntry, FlowKey},
     counters::Counter,
     maps::{NODE_MAP, SOURCE_RANGES_MAP},
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, SOURCE_RANGE_ALLOW,
-        ServiceEntry, ServiceKey, SourceRange, SourceRangeValue, source_range_prefix_len,
+        AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, NodeConfig6,
+        SOURCE_RANGE_ALLOW, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
+        source_range_prefix_len,
     },
     stats::{BackendStats, ServiceStats},
 };
@@ -306,6 +307,18 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange, SourceRangeValue>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub backend_stats: PerCpuHashMap<MapData, BackendId, BackendStats>,
+    /// The IPv6 twins of the maps that hold an address.
+    pub v6: BpfMaps6,
+}
+
+/// The IPv6 twins of the maps that hold an address (docs/design.md, "IPv6 and dual-stack").
+pub struct BpfMaps6 {
+    pub services: BpfHashMap<MapData, ServiceKey<Ip6>, ServiceEntry>,
+    pub backends: BpfHashMap<MapData, BackendId, Backend<Ip6>>,
+    pub affinity: BpfHashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
+    pub conntrack: BpfHashMap<MapData, FlowKey<Ip6>, CtEntry<Ip6>>,
+    pub node: Array<MapData, NodeConfig6>,
+    pub source_ranges: LpmTrie<MapData, SourceRange<Ip6>, SourceRangeValue>,
 }
 
 /// The LPM key of one range of a source-range set.

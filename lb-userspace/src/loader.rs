@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapError, MapInfo, MapType},
+    maps::{Map, MapData, MapError, MapInfo, MapType, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -18,24 +18,27 @@ use aya::{
     },
 };
 use lb_common::{
+    Ip6,
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
-        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities,
-        EVENTS_MAP, EVENTS_RING_BYTES, EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM,
-        HOST_EGRESS_PROGRAM, LINKS_DIR, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-        MAX_SLOTS, MAX_SOURCE_RANGES, MONITOR_BUDGET_MAP, MONITOR_MAP, NODE_MAP,
-        PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP,
-        SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
+        AFFINITY_MAP, AFFINITY6_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP,
+        CONNTRACK6_MAP, COUNTERS_MAP, Capacities, EVENTS_MAP, EVENTS_RING_BYTES,
+        EXTERNAL_INGRESS_PROGRAM, EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM, LINKS_DIR,
+        MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK6, MAX_SERVICES, MAX_SLOTS,
+        MAX_SOURCE_RANGES, MONITOR_BUDGET_MAP, MONITOR_MAP, NODE_MAP, NODE6_MAP,
+        PIN_LAYOUT_VERSION, POD_INGRESS_PROGRAM, SERVICE_STATS_MAP, SERVICES_MAP, SERVICES6_MAP,
+        SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP, SOURCE_RANGES6_MAP, STAGE_SLOTS,
+        TC_STAGE_PROGRAMS, TC_STAGES_MAP, XDP_STAGE_PROGRAMS, XDP_STAGES_MAP,
     },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey,
-        SourceRange, SourceRangeValue,
+        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, NodeConfig6, ServiceEntry,
+        ServiceKey, SourceRange, SourceRangeValue,
     },
     stats::{BackendStats, MonitorBudget, MonitorConfig, ServiceStats},
 };
 
-use crate::dataplane::{BpfMaps, MappedSlots};
+use crate::dataplane::{BpfMaps, BpfMaps6, MappedSlots};
 
 /// The packet path, built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -85,6 +88,14 @@ pub enum LoadError {
         path: PathBuf,
         detail: String,
     },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("stage program {name}: cannot put it in its program array")]
+    Stage {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("cannot give the pinned maps the capacities asked for: {detail}")]
     Resize { detail: String },
     #[error("program {name}: {action} failed")]
@@ -115,7 +126,7 @@ const fn expected<K, V>(name: &'static str, map_type: MapType, max_entries: u32)
     }
 }
 
-const EXPECTED_MAPS: [ExpectedMap; 13] = [
+const EXPECTED_MAPS: [ExpectedMap; 21] = [
     expected::<ServiceKey, ServiceEntry>(SERVICES_MAP, MapType::Hash, MAX_SERVICES),
     expected::<u32, [BackendId; SLOTS_PER_ELEMENT as usize]>(
         SLOTS_MAP,
@@ -137,6 +148,18 @@ const EXPECTED_MAPS: [ExpectedMap; 13] = [
     expected::<u32, MonitorConfig>(MONITOR_MAP, MapType::Array, 1),
     expected::<u32, MonitorBudget>(MONITOR_BUDGET_MAP, MapType::PerCpuArray, 1),
     expected::<(), ()>(EVENTS_MAP, MapType::RingBuf, EVENTS_RING_BYTES),
+    expected::<ServiceKey<Ip6>, ServiceEntry>(SERVICES6_MAP, MapType::Hash, MAX_SERVICES),
+    expected::<BackendId, Backend<Ip6>>(BACKENDS6_MAP, MapType::Hash, MAX_BACKENDS),
+    expected::<FlowKey<Ip6>, CtEntry<Ip6>>(CONNTRACK6_MAP, MapType::LruHash, MAX_CONNTRACK6),
+    expected::<AffinityKey<Ip6>, AffinityValue>(AFFINITY6_MAP, MapType::LruHash, MAX_AFFINITY),
+    expected::<u32, NodeConfig6>(NODE6_MAP, MapType::Array, 1),
+    expected::<aya::maps::lpm_trie::Key<SourceRange<Ip6>>, SourceRangeValue>(
+        SOURCE_RANGES6_MAP,
+        MapType::LpmTrie,
+        MAX_SOURCE_RANGES,
+    ),
+    expected::<u32, u32>(TC_STAGES_MAP, MapType::ProgramArray, STAGE_SLOTS),
+    expected::<u32, u32>(XDP_STAGES_MAP, MapType::ProgramArray, STAGE_SLOTS),
 ];
 
 /// Pinned maps from another layout must never be reused silently: check before loading.
@@ -327,6 +350,58 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
     })
 }
 
+/// Loads the IPv6 stage programs and puts each at its index of its (pinned) program array,
+/// replacing an earlier agent's.
+fn fill_stages(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    fn program_error(
+        name: &'static str,
+        action: &'static str,
+    ) -> impl Fn(ProgramError) -> LoadError {
+        move |source| LoadError::Program {
+            name,
+            action: action.to_owned(),
+            source,
+        }
+    }
+    let mut tc_fds = Vec::new();
+    for (name, index) in TC_STAGE_PROGRAMS {
+        let program = Dataplane::program_of(ebpf, name)?;
+        program
+            .load()
+            .map_err(program_error(name, "load (verifier)"))?;
+        let fd = program.fd().map_err(program_error(name, "take its fd"))?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| program_error(name, "take its fd")(e.into()))?;
+        tc_fds.push((name, index, fd));
+    }
+    let mut xdp_fds = Vec::new();
+    for (name, index) in XDP_STAGE_PROGRAMS {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_error(name, "find"))?;
+        program
+            .load()
+            .map_err(program_error(name, "load (verifier)"))?;
+        let fd = program.fd().map_err(program_error(name, "take its fd"))?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| program_error(name, "take its fd")(e.into()))?;
+        xdp_fds.push((name, index, fd));
+    }
+    for (array_name, fds) in [(TC_STAGES_MAP, tc_fds), (XDP_STAGES_MAP, xdp_fds)] {
+        let mut array: ProgramArray<MapData> = take_map(ebpf, array_name)?;
+        for (name, index, fd) in fds {
+            array
+                .set(index, &fd, 0)
+                .map_err(|source| LoadError::Stage { name, source })?;
+        }
+    }
+    Ok(())
+}
+
 fn take_slots(ebpf: &mut Ebpf, slots: u32) -> Result<MappedSlots, LoadError> {
     let missing = LoadError::MissingMap {
         name: SLOTS_MAP,
@@ -388,6 +463,9 @@ impl Dataplane {
                 action: "load (verifier)".to_owned(),
                 source,
             })?;
+        // Before anything is attached: an entry point whose stage is missing passes IPv6
+        // untouched.
+        fill_stages(&mut ebpf)?;
         let maps = BpfMaps {
             services: take_map(&mut ebpf, SERVICES_MAP)?,
             slots: take_slots(&mut ebpf, capacities.slots)?,
@@ -399,6 +477,14 @@ impl Dataplane {
             source_ranges: take_map(&mut ebpf, SOURCE_RANGES_MAP)?,
             service_stats: take_map(&mut ebpf, SERVICE_STATS_MAP)?,
             backend_stats: take_map(&mut ebpf, BACKEND_STATS_MAP)?,
+            v6: BpfMaps6 {
+                services: take_map(&mut ebpf, SERVICES6_MAP)?,
+                backends: take_map(&mut ebpf, BACKENDS6_MAP)?,
+                affinity: take_map(&mut ebpf, AFFINITY6_MAP)?,
+                conntrack: take_map(&mut ebpf, CONNTRACK6_MAP)?,
+                node: take_map(&mut ebpf, NODE6_MAP)?,
+                source_ranges: take_map(&mut ebpf, SOURCE_RANGES6_MAP)?,
+            },
         };
         let links_dir = pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)

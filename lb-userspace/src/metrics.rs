@@ -516,6 +516,7 @@ mod tests {
             backends: 128,
             slots: 2048,
             conntrack: 512,
+            conntrack6: 128,
             affinity: 32,
         };
         metrics.set_capacities(&capacities);

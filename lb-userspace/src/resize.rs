@@ -31,11 +31,12 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
+    Ip6,
     conntrack::{CtEntry, FlowKey},
     counters::COUNTER_SLOTS,
     maps::{
-        AFFINITY_MAP, BACKENDS_MAP, CONNTRACK_MAP, COUNTERS_MAP, Capacities, SERVICES_MAP,
-        SLOTS_MAP, SLOTS_PER_ELEMENT,
+        AFFINITY_MAP, AFFINITY6_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP, CONNTRACK6_MAP,
+        COUNTERS_MAP, Capacities, SERVICES_MAP, SERVICES6_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT,
     },
     service::{AffinityKey, AffinityValue, Backend, BackendId, ServiceEntry, ServiceKey},
 };
@@ -78,20 +79,27 @@ fn count<K: Pod, V: Pod>(path: &Path) -> Result<u64, MapError> {
     Ok(n)
 }
 
-/// The table ranges the frontends pinned at `path` point at.
-fn table_ranges(path: &Path) -> Result<BTreeSet<TableRange>, MapError> {
-    let services = open_hash::<ServiceKey, ServiceEntry>(path)?;
-    let mut ranges = BTreeSet::new();
-    for item in services.iter() {
-        let (_, entry) = item?;
-        if entry.table_size > 0 {
-            ranges.insert(TableRange {
-                offset: entry.table_offset,
-                size: entry.table_size,
-            });
+/// The table ranges the frontends of both families, as pinned under `pin_dir`, point at.
+fn table_ranges(pin_dir: &Path) -> Result<BTreeSet<TableRange>, MapError> {
+    let mut entries = Vec::new();
+    for item in open_hash::<ServiceKey, ServiceEntry>(&services_pin(pin_dir, SERVICES_MAP))?.iter()
+    {
+        entries.push(item?.1);
+    }
+    let services6 = services_pin(pin_dir, SERVICES6_MAP);
+    if services6.exists() {
+        for item in open_hash::<ServiceKey<Ip6>, ServiceEntry>(&services6)?.iter() {
+            entries.push(item?.1);
         }
     }
-    Ok(ranges)
+    Ok(entries
+        .into_iter()
+        .filter(|entry| entry.table_size > 0)
+        .map(|entry| TableRange {
+            offset: entry.table_offset,
+            size: entry.table_size,
+        })
+        .collect())
 }
 
 /// How much of its capacity the map pinned at `path` uses, in the unit `wanted` is given in:
@@ -102,8 +110,12 @@ fn in_use(name: &str, path: &Path, pin_dir: &Path) -> Result<u64, MapError> {
         BACKENDS_MAP => count::<BackendId, Backend>(path),
         CONNTRACK_MAP => count::<FlowKey, CtEntry>(path),
         AFFINITY_MAP => count::<AffinityKey, AffinityValue>(path),
+        SERVICES6_MAP => count::<ServiceKey<Ip6>, ServiceEntry>(path),
+        BACKENDS6_MAP => count::<BackendId, Backend<Ip6>>(path),
+        CONNTRACK6_MAP => count::<FlowKey<Ip6>, CtEntry<Ip6>>(path),
+        AFFINITY6_MAP => count::<AffinityKey<Ip6>, AffinityValue>(path),
         // The frontends as pinned: moved aside already if that map is resized too.
-        _ => Ok(table_ranges(&services_pin(pin_dir))?
+        _ => Ok(table_ranges(pin_dir)?
             .iter()
             .map(|r| u64::from(r.offset) + u64::from(r.size))
             .max()
@@ -111,13 +123,14 @@ fn in_use(name: &str, path: &Path, pin_dir: &Path) -> Result<u64, MapError> {
     }
 }
 
-/// Where the frontends map is pinned: aside, while a resize of it is under way.
-fn services_pin(pin_dir: &Path) -> PathBuf {
-    let aside = pin_dir.join(RESIZING_DIR).join(SERVICES_MAP);
+/// Where a frontends map (`name`, either family's) is pinned: aside, while a resize of it is
+/// under way.
+fn services_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    let aside = pin_dir.join(RESIZING_DIR).join(name);
     if aside.exists() {
         aside
     } else {
-        pin_dir.join(SERVICES_MAP)
+        pin_dir.join(name)
     }
 }
 
@@ -151,10 +164,13 @@ pub fn prepare(pin_dir: &Path, wanted: Capacities) -> anyhow::Result<Plan> {
         let (pinned, asked) = (pinned_elements * scale, wanted_elements * scale);
         let keep = |plan: &mut Plan, why: String| {
             let field = match name {
-                SERVICES_MAP => &mut plan.capacities.frontends,
-                BACKENDS_MAP => &mut plan.capacities.backends,
+                // An IPv6 twin takes its IPv4 map's capacity: either keeping its size keeps
+                // both.
+                SERVICES_MAP | SERVICES6_MAP => &mut plan.capacities.frontends,
+                BACKENDS_MAP | BACKENDS6_MAP => &mut plan.capacities.backends,
                 SLOTS_MAP => &mut plan.capacities.slots,
                 CONNTRACK_MAP => &mut plan.capacities.conntrack,
+                CONNTRACK6_MAP => &mut plan.capacities.conntrack6,
                 _ => &mut plan.capacities.affinity,
             };
             *field = pinned;
@@ -306,6 +322,9 @@ pub fn carry_over(
         if let Some(path) = old(BACKENDS_MAP) {
             done.backends = copy_missing(&path, &mut maps.backends)?;
         }
+        if let Some(path) = old(BACKENDS6_MAP) {
+            done.backends += copy_missing(&path, &mut maps.v6.backends)?;
+        }
         if let Some(path) = old(SLOTS_MAP) {
             let info =
                 MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -314,9 +333,7 @@ pub fn carry_over(
             let slots = MappedSlots::new(data, info.max_entries() * SLOTS_PER_ELEMENT)
                 .with_context(|| format!("mapping {}", path.display()))?;
             // The tables of the frontends as pinned (the old map's, if that one moves too).
-            let services = services_pin(pin_dir);
-            let ranges = table_ranges(&services)
-                .with_context(|| format!("reading {}", services.display()))?;
+            let ranges = table_ranges(pin_dir).context("reading the frontends' tables")?;
             for range in ranges {
                 for index in range.offset..range.offset + range.size {
                     let id = slots
@@ -332,12 +349,21 @@ pub fn carry_over(
         if let Some(path) = old(SERVICES_MAP) {
             done.services = copy_missing(&path, &mut maps.services)?;
         }
+        if let Some(path) = old(SERVICES6_MAP) {
+            done.services += copy_missing(&path, &mut maps.v6.services)?;
+        }
     }
     if let Some(path) = old(CONNTRACK_MAP) {
         done.conntrack = copy_missing(&path, &mut maps.conntrack)?;
     }
+    if let Some(path) = old(CONNTRACK6_MAP) {
+        done.conntrack += copy_missing(&path, &mut maps.v6.conntrack)?;
+    }
     if let Some(path) = old(AFFINITY_MAP) {
         done.affinity = copy_missing(&path, &mut maps.affinity)?;
+    }
+    if let Some(path) = old(AFFINITY6_MAP) {
+        done.affinity += copy_missing(&path, &mut maps.v6.affinity)?;
     }
     if final_pass {
         if let Some(path) = old(COUNTERS_MAP) {

@@ -54,6 +54,7 @@ const SMALL: Capacities = Capacities {
     backends: 128,
     slots: 2048,
     conntrack: 512,
+    conntrack6: 256,
     affinity: 64,
 };
 

@@ -1,0 +1,581 @@
+//! The IPv6 packet path through the real programs with BPF_PROG_TEST_RUN: an IPv6 packet enters
+//! a tc entry point and runs through the tail-called stages (known flow, new flow, reject,
+//! ICMPv6). Packets are built with etherparse; expected packets are built independently, so
+//! their checksums are computed from scratch.
+//!
+//! The IPv6 maps are written directly here, with lb-common's types: the same entries the agent
+//! writes, without going through its Service translation.
+
+mod support;
+
+use std::net::Ipv6Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::{
+    Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv6::DestUnreachableCode,
+};
+use lb_common::{
+    Ip6,
+    addr::ip6_be,
+    conntrack::{CtEntry, FlowKey},
+    counters::Counter,
+    hash::slot_for,
+    maps::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
+    service::{
+        ANY_SOURCE, BACKEND_F_REMOTE, Backend, NodeConfig, NodeConfig6, SERVICE_F_NODE_ADDRESS,
+        SERVICE_F_REJECT, SOURCE_RANGE_ALLOW, ServiceEntry, ServiceKey, SourceRange,
+    },
+};
+use lb_testbed::netns::Netns;
+use support::{LoadedPath, privileged};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: &str = "fd00:244:1::2";
+const POD_A: &str = "fd00:244:1::11";
+const POD_B: &str = "fd00:244:1::12";
+const REMOTE_POD: &str = "fd00:244:2::11";
+const VIP: &str = "fd00:96::10";
+const EMPTY_VIP: &str = "fd00:96::20";
+const NODE: &str = "fd00:30::11";
+const NODE2: &str = "fd00:30::12";
+const OUTSIDE: &str = "fd00:30::100";
+/// A LoadBalancer ingress IP whose source ranges admit fd00:30::/120 (the nodes), not OUTSIDE.
+const GUARDED_LB: &str = "fd00:30::200";
+const NODE_PORT: u16 = 30080;
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 12];
+const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 100];
+const SNAT_PORTS: (u16, u16) = (61000, 65535);
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+fn addr(text: &str) -> [u8; 16] {
+    text.parse::<Ipv6Addr>().unwrap().octets()
+}
+
+fn wire(text: &str) -> Ip6 {
+    ip6_be(addr(text))
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A namespace with the node's IPv6 routes and neighbours, entered by the calling thread, so the
+/// FIB lookups of redirects have known answers. Linked to nothing outside.
+struct PacketNetns {
+    ns: Netns,
+}
+
+impl PacketNetns {
+    fn entered() -> Self {
+        let ns = Netns::create(&format!(
+            "{}{}-pkt6",
+            lb_testbed::cleanup::NETNS_PREFIX,
+            std::process::id()
+        ))
+        .expect("create the packet-test namespace");
+        let run = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
+        run(&[
+            "link",
+            "add",
+            "ext0",
+            "address",
+            &mac(EXT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ext0p",
+        ]);
+        run(&[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+        ]);
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0").unwrap();
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0").unwrap();
+        for dev in ["ext0", "ext0p", "pod0", "pod0p"] {
+            run(&["link", "set", dev, "up"]);
+        }
+        run(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE}/64"),
+            "dev",
+            "ext0",
+            "nodad",
+        ]);
+        run(&["-6", "route", "add", "fd00:244:1::/64", "dev", "pod0"]);
+        run(&["-6", "route", "add", "fd00:244:2::/64", "via", NODE2]);
+        for (neighbour, m) in [(NODE2, NODE2_MAC), (OUTSIDE, OUTSIDE_MAC)] {
+            run(&[
+                "-6",
+                "neigh",
+                "add",
+                neighbour,
+                "lladdr",
+                &mac(m),
+                "dev",
+                "ext0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+        let file = std::fs::File::open(format!("/run/netns/{}", ns.name())).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the test namespace");
+        Self { ns }
+    }
+
+    fn ifindex(&self, dev: &'static str) -> u32 {
+        self.ns
+            .run(move || nix::net::if_::if_nametoindex(dev).expect("ifindex"))
+            .unwrap()
+    }
+}
+
+/// The test's frontends, written into the IPv6 maps as the agent would.
+fn provision(path: &mut LoadedPath) {
+    let maps = &mut path.dataplane.maps;
+    maps.node
+        .set(
+            0,
+            NodeConfig {
+                snat_port_first: SNAT_PORTS.0,
+                snat_port_last: SNAT_PORTS.1,
+                ..NodeConfig::default()
+            },
+            0,
+        )
+        .unwrap();
+    maps.v6
+        .node
+        .set(
+            0,
+            NodeConfig6 {
+                snat_addr_be: wire(NODE),
+                ..NodeConfig6::default()
+            },
+            0,
+        )
+        .unwrap();
+    // Backends 1 and 2 are local pods, 3 a pod on node 2; one table per frontend.
+    for (id, pod, port, flags) in [
+        (1, POD_A, 8080, 0),
+        (2, POD_B, 8080, 0),
+        (3, REMOTE_POD, 8080, BACKEND_F_REMOTE),
+        (4, POD_A, 5353, 0),
+    ] {
+        let backend = Backend {
+            addr_be: wire(pod),
+            port_be: u16::to_be(port),
+            flags,
+            _pad: 0,
+        };
+        maps.v6.backends.insert(id, backend, 0).unwrap();
+    }
+    let tables: [(u32, &[u32]); 4] = [(0, &[1, 2]), (16, &[3]), (32, &[4]), (48, &[1])];
+    for (offset, ids) in tables {
+        for (i, id) in ids.iter().enumerate() {
+            assert!(maps.slots.set(offset + i as u32, *id));
+        }
+    }
+    maps.v6
+        .source_ranges
+        .insert(
+            &aya::maps::lpm_trie::Key::new(
+                32 + 120,
+                SourceRange {
+                    set_id: 1,
+                    addr_be: wire("fd00:30::"),
+                },
+            ),
+            SOURCE_RANGE_ALLOW,
+            0,
+        )
+        .unwrap();
+    let frontend = |id: u32, offset: u32, size: u32, flags: u16, ranges: u32| ServiceEntry {
+        service_id: id,
+        table_offset: offset,
+        table_size: size,
+        affinity_timeout_s: 0,
+        flags,
+        _pad: 0,
+        source_ranges_id: ranges,
+    };
+    for (vip, port, proto, entry) in [
+        (VIP, 80, TCP, frontend(1, 0, 2, 0, ANY_SOURCE)),
+        (VIP, 53, UDP, frontend(2, 32, 1, 0, ANY_SOURCE)),
+        (
+            EMPTY_VIP,
+            80,
+            TCP,
+            frontend(3, 0, 0, SERVICE_F_REJECT, ANY_SOURCE),
+        ),
+        (
+            EMPTY_VIP,
+            53,
+            UDP,
+            frontend(4, 0, 0, SERVICE_F_REJECT, ANY_SOURCE),
+        ),
+        (
+            NODE,
+            NODE_PORT,
+            TCP,
+            frontend(5, 16, 1, SERVICE_F_NODE_ADDRESS, ANY_SOURCE),
+        ),
+        (
+            GUARDED_LB,
+            80,
+            TCP,
+            frontend(6, 48, 1, SERVICE_F_NODE_ADDRESS, 1),
+        ),
+    ] {
+        maps.v6
+            .services
+            .insert(ServiceKey::new(wire(vip), port.to_be(), proto), entry, 0)
+            .unwrap();
+    }
+}
+
+fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Vec<u8> {
+    tcp_between((MAC_A, MAC_B), src, sport, dst, dport, flags)
+}
+
+fn tcp_between(
+    macs: ([u8; 6], [u8; 6]),
+    src: &str,
+    sport: u16,
+    dst: &str,
+    dport: u16,
+    flags: &str,
+) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(addr(src), addr(dst), 64)
+        .tcp(sport, dport, 1000, 64240);
+    for flag in flags.chars() {
+        builder = match flag {
+            'S' => builder.syn(),
+            'A' => builder.ack(1),
+            'F' => builder.fin(),
+            'R' => builder.rst(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    builder.write(&mut out, &[]).unwrap();
+    out
+}
+
+fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(addr(src), addr(dst), 64)
+        .udp(sport, dport)
+        .write(&mut out, b"query")
+        .unwrap();
+    out
+}
+
+/// `packet` with a hop-by-hop options header (PadN only) after its IPv6 header. The upper
+/// layer's checksum is unchanged: its pseudo header has the upper-layer length, not the
+/// payload length.
+fn with_hop_by_hop(packet: &[u8]) -> Vec<u8> {
+    let next = packet[14 + 6];
+    let mut out = packet[..14 + 40].to_vec();
+    out[14 + 6] = 0;
+    let len = u16::from_be_bytes([out[14 + 4], out[14 + 5]]) + 8;
+    out[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    out.extend_from_slice(&packet[14 + 40..]);
+    out
+}
+
+fn run(path: &mut LoadedPath, program: &'static str, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let mut ctx = vec![0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let result = path
+        .dataplane
+        .program(program)
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey<Ip6> {
+    FlowKey::new(wire(src), wire(dst), sport.to_be(), dport.to_be(), proto)
+}
+
+fn ct(path: &LoadedPath, key: &FlowKey<Ip6>) -> Option<CtEntry<Ip6>> {
+    path.dataplane.maps.v6.conntrack.get(key, 0).ok()
+}
+
+/// The ICMPv6 (type, code) of `packet`, its checksum checked against one computed afresh.
+fn icmpv6(packet: &[u8]) -> (u8, u8, Vec<u8>) {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("an Ethernet frame");
+    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+        panic!("not IPv6: {packet:02x?}");
+    };
+    let Some(TransportSlice::Icmpv6(icmp)) = &sliced.transport else {
+        panic!("not ICMPv6: {packet:02x?}");
+    };
+    let header = ip.header();
+    let fresh = icmp
+        .icmp_type()
+        .calc_checksum(header.source(), header.destination(), icmp.payload())
+        .unwrap();
+    assert_eq!(icmp.checksum(), fresh, "ICMPv6 checksum");
+    (icmp.type_u8(), icmp.code_u8(), icmp.payload().to_vec())
+}
+
+/// Every IPv6 frontend kind and flow event through the tc stages: ClusterIP TCP and UDP,
+/// replies, extension headers, NodePort to a remote backend (SNAT and redirect), source
+/// ranges, rejects (TCP RST, ICMPv6 port unreachable), an ICMPv6 error about a translated flow,
+/// and traffic that is no Service's.
+#[test]
+fn ipv6_packets_take_every_path_through_the_stages() {
+    if !privileged("ipv6_packets_take_every_path_through_the_stages") {
+        return;
+    }
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("packet-ipv6");
+    provision(&mut path);
+    let pod = net.ifindex("pod0");
+    let ext = net.ifindex("ext0");
+    let before = path.counters();
+
+    // ClusterIP, TCP: the SYN goes to the backend the Maglev slot names; its reply comes back
+    // from the Service address; the next packet is a known flow's.
+    let flow = key(CLIENT, 40000, VIP, 80, TCP);
+    let chosen = [POD_A, POD_B][slot_for(&flow, 2) as usize];
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 40000, VIP, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp(CLIENT, 40000, chosen, 8080, "S"),
+        "DNAT to {chosen}"
+    );
+    let forward = ct(&path, &flow).expect("the forward entry");
+    assert_eq!(forward.service_id, 1);
+    let reply_key = key(chosen, 8080, CLIENT, 40000, TCP);
+    assert!(ct(&path, &reply_key).is_some(), "the reply entry");
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(chosen, 8080, CLIENT, 40000, "SA"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(VIP, 80, CLIENT, 40000, "SA"), "reverse NAT");
+    let (_, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 40000, VIP, 80, "A"),
+    );
+    assert_eq!(out, tcp(CLIENT, 40000, chosen, 8080, "A"), "a known flow");
+
+    // Extension headers are skipped on the way to TCP, and kept.
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &with_hop_by_hop(&tcp(CLIENT, 40001, VIP, 80, "S")),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    let to = if ct(&path, &key(CLIENT, 40001, VIP, 80, TCP))
+        .unwrap()
+        .new_daddr_be
+        == wire(POD_A)
+    {
+        POD_A
+    } else {
+        POD_B
+    };
+    assert_eq!(out, with_hop_by_hop(&tcp(CLIENT, 40001, to, 8080, "S")));
+
+    // ClusterIP, UDP, then an ICMPv6 port unreachable from the backend about the translated
+    // datagram: its source and quote are turned back to the Service's.
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &udp(CLIENT, 41000, VIP, 53),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, udp(CLIENT, 41000, POD_A, 5353));
+    let mut error = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(addr(POD_A), addr(CLIENT), 64)
+        .icmpv6(Icmpv6Type::DestinationUnreachable(
+            DestUnreachableCode::Port,
+        ))
+        .write(&mut error, &out[14..])
+        .unwrap();
+    let (verdict, translated) = run(&mut path, POD_INGRESS_PROGRAM, pod, &error);
+    assert_eq!(verdict, TC_ACT_OK);
+    // The quote as the client sent it, but for its UDP checksum: that stays the one the backend
+    // saw, as in IPv4 (receivers match errors by addresses and ports, not the quoted checksum).
+    let mut quote = udp(CLIENT, 41000, VIP, 53)[14..].to_vec();
+    quote[40 + 6..40 + 8].copy_from_slice(&out[14 + 40 + 6..14 + 40 + 8]);
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(addr(VIP), addr(CLIENT), 64)
+        .icmpv6(Icmpv6Type::DestinationUnreachable(
+            DestUnreachableCode::Port,
+        ))
+        .write(&mut expected, &quote)
+        .unwrap();
+    assert_eq!(translated, expected, "ICMPv6 error reverse translated");
+
+    // NodePort from outside to a backend on node 2: SNAT to this node, redirected by the FIB.
+    let (verdict, out) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(OUTSIDE, 42000, NODE, NODE_PORT, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let forward = ct(&path, &key(OUTSIDE, 42000, NODE, NODE_PORT, TCP)).expect("forward entry");
+    let snat_port = u16::from_be(forward.new_sport_be);
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port));
+    assert_eq!(
+        out,
+        tcp_between((EXT_MAC, NODE2_MAC), NODE, snat_port, REMOTE_POD, 8080, "S"),
+        "SNAT to the node, sent to node 2"
+    );
+    let (verdict, out) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(REMOTE_POD, 8080, NODE, snat_port, "SA"),
+    );
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the reply goes back to the client"
+    );
+    assert_eq!(
+        out,
+        tcp_between(
+            (EXT_MAC, OUTSIDE_MAC),
+            NODE,
+            NODE_PORT,
+            OUTSIDE,
+            42000,
+            "SA"
+        ),
+        "reverse SNAT and DNAT"
+    );
+
+    // Source ranges: a client outside them is dropped; a node inside is admitted.
+    let (verdict, _) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(OUTSIDE, 43000, GUARDED_LB, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "outside the source ranges");
+    assert!(ct(&path, &key(OUTSIDE, 43000, GUARDED_LB, 80, TCP)).is_none());
+    let (verdict, out) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(NODE2, 43001, GUARDED_LB, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp(NODE2, 43001, POD_A, 8080, "S"), "admitted");
+
+    // No backend: a TCP SYN is answered with a reset, a datagram with a port unreachable, both
+    // from the Service's address, back out of the interface they came in by.
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 44000, EMPTY_VIP, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let sliced = SlicedPacket::from_ethernet(&out).unwrap();
+    let Some(TransportSlice::Tcp(rst)) = &sliced.transport else {
+        panic!("not TCP: {out:02x?}");
+    };
+    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+        panic!("not IPv6");
+    };
+    assert!(rst.rst());
+    assert_eq!((rst.source_port(), rst.destination_port()), (80, 44000));
+    assert_eq!(ip.header().source(), addr(EMPTY_VIP));
+    assert_eq!(ip.header().destination(), addr(CLIENT));
+    let fresh = rst
+        .to_header()
+        .calc_checksum_ipv6_raw(
+            ip.header().source(),
+            ip.header().destination(),
+            rst.payload(),
+        )
+        .unwrap();
+    assert_eq!(rst.checksum(), fresh, "TCP checksum of the reset");
+    let datagram = udp(CLIENT, 44001, EMPTY_VIP, 53);
+    let (verdict, out) = run(&mut path, POD_INGRESS_PROGRAM, pod, &datagram);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (kind, code, quoted) = icmpv6(&out);
+    assert_eq!((kind, code), (1, 4), "ICMPv6 port unreachable");
+    // The IPv6 header and the first 8 bytes after it, as IPv4 quotes.
+    assert_eq!(quoted, &datagram[14..14 + 48], "quoting the datagram");
+
+    // Not a Service: untouched. Neither is ICMPv6 that is no error.
+    let other = tcp(CLIENT, 45000, POD_B, 22, "S");
+    assert_eq!(
+        run(&mut path, POD_INGRESS_PROGRAM, pod, &other),
+        (TC_ACT_OK, other.clone())
+    );
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(addr(CLIENT), addr(VIP), 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut echo, b"ping")
+        .unwrap();
+    assert_eq!(
+        run(&mut path, POD_INGRESS_PROGRAM, pod, &echo),
+        (TC_ACT_OK, echo.clone())
+    );
+
+    let after = path.counters();
+    let delta = |c: Counter| after.get(&c).unwrap_or(&0) - before.get(&c).unwrap_or(&0);
+    assert_eq!(
+        delta(Counter::Translated),
+        6,
+        "SYN, ACK, hop-by-hop SYN, UDP, NodePort, admitted"
+    );
+    assert_eq!(delta(Counter::ReverseTranslated), 2);
+    assert_eq!(delta(Counter::IcmpTranslated), 1);
+    assert_eq!(delta(Counter::DroppedSourceRange), 1);
+    assert_eq!(delta(Counter::Rejected), 2);
+    assert_eq!(delta(Counter::Passed), 2);
+    assert_eq!(delta(Counter::StageFailed), 0);
+    assert_eq!(
+        delta(Counter::Redirected),
+        2,
+        "the NodePort SYN and its answer"
+    );
+}
