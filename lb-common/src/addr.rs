@@ -80,6 +80,19 @@ pub fn ip_from_wide(addr: Ip6) -> core::net::IpAddr {
         .map_or(core::net::IpAddr::V6(v6), core::net::IpAddr::V4)
 }
 
+/// The wide field of an address: IPv4 as `::ffff:a.b.c.d`.
+pub fn wide_from_ip(addr: core::net::IpAddr) -> Ip6 {
+    match addr {
+        core::net::IpAddr::V4(v4) => crate::addr_be(v4.octets()).to_wide(),
+        core::net::IpAddr::V6(v6) => ip6_be(v6.octets()),
+    }
+}
+
+/// The IPv4 field a wide one holds, if it holds IPv4 (`::ffff:a.b.c.d`).
+pub fn narrow(addr: Ip6) -> Option<u32> {
+    (addr[..3] == [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])]).then_some(addr[3])
+}
+
 #[cfg(test)]
 mod tests {
     use std::string::ToString;
@@ -96,6 +109,10 @@ mod tests {
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]
         );
         assert_eq!(ip_from_wide(wide).to_string(), "10.0.0.1");
+        assert_eq!(narrow(wide), Some(crate::addr_be([10, 0, 0, 1])));
+        assert_eq!(wide_from_ip("10.0.0.1".parse().unwrap()), wide);
+        assert_eq!(narrow(ip6_be(octets)), None);
+        assert_eq!(wide_from_ip(ip_from_wide(ip6_be(octets))), ip6_be(octets));
         assert_eq!(
             ip_from_wide(ip6_be(octets)).to_string(),
             "102:304:506:708:90a:b0c:d0e:f10"

@@ -140,6 +140,39 @@ pub const fn partner_key<A: Copy>(key: &FlowKey<A>, entry: &CtEntry<A>) -> FlowK
     )
 }
 
+impl<A: crate::Address> FlowKey<A> {
+    /// The key in the wide form (IPv4 as `::ffff:a.b.c.d`), for views of both families.
+    pub fn to_wide(&self) -> FlowKey<crate::Ip6> {
+        FlowKey::new(
+            self.saddr_be.to_wide(),
+            self.daddr_be.to_wide(),
+            self.sport_be,
+            self.dport_be,
+            self.proto,
+        )
+    }
+}
+
+impl<A: crate::Address> CtEntry<A> {
+    /// The entry in the wide form (see [`FlowKey::to_wide`]).
+    pub fn to_wide(&self) -> CtEntry<crate::Ip6> {
+        CtEntry {
+            new_saddr_be: self.new_saddr_be.to_wide(),
+            new_daddr_be: self.new_daddr_be.to_wide(),
+            new_sport_be: self.new_sport_be,
+            new_dport_be: self.new_dport_be,
+            kind: self.kind,
+            flags: self.flags,
+            state: self.state,
+            _pad: self._pad,
+            service_id: self.service_id,
+            backend_id: self.backend_id,
+            created_s: self.created_s,
+            expires_s: self.expires_s,
+        }
+    }
+}
+
 /// Conntrack timeouts in seconds, per protocol and state. Names and defaults follow kube-proxy's
 /// `--conntrack-*` flags where it has one (it sets them on the kernel's conntrack), else Cilium's.
 #[repr(C)]

@@ -24,6 +24,21 @@ pub const fn backend_key(addr_be: u32, port_be: u16) -> u64 {
     (addr_be as u64) << 16 | port_be as u64
 }
 
+/// [`backend_key`] for an address of either family in the wide form (`lb_common::addr`):
+/// an IPv4 backend keeps its IPv4 key (tables stay what earlier agents built); an IPv6 one
+/// mixes its four words. Keys only seed the backends' permutations, so IPv6 keys need only
+/// differ, not be invertible.
+pub fn backend_key_wide(addr: crate::Ip6, port_be: u16) -> u64 {
+    match crate::addr::narrow(addr) {
+        Some(v4) => backend_key(v4, port_be),
+        None => {
+            let words = addr.map(u64::from);
+            let mixed = (words[0] << 32 | words[1]) ^ (words[2] << 32 | words[3]).rotate_left(29);
+            mixed.rotate_left(16) ^ port_be as u64 ^ 1 << 63
+        }
+    }
+}
+
 /// The size to use for `backends` backends: the smallest listed size that gives every backend at
 /// least [`MIN_SLOTS_PER_BACKEND`] slots, or `requested` (a Service's annotation or the agent's
 /// flag) if that is larger. Beyond the largest size, the largest (see [`keeps_even_shares`]).

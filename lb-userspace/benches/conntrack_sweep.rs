@@ -185,7 +185,7 @@ fn main() {
         assert_eq!(walk_one_by_one(map.as_fd()), all.len());
         walk.push(t.elapsed());
         let t = Instant::now();
-        let found = read_all(map.as_fd()).expect("read");
+        let found = read_all::<u32>(map.as_fd()).expect("read");
         read.push(t.elapsed());
         assert_eq!(found.len(), all.len());
         let t = Instant::now();

@@ -67,7 +67,7 @@ fn child(services: usize) {
     ));
     let mut node = NodeContext {
         name: Some("node-1".to_owned()),
-        addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
+        addresses: vec![Ipv4Addr::new(192, 168, 0, 1).into()],
         ..NodeContext::default()
     };
     let started = Instant::now();

@@ -203,10 +203,14 @@ fn measure(ns: &Netns, services: usize, changes: usize) -> Run {
                         let step = pipeline.step(snapshot, &mut node, &mut dataplane.maps);
                         step.programmed.expect("sync");
                         let backends = &pipeline.programmer().programmed().backends;
-                        let added = backends.values().any(|b| b.addr_be == wanted);
+                        let added = backends
+                            .values()
+                            .any(|b| b.addr_be == lb_common::Address::to_wide(wanted));
                         let drained = draining.is_none_or(|addr| {
-                            (backends.values())
-                                .any(|b| b.addr_be == addr && b.flags & BACKEND_F_DRAINING != 0)
+                            (backends.values()).any(|b| {
+                                b.addr_be == lb_common::Address::to_wide(addr)
+                                    && b.flags & BACKEND_F_DRAINING != 0
+                            })
                         });
                         if added && drained {
                             if roll { &mut rolling } else { &mut replaced }.push(written.elapsed());

@@ -7,7 +7,7 @@
 //! everything, write only the difference) runs at most every `min_sync_interval`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
     sync::Arc,
@@ -53,8 +53,8 @@ pub enum NodePortAddresses {
     /// The addresses within these CIDRs, of either family (a bare address is a host route).
     Cidrs(Vec<ipnet::IpNet>),
     /// kube-proxy's `primary`: the node's primary address of each family. lb takes the first
-    /// address of the first external interface (kube-proxy takes the Node's addresses as the
-    /// kubelet reports them, which on most nodes is the same one).
+    /// address of each family on the external interfaces, in interface order (kube-proxy takes
+    /// the Node's addresses as the kubelet reports them, which on most nodes are the same).
     Primary,
 }
 
@@ -89,18 +89,17 @@ impl NodePortAddresses {
 
     /// The addresses of `external` (the external interfaces' addresses, in interface order)
     /// that answer NodePorts.
-    pub fn select(&self, external: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    pub fn select(&self, external: &[IpAddr]) -> Vec<IpAddr> {
         match self {
             Self::All => external.to_vec(),
             Self::Cidrs(cidrs) => (external.iter())
-                .filter(|ip| {
-                    cidrs
-                        .iter()
-                        .any(|c| c.contains(&std::net::IpAddr::V4(**ip)))
-                })
+                .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
                 .copied()
                 .collect(),
-            Self::Primary => external.first().copied().into_iter().collect(),
+            Self::Primary => {
+                let first = |v4: bool| external.iter().copied().find(|ip| ip.is_ipv4() == v4);
+                first(true).into_iter().chain(first(false)).collect()
+            }
         }
     }
 }
@@ -374,10 +373,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     crate::conntrack::spawn_sweeper(
-        agent
-            .dataplane
-            .pin_dir()
-            .join(lb_common::maps::CONNTRACK_MAP),
+        agent.dataplane.pin_dir().to_owned(),
         agent.config.conntrack_gc_interval,
         agent.metrics.clone(),
     );
@@ -681,10 +677,15 @@ impl Agent {
     }
 
     fn settings(&self) -> Settings {
-        let snat = self
-            .config
-            .snat_address
-            .or_else(|| self.node.addresses.first().copied());
+        let first = |v4: bool| (self.node.addresses.iter()).find(|ip| ip.is_ipv4() == v4);
+        let snat = self.config.snat_address.or_else(|| match first(true) {
+            Some(IpAddr::V4(v4)) => Some(*v4),
+            _ => None,
+        });
+        let snat6 = match first(false) {
+            Some(IpAddr::V6(v6)) => lb_common::addr::ip6_be(v6.octets()),
+            _ => [0; 4],
+        };
         Settings {
             reject_no_endpoints: self.config.reject_no_endpoints,
             capacities: self.dataplane.capacities,
@@ -694,6 +695,10 @@ impl Agent {
                 snat_port_last: *self.config.snat_ports.end(),
                 timeouts: self.config.conntrack,
                 _reserved: [0; 2],
+            },
+            node6: lb_common::service::NodeConfig6 {
+                snat_addr_be: snat6,
+                _reserved: [0; 4],
             },
         }
     }
@@ -707,7 +712,9 @@ fn log_problem(problem: &crate::model::Problem) {
 }
 
 /// The IPv4 addresses of `interfaces`, in interface order, without duplicates.
-fn external_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
+/// The external interfaces' addresses, IPv4 and IPv6 (not link-local: no NodePort answers
+/// on those), in interface order.
+fn external_addresses(interfaces: &[String]) -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -715,11 +722,16 @@ fn external_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     for name in interfaces {
         for ifaddr in all.iter().filter(|a| &a.interface_name == name) {
-            if let Some(sin) = ifaddr.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-                let ip = sin.ip();
-                if !out.contains(&ip) {
-                    out.push(ip);
-                }
+            let Some(address) = ifaddr.address.as_ref() else {
+                continue;
+            };
+            let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(sin), _) => IpAddr::V4(sin.ip()),
+                (_, Some(sin6)) if !sin6.ip().is_unicast_link_local() => IpAddr::V6(sin6.ip()),
+                _ => continue,
+            };
+            if !out.contains(&ip) {
+                out.push(ip);
             }
         }
     }
@@ -728,7 +740,7 @@ fn external_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     use super::NodePortAddresses;
 
@@ -736,22 +748,22 @@ mod tests {
         NodePortAddresses::parse(&values.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>())
     }
 
-    fn ips(list: &[[u8; 4]]) -> Vec<Ipv4Addr> {
-        list.iter().map(|o| Ipv4Addr::from(*o)).collect()
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
     }
 
     #[test]
     fn nodeport_addresses_follow_kube_proxy() {
-        let external = ips(&[[172, 30, 0, 11], [172, 30, 1, 5], [10, 0, 0, 1]]);
+        let external = ips(&["172.30.0.11", "fd00:30::11", "172.30.1.5", "10.0.0.1"]);
         assert_eq!(parse(&[]).unwrap(), NodePortAddresses::All);
         assert_eq!(parse(&[]).unwrap().select(&external), external);
         // CIDRs of both families, as a dual-stack kube-proxy configuration has them.
         let dual = parse(&["172.30.0.0/24", "fd00:30::/64"]).unwrap();
-        assert_eq!(dual.select(&external), ips(&[[172, 30, 0, 11]]));
+        assert_eq!(dual.select(&external), ips(&["172.30.0.11", "fd00:30::11"]));
         assert_eq!(
             parse(&["10.0.0.1", "0.0.0.0/0"]).unwrap().select(&external),
-            external,
-            "a bare address is a host route; 0.0.0.0/0 is everything"
+            ips(&["172.30.0.11", "172.30.1.5", "10.0.0.1"]),
+            "a bare address is a host route; 0.0.0.0/0 is every IPv4 address"
         );
         assert_eq!(
             parse(&["10.0.0.1/8"]).unwrap(),
@@ -760,18 +772,18 @@ mod tests {
         );
         assert_eq!(
             parse(&["fd00::/8"]).unwrap().select(&external),
-            Vec::<Ipv4Addr>::new(),
-            "an IPv6 range holds no IPv4 address"
+            ips(&["fd00:30::11"]),
+            "an IPv6 range holds IPv6 addresses only"
         );
-        // primary: the first address of the first external interface, alone.
+        // primary: the first address of each family, alone.
         assert_eq!(parse(&["primary"]).unwrap(), NodePortAddresses::Primary);
         assert_eq!(
             parse(&["primary"]).unwrap().select(&external),
-            ips(&[[172, 30, 0, 11]])
+            ips(&["172.30.0.11", "fd00:30::11"])
         );
         assert_eq!(
             parse(&["primary"]).unwrap().select(&[]),
-            Vec::<Ipv4Addr>::new()
+            Vec::<IpAddr>::new()
         );
         assert!(
             parse(&["primary", "10.0.0.0/8"])

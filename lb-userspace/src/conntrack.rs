@@ -19,9 +19,27 @@ use crate::bpf_sys::{
     BPF_MAP_DELETE_BATCH, BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_ELEM, BatchAttr, ElemAttr, bpf,
 };
 use lb_common::{
-    IPPROTO_UDP,
+    Address, IPPROTO_UDP, Ip6,
     conntrack::{CT_KIND_FORWARD, CtEntry, FlowKey, mono_seconds, partner_key},
 };
+
+/// A family's address field (`u32`, `Ip6`): the sweep works on either family's conntrack.
+pub trait CtAddress: Address + Eq + std::hash::Hash + std::fmt::Debug + 'static {
+    /// Every entry of this family's conntrack map `fd`.
+    fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Entries<Self>>;
+}
+
+impl CtAddress for u32 {
+    fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Entries<Self>> {
+        crate::bpf_sys::lookup_all(fd)
+    }
+}
+
+impl CtAddress for Ip6 {
+    fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Entries<Self>> {
+        crate::bpf_sys::lookup_all(fd)
+    }
+}
 
 /// Entries read or deleted per batch call.
 pub use crate::bpf_sys::BATCH;
@@ -38,6 +56,9 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// Conntrack entries as read: each key with its entry.
+pub type Entries<A> = Vec<(FlowKey<A>, CtEntry<A>)>;
+
 /// What one sweep found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
@@ -53,7 +74,7 @@ pub struct Sweep {
 
 /// The dead entries among `entries` at `now`: an expired entry whose partner is expired too, or
 /// missing. Pure, so the rule is tested without a kernel.
-pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
+pub fn dead_keys<A: CtAddress>(entries: &[(FlowKey<A>, CtEntry<A>)], now: u32) -> Vec<FlowKey<A>> {
     examine(entries, now)
         .0
         .into_iter()
@@ -62,17 +83,20 @@ pub fn dead_keys(entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowKey> {
 }
 
 /// Live entries among `entries` at `now` whose partner entry is missing (see [`Sweep::orphans`]).
-pub fn orphans(entries: &[(FlowKey, CtEntry)], now: u32) -> usize {
+pub fn orphans<A: CtAddress>(entries: &[(FlowKey<A>, CtEntry<A>)], now: u32) -> usize {
     examine(entries, now).1
 }
 
 /// The dead entries (with what was read of them, for [`delete_unchanged`]) and the number of
 /// [`orphans`], from one index of the entries (a sweep of 1M entries builds it once).
-pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<(FlowKey, CtEntry)>, usize) {
+pub fn examine<A: CtAddress>(
+    entries: &[(FlowKey<A>, CtEntry<A>)],
+    now: u32,
+) -> (Entries<A>, usize) {
     // Each key, and whether its entry is still alive.
-    let alive: std::collections::HashMap<FlowKey, bool> =
+    let alive: std::collections::HashMap<FlowKey<A>, bool> =
         entries.iter().map(|(k, e)| (*k, !e.expired(now))).collect();
-    let partner_alive = |k: &FlowKey, e: &CtEntry| alive.get(&partner_key(k, e)).copied();
+    let partner_alive = |k: &FlowKey<A>, e: &CtEntry<A>| alive.get(&partner_key(k, e)).copied();
     let mut dead = Vec::new();
     let mut orphans = 0;
     for (k, e) in entries {
@@ -86,13 +110,15 @@ pub fn examine(entries: &[(FlowKey, CtEntry)], now: u32) -> (Vec<(FlowKey, CtEnt
 }
 
 /// Reads every entry of the conntrack map `fd`.
-pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
-    crate::bpf_sys::lookup_all(fd)
+pub fn read_all<A: CtAddress>(
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<Vec<(FlowKey<A>, CtEntry<A>)>> {
+    A::read_all(fd)
 }
 
 /// Deletes `keys` from the map `fd` (missing ones are fine: the LRU or the packet path may have
 /// dropped them meanwhile).
-pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
+pub fn delete<A: CtAddress>(fd: BorrowedFd<'_>, keys: &[FlowKey<A>]) -> std::io::Result<usize> {
     let mut deleted = 0;
     for chunk in keys.chunks(BATCH as usize) {
         let mut attr = BatchAttr {
@@ -116,7 +142,7 @@ pub fn delete(fd: BorrowedFd<'_>, keys: &[FlowKey]) -> std::io::Result<usize> {
             let mut one = ElemAttr {
                 map_fd: fd.as_raw_fd() as u32,
                 _pad: 0,
-                key: key as *const FlowKey as u64,
+                key: key as *const FlowKey<A> as u64,
                 value: 0,
                 flags: 0,
             };
@@ -138,7 +164,10 @@ const RECHECK_BATCH: usize = 64;
 /// a new flow (a SNAT port used again: it takes the tuple of a dead flow); deleting that entry
 /// would cut the new flow's replies off after its handshake. Each entry is looked up again just
 /// before its batch is deleted, so the window shrinks from the whole sweep to one small batch.
-pub fn delete_unchanged(fd: BorrowedFd<'_>, dead: &[(FlowKey, CtEntry)]) -> std::io::Result<usize> {
+pub fn delete_unchanged<A: CtAddress>(
+    fd: BorrowedFd<'_>,
+    dead: &[(FlowKey<A>, CtEntry<A>)],
+) -> std::io::Result<usize> {
     let mut deleted = 0;
     let mut keys = Vec::with_capacity(RECHECK_BATCH);
     for chunk in dead.chunks(RECHECK_BATCH) {
@@ -148,8 +177,8 @@ pub fn delete_unchanged(fd: BorrowedFd<'_>, dead: &[(FlowKey, CtEntry)]) -> std:
             let mut one = ElemAttr {
                 map_fd: fd.as_raw_fd() as u32,
                 _pad: 0,
-                key: key as *const FlowKey as u64,
-                value: &mut now as *mut CtEntry as u64,
+                key: key as *const FlowKey<A> as u64,
+                value: &mut now as *mut CtEntry<A> as u64,
                 flags: 0,
             };
             // SAFETY: `key` and `value` point at a key and a value of the map's sizes.
@@ -164,11 +193,14 @@ pub fn delete_unchanged(fd: BorrowedFd<'_>, dead: &[(FlowKey, CtEntry)]) -> std:
 
 /// Deletes the UDP flows (both entries) whose (service id, backend id) is in `leaving`: their
 /// backend left that Service. Returns how many flows went.
-pub fn purge_udp(fd: BorrowedFd<'_>, leaving: &HashSet<(u32, u32)>) -> std::io::Result<usize> {
+pub fn purge_udp<A: CtAddress>(
+    fd: BorrowedFd<'_>,
+    leaving: &HashSet<(u32, u32)>,
+) -> std::io::Result<usize> {
     if leaving.is_empty() {
         return Ok(0);
     }
-    let entries = read_all(fd)?;
+    let entries = read_all::<A>(fd)?;
     let mut doomed = Vec::new();
     for (key, entry) in &entries {
         if key.proto == IPPROTO_UDP
@@ -183,11 +215,11 @@ pub fn purge_udp(fd: BorrowedFd<'_>, leaving: &HashSet<(u32, u32)>) -> std::io::
     Ok(doomed.len() / 2)
 }
 
-/// One sweep of the conntrack map.
-pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
+/// One sweep of a family's conntrack map.
+pub fn sweep<A: CtAddress>(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
     let started = Instant::now();
     let fd = map.fd().as_fd();
-    let entries = read_all(fd)?;
+    let entries = read_all::<A>(fd)?;
     let now = now_s();
     let (dead, orphans) = examine(&entries, now);
     let deleted = delete_unchanged(fd, &dead)?;
@@ -199,57 +231,60 @@ pub fn sweep(map: &aya::maps::MapData) -> std::io::Result<Sweep> {
     })
 }
 
-/// Sweeps the conntrack pinned at `pin` every `interval` on a thread of its own (a sweep of a
-/// full map takes long enough that it must not hold up syncs), until the process exits.
+/// Sweeps both families' conntrack maps pinned under `pin_dir` every `interval` on a thread of
+/// its own (a sweep of a full map takes long enough that it must not hold up syncs), until the
+/// process exits.
 pub fn spawn_sweeper(
-    pin: std::path::PathBuf,
+    pin_dir: std::path::PathBuf,
     interval: Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
+    use lb_common::maps::{CONNTRACK_MAP, CONNTRACK6_MAP};
     let spawned = std::thread::Builder::new()
         .name("conntrack-gc".to_owned())
         .spawn(move || {
-            let map = match aya::maps::MapData::from_pin(&pin) {
-                Ok(map) => map,
+            let open = |name: &str| match aya::maps::MapData::from_pin(pin_dir.join(name)) {
+                Ok(map) => Some(map),
                 Err(err) => {
-                    tracing::error!(
-                        "conntrack sweeps disabled: cannot open {}: {err}",
-                        pin.display()
-                    );
-                    return;
+                    tracing::error!("conntrack sweeps of {name} disabled: cannot open it: {err}");
+                    None
                 }
             };
+            let (map4, map6) = (open(CONNTRACK_MAP), open(CONNTRACK6_MAP));
             loop {
                 std::thread::sleep(interval);
-                match sweep(&map) {
-                    Ok(done) => {
-                        metrics.conntrack_entries.set(done.entries as i64);
-                        metrics.conntrack_orphans.set(done.orphans as i64);
-                        metrics.set_entries(lb_common::maps::CONNTRACK_MAP, done.entries as u64);
-                        metrics.conntrack_gc_deleted.inc_by(done.deleted as u64);
-                        metrics
-                            .conntrack_gc_duration
-                            .observe(done.elapsed.as_secs_f64());
-                        tracing::debug!(
-                            entries = done.entries,
-                            deleted = done.deleted,
-                            elapsed_us = done.elapsed.as_micros() as u64,
-                            "conntrack swept"
-                        );
-                    }
-                    Err(err) => tracing::warn!("conntrack sweep failed: {err}"),
-                }
-                if let Some(pin_dir) = pin.parent() {
-                    match prune_counters(pin_dir) {
-                        Ok(0) => {}
-                        Ok(pruned) => tracing::debug!(
-                            pruned,
-                            "counters of gone frontends and backends deleted"
-                        ),
-                        Err(err) => {
-                            tracing::warn!("pruning the per-Service counters failed: {err:#}")
+                let swept4 = map4.as_ref().map(|m| (CONNTRACK_MAP, sweep::<u32>(m)));
+                let swept6 = map6.as_ref().map(|m| (CONNTRACK6_MAP, sweep::<Ip6>(m)));
+                let (mut entries, mut orphans) = (0, 0);
+                for (name, result) in swept4.into_iter().chain(swept6) {
+                    match result {
+                        Ok(done) => {
+                            entries += done.entries;
+                            orphans += done.orphans;
+                            metrics.set_entries(name, done.entries as u64);
+                            metrics.conntrack_gc_deleted.inc_by(done.deleted as u64);
+                            metrics
+                                .conntrack_gc_duration
+                                .observe(done.elapsed.as_secs_f64());
+                            tracing::debug!(
+                                map = name,
+                                entries = done.entries,
+                                deleted = done.deleted,
+                                elapsed_us = done.elapsed.as_micros() as u64,
+                                "conntrack swept"
+                            );
                         }
+                        Err(err) => tracing::warn!("conntrack sweep of {name} failed: {err}"),
                     }
+                }
+                metrics.conntrack_entries.set(entries as i64);
+                metrics.conntrack_orphans.set(orphans as i64);
+                match prune_counters(&pin_dir) {
+                    Ok(0) => {}
+                    Ok(pruned) => {
+                        tracing::debug!(pruned, "counters of gone frontends and backends deleted")
+                    }
+                    Err(err) => tracing::warn!("pruning the per-Service counters failed: {err:#}"),
                 }
             }
         });
@@ -264,7 +299,10 @@ pub fn spawn_sweeper(
 pub fn prune_counters(pin_dir: &std::path::Path) -> anyhow::Result<usize> {
     use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
     use lb_common::{
-        maps::{BACKEND_STATS_MAP, BACKENDS_MAP, SERVICE_STATS_MAP, SERVICES_MAP},
+        maps::{
+            BACKEND_STATS_MAP, BACKENDS_MAP, BACKENDS6_MAP, SERVICE_STATS_MAP, SERVICES_MAP,
+            SERVICES6_MAP,
+        },
         service::{Backend, ServiceEntry, ServiceKey},
         stats::{BackendStats, ServiceStats},
     };
@@ -277,10 +315,9 @@ pub fn prune_counters(pin_dir: &std::path::Path) -> anyhow::Result<usize> {
         )?)?)?)
     }
     let services: HashMap<MapData, ServiceKey, ServiceEntry> = open(pin_dir, SERVICES_MAP)?;
-    let live: HashSet<u32> = services
-        .iter()
-        .flatten()
-        .map(|(_, e)| e.service_id)
+    let services6: HashMap<MapData, ServiceKey<Ip6>, ServiceEntry> = open(pin_dir, SERVICES6_MAP)?;
+    let live: HashSet<u32> = (services.iter().flatten().map(|(_, e)| e.service_id))
+        .chain(services6.iter().flatten().map(|(_, e)| e.service_id))
         .collect();
     let mut service_stats: PerCpuHashMap<MapData, u32, ServiceStats> =
         open(pin_dir, SERVICE_STATS_MAP)?;
@@ -292,7 +329,10 @@ pub fn prune_counters(pin_dir: &std::path::Path) -> anyhow::Result<usize> {
         pruned += usize::from(service_stats.remove(&id).is_ok());
     }
     let backends: HashMap<MapData, u32, Backend> = open(pin_dir, BACKENDS_MAP)?;
-    let live: HashSet<u32> = backends.keys().flatten().collect();
+    let backends6: HashMap<MapData, u32, Backend<Ip6>> = open(pin_dir, BACKENDS6_MAP)?;
+    let live: HashSet<u32> = (backends.keys().flatten())
+        .chain(backends6.keys().flatten())
+        .collect();
     let mut backend_stats: PerCpuHashMap<MapData, u32, BackendStats> =
         open(pin_dir, BACKEND_STATS_MAP)?;
     let gone: Vec<u32> = (backend_stats.keys().flatten())

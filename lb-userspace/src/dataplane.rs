@@ -18,10 +18,15 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use lb_common::{
-    Ip6, addr_be,
+    Address as _, Ip6,
+    addr::{ip6_be, ip6_octets, narrow},
+    addr_be,
     conntrack::{CtEntry, FlowKey},
     counters::Counter,
-    maps::{NODE_MAP, SOURCE_RANGES_MAP},
+    maps::{
+        AFFINITY_MAP, AFFINITY6_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP, CONNTRACK6_MAP,
+        NODE_MAP, SERVICES_MAP, SERVICES6_MAP, SOURCE_RANGES_MAP,
+    },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NO_BACKEND, NodeConfig, NodeConfig6,
         SOURCE_RANGE_ALLOW, ServiceEntry, ServiceKey, SourceRange, SourceRangeValue,
@@ -42,6 +47,12 @@ pub struct WriteError {
     pub source: Box<MapError>,
 }
 
+/// A frontend's key as user space holds it: either family in the wide (IPv6) form, IPv4 as
+/// `::ffff:a.b.c.d` (`lb_common::addr`). [`BpfMaps`] writes it into its family's map.
+pub type FrontendKey = ServiceKey<Ip6>;
+/// A backend's value as user space holds it (wide, as [`FrontendKey`]).
+pub type BackendValue = Backend<Ip6>;
+
 /// A slot table's place in the slots array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TableRange {
@@ -52,7 +63,8 @@ pub struct TableRange {
 /// The operations the sync needs; each is one map write (or, for slots, one store).
 pub trait MapWriter {
     fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError>;
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError>;
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError>;
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError>;
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError>;
     /// Writes `(index within the table, backend)` pairs into the table at `range`.
     fn put_slots(
@@ -67,8 +79,8 @@ pub trait MapWriter {
         }
         Ok(())
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError>;
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError>;
     /// Writes source-range set `set_id` (one entry per range).
     fn put_source_ranges(&mut self, set_id: u32, ranges: &SourceRanges) -> Result<(), WriteError>;
     /// Deletes source-range set `set_id`, which holds `ranges`.
@@ -97,11 +109,12 @@ pub trait MapWriter {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub node: NodeConfig,
-    pub services: BTreeMap<ServiceKey, ServiceEntry>,
+    pub node6: NodeConfig6,
+    pub services: BTreeMap<FrontendKey, ServiceEntry>,
     /// Every table a service points at. Shared (`Arc`) so copies of the contents are cheap; a
     /// write copies a table only if someone else holds it.
     pub tables: BTreeMap<TableRange, Arc<SlotTable>>,
-    pub backends: BTreeMap<BackendId, Backend>,
+    pub backends: BTreeMap<BackendId, BackendValue>,
     /// Source-range sets by id (`ServiceEntry::source_ranges_id`).
     pub source_ranges: BTreeMap<u32, SourceRanges>,
 }
@@ -125,7 +138,11 @@ impl MapWriter for MapContents {
         self.node = config;
         Ok(())
     }
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError> {
+        self.node6 = config;
+        Ok(())
+    }
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError> {
         self.backends.insert(id, backend);
         Ok(())
     }
@@ -153,11 +170,11 @@ impl MapWriter for MapContents {
         self.tables.insert(range, table.clone());
         Ok(())
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError> {
         self.services.insert(key, entry);
         Ok(())
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError> {
         self.services.remove(&key);
         Ok(())
     }
@@ -321,15 +338,31 @@ pub struct BpfMaps6 {
     pub source_ranges: LpmTrie<MapData, SourceRange<Ip6>, SourceRangeValue>,
 }
 
-/// The LPM key of one range of a source-range set.
-fn source_range_key(set_id: u32, range: &ipnet::Ipv4Net) -> Key<SourceRange> {
-    Key::new(
-        source_range_prefix_len(range.prefix_len()),
-        SourceRange {
-            set_id,
-            addr_be: addr_be(range.network().octets()),
-        },
-    )
+/// The LPM key of one range of a source-range set, in its family's trie.
+enum SourceRangeKey {
+    V4(Key<SourceRange>),
+    V6(Key<SourceRange<Ip6>>),
+}
+
+fn source_range_key(set_id: u32, range: &ipnet::IpNet) -> SourceRangeKey {
+    // The set id's 32 bits, then the range's prefix.
+    let prefix_len = source_range_prefix_len(range.prefix_len());
+    match range {
+        ipnet::IpNet::V4(net) => SourceRangeKey::V4(Key::new(
+            prefix_len,
+            SourceRange {
+                set_id,
+                addr_be: addr_be(net.network().octets()),
+            },
+        )),
+        ipnet::IpNet::V6(net) => SourceRangeKey::V6(Key::new(
+            prefix_len,
+            SourceRange {
+                set_id,
+                addr_be: ip6_be(net.network().octets()),
+            },
+        )),
+    }
 }
 
 fn write_err(
@@ -345,10 +378,51 @@ fn write_err(
     }
 }
 
+/// The IPv4 key a wide one stands for, if it is IPv4.
+pub(crate) fn narrow_key(key: FrontendKey) -> Option<ServiceKey> {
+    narrow(key.addr_be).map(|addr_be| ServiceKey::new(addr_be, key.port_be, key.proto))
+}
+
+pub fn widen_key(key: ServiceKey) -> FrontendKey {
+    ServiceKey::new(key.addr_be.to_wide(), key.port_be, key.proto)
+}
+
+/// `backend`'s port and flags with an IPv4 address field (set by the caller).
+fn narrowed(backend: BackendValue) -> Backend {
+    Backend::new(0, backend.port_be, backend.flags)
+}
+
+pub fn widen_backend(backend: Backend) -> BackendValue {
+    Backend::new(backend.addr_be.to_wide(), backend.port_be, backend.flags)
+}
+
+/// Deletes the affinity memories `prune` selects from one family's map.
+fn forget_affinity_in<A: Copy + std::fmt::Debug>(
+    map: &mut BpfHashMap<MapData, AffinityKey<A>, AffinityValue>,
+    prune: &AffinityPrune,
+    name: &'static str,
+) -> Result<usize, WriteError>
+where
+    AffinityKey<A>: aya::Pod,
+{
+    let stale: Vec<AffinityKey<A>> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| prune.forgets(k.service_id, v.backend_id))
+        .map(|(k, _)| k)
+        .collect();
+    for key in &stale {
+        ignore_missing(map.remove(key)).map_err(write_err("delete", name, key))?;
+    }
+    Ok(stale.len())
+}
+
 /// Deleting what is already gone is fine: the goal state is reached.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
+        // aya reports a delete of a missing key as the syscall's ENOENT.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
 }
@@ -356,8 +430,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 impl BpfMaps {
     /// Reads back everything programmed, e.g. maps adopted from a previous run.
     pub fn read_contents(&self) -> Result<MapContents, MapError> {
-        let services: BTreeMap<ServiceKey, ServiceEntry> =
-            self.services.iter().collect::<Result<_, _>>()?;
+        let mut services: BTreeMap<FrontendKey, ServiceEntry> = BTreeMap::new();
+        for item in self.services.iter() {
+            let (key, entry) = item?;
+            services.insert(widen_key(key), entry);
+        }
+        for item in self.v6.services.iter() {
+            let (key, entry) = item?;
+            services.insert(key, entry);
+        }
         // In offset order, so each window of the slots array is mapped once.
         let ranges: BTreeSet<TableRange> = (services.values())
             .filter(|e| e.table_size > 0)
@@ -373,20 +454,38 @@ impl BpfMaps {
                 .collect();
             tables.insert(range, Arc::new(table));
         }
-        let mut sets: BTreeMap<u32, Vec<ipnet::Ipv4Net>> = BTreeMap::new();
+        let mut sets: BTreeMap<u32, Vec<ipnet::IpNet>> = BTreeMap::new();
         for key in self.source_ranges.keys() {
             let key = key?;
             let data = key.data();
             let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
             let addr = std::net::Ipv4Addr::from(lb_common::addr_octets(data.addr_be));
             let range = ipnet::Ipv4Net::new(addr, prefix).expect("prefix clamped to 32");
-            sets.entry(data.set_id).or_default().push(range);
+            sets.entry(data.set_id).or_default().push(range.into());
+        }
+        for key in self.v6.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(128) as u8;
+            let addr = std::net::Ipv6Addr::from(ip6_octets(data.addr_be));
+            let range = ipnet::Ipv6Net::new(addr, prefix).expect("prefix clamped to 128");
+            sets.entry(data.set_id).or_default().push(range.into());
+        }
+        let mut backends: BTreeMap<BackendId, BackendValue> = BTreeMap::new();
+        for item in self.backends.iter() {
+            let (id, backend) = item?;
+            backends.insert(id, widen_backend(backend));
+        }
+        for item in self.v6.backends.iter() {
+            let (id, backend) = item?;
+            backends.insert(id, backend);
         }
         Ok(MapContents {
             node: self.node.get(&0, 0)?,
+            node6: self.v6.node.get(&0, 0)?,
             services,
             tables,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            backends,
             source_ranges: (sets.into_iter())
                 .map(|(id, mut ranges)| {
                     ranges.sort_unstable();
@@ -413,19 +512,35 @@ impl MapWriter for BpfMaps {
             .set(0, config, 0)
             .map_err(write_err("write", NODE_MAP, 0))
     }
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
-        self.backends.insert(id, backend, 0).map_err(write_err(
-            "write",
-            lb_common::maps::BACKENDS_MAP,
-            id,
-        ))
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError> {
+        (self.v6.node)
+            .set(0, config, 0)
+            .map_err(write_err("write", lb_common::maps::NODE6_MAP, 0))
+    }
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError> {
+        match narrow(backend.addr_be) {
+            Some(addr_be) => self
+                .backends
+                .insert(
+                    id,
+                    Backend {
+                        addr_be,
+                        ..narrowed(backend)
+                    },
+                    0,
+                )
+                .map_err(write_err("write", BACKENDS_MAP, id)),
+            None => (self.v6.backends).insert(id, backend, 0).map_err(write_err(
+                "write",
+                BACKENDS6_MAP,
+                id,
+            )),
+        }
     }
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
-        ignore_missing(self.backends.remove(&id)).map_err(write_err(
-            "delete",
-            lb_common::maps::BACKENDS_MAP,
-            id,
-        ))
+        // An id is in one family's map; deleting from both spares remembering which.
+        ignore_missing(self.backends.remove(&id)).map_err(write_err("delete", BACKENDS_MAP, id))?;
+        ignore_missing(self.v6.backends.remove(&id)).map_err(write_err("delete", BACKENDS6_MAP, id))
     }
     fn put_slots(
         &mut self,
@@ -446,25 +561,43 @@ impl MapWriter for BpfMaps {
         }
         Ok(())
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
-        self.services.insert(key, entry, 0).map_err(write_err(
-            "write",
-            lb_common::maps::SERVICES_MAP,
-            key,
-        ))
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError> {
+        match narrow_key(key) {
+            Some(key4) => (self.services).insert(key4, entry, 0).map_err(write_err(
+                "write",
+                SERVICES_MAP,
+                key4,
+            )),
+            None => (self.v6.services).insert(key, entry, 0).map_err(write_err(
+                "write",
+                SERVICES6_MAP,
+                key,
+            )),
+        }
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
-        ignore_missing(self.services.remove(&key)).map_err(write_err(
-            "delete",
-            lb_common::maps::SERVICES_MAP,
-            key,
-        ))
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError> {
+        match narrow_key(key) {
+            Some(key4) => ignore_missing(self.services.remove(&key4)).map_err(write_err(
+                "delete",
+                SERVICES_MAP,
+                key4,
+            )),
+            None => ignore_missing(self.v6.services.remove(&key)).map_err(write_err(
+                "delete",
+                SERVICES6_MAP,
+                key,
+            )),
+        }
     }
     fn put_source_ranges(&mut self, set_id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
         for range in ranges.iter() {
-            (self.source_ranges)
-                .insert(&source_range_key(set_id, range), SOURCE_RANGE_ALLOW, 0)
-                .map_err(write_err("write", SOURCE_RANGES_MAP, (set_id, range)))?;
+            match source_range_key(set_id, range) {
+                SourceRangeKey::V4(key) => (self.source_ranges).insert(&key, SOURCE_RANGE_ALLOW, 0),
+                SourceRangeKey::V6(key) => {
+                    (self.v6.source_ranges).insert(&key, SOURCE_RANGE_ALLOW, 0)
+                }
+            }
+            .map_err(write_err("write", SOURCE_RANGES_MAP, (set_id, range)))?;
         }
         Ok(())
     }
@@ -474,39 +607,34 @@ impl MapWriter for BpfMaps {
         ranges: &SourceRanges,
     ) -> Result<(), WriteError> {
         for range in ranges.iter() {
-            ignore_missing(self.source_ranges.remove(&source_range_key(set_id, range)))
-                .map_err(write_err("delete", SOURCE_RANGES_MAP, (set_id, range)))?;
+            ignore_missing(match source_range_key(set_id, range) {
+                SourceRangeKey::V4(key) => self.source_ranges.remove(&key),
+                SourceRangeKey::V6(key) => self.v6.source_ranges.remove(&key),
+            })
+            .map_err(write_err("delete", SOURCE_RANGES_MAP, (set_id, range)))?;
         }
         Ok(())
     }
     fn forget_affinity(&mut self, prune: &AffinityPrune) -> Result<usize, WriteError> {
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| prune.forgets(k.service_id, v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale {
-            ignore_missing(self.affinity.remove(key)).map_err(write_err(
-                "delete",
-                lb_common::maps::AFFINITY_MAP,
-                key,
-            ))?;
-        }
-        Ok(stale.len())
+        let forgotten = forget_affinity_in(&mut self.affinity, prune, AFFINITY_MAP)?;
+        Ok(forgotten + forget_affinity_in(&mut self.v6.affinity, prune, AFFINITY6_MAP)?)
     }
     fn forget_udp_flows(&mut self, pairs: &HashSet<(u32, BackendId)>) -> Result<usize, WriteError> {
         use aya::maps::IterableMap as _;
-        crate::conntrack::purge_udp(self.conntrack.map().fd().as_fd(), pairs).map_err(|io_error| {
-            write_err(
-                "purge UDP flows from",
-                lb_common::maps::CONNTRACK_MAP,
-                pairs.len(),
-            )(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_delete_batch",
-                io_error,
-            }))
-        })
+        let failed = |map: &'static str| {
+            move |io_error| {
+                write_err("purge UDP flows from", map, pairs.len())(MapError::SyscallError(
+                    aya::sys::SyscallError {
+                        call: "bpf_map_delete_batch",
+                        io_error,
+                    },
+                ))
+            }
+        };
+        let purged = crate::conntrack::purge_udp::<u32>(self.conntrack.map().fd().as_fd(), pairs)
+            .map_err(failed(CONNTRACK_MAP))?;
+        Ok(purged
+            + crate::conntrack::purge_udp::<Ip6>(self.v6.conntrack.map().fd().as_fd(), pairs)
+                .map_err(failed(CONNTRACK6_MAP))?)
     }
 }

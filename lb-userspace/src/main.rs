@@ -182,7 +182,7 @@ enum Command {
         node_name: Option<String>,
         /// A node address NodePorts answer on (repeatable).
         #[arg(long = "node-address")]
-        node_addresses: Vec<std::net::Ipv4Addr>,
+        node_addresses: Vec<std::net::IpAddr>,
     },
 }
 

@@ -4,7 +4,7 @@
 //! and the field, and an object with an error is rejected whole (as the API server would reject
 //! it), so translation itself never fails.
 
-use std::{fmt, net::Ipv4Addr, sync::Arc, time::SystemTime};
+use std::{fmt, net::IpAddr, sync::Arc, time::SystemTime};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -172,12 +172,14 @@ pub struct ServiceSpec {
     /// `type` as written (ClusterIP, NodePort, LoadBalancer, ExternalName).
     pub type_name: String,
     pub kind: ServiceKind,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs` (or `clusterIP`): one per family the Service has (dual-stack: both),
+    /// the primary family first.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortSpec>,
     /// `spec.externalIPs`: answered like a LoadBalancer IP, on every node.
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`, set by whatever implements the LoadBalancer.
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
@@ -192,14 +194,24 @@ pub struct ServiceSpec {
     /// PreferClose`): endpoints' zone hints are followed when complete.
     pub topology_aware: bool,
     /// `spec.loadBalancerSourceRanges` (or [`SOURCE_RANGES_ANNOTATION`]) of a LoadBalancer
-    /// Service: the IPv4 clients its load-balancer IPs admit. `None`: any client. Empty: none
-    /// (ranges were given but none is a valid IPv4 range: refusing all is the safe reading).
+    /// Service: the clients its load-balancer IPs admit, either family. `None`: any client.
+    /// Empty: none (ranges were given but none is valid: refusing all is the safe reading).
     pub source_ranges: Option<SourceRanges>,
+}
+
+impl ServiceSpec {
+    /// Whether the Service has the family of `addr` (a ClusterIP of it): a single-stack
+    /// Service opens no NodePort on, and programs no external address of, the other family.
+    pub fn has_family_of(&self, addr: IpAddr) -> bool {
+        self.cluster_ips
+            .iter()
+            .any(|ip| ip.is_ipv4() == addr.is_ipv4())
+    }
 }
 
 /// Source CIDRs, host bits cleared, sorted and without duplicates (so equal lists compare
 /// and share equal).
-pub type SourceRanges = Arc<[ipnet::Ipv4Net]>;
+pub type SourceRanges = Arc<[ipnet::IpNet]>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortSpec {
@@ -210,7 +222,8 @@ pub struct SlicePortSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
-    pub addr: Ipv4Addr,
+    /// Of the slice's `addressType`.
+    pub addr: IpAddr,
     /// `conditions.ready`; unset means ready, as the API documents.
     pub ready: bool,
     /// `conditions.serving`; unset means the same as `ready`.
@@ -398,17 +411,10 @@ impl Checker<'_> {
         }
     }
 
-    /// An IPv4 address; an IPv6 one is left out with a warning, an invalid one is an error.
-    fn ipv4(&mut self, field: String, value: &str) -> Option<Ipv4Addr> {
-        match value.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => Some(v4),
-            Ok(std::net::IpAddr::V6(_)) => {
-                self.warn(
-                    field,
-                    format!("IPv6 address {value} is not supported by lb yet; left out"),
-                );
-                None
-            }
+    /// An IP address of either family; an invalid one is an error.
+    fn ip(&mut self, field: String, value: &str) -> Option<IpAddr> {
+        match value.parse::<IpAddr>() {
+            Ok(addr) => Some(addr),
             Err(_) => {
                 self.error(field, format!("{value:?} is not a valid IP address"));
                 None
@@ -416,12 +422,12 @@ impl Checker<'_> {
         }
     }
 
-    /// Every IPv4 address of a list field (see [`Self::ipv4`]).
-    fn ipv4_list(&mut self, field: &str, values: &[String]) -> Vec<Ipv4Addr> {
+    /// Every address of a list field (see [`Self::ip`]).
+    fn ip_list(&mut self, field: &str, values: &[String]) -> Vec<IpAddr> {
         values
             .iter()
             .enumerate()
-            .filter_map(|(i, v)| self.ipv4(format!("{field}[{i}]"), v))
+            .filter_map(|(i, v)| self.ip(format!("{field}[{i}]"), v))
             .collect()
     }
 
@@ -526,7 +532,10 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                     "clusterIP is required here (the API server normally allocates it)",
                 );
             } else {
-                cluster_ips = check.ipv4_list(field, &ips);
+                cluster_ips = check.ip_list(field, &ips);
+                if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4() {
+                    check.error(field, "a dual-stack Service has one address of each family");
+                }
             }
         }
         other => check.error("spec.type", format!("unknown Service type {other:?}")),
@@ -572,7 +581,7 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                 });
             }
         }
-        external_ips = check.ipv4_list(
+        external_ips = check.ip_list(
             "spec.externalIPs",
             spec.external_ips.as_deref().unwrap_or_default(),
         );
@@ -586,7 +595,7 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
                 // Hostname-only entries (some cloud LBs) have nothing for lb to program.
                 if let Some(ip) = &entry.ip {
                     load_balancer_ips
-                        .extend(check.ipv4(format!("status.loadBalancer.ingress[{i}].ip"), ip));
+                        .extend(check.ip(format!("status.loadBalancer.ingress[{i}].ip"), ip));
                 }
             }
         }
@@ -667,7 +676,7 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
     let topology_aware = annotation(TOPOLOGY_MODE_ANNOTATION).as_deref() == Some("auto")
         || annotation(TOPOLOGY_HINTS_ANNOTATION).as_deref() == Some("auto")
         || spec.traffic_distribution.as_deref() == Some("PreferClose");
-    let source_ranges = source_ranges(svc, &type_name, &mut check);
+    let source_ranges = source_ranges(svc, &type_name, &cluster_ips, &mut check);
     let object = (!check.has_errors()).then(|| {
         Object::Service(ServiceSpec {
             id: id.clone(),
@@ -694,9 +703,14 @@ pub fn validate_service(svc: &Service, location: &str) -> Validated {
 }
 
 /// A Service's source ranges (see [`ServiceSpec::source_ranges`]). A range that does not parse
-/// is left out with a warning (the API server would have refused it); IPv6 ranges are left
-/// out quietly (they admit no IPv4 client). Only LoadBalancer Services have source ranges.
-fn source_ranges(svc: &Service, type_name: &str, check: &mut Checker) -> Option<SourceRanges> {
+/// is left out with a warning (the API server would have refused it). Only LoadBalancer
+/// Services have source ranges.
+fn source_ranges(
+    svc: &Service,
+    type_name: &str,
+    cluster_ips: &[IpAddr],
+    check: &mut Checker,
+) -> Option<SourceRanges> {
     let from_field = (svc.spec.as_ref())
         .and_then(|s| s.load_balancer_source_ranges.clone())
         .filter(|ranges| !ranges.is_empty());
@@ -722,8 +736,7 @@ fn source_ranges(svc: &Service, type_name: &str, check: &mut Checker) -> Option<
     let mut ranges = Vec::with_capacity(given.len());
     for (i, range) in given.iter().enumerate() {
         match range.parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
-            Ok(ipnet::IpNet::V6(_)) => {}
+            Ok(net) => ranges.push(net.trunc()),
             Err(_) => check.warn(
                 format!("{field}[{i}]"),
                 format!("{range:?} is not a CIDR such as 203.0.113.0/24; left out"),
@@ -735,8 +748,22 @@ fn source_ranges(svc: &Service, type_name: &str, check: &mut Checker) -> Option<
     if ranges.is_empty() {
         check.warn(
             field,
-            "no valid IPv4 range: the Service's load-balancer IPs refuse every IPv4 client",
+            "no valid range: the Service's load-balancer IPs refuse every client",
         );
+    } else {
+        // Each family's addresses are guarded by that family's ranges alone.
+        for (v4, family) in [(true, "IPv4"), (false, "IPv6")] {
+            let has_family = cluster_ips.iter().any(|ip| ip.is_ipv4() == v4);
+            if has_family && !ranges.iter().any(|r| r.addr().is_ipv4() == v4) {
+                check.warn(
+                    field.clone(),
+                    format!(
+                        "no valid {family} range: the Service's {family} load-balancer IPs \
+                         refuse every {family} client"
+                    ),
+                );
+            }
+        }
     }
     Some(ranges.into())
 }
@@ -798,63 +825,67 @@ pub fn validate_slice(slice: &EndpointSlice, location: &str) -> Validated {
     }
     let mut ports = Vec::new();
     let mut endpoints = Vec::new();
-    match slice.address_type.as_str() {
-        "IPv4" => {
-            for (i, p) in slice.ports.iter().flatten().enumerate() {
-                if let Some(name) = &p.name {
-                    check.port_name(format!("ports[{i}].name"), name);
-                }
-                let port = check.port(format!("ports[{i}].port"), p.port);
-                let protocol =
-                    check.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref());
-                if let (Some(port), Some(protocol)) = (port, protocol) {
-                    ports.push(SlicePortSpec {
-                        name: p.name.clone().unwrap_or_default(),
-                        port,
-                        protocol,
-                    });
-                }
+    let ipv4 = match slice.address_type.as_str() {
+        "IPv4" => Some(true),
+        "IPv6" => Some(false),
+        "FQDN" => {
+            check.warn(
+                "addressType",
+                "FQDN slices are not supported by lb (deprecated in Kubernetes); left out",
+            );
+            None
+        }
+        other => {
+            check.error("addressType", format!("unknown address type {other:?}"));
+            None
+        }
+    };
+    if let Some(ipv4) = ipv4 {
+        for (i, p) in slice.ports.iter().flatten().enumerate() {
+            if let Some(name) = &p.name {
+                check.port_name(format!("ports[{i}].name"), name);
             }
-            for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-                // Consumers use only the first address (the API says the rest are ignored).
-                let Some(addr) = ep.addresses.first() else {
-                    check.error(
-                        format!("endpoints[{i}].addresses"),
-                        "at least one address is required",
-                    );
-                    continue;
-                };
-                let conditions = ep.conditions.clone().unwrap_or_default();
-                let ready = conditions.ready.unwrap_or(true);
-                match addr.parse::<Ipv4Addr>() {
-                    Ok(addr) => endpoints.push(EndpointSpec {
-                        addr,
-                        ready,
-                        serving: conditions.serving.unwrap_or(ready),
-                        terminating: conditions.terminating.unwrap_or(false),
-                        node_name: ep.node_name.clone(),
-                        zone: ep.zone.clone(),
-                        hints_for_zones: ep.hints.as_ref().and_then(|h| {
-                            h.for_zones
-                                .as_ref()
-                                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                        }),
-                    }),
-                    Err(_) => check.error(
-                        format!("endpoints[{i}].addresses[0]"),
-                        format!("{addr:?} is not a valid IPv4 address"),
-                    ),
-                }
+            let port = check.port(format!("ports[{i}].port"), p.port);
+            let protocol = check.protocol(format!("ports[{i}].protocol"), p.protocol.as_deref());
+            if let (Some(port), Some(protocol)) = (port, protocol) {
+                ports.push(SlicePortSpec {
+                    name: p.name.clone().unwrap_or_default(),
+                    port,
+                    protocol,
+                });
             }
         }
-        "IPv6" | "FQDN" => check.warn(
-            "addressType",
-            format!(
-                "{} slices are not supported by lb yet; left out",
-                slice.address_type
-            ),
-        ),
-        other => check.error("addressType", format!("unknown address type {other:?}")),
+        for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+            // Consumers use only the first address (the API says the rest are ignored).
+            let Some(addr) = ep.addresses.first() else {
+                check.error(
+                    format!("endpoints[{i}].addresses"),
+                    "at least one address is required",
+                );
+                continue;
+            };
+            let conditions = ep.conditions.clone().unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            match addr.parse::<IpAddr>() {
+                Ok(addr) if addr.is_ipv4() == ipv4 => endpoints.push(EndpointSpec {
+                    addr,
+                    ready,
+                    serving: conditions.serving.unwrap_or(ready),
+                    terminating: conditions.terminating.unwrap_or(false),
+                    node_name: ep.node_name.clone(),
+                    zone: ep.zone.clone(),
+                    hints_for_zones: ep.hints.as_ref().and_then(|h| {
+                        h.for_zones
+                            .as_ref()
+                            .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    }),
+                }),
+                _ => check.error(
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{addr:?} is not a valid {} address", slice.address_type),
+                ),
+            }
+        }
     }
     let object = (!check.has_errors()).then(|| {
         Object::Slice(SliceSpec {

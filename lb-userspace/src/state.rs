@@ -9,13 +9,15 @@
 use std::{
     collections::BTreeMap,
     io::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 use lb_common::service::ServiceKey;
+
+use crate::dataplane::FrontendKey;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -67,7 +69,7 @@ pub struct ServiceInfo {
 /// One frontend as translation planned it (the maps say what is programmed).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendInfo {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// "TCP" or "UDP".
     pub protocol: String,
@@ -84,7 +86,7 @@ pub struct FrontendInfo {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointInfo {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub ready: bool,
@@ -112,7 +114,7 @@ fn policy_name(policy: TrafficPolicy) -> &'static str {
 }
 
 fn frontend_info(
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: String,
     plan: &FrontendPlan,
@@ -169,7 +171,7 @@ impl<'a> Snapshot<'a> {
         let Some(Object::Service(spec)) = inputs.service.as_deref() else {
             return None;
         };
-        let mut endpoints: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
+        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
         for slice in &inputs.slices {
             let Object::Slice(slice) = slice.as_ref() else {
                 continue;
@@ -292,7 +294,7 @@ impl NodeState {
     /// The Service a frontend belongs to, and the frontend, by address, port and protocol.
     pub fn frontend(
         &self,
-        address: Ipv4Addr,
+        address: IpAddr,
         port: u16,
         protocol: &str,
     ) -> Option<(&ServiceInfo, &FrontendInfo)> {
@@ -306,7 +308,7 @@ impl NodeState {
 
     /// Every planned frontend by the key the maps hold it under, for joining many map entries
     /// with their names.
-    pub fn frontend_index(&self) -> BTreeMap<ServiceKey, (&ServiceInfo, &FrontendInfo)> {
+    pub fn frontend_index(&self) -> BTreeMap<FrontendKey, (&ServiceInfo, &FrontendInfo)> {
         let mut index = BTreeMap::new();
         for s in &self.services {
             for f in &s.frontends {
@@ -315,7 +317,7 @@ impl NodeState {
                     _ => Protocol::Tcp,
                 };
                 let key = ServiceKey::new(
-                    lb_common::addr_be(f.address.octets()),
+                    lb_common::addr::wide_from_ip(f.address),
                     f.port.to_be(),
                     proto.number(),
                 );
@@ -365,7 +367,7 @@ spec: {type: ExternalName, externalName: api.example.org}
         assert!(read.problems.is_empty(), "{:?}", read.problems);
         let node = crate::translate::NodeContext {
             name: Some("node-1".to_owned()),
-            addresses: vec![Ipv4Addr::new(192, 168, 0, 1)],
+            addresses: vec![IpAddr::from([192, 168, 0, 1])],
             ..Default::default()
         };
         let translator = crate::translate::translator_for(&read.objects, &node);
@@ -384,7 +386,7 @@ spec: {type: ExternalName, externalName: api.example.org}
         let web = &state.services[1];
         assert_eq!(web.external_traffic_policy, "Local");
         let (svc, node_port) = state
-            .frontend(Ipv4Addr::new(192, 168, 0, 1), 30080, "TCP")
+            .frontend(IpAddr::from([192, 168, 0, 1]), 30080, "TCP")
             .expect("the NodePort frontend");
         assert_eq!(svc.name, "web");
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -18,7 +18,7 @@ use crate::model::{
 /// An address, port and protocol a client sends to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -32,7 +32,8 @@ impl fmt::Display for Frontend {
 /// A pod endpoint a frontend translates to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    /// Of its frontend's family.
+    pub addr: IpAddr,
     pub port: u16,
     /// The endpoint runs on the node being programmed (its `nodeName`). Traffic from outside to
     /// a backend elsewhere is SNATed to the node so the reply comes back through it.
@@ -69,6 +70,45 @@ impl fmt::Display for FrontendKind {
             FrontendKind::NodePort => "NodePort",
             FrontendKind::ExternalIp => "externalIP",
             FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// An address family: a frontend, its backends and its source ranges are all of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// The ranges of this family among `ranges`. Ranges given but none of this family admit no
+    /// client of it: refusing is the safe reading, as for ranges that do not parse.
+    pub fn ranges_of(self, ranges: &SourceRanges) -> SourceRanges {
+        if ranges.iter().all(|r| Family::of(r.addr()) == self) {
+            return ranges.clone();
+        }
+        ranges
+            .iter()
+            .filter(|r| Family::of(r.addr()) == self)
+            .copied()
+            .collect()
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
         })
     }
 }
@@ -122,8 +162,9 @@ pub struct Unprogrammed {
 pub struct NodeContext {
     /// The node's name, as EndpointSlices' `nodeName` (for `Local` policies).
     pub name: Option<String>,
-    /// The addresses its NodePorts answer on.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The addresses its NodePorts answer on (a Service's NodePorts open on those of its
+    /// families).
+    pub addresses: Vec<IpAddr>,
     /// The node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
     pub zone: Option<String>,
     /// This agent handles Services labelled `service.kubernetes.io/service-proxy-name` with this
@@ -641,61 +682,72 @@ fn service_output(
     }
     for port in &svc.ports {
         let endpoints = endpoints_for(svc_slices, &port.name, port.protocol, node, svc);
-        // The port's frontends under one policy share their backend list.
-        let mut chosen: Vec<(TrafficPolicy, Arc<[BackendAddr]>, bool)> = Vec::new();
-        let mut add =
-            |kind: FrontendKind, addr: Ipv4Addr, port_number: u16, field: &'static str| {
-                let policy = if kind.is_external() {
-                    svc.external_traffic_policy
-                } else {
-                    svc.internal_traffic_policy
-                };
-                let (backends, terminating_fallback) =
-                    match chosen.iter().find(|(p, ..)| *p == policy) {
-                        Some((_, backends, fallback)) => (backends.clone(), *fallback),
-                        None => {
-                            let (backends, fallback) = endpoints.choose(policy);
-                            let backends: Arc<[BackendAddr]> = backends.into();
-                            chosen.push((policy, backends.clone(), fallback));
-                            (backends, fallback)
-                        }
-                    };
-                let draining = endpoints
-                    .listed()
-                    // Both come in address order, so `backends` is sorted.
-                    .filter(|b| backends.binary_search(b).is_err())
-                    .collect();
-                let guarded = kind == FrontendKind::LoadBalancer
-                    || (kind == FrontendKind::NodePort && node.source_ranges_on_node_ports);
-                let source_ranges = svc.source_ranges.clone().filter(|_| guarded);
-                let when_empty = if endpoints.any_usable() {
-                    WhenEmpty::Drop
-                } else {
-                    WhenEmpty::Reject
-                };
-                let plan = FrontendPlan {
-                    service: svc.id.clone(),
-                    kind,
-                    port_name: port.name.clone(),
-                    table_size: maglev::table_size(
-                        backends.len(),
-                        svc.maglev_table_size.or(node.default_table_size),
-                    ),
-                    backends,
-                    terminating_fallback,
-                    draining,
-                    when_empty,
-                    affinity_timeout_s: svc.affinity_timeout_s,
-                    policy,
-                    source_ranges,
-                };
-                let frontend = Frontend {
-                    addr,
-                    port: port_number,
-                    protocol: port.protocol,
-                };
-                output.frontends.push((frontend, field, Arc::new(plan)));
+        // The port's frontends of one family under one policy share their backend list.
+        let mut chosen: Vec<(Family, TrafficPolicy, Arc<[BackendAddr]>, bool)> = Vec::new();
+        let mut add = |kind: FrontendKind, addr: IpAddr, port_number: u16, field: &'static str| {
+            // A frontend's backends are the endpoints of its family (from the slices of
+            // that `addressType`); another family's address is not this Service's.
+            if !svc.has_family_of(addr) {
+                return;
+            }
+            let family = Family::of(addr);
+            let policy = if kind.is_external() {
+                svc.external_traffic_policy
+            } else {
+                svc.internal_traffic_policy
             };
+            let (backends, terminating_fallback) = match chosen
+                .iter()
+                .find(|(f, p, ..)| *f == family && *p == policy)
+            {
+                Some((_, _, backends, fallback)) => (backends.clone(), *fallback),
+                None => {
+                    let (backends, fallback) = endpoints.choose(policy, family);
+                    let backends: Arc<[BackendAddr]> = backends.into();
+                    chosen.push((family, policy, backends.clone(), fallback));
+                    (backends, fallback)
+                }
+            };
+            let draining = endpoints
+                .listed(family)
+                // Both come in address order, so `backends` is sorted.
+                .filter(|b| backends.binary_search(b).is_err())
+                .collect();
+            let guarded = kind == FrontendKind::LoadBalancer
+                || (kind == FrontendKind::NodePort && node.source_ranges_on_node_ports);
+            let source_ranges = svc
+                .source_ranges
+                .as_ref()
+                .filter(|_| guarded)
+                .map(|ranges| family.ranges_of(ranges));
+            let when_empty = if endpoints.any_usable(family) {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Reject
+            };
+            let plan = FrontendPlan {
+                service: svc.id.clone(),
+                kind,
+                port_name: port.name.clone(),
+                table_size: maglev::table_size(
+                    backends.len(),
+                    svc.maglev_table_size.or(node.default_table_size),
+                ),
+                backends,
+                terminating_fallback,
+                draining,
+                when_empty,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                policy,
+                source_ranges,
+            };
+            let frontend = Frontend {
+                addr,
+                port: port_number,
+                protocol: port.protocol,
+            };
+            output.frontends.push((frontend, field, Arc::new(plan)));
+        };
         for &addr in &svc.cluster_ips {
             add(FrontendKind::ClusterIp, addr, port.port, "spec.clusterIP");
         }
@@ -737,7 +789,7 @@ fn service_output(
 /// What the `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service reports: its
 /// ready endpoints on this node, over all its slices.
 fn health_check(svc: &ServiceSpec, slices: &[&SliceSpec], node: &NodeContext) -> HealthCheck {
-    let local: BTreeSet<Ipv4Addr> = slices
+    let local: BTreeSet<IpAddr> = slices
         .iter()
         .flat_map(|s| &s.endpoints)
         .filter(|ep| ep.ready && node.name.is_some() && ep.node_name == node.name)
@@ -752,7 +804,7 @@ fn health_check(svc: &ServiceSpec, slices: &[&SliceSpec], node: &NodeContext) ->
 /// One Service port's endpoints, as candidates for every traffic policy.
 struct PortEndpoints {
     /// address -> (endpoint, target port)
-    all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)>,
+    all: BTreeMap<IpAddr, (EndpointSpec, u16)>,
     node: Option<String>,
     /// Follow zone hints for this zone (topology-aware routing asked for and the zone known).
     hints_zone: Option<String>,
@@ -765,8 +817,11 @@ impl PortEndpoints {
 
     /// Ready endpoints allowed by `policy`; if there are none, the serving terminating ones
     /// (KEP-1669: better a pod that is shutting down than a dropped connection).
-    fn choose(&self, policy: TrafficPolicy) -> (Vec<BackendAddr>, bool) {
-        let allowed = |ep: &EndpointSpec| policy == TrafficPolicy::Cluster || self.on_this_node(ep);
+    fn choose(&self, policy: TrafficPolicy, family: Family) -> (Vec<BackendAddr>, bool) {
+        let allowed = |ep: &EndpointSpec| {
+            Family::of(ep.addr) == family
+                && (policy == TrafficPolicy::Cluster || self.on_this_node(ep))
+        };
         let pick = |wanted: &dyn Fn(&EndpointSpec) -> bool| -> Vec<BackendAddr> {
             self.all
                 .values()
@@ -812,20 +867,25 @@ impl PortEndpoints {
         if here.is_empty() { chosen } else { here }
     }
 
-    /// Every endpoint listed, in address order, whatever its conditions.
-    fn listed(&self) -> impl Iterator<Item = BackendAddr> + '_ {
-        self.all.values().map(|(ep, port)| BackendAddr {
-            addr: ep.addr,
-            port: *port,
-            on_this_node: self.on_this_node(ep),
-        })
-    }
-
-    /// Whether any endpoint anywhere could serve (before a `Local` policy narrows it down).
-    fn any_usable(&self) -> bool {
+    /// Every endpoint of `family` listed, in address order, whatever its conditions.
+    fn listed(&self, family: Family) -> impl Iterator<Item = BackendAddr> + '_ {
+        let of_family = move |(ep, _): &&(EndpointSpec, u16)| Family::of(ep.addr) == family;
         self.all
             .values()
-            .any(|(ep, _)| ep.ready || (ep.serving && ep.terminating))
+            .filter(of_family)
+            .map(|(ep, port)| BackendAddr {
+                addr: ep.addr,
+                port: *port,
+                on_this_node: self.on_this_node(ep),
+            })
+    }
+
+    /// Whether any endpoint of `family` anywhere could serve (before a `Local` policy narrows
+    /// it down).
+    fn any_usable(&self, family: Family) -> bool {
+        self.all.values().any(|(ep, _)| {
+            Family::of(ep.addr) == family && (ep.ready || (ep.serving && ep.terminating))
+        })
     }
 }
 
@@ -839,7 +899,7 @@ fn endpoints_for(
     node: &NodeContext,
     svc: &ServiceSpec,
 ) -> PortEndpoints {
-    let mut all: BTreeMap<Ipv4Addr, (EndpointSpec, u16)> = BTreeMap::new();
+    let mut all: BTreeMap<IpAddr, (EndpointSpec, u16)> = BTreeMap::new();
     for slice in slices {
         let Some(slice_port) = slice
             .ports

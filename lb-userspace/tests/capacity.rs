@@ -448,7 +448,7 @@ fn a_full_conntrack_shows_as_orphans_and_counter_maps_follow_the_capacities() {
         send(sport);
     }
     let map = aya::maps::MapData::from_pin(pins_dir.join(CONNTRACK_MAP)).unwrap();
-    let sweep = lb_userspace::conntrack::sweep(&map).expect("sweep");
+    let sweep = lb_userspace::conntrack::sweep::<u32>(&map).expect("sweep");
     assert!(sweep.entries <= SMALL.conntrack as usize, "{sweep:?}");
     assert!(
         sweep.orphans > 0,

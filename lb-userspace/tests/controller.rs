@@ -96,7 +96,8 @@ fn programmed_state_follows_adds_updates_and_deletes() {
             ctl.maps
                 .backends
                 .values()
-                .all(|b| b.addr_be != lb_common::addr_be([10, 244, 1, 9])),
+                .all(|b| b.addr_be
+                    != lb_common::Address::to_wide(lb_common::addr_be([10, 244, 1, 9]))),
             "web's backend is removed"
         );
     });

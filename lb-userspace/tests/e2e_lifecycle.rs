@@ -189,7 +189,7 @@ fn conntrack_entries(running: &mut Running, node: &str) -> usize {
         .join(PIN_LAYOUT_VERSION)
         .join(CONNTRACK_MAP);
     let map = aya::maps::MapData::from_pin(&pin).expect("the pinned conntrack");
-    lb_userspace::conntrack::read_all(map.fd().as_fd())
+    lb_userspace::conntrack::read_all::<u32>(map.fd().as_fd())
         .expect("read the conntrack")
         .len()
 }

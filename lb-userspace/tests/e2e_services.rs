@@ -550,3 +550,198 @@ fn ipv6_reaches_every_pod_from_pods_and_nodes() {
         }
     }
 }
+
+/// Dual-stack Services on top of the example, each with an EndpointSlice per family (the pods'
+/// IPv6 twins), as the EndpointSlice controller writes them for `ipFamilyPolicy:
+/// RequireDualStack`.
+const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: echo-ds, namespace: demo }
+spec:
+  type: ClusterIP
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: "fd00:96::60"
+  clusterIPs: ["fd00:96::60", 10.96.0.60]
+  ports:
+    - { name: tcp, port: 80, targetPort: 8080 }
+    - { name: udp, port: 53, targetPort: 5353, protocol: UDP }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: echo-ds-v4, namespace: demo, labels: { kubernetes.io/service-name: echo-ds } }
+addressType: IPv4
+ports: [{ name: tcp, port: 8080 }, { name: udp, port: 5353, protocol: UDP }]
+endpoints:
+  - { addresses: ["10.244.1.11"], nodeName: node-1 }
+  - { addresses: ["10.244.2.11"], nodeName: node-2 }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: echo-ds-v6, namespace: demo, labels: { kubernetes.io/service-name: echo-ds } }
+addressType: IPv6
+ports: [{ name: tcp, port: 8080 }, { name: udp, port: 5353, protocol: UDP }]
+endpoints:
+  - { addresses: ["fd00:244:1::11"], nodeName: node-1 }
+  - { addresses: ["fd00:244:2::11"], nodeName: node-2 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web-ds, namespace: demo }
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.61, "fd00:96::61"]
+  externalIPs: ["fd00:30:2::61"]
+  ports:
+    - { name: http, port: 80, targetPort: 8080, nodePort: 30100 }
+    - { name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30101 }
+status: { loadBalancer: { ingress: [{ ip: 172.30.1.61 }, { ip: "fd00:30:1::61" }] } }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: web-ds-v6, namespace: demo, labels: { kubernetes.io/service-name: web-ds } }
+addressType: IPv6
+ports: [{ name: http, port: 8080 }, { name: dns, port: 5353, protocol: UDP }]
+endpoints:
+  - { addresses: ["fd00:244:2::11"], nodeName: node-2 }
+  - { addresses: ["fd00:244:2::12"], nodeName: node-2 }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: web-ds-v4, namespace: demo, labels: { kubernetes.io/service-name: web-ds } }
+addressType: IPv4
+ports: [{ name: http, port: 8080 }, { name: dns, port: 5353, protocol: UDP }]
+endpoints:
+  - { addresses: ["10.244.2.11"], nodeName: node-2 }
+  - { addresses: ["10.244.2.12"], nodeName: node-2 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: empty-ds, namespace: demo }
+spec:
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  clusterIPs: ["fd00:96::62"]
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+"#;
+
+/// IPv6 and dual-stack end to end: one dual-stack ClusterIP answering on both families from a
+/// pod and a node, each family to its own endpoints and without SNAT; a dual-stack
+/// LoadBalancer's IPv6 NodePort (on a node without endpoints: SNAT to that node, sent on to the
+/// other), IPv6 load-balancer IP and IPv6 externalIP from outside, TCP and UDP; an IPv6
+/// Service without endpoints refusing at once. With the tc programs, then with XDP.
+#[test]
+fn dual_stack_services_answer_on_both_families() {
+    use std::net::SocketAddr;
+    if !privileged("dual_stack_services_answer_on_both_families") {
+        return;
+    }
+    for xdp in [false, true] {
+        let mut run = Running::start(xdp);
+        run.change_manifest(&(example_manifest() + "---\n" + DUAL_STACK));
+        let client6 = run.cluster.pod("client-1").ip6;
+        let sa = |addr: &str, port: u16| SocketAddr::new(addr.parse().unwrap(), port);
+
+        // The same Service on both families, from a pod: each family to its own endpoints.
+        for (target_tcp, target_udp, seen) in [
+            (
+                sa("fd00:96::60", 80),
+                sa("fd00:96::60", 53),
+                IpAddr::V6(client6),
+            ),
+            (
+                sa("10.96.0.60", 80),
+                sa("10.96.0.60", 53),
+                IpAddr::V4(CLIENT_1),
+            ),
+        ] {
+            let (tcp, udp) = run.from("client-1", move || {
+                (tcp_many(target_tcp, N), udp_many(target_udp, N))
+            });
+            assert_eq!(
+                pods(&tcp),
+                set(&["pod-a", "pod-c"]),
+                "{target_tcp} (xdp {xdp})"
+            );
+            assert_eq!(
+                pods(&udp),
+                set(&["pod-a", "pod-c"]),
+                "{target_udp} (xdp {xdp})"
+            );
+            for reply in tcp.iter().chain(&udp) {
+                assert_eq!(reply.answered_from.ip(), target_tcp.ip(), "{reply:?}");
+                assert_eq!(reply.client_seen_by_pod.ip(), seen, "no SNAT: {reply:?}");
+            }
+        }
+        // From a node's own namespace (hostNetwork), IPv6.
+        let from_node = run.from("node-1", move || tcp_many(sa("fd00:96::60", 80), N / 2));
+        assert!(pods(&from_node).is_subset(&set(&["pod-a", "pod-c"])));
+
+        // From outside over IPv6: the NodePort on node-1, which has no endpoint of web-ds.
+        let node1 = run.cluster.node("node-1").ip6;
+        let (tcp, udp) = run.from("outside", move || {
+            let node_port = |port| SocketAddr::new(node1.into(), port);
+            (tcp_many(node_port(30100), N), udp_many(node_port(30101), N))
+        });
+        for reply in tcp.iter().chain(&udp) {
+            assert!(
+                ["pod-c", "pod-d"].contains(&reply.pod.as_str()),
+                "{reply:?} (xdp {xdp})"
+            );
+            assert_eq!(reply.answered_from.ip(), IpAddr::V6(node1), "{reply:?}");
+            assert_eq!(
+                reply.client_seen_by_pod.ip(),
+                IpAddr::V6(node1),
+                "SNAT to node-1, so the answer comes back through it: {reply:?}"
+            );
+        }
+        assert_eq!(pods(&tcp), set(&["pod-c", "pod-d"]), "xdp {xdp}");
+        // The IPv6 load-balancer IP and externalIP, routed to node-1.
+        run.cluster.route_external_via("node-1").unwrap();
+        for target in [sa("fd00:30:1::61", 80), sa("fd00:30:2::61", 80)] {
+            let replies = run.from("outside", move || tcp_many(target, N));
+            assert_eq!(
+                pods(&replies),
+                set(&["pod-c", "pod-d"]),
+                "{target} (xdp {xdp})"
+            );
+            for reply in &replies {
+                assert_eq!(reply.answered_from, target, "{reply:?}");
+            }
+        }
+        // No endpoints: refused at once (a TCP RST), not left to time out.
+        let refused = run.from("client-1", move || {
+            let started = Instant::now();
+            let outcome = tcp_outcome(sa("fd00:96::62", 80), Duration::from_secs(3));
+            (outcome.map(|r| r.pod), started.elapsed())
+        });
+        let (outcome, took) = refused;
+        let err = outcome.expect_err("no endpoints");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{err} (xdp {xdp})"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "refused at once, took {took:?}"
+        );
+        let counters = lb_userspace::loader::pinned_counters(run.agent("node-1").bpffs_dir())
+            .expect("counters");
+        assert_eq!(
+            counters.get(&Counter::StageFailed),
+            Some(&0),
+            "{counters:?}"
+        );
+        if xdp {
+            // Only IPv6 traffic came from outside: its known flows took the XDP stage.
+            assert!(
+                counters[&Counter::XdpTransmitted] > 0,
+                "IPv6 flows on the XDP fast path: {counters:?}"
+            );
+        }
+    }
+}

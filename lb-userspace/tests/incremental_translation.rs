@@ -111,7 +111,7 @@ fn node(rng: &mut Rng) -> NodeContext {
     };
     NodeContext {
         name: Some(name.to_owned()),
-        addresses: vec![address],
+        addresses: vec![address.into()],
         ..NodeContext::default()
     }
 }

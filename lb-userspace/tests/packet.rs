@@ -244,7 +244,7 @@ fn manifest_with(backends: &[[u8; 4]], terminating: &[[u8; 4]]) -> String {
 fn node_context() -> NodeContext {
     NodeContext {
         name: Some("node-1".to_owned()),
-        addresses: vec![Ipv4Addr::from(NODE)],
+        addresses: vec![Ipv4Addr::from(NODE).into()],
         ..NodeContext::default()
     }
 }
@@ -1499,7 +1499,7 @@ fn flows_have_a_lifecycle() {
     // A sweep reads the map while the SNATed flow is dead; the next flow takes its SNAT port
     // (and so its reply tuple) before the sweep deletes: the sweep must spare the new entries.
     let fd = path.dataplane.maps.conntrack.map().fd().as_fd();
-    let read = lb_userspace::conntrack::read_all(fd).expect("read the conntrack");
+    let read = lb_userspace::conntrack::read_all::<u32>(fd).expect("read the conntrack");
     let (dead, _) = lb_userspace::conntrack::examine(&read, now());
     let stale: Vec<_> = (dead.iter())
         .filter(|(k, _)| *k == snat_forward || *k == snat_reply)
@@ -1533,7 +1533,8 @@ fn flows_have_a_lifecycle() {
     }
 
     // The sweep deletes dead flows (the closed and reset ones), and only those.
-    let swept = lb_userspace::conntrack::sweep(path.dataplane.maps.conntrack.map()).expect("sweep");
+    let swept =
+        lb_userspace::conntrack::sweep::<u32>(path.dataplane.maps.conntrack.map()).expect("sweep");
     eprintln!("flows_have_a_lifecycle: {swept:?}");
     assert!(ct_entry(&path, key(CLIENT, 42001, VIP, 80, 6)).is_none());
     assert!(ct_entry(&path, key(b2, 8080, CLIENT, 42001, 6)).is_none());
@@ -1665,7 +1666,8 @@ struct Oracle {
 impl Oracle {
     fn new(path: &LoadedPath) -> Self {
         let programmed = path.programmer.programmed();
-        let octets = lb_common::addr_octets;
+        // The fuzz manifest is IPv4 only: every programmed key narrows.
+        let octets = |wide| lb_common::addr_octets(lb_common::addr::narrow(wide).expect("IPv4"));
         let frontends: std::collections::BTreeSet<_> = (programmed.services.keys())
             .map(|k| (octets(k.addr_be), u16::from_be(k.port_be), k.proto))
             .collect();
@@ -2231,7 +2233,7 @@ fn per_service_counters_count_each_frontends_packets() {
     let backend = &web.backends[0];
     assert_eq!(
         (backend.address, backend.port),
-        (Ipv4Addr::from(POD_A), 8080)
+        (Ipv4Addr::from(POD_A).into(), 8080)
     );
     assert_eq!(backend.counters.new_flows, 10);
     assert_eq!(backend.counters.forward_packets, 10);

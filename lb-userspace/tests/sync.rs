@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use lb_common::{
     maglev,
     maps::Capacities,
-    service::{ANY_SOURCE, Backend, BackendId, NO_BACKEND, NodeConfig, ServiceEntry, ServiceKey},
+    service::{ANY_SOURCE, BackendId, NO_BACKEND, NodeConfig, NodeConfig6, ServiceEntry},
 };
 use lb_userspace::{
-    dataplane::{MapContents, MapWriter, TableRange, WriteError},
+    dataplane::{BackendValue, FrontendKey, MapContents, MapWriter, TableRange, WriteError},
     manifest,
     model::SourceRanges,
     sync::{Programmer, Settings, SyncStats, service_key},
@@ -116,7 +116,10 @@ impl MapWriter for CheckingWriter {
     fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
         self.step("put_node", |m| m.node = config)
     }
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError> {
+        self.step("put_node6", |m| m.node6 = config)
+    }
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError> {
         self.step("put_backend", |m| {
             m.backends.insert(id, backend);
         })
@@ -139,12 +142,12 @@ impl MapWriter for CheckingWriter {
         }
         Ok(())
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError> {
         self.step("put_service", |m| {
             m.services.insert(key, entry);
         })
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError> {
         self.step("delete_service", |m| {
             m.services.remove(&key);
         })
@@ -532,7 +535,7 @@ fn a_terminating_backend_drains_under_its_id_until_it_leaves() {
     let id_of = |maps: &MapContents, addr: [u8; 4]| {
         maps.backends
             .iter()
-            .find(|(_, b)| b.addr_be == lb_common::addr_be(addr))
+            .find(|(_, b)| b.addr_be == lb_common::Address::to_wide(lb_common::addr_be(addr)))
             .map(|(id, b)| (*id, b.flags & lb_common::service::BACKEND_F_DRAINING != 0))
     };
     sync(&mut programmer, &ready, &mut maps);
@@ -610,7 +613,10 @@ impl MapWriter for BoundedWriter {
     fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
         self.maps.put_node(config)
     }
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError> {
+        self.maps.put_node6(config)
+    }
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError> {
         if !self.maps.backends.contains_key(&id)
             && self.maps.backends.len() >= self.capacities.backends as usize
         {
@@ -628,7 +634,7 @@ impl MapWriter for BoundedWriter {
     ) -> Result<(), WriteError> {
         self.maps.put_slots(range, changes)
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError> {
         if !self.maps.services.contains_key(&key)
             && self.maps.services.len() >= self.capacities.frontends as usize
         {
@@ -636,7 +642,7 @@ impl MapWriter for BoundedWriter {
         }
         self.maps.put_service(key, entry)
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError> {
         self.maps.delete_service(key)
     }
     fn put_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
@@ -740,14 +746,17 @@ fn desired_ports(services: &[(&str, &str, u16)]) -> Desired {
 /// Records which frontends were ever written, over a bounded map.
 struct WatchedWriter {
     inner: BoundedWriter,
-    written: BTreeSet<ServiceKey>,
+    written: BTreeSet<FrontendKey>,
 }
 
 impl MapWriter for WatchedWriter {
     fn put_node(&mut self, config: NodeConfig) -> Result<(), WriteError> {
         self.inner.put_node(config)
     }
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+    fn put_node6(&mut self, config: NodeConfig6) -> Result<(), WriteError> {
+        self.inner.put_node6(config)
+    }
+    fn put_backend(&mut self, id: BackendId, backend: BackendValue) -> Result<(), WriteError> {
         self.inner.put_backend(id, backend)
     }
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
@@ -760,11 +769,11 @@ impl MapWriter for WatchedWriter {
     ) -> Result<(), WriteError> {
         self.inner.put_slots(range, changes)
     }
-    fn put_service(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<(), WriteError> {
+    fn put_service(&mut self, key: FrontendKey, entry: ServiceEntry) -> Result<(), WriteError> {
         self.written.insert(key);
         self.inner.put_service(key, entry)
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), WriteError> {
         self.inner.delete_service(key)
     }
     fn put_source_ranges(&mut self, id: u32, ranges: &SourceRanges) -> Result<(), WriteError> {
@@ -803,7 +812,7 @@ fn a_service_that_does_not_fit_whole_is_left_out_whole() {
             },
             written: BTreeSet::new(),
         };
-        let c_keys: BTreeSet<ServiceKey> = (desired_ports(&[c]).frontends.keys())
+        let c_keys: BTreeSet<FrontendKey> = (desired_ports(&[c]).frontends.keys())
             .map(service_key)
             .collect();
         let mut step = |services: &[(&str, &str, u16)]| -> (Vec<String>, Vec<String>) {
@@ -888,7 +897,7 @@ fn desired_guarded(services: &[(&str, &str, &str, &[&str])]) -> Desired {
 fn named_sets(maps: &MapContents) -> std::collections::BTreeMap<String, Vec<String>> {
     (maps.services.iter())
         .map(|(key, entry)| {
-            let addr = std::net::Ipv4Addr::from(lb_common::addr_octets(key.addr_be));
+            let addr = lb_common::addr::ip_from_wide(key.addr_be);
             let ranges = match entry.source_ranges_id {
                 ANY_SOURCE => vec!["any".to_owned()],
                 id => maps.source_ranges[&id]
@@ -968,7 +977,7 @@ fn source_range_sets_are_shared_written_first_and_deleted_a_sync_after_their_las
             ("b", "10.96.0.2", "192.168.50.2", home),
         ]));
         let new_id = back.services[&lb_common::service::ServiceKey::new(
-            lb_common::addr_be([192, 168, 50, 1]),
+            lb_common::Address::to_wide(lb_common::addr_be([192, 168, 50, 1])),
             80u16.to_be(),
             6,
         )]

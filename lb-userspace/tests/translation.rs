@@ -15,7 +15,7 @@ fn fixture(name: &str) -> String {
 
 fn fe(addr: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
     Frontend {
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         protocol,
     }
@@ -23,7 +23,7 @@ fn fe(addr: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
 
 fn be(addr: [u8; 4], port: u16) -> BackendAddr {
     BackendAddr {
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         on_this_node: false,
     }
@@ -50,7 +50,10 @@ fn example() -> Vec<lb_userspace::model::Object> {
 fn node(name: &str, addresses: &[[u8; 4]]) -> NodeContext {
     NodeContext {
         name: Some(name.to_owned()),
-        addresses: addresses.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        addresses: addresses
+            .iter()
+            .map(|a| Ipv4Addr::from(*a).into())
+            .collect(),
         ..NodeContext::default()
     }
 }
@@ -734,4 +737,158 @@ fn api_limits_and_names_are_checked() {
         backends(&desired, fe([10, 96, 0, 4], 80, Protocol::Tcp)),
         [be([10, 244, 9, 9], 8080)]
     );
+}
+
+/// A dual-stack Service (`clusterIPs` of both families, an EndpointSlice of each
+/// `addressType`) gets frontends of both families, each with the backends of its own family:
+/// its ClusterIPs, its NodePorts on the node's addresses of both families, and its load-balancer
+/// IPs; a single-stack Service gets no NodePort on the other family's node address. Source
+/// ranges guard each family's load-balancer IP with that family's ranges.
+#[test]
+fn dual_stack_services_get_frontends_of_both_families() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: t}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  loadBalancerSourceRanges: ["203.0.113.0/24", "2001:db8::/32"]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 192.168.50.10}, {ip: "fd00:50::10"}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.11"], nodeName: node-1}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["fd00:244:1::11"], nodeName: node-1}
+- {addresses: ["fd00:244:2::11"], nodeName: node-2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: t}
+spec: {type: NodePort, clusterIP: 10.96.0.20, ports: [{port: 81, nodePort: 30081}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: legacy-1, namespace: t, labels: {kubernetes.io/service-name: legacy}}
+addressType: IPv4
+ports: [{port: 8081}]
+endpoints:
+- {addresses: ["10.244.1.12"], nodeName: node-1}
+"#;
+    let read = manifest::parse(yaml, "dual.yaml");
+    assert!(read.problems.is_empty(), "{:?}", read.problems);
+    let node = NodeContext {
+        name: Some("node-1".to_owned()),
+        addresses: vec![
+            "172.30.0.11".parse().unwrap(),
+            "fd00:30::11".parse().unwrap(),
+        ],
+        ..NodeContext::default()
+    };
+    let desired = translate(&read.objects, &node);
+    assert!(desired.problems.is_empty(), "{:?}", desired.problems);
+    let frontend = |addr: &str, port: u16| Frontend {
+        addr: addr.parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let backend = |addr: &str, on_this_node: bool| BackendAddr {
+        addr: addr.parse().unwrap(),
+        port: 8080,
+        on_this_node,
+    };
+    let v4 = vec![backend("10.244.1.11", true)];
+    let v6 = vec![
+        backend("fd00:244:1::11", true),
+        backend("fd00:244:2::11", false),
+    ];
+    for (addr, port, kind, backends) in [
+        ("10.96.0.10", 80, FrontendKind::ClusterIp, &v4),
+        ("fd00:96::10", 80, FrontendKind::ClusterIp, &v6),
+        ("172.30.0.11", 30080, FrontendKind::NodePort, &v4),
+        ("fd00:30::11", 30080, FrontendKind::NodePort, &v6),
+        ("192.168.50.10", 80, FrontendKind::LoadBalancer, &v4),
+        ("fd00:50::10", 80, FrontendKind::LoadBalancer, &v6),
+    ] {
+        let plan = desired
+            .frontends
+            .get(&frontend(addr, port))
+            .unwrap_or_else(|| panic!("no frontend {addr}:{port}"));
+        assert_eq!(plan.kind, kind, "{addr}");
+        assert_eq!(
+            &plan.backends[..],
+            &backends[..],
+            "{addr}: its own family's backends"
+        );
+    }
+    let ranges = |addr: &str| -> Vec<String> {
+        let plan = &desired.frontends[&frontend(addr, 80)];
+        let ranges = plan.source_ranges.as_ref().expect("guarded");
+        ranges.iter().map(|r| r.to_string()).collect()
+    };
+    assert_eq!(ranges("192.168.50.10"), ["203.0.113.0/24"]);
+    assert_eq!(ranges("fd00:50::10"), ["2001:db8::/32"]);
+    // The single-stack IPv4 Service: its NodePort on the IPv4 node address only.
+    assert!(desired.frontends.contains_key(&Frontend {
+        addr: "172.30.0.11".parse().unwrap(),
+        port: 30081,
+        protocol: Protocol::Tcp,
+    }));
+    assert!(!desired.frontends.contains_key(&Frontend {
+        addr: "fd00:30::11".parse().unwrap(),
+        port: 30081,
+        protocol: Protocol::Tcp,
+    }));
+    assert_eq!(
+        desired.frontends.len(),
+        6 + 2,
+        "web's six, legacy's ClusterIP and NodePort"
+    );
+}
+
+/// An IPv6 slice whose address is IPv4 (or the reverse) is an error; an IPv6 address where a
+/// Service has IPv4 clusterIPs twice is one too.
+#[test]
+fn addresses_must_match_their_family() {
+    let yaml = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: mixed, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.11"]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: twice, namespace: t}
+spec: {clusterIPs: [10.96.0.1, 10.96.0.2], ports: [{port: 80}]}
+"#;
+    let read = manifest::parse(yaml, "mixed.yaml");
+    let problems: Vec<String> = read.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].contains("not a valid IPv6 address"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].contains("one address of each family"),
+        "{problems:#?}"
+    );
+    assert!(read.objects.is_empty(), "both refused");
 }

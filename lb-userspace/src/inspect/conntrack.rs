@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 
 use aya::maps::IterableMap as _;
 
-use lb_common::conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey, partner_key};
+use lb_common::{
+    Ip6,
+    addr::narrow,
+    conntrack::{CT_F_SNAT, CT_KIND_FORWARD, CtEntry, FlowKey, partner_key},
+};
 use serde::Serialize;
 
-use super::{PinnedMaps, endpoint_text, flow_state};
+use super::{PinnedMaps, flow_state, wide_endpoint_text};
 use crate::{model::Protocol, state::NodeState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -40,22 +44,29 @@ pub fn service_ids(maps: &PinnedMaps, state: &NodeState, wanted: &str) -> Vec<u3
         .collect()
 }
 
-/// Every conntrack entry.
-pub fn entries(maps: &PinnedMaps) -> std::io::Result<Vec<(FlowKey, CtEntry)>> {
+/// Every conntrack entry of both families, in the wide form (IPv4 as `::ffff:a.b.c.d`).
+pub fn entries(maps: &PinnedMaps) -> std::io::Result<Vec<(FlowKey<Ip6>, CtEntry<Ip6>)>> {
     use std::os::fd::AsFd as _;
-    crate::conntrack::read_all(maps.conntrack.map().fd().as_fd())
+    let v4 = crate::conntrack::read_all::<u32>(maps.conntrack.map().fd().as_fd())?;
+    let mut all: Vec<_> = (v4.iter())
+        .map(|(k, e)| (k.to_wide(), e.to_wide()))
+        .collect();
+    if let Some(v6) = &maps.conntrack6 {
+        all.extend(crate::conntrack::read_all::<Ip6>(v6.map().fd().as_fd())?);
+    }
+    Ok(all)
 }
 
 /// One row per flow whose service id is in `only` (all flows when `None`).
 pub fn collect(
     maps: &PinnedMaps,
     state: Option<&NodeState>,
-    entries: &[(FlowKey, CtEntry)],
+    entries: &[(FlowKey<Ip6>, CtEntry<Ip6>)],
     only: Option<&[u32]>,
 ) -> Vec<FlowView> {
     let now = crate::conntrack::now_s();
     let names = super::service_names(maps, state);
-    let by_key: BTreeMap<FlowKey, CtEntry> = entries.iter().copied().collect();
+    let by_key: BTreeMap<FlowKey<Ip6>, CtEntry<Ip6>> = entries.iter().copied().collect();
     let mut out: Vec<FlowView> = entries
         .iter()
         .filter(|(_, e)| e.kind == CT_KIND_FORWARD)
@@ -66,15 +77,15 @@ pub fn collect(
             FlowView {
                 protocol: Protocol::from_number(key.proto)
                     .map_or(key.proto.to_string(), |p| p.to_string()),
-                client: endpoint_text(key.saddr_be, key.sport_be),
-                frontend: endpoint_text(key.daddr_be, key.dport_be),
+                client: wide_endpoint_text(key.saddr_be, key.sport_be),
+                frontend: wide_endpoint_text(key.daddr_be, key.dport_be),
                 service: names
                     .get(&e.service_id)
                     .cloned()
                     .unwrap_or_else(|| format!("service id {}", e.service_id)),
-                backend: endpoint_text(e.new_daddr_be, e.new_dport_be),
+                backend: wide_endpoint_text(e.new_daddr_be, e.new_dport_be),
                 snat: (e.flags & CT_F_SNAT != 0)
-                    .then(|| endpoint_text(e.new_saddr_be, e.new_sport_be)),
+                    .then(|| wide_endpoint_text(e.new_saddr_be, e.new_sport_be)),
                 state: flow_state(e, key.proto),
                 age_s: now.saturating_sub(e.created_s),
                 expires_in_s: expires.saturating_sub(now),
@@ -90,21 +101,35 @@ pub fn collect(
 /// many flows went.
 pub fn flush(
     maps: &PinnedMaps,
-    entries: &[(FlowKey, CtEntry)],
+    entries: &[(FlowKey<Ip6>, CtEntry<Ip6>)],
     only: Option<&[u32]>,
 ) -> std::io::Result<usize> {
     use std::os::fd::AsFd as _;
-    let doomed: Vec<FlowKey> = entries
+    let doomed: Vec<FlowKey<Ip6>> = entries
         .iter()
         .filter(|(_, e)| only.is_none_or(|ids| ids.contains(&e.service_id)))
         .map(|(k, _)| *k)
+        .collect();
+    // Each family's keys from its own map.
+    let doomed4: Vec<FlowKey> = (doomed.iter())
+        .filter_map(|k| {
+            let (saddr, daddr) = (narrow(k.saddr_be)?, narrow(k.daddr_be)?);
+            Some(FlowKey::new(saddr, daddr, k.sport_be, k.dport_be, k.proto))
+        })
+        .collect();
+    let doomed6: Vec<FlowKey<Ip6>> = (doomed.iter())
+        .filter(|k| narrow(k.saddr_be).is_none())
+        .copied()
         .collect();
     let flows = entries
         .iter()
         .filter(|(_, e)| e.kind == CT_KIND_FORWARD)
         .filter(|(_, e)| only.is_none_or(|ids| ids.contains(&e.service_id)))
         .count();
-    crate::conntrack::delete(maps.conntrack.map().fd().as_fd(), &doomed)?;
+    crate::conntrack::delete(maps.conntrack.map().fd().as_fd(), &doomed4)?;
+    if let Some(v6) = &maps.conntrack6 {
+        crate::conntrack::delete(v6.map().fd().as_fd(), &doomed6)?;
+    }
     Ok(flows)
 }
 

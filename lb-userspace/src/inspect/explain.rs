@@ -120,7 +120,8 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
     let key = ServiceKey::new(addr_be(query.to.octets()), query.to_port.to_be(), proto);
     let service = maps.service(&key);
     if let Some(state) = state
-        && let Some((svc, frontend)) = state.frontend(query.to, query.to_port, query.protocol)
+        && let Some((svc, frontend)) =
+            state.frontend(query.to.into(), query.to_port, query.protocol)
     {
         let port = if frontend.port_name.is_empty() {
             String::new()
@@ -239,7 +240,7 @@ fn describe_frontend(
     entry: &ServiceEntry,
 ) -> Vec<String> {
     let mut steps = Vec::new();
-    let plan = state.and_then(|s| s.frontend(query.to, query.to_port, query.protocol));
+    let plan = state.and_then(|s| s.frontend(query.to.into(), query.to_port, query.protocol));
     match plan {
         Some((svc, f)) => {
             let mut line = format!(

@@ -23,10 +23,12 @@ use aya::{
     },
 };
 use lb_common::{
+    Ip6,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, CONNTRACK_MAP, NODE_MAP, PIN_LAYOUT_VERSION,
-        SERVICE_STATS_MAP, SERVICES_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
+        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP,
+        CONNTRACK6_MAP, NODE_MAP, PIN_LAYOUT_VERSION, SERVICE_STATS_MAP, SERVICES_MAP,
+        SERVICES6_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
     },
     service::{
         AffinityKey, AffinityValue, Backend, BackendId, NodeConfig,
@@ -36,7 +38,10 @@ use lb_common::{
     stats::{BackendStats, ServiceStats},
 };
 
-use crate::{dataplane::MappedSlots, state::NodeState};
+use crate::{
+    dataplane::{BackendValue, FrontendKey, MappedSlots, widen_backend, widen_key},
+    state::NodeState,
+};
 
 /// The pinned maps of one node, opened for reading.
 pub struct PinnedMaps {
@@ -48,6 +53,10 @@ pub struct PinnedMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub node: Array<MapData, NodeConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRange, SourceRangeValue>,
+    /// The IPv6 twins; absent when pinned by an lb without IPv6.
+    pub services6: Option<HashMap<MapData, ServiceKey<Ip6>, ServiceEntry>>,
+    pub backends6: Option<HashMap<MapData, BackendId, Backend<Ip6>>>,
+    pub conntrack6: Option<HashMap<MapData, FlowKey<Ip6>, CtEntry<Ip6>>>,
     /// Absent when pinned by an lb without per-Service counters.
     pub service_stats: Option<PerCpuHashMap<MapData, u32, ServiceStats>>,
     pub backend_stats: Option<PerCpuHashMap<MapData, BackendId, BackendStats>>,
@@ -87,26 +96,50 @@ impl PinnedMaps {
             affinity: open(&pin_dir, AFFINITY_MAP)?,
             node: open(&pin_dir, NODE_MAP)?,
             source_ranges: open(&pin_dir, SOURCE_RANGES_MAP)?,
+            services6: open(&pin_dir, SERVICES6_MAP).ok(),
+            backends6: open(&pin_dir, BACKENDS6_MAP).ok(),
+            conntrack6: open(&pin_dir, CONNTRACK6_MAP).ok(),
             service_stats: open(&pin_dir, SERVICE_STATS_MAP).ok(),
             backend_stats: open(&pin_dir, BACKEND_STATS_MAP).ok(),
             pin_dir,
         })
     }
 
-    /// Every frontend, read in batches.
-    pub fn all_services(&self) -> Vec<(ServiceKey, ServiceEntry)> {
+    /// Every frontend of both families (wide keys: IPv4 as `::ffff:a.b.c.d`), read in batches.
+    pub fn all_services(&self) -> Vec<(FrontendKey, ServiceEntry)> {
         use std::os::fd::AsFd as _;
-        crate::bpf_sys::lookup_all(self.services.map().fd().as_fd()).unwrap_or_default()
+        let v4: Vec<(ServiceKey, ServiceEntry)> =
+            crate::bpf_sys::lookup_all(self.services.map().fd().as_fd()).unwrap_or_default();
+        let mut all: Vec<(FrontendKey, ServiceEntry)> = (v4.into_iter())
+            .map(|(key, entry)| (widen_key(key), entry))
+            .collect();
+        if let Some(v6) = &self.services6 {
+            all.extend(
+                crate::bpf_sys::lookup_all::<FrontendKey, ServiceEntry>(v6.map().fd().as_fd())
+                    .unwrap_or_default(),
+            );
+        }
+        all
     }
 
-    /// Every backend, read in batches.
-    pub fn all_backends(&self) -> BTreeMap<BackendId, Backend> {
+    /// Every backend of both families (wide), read in batches.
+    pub fn all_backends(&self) -> BTreeMap<BackendId, BackendValue> {
         use std::os::fd::AsFd as _;
-        (crate::bpf_sys::lookup_all(self.backends.map().fd().as_fd()).unwrap_or_default())
-            .into_iter()
-            .collect()
+        let v4: Vec<(BackendId, Backend)> =
+            crate::bpf_sys::lookup_all(self.backends.map().fd().as_fd()).unwrap_or_default();
+        let mut all: BTreeMap<BackendId, BackendValue> = (v4.into_iter())
+            .map(|(id, backend)| (id, widen_backend(backend)))
+            .collect();
+        if let Some(v6) = &self.backends6 {
+            all.extend(
+                crate::bpf_sys::lookup_all::<BackendId, BackendValue>(v6.map().fd().as_fd())
+                    .unwrap_or_default(),
+            );
+        }
+        all
     }
 
+    /// An IPv4 frontend's entry (what `lb explain` follows).
     pub fn service(&self, key: &ServiceKey) -> Option<ServiceEntry> {
         self.services.get(key, 0).ok()
     }
@@ -199,7 +232,7 @@ pub fn service_names(maps: &PinnedMaps, state: Option<&NodeState>) -> BTreeMap<u
 }
 
 /// A flow's state in words, from its conntrack entry.
-pub fn flow_state(entry: &CtEntry, proto: u8) -> &'static str {
+pub fn flow_state<A>(entry: &CtEntry<A>, proto: u8) -> &'static str {
     use lb_common::conntrack::{CT_S_FIN_FORWARD, CT_S_FIN_REPLY, CT_S_REPLIED, CT_S_RST};
     if proto != lb_common::IPPROTO_TCP {
         return if entry.state & CT_S_REPLIED != 0 {

@@ -3,11 +3,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_common::{
-    addr_octets,
     service::{ANY_SOURCE, BACKEND_F_DRAINING, BACKEND_F_REMOTE, BackendId, SERVICE_F_REJECT},
     stats::{BackendStats, ServiceStats},
 };
@@ -35,7 +34,7 @@ pub struct ServiceView {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendView {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// ClusterIP, NodePort, externalIP or LoadBalancer ("?" without a state file).
@@ -58,7 +57,7 @@ pub struct FrontendView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendView {
     pub backend_id: BackendId,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -79,7 +78,7 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
     let service_stats = maps.service_stats();
     let backend_stats = maps.backend_stats();
     let index = state.map(NodeState::frontend_index).unwrap_or_default();
-    let endpoints: BTreeMap<Ipv4Addr, &crate::state::EndpointInfo> = state
+    let endpoints: BTreeMap<IpAddr, &crate::state::EndpointInfo> = state
         .iter()
         .flat_map(|s| &s.services)
         .flat_map(|s| &s.endpoints)
@@ -106,7 +105,7 @@ pub fn collect(maps: &PinnedMaps, state: Option<&NodeState>) -> Vec<ServiceView>
         .collect();
     let backends = maps.all_backends();
     for (key, entry) in entries {
-        let address = Ipv4Addr::from(addr_octets(key.addr_be));
+        let address = lb_common::addr::ip_from_wide(key.addr_be);
         let port = u16::from_be(key.port_be);
         let protocol = Protocol::from_number(key.proto).map_or("?".to_owned(), |p| p.to_string());
         let named = index.get(&key);
@@ -219,15 +218,15 @@ fn kind_order(kind: &str) -> u8 {
 /// backend in the map (`known`).
 fn backends_of(
     table: &BTreeMap<BackendId, u32>,
-    known: &BTreeMap<BackendId, lb_common::service::Backend>,
-    endpoints: &BTreeMap<Ipv4Addr, &crate::state::EndpointInfo>,
+    known: &BTreeMap<BackendId, crate::dataplane::BackendValue>,
+    endpoints: &BTreeMap<IpAddr, &crate::state::EndpointInfo>,
     stats: &BTreeMap<BackendId, BackendStats>,
 ) -> Vec<BackendView> {
     let mut out: Vec<BackendView> = table
         .iter()
         .filter_map(|(&id, &slots)| {
             let b = known.get(&id)?;
-            let address = Ipv4Addr::from(addr_octets(b.addr_be));
+            let address = lb_common::addr::ip_from_wide(b.addr_be);
             let endpoint = endpoints.get(&address);
             Some(BackendView {
                 backend_id: id,

@@ -18,11 +18,13 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::service::{Backend, BackendId, NodeConfig, ServiceEntry, ServiceKey};
+use lb_common::service::{BackendId, NodeConfig, NodeConfig6, ServiceEntry};
 
 use super::SyncStats;
 use crate::{
-    dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError},
+    dataplane::{
+        BackendValue, FrontendKey, MapContents, MapWriter, SlotTable, TableRange, WriteError,
+    },
     model::SourceRanges,
 };
 
@@ -65,13 +67,14 @@ pub enum SlotWrites {
 #[derive(Debug, Default)]
 pub struct WritePlan {
     pub node: Option<NodeConfig>,
-    pub backends: Vec<(BackendId, Backend)>,
+    pub node6: Option<NodeConfig6>,
+    pub backends: Vec<(BackendId, BackendValue)>,
     pub slots: Vec<(TableRange, SlotWrites)>,
     /// Written unless the mirror already holds exactly this entry.
-    pub services: Vec<(ServiceKey, ServiceEntry)>,
+    pub services: Vec<(FrontendKey, ServiceEntry)>,
     /// Deleted if the mirror holds them.
-    pub removed_services: Vec<ServiceKey>,
-    pub draining: Vec<(BackendId, Backend)>,
+    pub removed_services: Vec<FrontendKey>,
+    pub draining: Vec<(BackendId, BackendValue)>,
     pub affinity: Option<AffinityPrune>,
     pub removed_backends: Vec<BackendId>,
     /// Source-range sets new to the maps, by id.
@@ -103,6 +106,9 @@ pub fn apply(
     };
     if let Some(node) = plan.node {
         w.put_node(node)?;
+    }
+    if let Some(node6) = plan.node6 {
+        w.put_node6(node6)?;
     }
     for (id, backend) in &plan.backends {
         w.put_backend(*id, *backend)?;
@@ -161,10 +167,11 @@ macro_rules! tracked_op {
 
 impl Tracked<'_> {
     tracked_op!(put_node, writes, (config: NodeConfig));
-    tracked_op!(put_backend, writes, (id: BackendId, backend: Backend));
+    tracked_op!(put_node6, writes, (config: NodeConfig6));
+    tracked_op!(put_backend, writes, (id: BackendId, backend: BackendValue));
     tracked_op!(delete_backend, deletes, (id: BackendId));
-    tracked_op!(put_service, writes, (key: ServiceKey, entry: ServiceEntry));
-    tracked_op!(delete_service, deletes, (key: ServiceKey));
+    tracked_op!(put_service, writes, (key: FrontendKey, entry: ServiceEntry));
+    tracked_op!(delete_service, deletes, (key: FrontendKey));
     tracked_op!(put_source_ranges, writes, (id: u32, ranges: &SourceRanges));
     tracked_op!(delete_source_ranges, deletes, (id: u32, ranges: &SourceRanges));
 

@@ -14,10 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{
-    maglev,
-    service::{Backend, BackendId, ServiceKey},
-};
+use lb_common::{maglev, service::BackendId};
 use rayon::prelude::*;
 
 use super::{
@@ -30,7 +27,7 @@ use super::{
     tables::{IdAllocator, SlotSpace, TableContent, build_table, slot_changes, table_for},
 };
 use crate::{
-    dataplane::{MapContents, SlotTable, TableRange},
+    dataplane::{BackendValue, FrontendKey, MapContents, SlotTable, TableRange},
     model::ObjectRef,
     translate::{Desired, Frontend, FrontendPlan, Touched},
 };
@@ -44,20 +41,20 @@ pub struct Target {
     /// service id -> the backends its table spreads over.
     affinity_scope: BTreeMap<u32, Arc<[BackendId]>>,
     /// Each frontend's table content (frontends with backends only).
-    wants: BTreeMap<ServiceKey, TableContent>,
+    wants: BTreeMap<FrontendKey, TableContent>,
 }
 
 /// Indexes kept after a sync so the next one only works on the frontends that changed.
 #[derive(Debug)]
 pub(super) struct Incremental {
     /// Each programmed frontend's table content (frontends with backends only).
-    contents: HashMap<ServiceKey, TableContent>,
+    contents: HashMap<FrontendKey, TableContent>,
     /// Content -> where its table is and how many frontends use it.
     tables: HashMap<TableContent, (TableRange, usize)>,
     /// Every programmed backend's id by its identity (its value without the draining mark), so
     /// a backend that starts or stops draining keeps its id.
-    backend_ids: HashMap<Backend, BackendId>,
-    /// Backend id -> how many frontends' tables name it.
+    backend_ids: HashMap<BackendValue, BackendId>,
+    /// BackendValue id -> how many frontends' tables name it.
     backend_users: HashMap<BackendId, usize>,
     /// Free ranges of the slots array (quarantined ones excluded until the next sync).
     space: SlotSpace,
@@ -66,12 +63,12 @@ pub(super) struct Incremental {
     /// The settings the indexes were built for; other settings mean a full sync.
     pub settings: Settings,
     /// The backends programmed as draining, by identity: their id and value as programmed.
-    draining: BTreeMap<Backend, (BackendId, Backend)>,
+    draining: BTreeMap<BackendValue, (BackendId, BackendValue)>,
 }
 
 impl Incremental {
     /// The id of a programmed backend (draining or not) by its value without the draining mark.
-    pub fn backend_id(&self, value: &Backend) -> Option<BackendId> {
+    pub fn backend_id(&self, value: &BackendValue) -> Option<BackendId> {
         self.backend_ids.get(value).copied()
     }
 }
@@ -83,7 +80,7 @@ pub(super) struct Changes {
     changed: Vec<(Frontend, Option<Arc<FrontendPlan>>)>,
     unplaced: Vec<Frontend>,
     freed: Vec<(TableContent, TableRange)>,
-    unused: Vec<(BackendId, Backend)>,
+    unused: Vec<(BackendId, BackendValue)>,
     tables_written: Vec<(TableRange, TableContent, Arc<SlotTable>)>,
 }
 
@@ -114,7 +111,7 @@ impl Programmer {
     /// [`Programmer::target`] with the frontends of the Services in `rejected` left unplaced
     /// without taking any room.
     fn target_rejecting(&self, desired: &Desired, rejected: &BTreeSet<ObjectRef>) -> Target {
-        let existing_backends: BTreeMap<Backend, BackendId> = self
+        let existing_backends: BTreeMap<BackendValue, BackendId> = self
             .programmed
             .backends
             .iter()
@@ -134,6 +131,7 @@ impl Programmer {
         let mut target = Target {
             contents: MapContents {
                 node: self.settings.node,
+                node6: self.settings.node6,
                 ..MapContents::default()
             },
             ..Target::default()
@@ -146,7 +144,7 @@ impl Programmer {
         let mut new_backends = 0;
         let mut new_frontends = 0;
         let mut admitted: BTreeMap<Frontend, &Arc<FrontendPlan>> = BTreeMap::new();
-        let mut id_of: BTreeMap<Backend, BackendId> = BTreeMap::new();
+        let mut id_of: BTreeMap<BackendValue, BackendId> = BTreeMap::new();
         for (frontend, plan) in &desired.frontends {
             if rejected.contains(&plan.service) {
                 target.unplaced.push(*frontend);
@@ -156,7 +154,7 @@ impl Programmer {
                 .programmed
                 .services
                 .contains_key(&service_key(frontend));
-            let wanted: BTreeSet<Backend> = (plan.backends.iter())
+            let wanted: BTreeSet<BackendValue> = (plan.backends.iter())
                 .map(backend_value)
                 .filter(|value| !id_of.contains_key(value))
                 .collect();
@@ -201,7 +199,7 @@ impl Programmer {
             target.contents.backends.insert(*id, *value);
         }
 
-        let wants: BTreeMap<ServiceKey, TableContent> = admitted
+        let wants: BTreeMap<FrontendKey, TableContent> = admitted
             .iter()
             .filter(|(_, plan)| !plan.backends.is_empty())
             .map(|(frontend, plan)| {
@@ -258,11 +256,11 @@ impl Programmer {
     /// using it wants the new content or is going away; otherwise the content gets a fresh range.
     fn place_tables(
         &self,
-        wants: &BTreeMap<ServiceKey, TableContent>,
+        wants: &BTreeMap<FrontendKey, TableContent>,
         target: &mut Target,
     ) -> BTreeMap<TableContent, TableRange> {
         // Which frontends use each programmed table, and which tables each content could reuse.
-        let mut users: BTreeMap<TableRange, Vec<ServiceKey>> = BTreeMap::new();
+        let mut users: BTreeMap<TableRange, Vec<FrontendKey>> = BTreeMap::new();
         for (key, entry) in &self.programmed.services {
             if entry.table_size > 0 {
                 users.entry(table_range(entry)).or_default().push(*key);
@@ -333,6 +331,9 @@ impl Programmer {
         let mut plan = WritePlan::default();
         if current.node != want.node {
             plan.node = Some(want.node);
+        }
+        if current.node6 != want.node6 {
+            plan.node6 = Some(want.node6);
         }
         for (id, backend) in &want.backends {
             if current.backends.get(id) == Some(backend) {
@@ -432,9 +433,9 @@ impl Programmer {
     }
 
     /// The indexes for incremental syncs, from what a full sync just programmed.
-    fn indexes(&self, wants: &BTreeMap<ServiceKey, TableContent>) -> Incremental {
+    fn indexes(&self, wants: &BTreeMap<FrontendKey, TableContent>) -> Incremental {
         let programmed = &self.programmed;
-        let contents: HashMap<ServiceKey, TableContent> = wants
+        let contents: HashMap<FrontendKey, TableContent> = wants
             .iter()
             .filter(|(key, _)| programmed.services.contains_key(key))
             .map(|(k, c)| (*k, c.clone()))
@@ -510,7 +511,7 @@ impl Programmer {
 
         // Release what the changed frontends used. Only the tables and backends released here
         // (or added below) can end up unused.
-        let mut released: BTreeMap<ServiceKey, TableContent> = BTreeMap::new();
+        let mut released: BTreeMap<FrontendKey, TableContent> = BTreeMap::new();
         let mut maybe_unused: BTreeSet<BackendId> = BTreeSet::new();
         for (frontend, _) in &changed {
             let key = service_key(frontend);
@@ -577,7 +578,7 @@ impl Programmer {
                     maybe_unused.insert(id);
                     id
                 });
-                keys.insert(id, maglev::backend_key(value.addr_be, value.port_be));
+                keys.insert(id, maglev::backend_key_wide(value.addr_be, value.port_be));
             }
             let mut ids: Vec<BackendId> = keys.keys().copied().collect();
             ids.sort_unstable();
@@ -656,7 +657,7 @@ impl Programmer {
             })
             .collect();
         let draining_ids: HashSet<BackendId> = ix.draining.values().map(|(id, _)| *id).collect();
-        let mut unused: Vec<(BackendId, Backend)> = maybe_unused
+        let mut unused: Vec<(BackendId, BackendValue)> = maybe_unused
             .iter()
             .filter(|id| ix.backend_users.get(id) == Some(&0) && !draining_ids.contains(id))
             .filter_map(|id| {
@@ -699,10 +700,10 @@ impl Programmer {
     /// names it) or deleted. As the full diff does, a new draining backend gets an id only while
     /// the backends map has room.
     fn drain_changes(&self, ix: &mut Incremental, desired: &Desired, plan: &mut WritePlan) {
-        let wanted: BTreeMap<Backend, Backend> = (draining_values(desired).into_iter())
+        let wanted: BTreeMap<BackendValue, BackendValue> = (draining_values(desired).into_iter())
             .map(|value| (identity(&value), value))
             .collect();
-        let stopped: Vec<Backend> = (ix.draining.keys())
+        let stopped: Vec<BackendValue> = (ix.draining.keys())
             .filter(|identity| !wanted.contains_key(identity))
             .copied()
             .collect();

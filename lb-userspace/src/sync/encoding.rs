@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 
 use lb_common::{
-    addr_be, port_be,
+    addr::wide_from_ip,
+    port_be,
     service::{
         BACKEND_F_DRAINING, BACKEND_F_REMOTE, Backend, BackendId, SERVICE_F_NODE_ADDRESS,
         SERVICE_F_REJECT, ServiceEntry, ServiceKey,
@@ -12,42 +13,43 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::TableRange,
+    dataplane::{BackendValue, FrontendKey, TableRange},
     translate::{BackendAddr, Desired, Frontend, FrontendKind, FrontendPlan, WhenEmpty},
 };
 
-pub fn service_key(frontend: &Frontend) -> ServiceKey {
+/// A frontend's key, either family in the wide form ([`FrontendKey`]).
+pub fn service_key(frontend: &Frontend) -> FrontendKey {
     ServiceKey::new(
-        addr_be(frontend.addr.octets()),
+        wide_from_ip(frontend.addr),
         port_be(frontend.port),
         frontend.protocol.number(),
     )
 }
 
-pub fn backend_value(backend: &BackendAddr) -> Backend {
+pub fn backend_value(backend: &BackendAddr) -> BackendValue {
     let flags = if backend.on_this_node {
         0
     } else {
         BACKEND_F_REMOTE
     };
-    Backend::new(addr_be(backend.addr.octets()), port_be(backend.port), flags)
+    Backend::new(wide_from_ip(backend.addr), port_be(backend.port), flags)
 }
 
 /// What a backend id stands for: its value without the draining mark, so a backend that starts
 /// or stops draining keeps its id (and its flows).
-pub(super) fn identity(backend: &Backend) -> Backend {
+pub(super) fn identity(backend: &BackendValue) -> BackendValue {
     Backend {
         flags: backend.flags & !BACKEND_F_DRAINING,
         ..*backend
     }
 }
 
-pub(super) fn is_draining(backend: &Backend) -> bool {
+pub(super) fn is_draining(backend: &BackendValue) -> bool {
     backend.flags & BACKEND_F_DRAINING != 0
 }
 
 /// The backends `desired` keeps only for established flows, as programmed (marked draining).
-pub(super) fn draining_values(desired: &Desired) -> BTreeSet<Backend> {
+pub(super) fn draining_values(desired: &Desired) -> BTreeSet<BackendValue> {
     desired
         .draining_backends()
         .iter()

@@ -28,11 +28,11 @@ pub use diff::Target;
 pub use encoding::{backend_value, service_key};
 use lb_common::{
     maps::Capacities,
-    service::{Backend, BackendId, NodeConfig},
+    service::{BackendId, NodeConfig, NodeConfig6},
 };
 
 use crate::{
-    dataplane::{MapContents, MapWriter, SlotTable, TableRange, WriteError},
+    dataplane::{BackendValue, MapContents, MapWriter, SlotTable, TableRange, WriteError},
     model::Protocol,
     translate::{Desired, Frontend, FrontendPlan, Touched},
 };
@@ -46,6 +46,8 @@ pub struct Settings {
     /// behaviour); otherwise drop them.
     pub reject_no_endpoints: bool,
     pub node: NodeConfig,
+    /// The node's IPv6 settings (its IPv6 SNAT address).
+    pub node6: NodeConfig6,
     /// The maps' capacities as loaded: the programmer never writes more entries than they hold
     /// (a frontend that would need more is left unplaced, as when its table finds no room).
     pub capacities: Capacities,
@@ -56,6 +58,7 @@ impl Default for Settings {
         Self {
             reject_no_endpoints: true,
             node: NodeConfig::default(),
+            node6: NodeConfig6::default(),
             capacities: Capacities::DEFAULT,
         }
     }
@@ -245,7 +248,7 @@ impl Programmer {
         touched: Option<&Touched>,
     ) -> HashSet<(u32, BackendId)> {
         let mut leaving = HashSet::new();
-        let mut ids: Option<HashMap<Backend, BackendId>> = None;
+        let mut ids: Option<HashMap<BackendValue, BackendId>> = None;
         let programmed: Box<dyn Iterator<Item = (&Frontend, &Arc<FrontendPlan>)>> = match touched {
             Some(touched) => {
                 Box::new((touched.iter()).filter_map(|f| Some((f, self.programmed_plans.get(f)?))))

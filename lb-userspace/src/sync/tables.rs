@@ -6,12 +6,9 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{
-    maglev,
-    service::{Backend, BackendId},
-};
+use lb_common::{maglev, service::BackendId};
 
-use crate::dataplane::{SlotTable, TableRange};
+use crate::dataplane::{BackendValue, SlotTable, TableRange};
 
 /// A table's content: its size and the backends it spreads over (sorted ids).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,11 +21,11 @@ pub(super) struct TableContent {
 /// The Maglev table for `content`: each slot names one of its backends.
 pub(super) fn build_table(
     content: &TableContent,
-    backends: &BTreeMap<BackendId, Backend>,
+    backends: &BTreeMap<BackendId, BackendValue>,
 ) -> SlotTable {
     build_table_keyed(content, |id| {
         let b = backends[&id];
-        maglev::backend_key(b.addr_be, b.port_be)
+        maglev::backend_key_wide(b.addr_be, b.port_be)
     })
 }
 

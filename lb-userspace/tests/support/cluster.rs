@@ -1,7 +1,7 @@
 //! The two-node testbed with echo pods and one agent per node, for the namespace tests.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -303,7 +303,8 @@ pub fn at(addr: [u8; 4], port: u16) -> SocketAddrV4 {
 }
 
 /// `n` TCP requests, each on a new connection; panics with context on failure.
-pub fn tcp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
+pub fn tcp_many(target: impl Into<SocketAddr>, n: usize) -> Vec<Reply> {
+    let target = target.into();
     (0..n)
         .map(|i| {
             lb_testbed::echo::tcp_request(target)
@@ -313,7 +314,8 @@ pub fn tcp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
 }
 
 /// `n` UDP requests, each from a new socket.
-pub fn udp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
+pub fn udp_many(target: impl Into<SocketAddr>, n: usize) -> Vec<Reply> {
+    let target = target.into();
     (0..n)
         .map(|i| {
             lb_testbed::echo::udp_request(target)
@@ -323,7 +325,7 @@ pub fn udp_many(target: SocketAddrV4, n: usize) -> Vec<Reply> {
 }
 
 /// Whether a TCP connection to `target` gets anywhere within `timeout`.
-pub fn tcp_outcome(target: SocketAddrV4, timeout: Duration) -> std::io::Result<Reply> {
+pub fn tcp_outcome(target: impl Into<SocketAddr>, timeout: Duration) -> std::io::Result<Reply> {
     let mut conversation = Conversation::open(target, timeout)?;
     conversation
         .ask()

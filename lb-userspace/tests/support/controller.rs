@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, SystemTime},
@@ -22,7 +22,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use lb_common::{addr_octets, port_host};
+use lb_common::port_host;
 use lb_testbed::{fake_api::FakeApi, netns::Netns};
 use lb_userspace::{
     dataplane::{MapContents, TableRange},
@@ -209,7 +209,7 @@ pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
             };
             let frontend = format!(
                 "{}:{}/{proto}",
-                Ipv4Addr::from(addr_octets(key.addr_be)),
+                lb_common::addr::ip_from_wide(key.addr_be),
                 port_host(key.port_be)
             );
             let range = TableRange {
@@ -226,7 +226,7 @@ pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
                         .map(|b| {
                             format!(
                                 "{}:{}",
-                                Ipv4Addr::from(addr_octets(b.addr_be)),
+                                lb_common::addr::ip_from_wide(b.addr_be),
                                 port_host(b.port_be)
                             )
                         })
