@@ -374,9 +374,12 @@ impl Collector for ServiceCounters {
                 for b in &f.backends {
                     // A backend serves every frontend of its Service port: counted once.
                     if backend_ids.insert((sp.clone(), b.backend_id)) {
-                        (backends.entry((sp.clone(), format!("{}:{}", b.address, b.port))))
-                            .or_default()
-                            .add(&b.counters);
+                        (backends.entry((
+                            sp.clone(),
+                            std::net::SocketAddr::new(b.address, b.port).to_string(),
+                        )))
+                        .or_default()
+                        .add(&b.counters);
                     }
                 }
             }

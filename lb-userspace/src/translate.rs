@@ -25,7 +25,9 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        // `[v6]:port` for IPv6, as everywhere else.
+        let at = std::net::SocketAddr::new(self.addr, self.port);
+        write!(f, "{at}/{}", self.protocol)
     }
 }
 
@@ -42,7 +44,7 @@ pub struct BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        std::net::SocketAddr::new(self.addr, self.port).fmt(f)
     }
 }
 

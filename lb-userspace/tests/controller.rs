@@ -26,6 +26,62 @@ fn node_1() -> NodeContext {
     }
 }
 
+/// A dual-stack Service from the API server: both ClusterIPs programmed, each with the
+/// endpoints of its family's slice; a family's slice deleted empties that family's frontend
+/// only; the Service turned single-stack (IPv4) removes its IPv6 frontend.
+#[test]
+fn dual_stack_services_follow_both_families_slices() {
+    let api = ApiHarness::on_loopback("dual-stack");
+    api.fake.apply(&node("node-1", "zone-a"));
+    let dual = || {
+        let mut svc = service("shop", "web", "10.96.0.7");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.ip_families = Some(vec!["IPv4".to_owned(), "IPv6".to_owned()]);
+        spec.ip_family_policy = Some("PreferDualStack".to_owned());
+        spec.cluster_ips = Some(vec!["10.96.0.7".to_owned(), "fd00:96::7".to_owned()]);
+        svc
+    };
+    api.fake.apply(&dual());
+    api.fake
+        .apply(&slice("shop", "web-v4", "web", &[("10.244.1.7", "node-1")]));
+    api.fake.apply(&slice(
+        "shop",
+        "web-v6",
+        "web",
+        &[("fd00:244:1::7", "node-1"), ("fd00:244:2::7", "node-2")],
+    ));
+    let kubeconfig = api.kubeconfig.clone();
+    let fake = api.fake.clone_handle();
+    api.run(move || async move {
+        let mut ctl = Controller::start(&kubeconfig, node_1()).await;
+        ctl.wait_until("both families", |c| {
+            let f = c.frontends();
+            f.get("10.96.0.7:80/TCP") == Some(&set(&["10.244.1.7:8080"]))
+                && f.get("[fd00:96::7]:80/TCP")
+                    == Some(&set(&["[fd00:244:1::7]:8080", "[fd00:244:2::7]:8080"]))
+        })
+        .await;
+        assert!(fake.delete::<EndpointSlice>("shop", "web-v6"));
+        ctl.wait_until("the IPv6 slice gone", |c| {
+            let f = c.frontends();
+            f.get("10.96.0.7:80/TCP") == Some(&set(&["10.244.1.7:8080"]))
+                && f.get("[fd00:96::7]:80/TCP") == Some(&set(&[]))
+        })
+        .await;
+        let mut single = dual();
+        let spec = single.spec.as_mut().unwrap();
+        spec.ip_families = Some(vec!["IPv4".to_owned()]);
+        spec.ip_family_policy = Some("SingleStack".to_owned());
+        spec.cluster_ips = Some(vec!["10.96.0.7".to_owned()]);
+        fake.apply(&single);
+        ctl.wait_until("single-stack again", |c| {
+            let f = c.frontends();
+            f.len() == 1 && f.contains_key("10.96.0.7:80/TCP")
+        })
+        .await;
+    });
+}
+
 #[test]
 fn programmed_state_follows_adds_updates_and_deletes() {
     let api = ApiHarness::on_loopback("follow");

@@ -562,8 +562,8 @@ spec:
   type: ClusterIP
   ipFamilyPolicy: RequireDualStack
   ipFamilies: [IPv6, IPv4]
-  clusterIP: "fd00:96::60"
-  clusterIPs: ["fd00:96::60", 10.96.0.60]
+  clusterIP: "fd00:96::90"
+  clusterIPs: ["fd00:96::90", 10.96.0.90]
   ports:
     - { name: tcp, port: 80, targetPort: 8080 }
     - { name: udp, port: 53, targetPort: 5353, protocol: UDP }
@@ -593,7 +593,7 @@ spec:
   type: LoadBalancer
   ipFamilyPolicy: RequireDualStack
   ipFamilies: [IPv4, IPv6]
-  clusterIPs: [10.96.0.61, "fd00:96::61"]
+  clusterIPs: [10.96.0.91, "fd00:96::91"]
   externalIPs: ["fd00:30:2::61"]
   ports:
     - { name: http, port: 80, targetPort: 8080, nodePort: 30100 }
@@ -624,7 +624,7 @@ metadata: { name: empty-ds, namespace: demo }
 spec:
   ipFamilyPolicy: SingleStack
   ipFamilies: [IPv6]
-  clusterIPs: ["fd00:96::62"]
+  clusterIPs: ["fd00:96::92"]
   ports: [{ name: http, port: 80, targetPort: 8080 }]
 "#;
 
@@ -648,13 +648,13 @@ fn dual_stack_services_answer_on_both_families() {
         // The same Service on both families, from a pod: each family to its own endpoints.
         for (target_tcp, target_udp, seen) in [
             (
-                sa("fd00:96::60", 80),
-                sa("fd00:96::60", 53),
+                sa("fd00:96::90", 80),
+                sa("fd00:96::90", 53),
                 IpAddr::V6(client6),
             ),
             (
-                sa("10.96.0.60", 80),
-                sa("10.96.0.60", 53),
+                sa("10.96.0.90", 80),
+                sa("10.96.0.90", 53),
                 IpAddr::V4(CLIENT_1),
             ),
         ] {
@@ -677,7 +677,7 @@ fn dual_stack_services_answer_on_both_families() {
             }
         }
         // From a node's own namespace (hostNetwork), IPv6.
-        let from_node = run.from("node-1", move || tcp_many(sa("fd00:96::60", 80), N / 2));
+        let from_node = run.from("node-1", move || tcp_many(sa("fd00:96::90", 80), N / 2));
         assert!(pods(&from_node).is_subset(&set(&["pod-a", "pod-c"])));
 
         // From outside over IPv6: the NodePort on node-1, which has no endpoint of web-ds.
@@ -715,7 +715,7 @@ fn dual_stack_services_answer_on_both_families() {
         // No endpoints: refused at once (a TCP RST), not left to time out.
         let refused = run.from("client-1", move || {
             let started = Instant::now();
-            let outcome = tcp_outcome(sa("fd00:96::62", 80), Duration::from_secs(3));
+            let outcome = tcp_outcome(sa("fd00:96::92", 80), Duration::from_secs(3));
             (outcome.map(|r| r.pod), started.elapsed())
         });
         let (outcome, took) = refused;

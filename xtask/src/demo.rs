@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -15,7 +15,7 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use lb_testbed::{
     cleanup,
     echo::{Conversation, EchoServer, Reply, udp_request},
-    testbed::{AgentOptions, AgentProcess, Cluster, LAYOUT, OUTSIDE_IP},
+    testbed::{AgentOptions, AgentProcess, Cluster, LAYOUT, OUTSIDE_IP, ipv6_twin},
 };
 
 use crate::{step, workspace_root};
@@ -46,7 +46,7 @@ struct Probe {
     from: &'static str,
     /// For "outside": the node the LoadBalancer/externalIP ranges are routed through.
     via: Option<&'static str>,
-    target: SocketAddrV4,
+    target: SocketAddr,
     proto: Proto,
     expect: Expect,
 }
@@ -58,10 +58,17 @@ enum Outcome {
     Failed(String),
 }
 
-const fn at(a: [u8; 4], port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(a[0], a[1], a[2], a[3]), port)
+fn at(a: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::from(a).into(), port)
 }
 
+/// An IPv6 target: the twin of the IPv4 address `a` (`lb_testbed::testbed::ipv6_twin`).
+fn at6(a: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::new(ipv6_twin(Ipv4Addr::from(a)).into(), port)
+}
+
+/// demo/echo's IPv6 ClusterIP (deploy/examples/services.yaml).
+const ECHO_VIP6: &str = "fd00:96::10";
 const NODE1: [u8; 4] = [172, 30, 0, 11];
 const NODE2: [u8; 4] = [172, 30, 0, 12];
 
@@ -106,11 +113,56 @@ fn probes() -> Vec<Probe> {
             Answered,
         ),
         p(
+            "demo/echo",
+            "ClusterIP, IPv6 (dual-stack)",
+            "client-1",
+            None,
+            SocketAddr::new(ECHO_VIP6.parse::<Ipv6Addr>().unwrap().into(), 80),
+            Tcp,
+            Answered,
+        ),
+        p(
+            "demo/echo",
+            "ClusterIP, IPv6 (dual-stack)",
+            "client-1",
+            None,
+            SocketAddr::new(ECHO_VIP6.parse::<Ipv6Addr>().unwrap().into(), 53),
+            Udp,
+            Answered,
+        ),
+        p(
+            "demo/echo",
+            "ClusterIP, IPv6 (dual-stack)",
+            "node-1",
+            None,
+            SocketAddr::new(ECHO_VIP6.parse::<Ipv6Addr>().unwrap().into(), 80),
+            Tcp,
+            Answered,
+        ),
+        p(
             "demo/web",
             "NodePort on node-1",
             "outside",
             None,
             at(NODE1, 30080),
+            Tcp,
+            Answered,
+        ),
+        p(
+            "demo/web",
+            "NodePort on node-1, IPv6",
+            "outside",
+            None,
+            at6(NODE1, 30080),
+            Tcp,
+            Answered,
+        ),
+        p(
+            "demo/web",
+            "NodePort on node-2, IPv6",
+            "outside",
+            None,
+            at6(NODE2, 30080),
             Tcp,
             Answered,
         ),
@@ -275,7 +327,7 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let manifest = workspace_root().join("deploy/examples/services.yaml");
     step(&format!(
-        "what {} asks of node-1 (`lb translate --node-name node-1 --node-address 172.30.0.11`; * = pod on node-1)",
+        "what {} asks of node-1 (`lb translate --node-name node-1 --node-address 172.30.0.11 --node-address fd00:30::11`; * = pod on node-1)",
         manifest.display()
     ));
     let status = Command::new(lb)
@@ -283,6 +335,7 @@ fn run_demo(lb: &Path) -> anyhow::Result<()> {
         .arg("--manifests")
         .arg(&manifest)
         .args(["--node-name", "node-1", "--node-address", "172.30.0.11"])
+        .args(["--node-address", "fd00:30::11"])
         .status()?;
     anyhow::ensure!(status.success(), "lb translate reported errors");
 
@@ -493,9 +546,7 @@ fn describe(probe: &Probe, outcome: &Outcome) -> (String, String, bool) {
                 .map(|ip| name_of(*ip))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let from_target = replies
-                .iter()
-                .all(|r| r.answered_from == probe.target.into());
+            let from_target = replies.iter().all(|r| r.answered_from == probe.target);
             (pods, seen, probe.expect == Expect::Answered && from_target)
         }
         Outcome::Refused => (
@@ -517,19 +568,18 @@ fn describe(probe: &Probe, outcome: &Outcome) -> (String, String, bool) {
     }
 }
 
-/// An address with the testbed name it belongs to.
+/// An address (either family: IPv6 ones are the testbed's twins) with the testbed name it
+/// belongs to.
 fn name_of(ip: IpAddr) -> String {
-    let IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
-    if v4 == OUTSIDE_IP {
+    let is = |v4: Ipv4Addr| ip == IpAddr::V4(v4) || ip == IpAddr::V6(ipv6_twin(v4));
+    if is(OUTSIDE_IP) {
         return format!("{ip} (outside)");
     }
     for node in &LAYOUT {
-        if node.ip == v4 {
+        if is(node.ip) {
             return format!("{ip} ({})", node.name);
         }
-        if let Some((pod, _)) = node.pods.iter().find(|(_, a)| *a == v4) {
+        if let Some((pod, _)) = node.pods.iter().find(|(_, a)| is(*a)) {
             return format!("{ip} ({pod})");
         }
     }
@@ -559,7 +609,7 @@ fn seen_by_pods(outcome: &Outcome) -> String {
 
 /// The two questions, answered from what the probes saw.
 fn explain(probes: &[Probe], results: &[Outcome]) {
-    let find = |service: &str, target: SocketAddrV4, via: Option<&str>| {
+    let find = |service: &str, target: SocketAddr, via: Option<&str>| {
         probes
             .iter()
             .zip(results)
@@ -607,6 +657,28 @@ fn explain(probes: &[Probe], results: &[Outcome]) {
         } else {
             "gave no answer"
         },
+    );
+    let echo4 = find("demo/echo", at([10, 96, 0, 10], 80), None);
+    let vip6: IpAddr = ECHO_VIP6.parse().expect("an IPv6 address");
+    let echo6 = find("demo/echo", SocketAddr::new(vip6, 80), None);
+    println!();
+    println!("What does a dual-stack Service get?");
+    println!(
+        "  demo/echo has a ClusterIP of each family (clusterIPs) and an EndpointSlice of each: 10.96.0.10 {} ({}), {vip6} {} ({}), each by the pods' addresses of its own family (the pod saw {} and {}). Each family has its own lb maps; the NodePorts of a dual-stack Service (demo/web) open on the nodes' IPv6 addresses too.",
+        if ok(echo4) {
+            "answered"
+        } else {
+            "did NOT answer"
+        },
+        answered_pods(echo4),
+        if ok(echo6) {
+            "answered"
+        } else {
+            "did NOT answer"
+        },
+        answered_pods(echo6),
+        seen_by_pods(echo4),
+        seen_by_pods(echo6),
     );
     println!();
     println!("What does a LoadBalancer Service create?");

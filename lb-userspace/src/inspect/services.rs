@@ -289,7 +289,7 @@ pub fn render(services: &[ServiceView]) -> String {
                 f.backends
                     .iter()
                     .map(|b| {
-                        let mut text = format!("{}:{}", b.address, b.port);
+                        let mut text = std::net::SocketAddr::new(b.address, b.port).to_string();
                         if let Some(node) = &b.node {
                             text.push_str(&format!(" {node}"));
                         }
@@ -320,7 +320,11 @@ pub fn render(services: &[ServiceView]) -> String {
             table.add_row([
                 name.clone(),
                 f.kind.clone(),
-                format!("{}:{}/{}{port}", f.address, f.port, f.protocol),
+                format!(
+                    "{}/{}{port}",
+                    std::net::SocketAddr::new(f.address, f.port),
+                    f.protocol
+                ),
                 backends,
                 policy.join("\n"),
                 c.new_flows.to_string(),

@@ -197,7 +197,8 @@ impl Controller {
     }
 }
 
-/// `"10.96.0.1:80/TCP" -> {"10.244.1.1:8080", ...}` as the packet path would see it.
+/// `"10.96.0.1:80/TCP" -> {"10.244.1.1:8080", ...}` (IPv6 as `"[fd00:96::1]:80/TCP"`) as the
+/// packet path would see it.
 pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
     maps.services
         .iter()
@@ -208,9 +209,11 @@ pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
                 "UDP"
             };
             let frontend = format!(
-                "{}:{}/{proto}",
-                lb_common::addr::ip_from_wide(key.addr_be),
-                port_host(key.port_be)
+                "{}/{proto}",
+                SocketAddr::new(
+                    lb_common::addr::ip_from_wide(key.addr_be),
+                    port_host(key.port_be)
+                )
             );
             let range = TableRange {
                 offset: entry.table_offset,
@@ -224,11 +227,11 @@ pub fn programmed(maps: &MapContents) -> BTreeMap<String, BTreeSet<String>> {
                         .iter()
                         .filter_map(|id| maps.backends.get(&id))
                         .map(|b| {
-                            format!(
-                                "{}:{}",
+                            SocketAddr::new(
                                 lb_common::addr::ip_from_wide(b.addr_be),
-                                port_host(b.port_be)
+                                port_host(b.port_be),
                             )
+                            .to_string()
                         })
                         .collect()
                 })
@@ -287,7 +290,8 @@ pub fn local_load_balancer(ns: &str, name: &str, ip: &str, lb_ip: &str, hc_port:
     svc
 }
 
-/// A slice of Service `service` with port `http` 8080 and ready endpoints `(address, node)`.
+/// A slice of Service `service` with port `http` 8080 and ready endpoints `(address, node)`,
+/// of `addressType` IPv6 when the addresses are.
 /// [`slice`] with the EndpointSlice controller's last-change-trigger-time annotation.
 pub fn slice_triggered_at(
     ns: &str,
@@ -308,6 +312,7 @@ pub fn slice_triggered_at(
 }
 
 pub fn slice(ns: &str, name: &str, service: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let ipv6 = endpoints.iter().any(|(addr, _)| addr.contains(':'));
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -321,7 +326,7 @@ pub fn slice(ns: &str, name: &str, service: &str, endpoints: &[(&str, &str)]) ->
             ),
             ..ObjectMeta::default()
         },
-        address_type: "IPv4".to_owned(),
+        address_type: if ipv6 { "IPv6" } else { "IPv4" }.to_owned(),
         ports: Some(vec![EndpointPort {
             name: Some("http".to_owned()),
             port: Some(8080),
