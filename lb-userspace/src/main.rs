@@ -1,6 +1,6 @@
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -97,12 +97,13 @@ enum Command {
     Explain {
         #[command(flatten)]
         dirs: NodeDirs,
-        /// The client: IP or IP:PORT (without a port, the backends all ports spread over).
+        /// The client: IP or IP:PORT, [IPv6]:PORT (without a port, the backends all ports
+        /// spread over).
         #[arg(long)]
         from: String,
-        /// The destination: a Service frontend, IP:PORT.
+        /// The destination: a Service frontend, IP:PORT or [IPv6]:PORT.
         #[arg(long)]
-        to: SocketAddrV4,
+        to: SocketAddr,
         #[arg(long, value_enum, default_value = "tcp")]
         proto: Proto,
         /// Where the packet enters this node.
@@ -304,18 +305,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             origin,
             output,
         } => {
-            let (from, from_port) = match from.parse::<SocketAddrV4>() {
-                Ok(addr) => (*addr.ip(), Some(addr.port())),
+            let (from, from_port) = match from.parse::<SocketAddr>() {
+                Ok(addr) => (addr.ip(), Some(addr.port())),
                 Err(_) => (
-                    from.parse::<Ipv4Addr>()
+                    from.parse::<IpAddr>()
                         .with_context(|| format!("--from {from:?} is not IP or IP:PORT"))?,
                     None,
                 ),
             };
+            anyhow::ensure!(
+                from.is_ipv4() == to.is_ipv4(),
+                "--from {from} and --to {to} are of different families: no packet goes so"
+            );
             let query = inspect::explain::Query {
                 from,
                 from_port,
-                to: *to.ip(),
+                to: to.ip(),
                 to_port: to.port(),
                 protocol: match proto {
                     Proto::Tcp => "TCP",

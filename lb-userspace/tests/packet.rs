@@ -7,7 +7,12 @@
 
 mod support;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsFd as _,
+    time::Duration,
+};
 
 use aya::{
     maps::IterableMap as _,
@@ -2082,9 +2087,9 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
             )
         };
         let query = Query {
-            from: Ipv4Addr::from(src),
+            from: Ipv4Addr::from(src).into(),
             from_port: Some(sport),
-            to: Ipv4Addr::from(dst),
+            to: Ipv4Addr::from(dst).into(),
             to_port: dport,
             protocol: if is_udp { "UDP" } else { "TCP" },
             origin,
@@ -2119,7 +2124,7 @@ fn explain_predicts_the_programs_choice_for_random_flows() {
                     _ => panic!("{what}: transport"),
                 };
                 assert_eq!(
-                    (ipv4.header().destination_addr(), dport_out),
+                    (IpAddr::V4(ipv4.header().destination_addr()), dport_out),
                     (*address, *port),
                     "{what}: backend"
                 );
@@ -2314,13 +2319,12 @@ fn monitor_events_follow_the_lease_and_the_rate() {
     );
     let events = monitor.drain();
     assert_eq!(events.len(), 2, "{events:?}");
-    let web = maps
-        .service(&lb_common::service::ServiceKey::new(
-            lb_common::addr_be(VIP),
-            80u16.to_be(),
-            6,
-        ))
-        .expect("web's frontend");
+    use lb_userspace::inspect::MapFamily as _;
+    let web = u32::service(
+        &maps,
+        &lb_common::service::ServiceKey::new(lb_common::addr_be(VIP), 80u16.to_be(), 6),
+    )
+    .expect("web's frontend");
     assert_eq!(events[0].kind, EVENT_NEW_FLOW);
     assert_eq!(events[0].service_id, web.service_id);
     // Events carry either family in IPv6 form (IPv4 as ::ffff:a.b.c.d).

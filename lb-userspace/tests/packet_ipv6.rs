@@ -77,8 +77,10 @@ struct PacketNetns {
 
 impl PacketNetns {
     fn entered() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = Netns::create(&format!(
-            "{}{}-pkt6",
+            "{}{}-pkt6-{n}",
             lb_testbed::cleanup::NETNS_PREFIX,
             std::process::id()
         ))
@@ -578,4 +580,98 @@ fn ipv6_packets_take_every_path_through_the_stages() {
         2,
         "the NodePort SYN and its answer"
     );
+}
+
+/// `lb explain` follows the IPv6 maps as the IPv6 stages do: for random IPv6 flows to every
+/// frontend kind, from pods and from the network, it names the backend (or the refusal) the
+/// program then applies, and the translated packet's destination is that backend.
+#[test]
+fn explain_predicts_the_ipv6_programs_choice() {
+    use lb_userspace::inspect::{
+        PinnedMaps,
+        explain::{self, Origin, Query, Verdict},
+    };
+    if !privileged("explain_predicts_the_ipv6_programs_choice") {
+        return;
+    }
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("explain-ipv6");
+    provision(&mut path);
+    let maps = PinnedMaps::open(path.bpffs_dir()).expect("open the pinned maps");
+    let frontends = [
+        (VIP, 80, TCP),
+        (VIP, 53, UDP),
+        (EMPTY_VIP, 80, TCP),
+        (NODE, NODE_PORT, TCP),
+        (GUARDED_LB, 80, TCP),
+    ];
+    let clients = [CLIENT, POD_B, OUTSIDE, NODE2];
+    let mut outcomes = std::collections::BTreeMap::<&str, u32>::new();
+    for i in 0..400u32 {
+        // A fixed scramble of i: every frontend, client and origin, and repeated tuples.
+        let mix = i.wrapping_mul(2_654_435_761);
+        let (dst, dport, proto) = frontends[(mix >> 3) as usize % frontends.len()];
+        let src = clients[(mix >> 9) as usize % clients.len()];
+        let sport = 50000 + (mix >> 16) as u16 % 300;
+        let (program, ifindex, origin) = if mix & 1 == 0 {
+            (POD_INGRESS_PROGRAM, net.ifindex("pod0"), Origin::Pod)
+        } else {
+            (
+                EXTERNAL_INGRESS_PROGRAM,
+                net.ifindex("ext0"),
+                Origin::External,
+            )
+        };
+        let query = Query {
+            from: src.parse().unwrap(),
+            from_port: Some(sport),
+            to: dst.parse().unwrap(),
+            to_port: dport,
+            protocol: if proto == TCP { "TCP" } else { "UDP" },
+            origin,
+        };
+        let predicted = explain::explain(&maps, None, &query).verdict;
+        let packet = if proto == TCP {
+            tcp(src, sport, dst, dport, "S")
+        } else {
+            udp(src, sport, dst, dport)
+        };
+        let (verdict, out) = run(&mut path, program, ifindex, &packet);
+        let what = format!("flow {i}: {src}:{sport} -> [{dst}]:{dport}/{proto} ({origin:?})");
+        match &predicted {
+            Verdict::Backend { address, port, .. } => {
+                assert_ne!(verdict, TC_ACT_SHOT, "{what}: {predicted:?}");
+                let sliced = SlicedPacket::from_ethernet(&out).expect("a frame");
+                let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+                    panic!("{what}: not IPv6");
+                };
+                let dport_out = match &sliced.transport {
+                    Some(TransportSlice::Tcp(t)) => t.destination_port(),
+                    Some(TransportSlice::Udp(u)) => u.destination_port(),
+                    _ => panic!("{what}: transport"),
+                };
+                assert_eq!(
+                    (
+                        std::net::IpAddr::V6(ip.header().destination_addr()),
+                        dport_out
+                    ),
+                    (*address, *port),
+                    "{what}"
+                );
+                *outcomes.entry("backend").or_default() += 1;
+            }
+            Verdict::DeniedBySourceRanges => {
+                assert_eq!(verdict, TC_ACT_SHOT, "{what}");
+                *outcomes.entry("denied").or_default() += 1;
+            }
+            Verdict::NoBackend { reject: true } => {
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: answered");
+                *outcomes.entry("rejected").or_default() += 1;
+            }
+            other => panic!("{what}: unexpected {other:?}"),
+        }
+    }
+    for kind in ["backend", "denied", "rejected"] {
+        assert!(outcomes.get(kind).is_some_and(|n| *n > 0), "{outcomes:?}");
+    }
 }

@@ -5,10 +5,10 @@
 //! flow, `explain` only reads. `tests/packet.rs` holds the two to the same answer on thousands
 //! of random flows.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, addr_be, addr_octets,
+    IPPROTO_TCP, IPPROTO_UDP, Ip6,
     conntrack::{
         CT_F_SNAT, CT_KIND_FORWARD, CT_KIND_REPLY, CT_S_CLOSING, CtEntry, FlowKey, partner_key,
     },
@@ -20,7 +20,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use super::{PinnedMaps, flow_state, monotonic_ns};
+use super::{MapFamily, PinnedMaps, flow_state, monotonic_ns};
 use crate::state::NodeState;
 
 /// Where the packet enters the node (which program sees it first).
@@ -39,10 +39,11 @@ pub enum Origin {
 /// The flow asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Query {
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// The client's port; `None`: any (the answer then lists what each port could get).
     pub from_port: Option<u16>,
-    pub to: Ipv4Addr,
+    /// Of the client's family.
+    pub to: IpAddr,
     pub to_port: u16,
     /// "TCP" or "UDP".
     pub protocol: &'static str,
@@ -58,13 +59,22 @@ impl Query {
         }
     }
 
-    fn flow(&self, port: u16) -> FlowKey {
+    /// The flow from client port `port`, in family `A`'s maps (the query's family).
+    fn flow<A: MapFamily>(&self, port: u16) -> FlowKey<A> {
         FlowKey::new(
-            addr_be(self.from.octets()),
-            addr_be(self.to.octets()),
+            A::from_ip(self.from).expect("the query's family"),
+            A::from_ip(self.to).expect("the query's family"),
             port.to_be(),
             self.to_port.to_be(),
             self.proto(),
+        )
+    }
+
+    fn destination_text(&self) -> String {
+        format!(
+            "{}/{}",
+            SocketAddr::new(self.to, self.to_port),
+            self.protocol
         )
     }
 }
@@ -91,7 +101,7 @@ pub enum Verdict {
     /// Sent to this backend.
     Backend {
         backend_id: BackendId,
-        address: Ipv4Addr,
+        address: IpAddr,
         port: u16,
         /// How it was chosen: "conntrack", "affinity" or "maglev".
         chosen_by: &'static str,
@@ -101,13 +111,13 @@ pub enum Verdict {
         node: Option<String>,
     },
     /// The client port is not given: each port maps to one of these (Maglev shares).
-    AnyOf { backends: Vec<(Ipv4Addr, u16, u32)> },
+    AnyOf { backends: Vec<(IpAddr, u16, u32)> },
     /// A new flow from outside `loadBalancerSourceRanges`: dropped.
     DeniedBySourceRanges,
     /// No usable backend: answered with a TCP RST / ICMP unreachable (`reject`) or dropped.
     NoBackend { reject: bool },
     /// The reply half of a flow lb translated: rewritten back to the Service address.
-    ReplyOfFlow { client: Ipv4Addr, client_port: u16 },
+    ReplyOfFlow { client: IpAddr, client_port: u16 },
 }
 
 /// How many client ports `explain` tries when none is given, to show the shares.
@@ -115,13 +125,32 @@ const PORTS_SAMPLED: u16 = 4096;
 
 /// Explains `query` against `maps`, naming things with `state` when there is one.
 pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> Explanation {
+    match (query.from, query.to) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => explain_in::<u32>(maps, state, query),
+        (IpAddr::V6(_), IpAddr::V6(_)) => explain_in::<Ip6>(maps, state, query),
+        _ => Explanation {
+            steps: vec![
+                "the client and the destination are of different families: no packet goes so"
+                    .to_owned(),
+            ],
+            ..Explanation::default()
+        },
+    }
+}
+
+/// [`explain`] in the maps of the query's family `A`.
+fn explain_in<A: MapFamily>(
+    maps: &PinnedMaps,
+    state: Option<&NodeState>,
+    query: &Query,
+) -> Explanation {
     let mut out = Explanation::default();
     let proto = query.proto();
-    let key = ServiceKey::new(addr_be(query.to.octets()), query.to_port.to_be(), proto);
-    let service = maps.service(&key);
+    let to = A::from_ip(query.to).expect("the query's family");
+    let key = ServiceKey::new(to, query.to_port.to_be(), proto);
+    let service = A::service(maps, &key);
     if let Some(state) = state
-        && let Some((svc, frontend)) =
-            state.frontend(query.to.into(), query.to_port, query.protocol)
+        && let Some((svc, frontend)) = state.frontend(query.to, query.to_port, query.protocol)
     {
         let port = if frontend.port_name.is_empty() {
             String::new()
@@ -129,26 +158,29 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
             format!(" port {}", frontend.port_name)
         };
         out.service = Some(format!(
-            "{}/{}{port} ({} {}:{}/{})",
-            svc.namespace, svc.name, frontend.kind, query.to, query.to_port, query.protocol
+            "{}/{}{port} ({} {})",
+            svc.namespace,
+            svc.name,
+            frontend.kind,
+            query.destination_text()
         ));
     }
     let Some(port) = query.from_port else {
         return match service {
-            Some(entry) => any_port(maps, state, query, &entry, out),
+            Some(entry) => any_port::<A>(maps, state, query, &entry, out),
             None => {
                 out.steps.push(format!(
-                    "{}:{}/{} is not a frontend in the maps: the packet passes untouched",
-                    query.to, query.to_port, query.protocol
+                    "{} is not a frontend in the maps: the packet passes untouched",
+                    query.destination_text()
                 ));
                 out
             }
         };
     };
-    let flow = query.flow(port);
+    let flow = query.flow::<A>(port);
     let now_s = crate::conntrack::now_s();
-    if let Some(entry) = maps.conntrack_entry(&flow) {
-        let partner = maps.conntrack_entry(&partner_key(&flow, &entry));
+    if let Some(entry) = A::conntrack_entry(maps, &flow) {
+        let partner = A::conntrack_entry(maps, &partner_key(&flow, &entry));
         let alive = !entry.expired(now_s) || partner.is_some_and(|p| !p.expired(now_s));
         let age = now_s.saturating_sub(entry.created_s);
         if !alive {
@@ -160,12 +192,11 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
         } else if entry.kind == CT_KIND_REPLY {
             out.steps.push(format!(
                 "conntrack: this tuple is the reply side of a flow {age}s old: rewritten back to \
-                 {}:{}",
-                Ipv4Addr::from(addr_octets(entry.new_saddr_be)),
-                u16::from_be(entry.new_sport_be)
+                 {}",
+                SocketAddr::new(entry.new_saddr_be.to_ip(), u16::from_be(entry.new_sport_be))
             ));
             out.verdict = Verdict::ReplyOfFlow {
-                client: Ipv4Addr::from(addr_octets(entry.new_daddr_be)),
+                client: entry.new_daddr_be.to_ip(),
                 client_port: u16::from_be(entry.new_dport_be),
             };
             return out;
@@ -186,11 +217,11 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
                     }
                     out.verdict = Verdict::Backend {
                         backend_id: entry.backend_id,
-                        address: Ipv4Addr::from(addr_octets(entry.new_daddr_be)),
+                        address: entry.new_daddr_be.to_ip(),
                         port: u16::from_be(entry.new_dport_be),
                         chosen_by: "conntrack",
                         snat: entry.flags & CT_F_SNAT != 0,
-                        node: node_of(state, addr_octets(entry.new_daddr_be).into()),
+                        node: node_of(state, entry.new_daddr_be.to_ip()),
                     };
                     return out;
                 }
@@ -207,8 +238,8 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
     }
     let Some(entry) = service else {
         out.steps.push(format!(
-            "{}:{}/{} is not a frontend in the maps: the packet passes untouched",
-            query.to, query.to_port, query.protocol
+            "{} is not a frontend in the maps: the packet passes untouched",
+            query.destination_text()
         ));
         return out;
     };
@@ -216,15 +247,19 @@ pub fn explain(maps: &PinnedMaps, state: Option<&NodeState>, query: &Query) -> E
 }
 
 /// The packet path's `backend_usable`.
-fn usable_backend(maps: &PinnedMaps, entry: &CtEntry, proto: u8) -> Option<Backend> {
-    maps.backend(entry.backend_id).filter(|b| {
+fn usable_backend<A: MapFamily>(
+    maps: &PinnedMaps,
+    entry: &CtEntry<A>,
+    proto: u8,
+) -> Option<Backend<A>> {
+    A::backend(maps, entry.backend_id).filter(|b| {
         b.addr_be == entry.new_daddr_be
             && b.port_be == entry.new_dport_be
             && !(proto == IPPROTO_UDP && b.flags & BACKEND_F_DRAINING != 0)
     })
 }
 
-fn node_of(state: Option<&NodeState>, addr: Ipv4Addr) -> Option<String> {
+fn node_of(state: Option<&NodeState>, addr: IpAddr) -> Option<String> {
     state?
         .services
         .iter()
@@ -240,7 +275,7 @@ fn describe_frontend(
     entry: &ServiceEntry,
 ) -> Vec<String> {
     let mut steps = Vec::new();
-    let plan = state.and_then(|s| s.frontend(query.to.into(), query.to_port, query.protocol));
+    let plan = state.and_then(|s| s.frontend(query.to, query.to_port, query.protocol));
     match plan {
         Some((svc, f)) => {
             let mut line = format!(
@@ -280,7 +315,7 @@ fn describe_frontend(
 /// The frontend's steps up to the choice of a backend, shared by one flow and "any port": its
 /// policies, then whether a new flow is admitted at all (source ranges, endpoints). `false`
 /// when that already decides the verdict.
-fn admitted(
+fn admitted<A: MapFamily>(
     maps: &PinnedMaps,
     state: Option<&NodeState>,
     query: &Query,
@@ -289,7 +324,8 @@ fn admitted(
 ) -> bool {
     out.steps.extend(describe_frontend(state, query, entry));
     if entry.source_ranges_id != ANY_SOURCE {
-        if !maps.source_allowed(entry.source_ranges_id, addr_be(query.from.octets())) {
+        let from = A::from_ip(query.from).expect("the query's family");
+        if !A::source_allowed(maps, entry.source_ranges_id, from) {
             out.steps.push(format!(
                 "loadBalancerSourceRanges (set {}): {} is outside them: dropped",
                 entry.source_ranges_id, query.from
@@ -318,28 +354,28 @@ fn admitted(
     true
 }
 
-fn new_flow(
+fn new_flow<A: MapFamily>(
     maps: &PinnedMaps,
     state: Option<&NodeState>,
     query: &Query,
-    flow: &FlowKey,
+    flow: &FlowKey<A>,
     entry: &ServiceEntry,
     mut out: Explanation,
 ) -> Explanation {
-    if !admitted(maps, state, query, entry, &mut out) {
+    if !admitted::<A>(maps, state, query, entry, &mut out) {
         return out;
     }
-    let mut chosen: Option<(BackendId, Backend, &'static str)> = None;
+    let mut chosen: Option<(BackendId, Backend<A>, &'static str)> = None;
     if entry.affinity_timeout_s != 0 {
         let key = AffinityKey {
             service_id: entry.service_id,
             client_addr_be: flow.saddr_be,
         };
         let timeout_ns = u64::from(entry.affinity_timeout_s) * 1_000_000_000;
-        match maps.affinity_entry(&key) {
+        match A::affinity_entry(maps, &key) {
             Some(a) => {
                 let age_ns = monotonic_ns().wrapping_sub(a.last_used_ns);
-                let backend = maps.backend(a.backend_id);
+                let backend = A::backend(maps, a.backend_id);
                 if age_ns >= timeout_ns {
                     out.steps.push(format!(
                         "sessionAffinity ClientIP ({}s): {}'s last backend is {}s old, expired",
@@ -376,7 +412,7 @@ fn new_flow(
             let index = slot_for(flow, entry.table_size);
             let Some((id, backend)) = maps
                 .slot(entry.table_offset + index)
-                .and_then(|id| Some((id, maps.backend(id)?)))
+                .and_then(|id| Some((id, A::backend(maps, id)?)))
             else {
                 out.steps.push(format!(
                     "maglev slot {index} holds no backend (mid-update): treated as no backend"
@@ -400,9 +436,9 @@ fn new_flow(
         Origin::Pod => backend.addr_be == flow.saddr_be,
         Origin::Host => false,
     };
-    let address = Ipv4Addr::from(addr_octets(backend.addr_be));
+    let address = backend.addr_be.to_ip();
     if snat {
-        let node = Ipv4Addr::from(addr_octets(maps.node_config().snat_addr_be));
+        let node = A::snat_addr(maps).to_ip();
         out.steps.push(if query.origin == Origin::Pod {
             format!("the client is the backend itself (hairpin): SNAT to {node}")
         } else {
@@ -423,11 +459,10 @@ fn new_flow(
     out
 }
 
-fn backend_text(b: &Backend) -> String {
+fn backend_text<A: MapFamily>(b: &Backend<A>) -> String {
     format!(
-        "{}:{}{}",
-        Ipv4Addr::from(addr_octets(b.addr_be)),
-        u16::from_be(b.port_be),
+        "{}{}",
+        SocketAddr::new(b.addr_be.to_ip(), u16::from_be(b.port_be)),
         if b.flags & BACKEND_F_REMOTE != 0 {
             " (remote)"
         } else {
@@ -437,29 +472,26 @@ fn backend_text(b: &Backend) -> String {
 }
 
 /// Without a client port: the backends the ports spread over, by Maglev share.
-fn any_port(
+fn any_port<A: MapFamily>(
     maps: &PinnedMaps,
     state: Option<&NodeState>,
     query: &Query,
     entry: &ServiceEntry,
     mut out: Explanation,
 ) -> Explanation {
-    if !admitted(maps, state, query, entry, &mut out) {
+    if !admitted::<A>(maps, state, query, entry, &mut out) {
         return out;
     }
-    let mut shares: std::collections::BTreeMap<(Ipv4Addr, u16), u32> = Default::default();
+    let mut shares: std::collections::BTreeMap<(IpAddr, u16), u32> = Default::default();
     for port in 0..PORTS_SAMPLED {
-        let flow = query.flow(32768 + port);
+        let flow = query.flow::<A>(32768 + port);
         let index = slot_for(&flow, entry.table_size);
         if let Some(b) = maps
             .slot(entry.table_offset + index)
-            .and_then(|id| maps.backend(id))
+            .and_then(|id| A::backend(maps, id))
         {
             *shares
-                .entry((
-                    Ipv4Addr::from(addr_octets(b.addr_be)),
-                    u16::from_be(b.port_be),
-                ))
+                .entry((b.addr_be.to_ip(), u16::from_be(b.port_be)))
                 .or_default() += 1;
         }
     }
@@ -475,13 +507,13 @@ fn any_port(
 
 /// The explanation as text.
 pub fn render(query: &Query, e: &Explanation) -> String {
+    let from = match query.from_port {
+        Some(port) => SocketAddr::new(query.from, port).to_string(),
+        None => query.from.to_string(),
+    };
     let mut text = format!(
-        "{}{} -> {}:{}/{} ({})\n",
-        query.from,
-        query.from_port.map(|p| format!(":{p}")).unwrap_or_default(),
-        query.to,
-        query.to_port,
-        query.protocol,
+        "{from} -> {} ({})\n",
+        query.destination_text(),
         match query.origin {
             Origin::Pod => "from a pod on this node",
             Origin::External => "arriving from the network",
@@ -504,7 +536,8 @@ pub fn render(query: &Query, e: &Explanation) -> String {
             node,
             ..
         } => format!(
-            "=> backend {address}:{port}{} (by {chosen_by}){}",
+            "=> backend {}{} (by {chosen_by}){}",
+            SocketAddr::new(*address, *port),
             node.as_ref()
                 .map(|n| format!(" on {n}"))
                 .unwrap_or_default(),
@@ -519,7 +552,8 @@ pub fn render(query: &Query, e: &Explanation) -> String {
             let list: Vec<String> = backends
                 .iter()
                 .map(|(a, p, n)| {
-                    format!("{a}:{p} {:.0}%", f64::from(*n) * 100.0 / f64::from(total))
+                    let share = f64::from(*n) * 100.0 / f64::from(total);
+                    format!("{} {share:.0}%", SocketAddr::new(*a, *p))
                 })
                 .collect();
             format!("=> one of {}", list.join(", "))
@@ -530,7 +564,10 @@ pub fn render(query: &Query, e: &Explanation) -> String {
         Verdict::ReplyOfFlow {
             client,
             client_port,
-        } => format!("=> reply of a translated flow, to {client}:{client_port}"),
+        } => format!(
+            "=> reply of a translated flow, to {}",
+            SocketAddr::new(*client, *client_port)
+        ),
     });
     text
 }

@@ -11,6 +11,7 @@ pub mod services;
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -26,12 +27,12 @@ use lb_common::{
     Ip6,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AFFINITY_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP,
-        CONNTRACK6_MAP, NODE_MAP, PIN_LAYOUT_VERSION, SERVICE_STATS_MAP, SERVICES_MAP,
-        SERVICES6_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP,
+        AFFINITY_MAP, AFFINITY6_MAP, BACKEND_STATS_MAP, BACKENDS_MAP, BACKENDS6_MAP, CONNTRACK_MAP,
+        CONNTRACK6_MAP, NODE_MAP, NODE6_MAP, PIN_LAYOUT_VERSION, SERVICE_STATS_MAP, SERVICES_MAP,
+        SERVICES6_MAP, SLOTS_MAP, SLOTS_PER_ELEMENT, SOURCE_RANGES_MAP, SOURCE_RANGES6_MAP,
     },
     service::{
-        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig,
+        AffinityKey, AffinityValue, Backend, BackendId, NodeConfig, NodeConfig6,
         SOURCE_RANGE_LOOKUP_BITS as LOOKUP_BITS, ServiceEntry, ServiceKey, SourceRange,
         SourceRangeValue,
     },
@@ -57,9 +58,89 @@ pub struct PinnedMaps {
     pub services6: Option<HashMap<MapData, ServiceKey<Ip6>, ServiceEntry>>,
     pub backends6: Option<HashMap<MapData, BackendId, Backend<Ip6>>>,
     pub conntrack6: Option<HashMap<MapData, FlowKey<Ip6>, CtEntry<Ip6>>>,
+    pub affinity6: Option<HashMap<MapData, AffinityKey<Ip6>, AffinityValue>>,
+    pub node6: Option<Array<MapData, NodeConfig6>>,
+    pub source_ranges6: Option<LpmTrie<MapData, SourceRange<Ip6>, SourceRangeValue>>,
     /// Absent when pinned by an lb without per-Service counters.
     pub service_stats: Option<PerCpuHashMap<MapData, u32, ServiceStats>>,
     pub backend_stats: Option<PerCpuHashMap<MapData, BackendId, BackendStats>>,
+}
+
+/// An address family's field type (`u32`, `Ip6`) with its pinned maps: `lb explain` follows
+/// the packet path once, for either family. A map of a family is absent when an lb without
+/// that family pinned the maps.
+pub trait MapFamily: lb_common::Address + Eq + std::fmt::Debug {
+    fn service(maps: &PinnedMaps, key: &ServiceKey<Self>) -> Option<ServiceEntry>;
+    fn backend(maps: &PinnedMaps, id: BackendId) -> Option<Backend<Self>>;
+    fn conntrack_entry(maps: &PinnedMaps, key: &FlowKey<Self>) -> Option<CtEntry<Self>>;
+    fn affinity_entry(maps: &PinnedMaps, key: &AffinityKey<Self>) -> Option<AffinityValue>;
+    /// Whether `addr_be` lies in a range of source-range set `set_id` (the packet path's LPM
+    /// lookup: the set id and the whole address).
+    fn source_allowed(maps: &PinnedMaps, set_id: u32, addr_be: Self) -> bool;
+    /// The node's SNAT address of this family.
+    fn snat_addr(maps: &PinnedMaps) -> Self;
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
+}
+
+/// The lookups of [`MapFamily`] on one family's maps (each an `Option<&map>`).
+macro_rules! family_lookups {
+    ($m:ident => $services:expr, $backends:expr, $conntrack:expr, $affinity:expr,
+     $ranges:expr, $lookup_bits:expr) => {
+        fn service($m: &PinnedMaps, key: &ServiceKey<Self>) -> Option<ServiceEntry> {
+            $services?.get(key, 0).ok()
+        }
+        fn backend($m: &PinnedMaps, id: BackendId) -> Option<Backend<Self>> {
+            $backends?.get(&id, 0).ok()
+        }
+        fn conntrack_entry($m: &PinnedMaps, key: &FlowKey<Self>) -> Option<CtEntry<Self>> {
+            $conntrack?.get(key, 0).ok()
+        }
+        fn affinity_entry($m: &PinnedMaps, key: &AffinityKey<Self>) -> Option<AffinityValue> {
+            $affinity?.get(key, 0).ok()
+        }
+        fn source_allowed($m: &PinnedMaps, set_id: u32, addr_be: Self) -> bool {
+            let key = Key::new($lookup_bits, SourceRange { set_id, addr_be });
+            $ranges.is_some_and(|trie| trie.get(&key, 0).is_ok())
+        }
+    };
+}
+
+impl MapFamily for u32 {
+    family_lookups!(m => Some(&m.services), Some(&m.backends), Some(&m.conntrack),
+        Some(&m.affinity), Some(&m.source_ranges), LOOKUP_BITS);
+    fn snat_addr(maps: &PinnedMaps) -> Self {
+        maps.node_config().snat_addr_be
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(v4) => Some(lb_common::addr_be(v4.octets())),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::from(lb_common::addr_octets(self))
+    }
+}
+
+impl MapFamily for Ip6 {
+    family_lookups!(m => m.services6.as_ref(), m.backends6.as_ref(), m.conntrack6.as_ref(),
+        m.affinity6.as_ref(), m.source_ranges6.as_ref(),
+        lb_common::service::SOURCE_RANGE_LOOKUP_BITS6);
+    fn snat_addr(maps: &PinnedMaps) -> Self {
+        (maps.node6.as_ref())
+            .and_then(|node| node.get(&0, 0).ok())
+            .map_or([0; 4], |n| n.snat_addr_be)
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(v6) => Some(lb_common::addr::ip6_be(v6.octets())),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::from(lb_common::addr::ip6_octets(self))
+    }
 }
 
 fn open<T: TryFrom<Map>>(pin_dir: &Path, name: &str) -> anyhow::Result<T>
@@ -99,6 +180,9 @@ impl PinnedMaps {
             services6: open(&pin_dir, SERVICES6_MAP).ok(),
             backends6: open(&pin_dir, BACKENDS6_MAP).ok(),
             conntrack6: open(&pin_dir, CONNTRACK6_MAP).ok(),
+            affinity6: open(&pin_dir, AFFINITY6_MAP).ok(),
+            node6: open(&pin_dir, NODE6_MAP).ok(),
+            source_ranges6: open(&pin_dir, SOURCE_RANGES6_MAP).ok(),
             service_stats: open(&pin_dir, SERVICE_STATS_MAP).ok(),
             backend_stats: open(&pin_dir, BACKEND_STATS_MAP).ok(),
             pin_dir,
@@ -139,37 +223,13 @@ impl PinnedMaps {
         all
     }
 
-    /// An IPv4 frontend's entry (what `lb explain` follows).
-    pub fn service(&self, key: &ServiceKey) -> Option<ServiceEntry> {
-        self.services.get(key, 0).ok()
-    }
-
-    pub fn backend(&self, id: BackendId) -> Option<Backend> {
-        self.backends.get(&id, 0).ok()
-    }
-
     /// The backend id in slot `index` (0 = none written), as the packet path reads it.
     pub fn slot(&self, index: u32) -> Option<BackendId> {
         self.slots.get(index).filter(|id| *id != 0)
     }
 
-    pub fn conntrack_entry(&self, key: &FlowKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
-    }
-
-    pub fn affinity_entry(&self, key: &AffinityKey) -> Option<AffinityValue> {
-        self.affinity.get(key, 0).ok()
-    }
-
     pub fn node_config(&self) -> NodeConfig {
         self.node.get(&0, 0).unwrap_or_default()
-    }
-
-    /// Whether `addr_be` lies in a range of source-range set `set_id` (the packet path's LPM
-    /// lookup).
-    pub fn source_allowed(&self, set_id: u32, addr_be: u32) -> bool {
-        let key = Key::new(LOOKUP_BITS, SourceRange { set_id, addr_be });
-        self.source_ranges.get(&key, 0).is_ok()
     }
 
     /// Every frontend's counters, summed over CPUs.
