@@ -675,3 +675,248 @@ fn explain_predicts_the_ipv6_programs_choice() {
         assert!(outcomes.get(kind).is_some_and(|n| *n > 0), "{outcomes:?}");
     }
 }
+
+/// A small xorshift generator: the fuzzer is reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+/// A valid IPv6 packet to or from the test's Services, or none of theirs.
+fn seed6(rng: &mut Rng) -> Vec<u8> {
+    let frontends = [
+        (VIP, 80, TCP),
+        (VIP, 53, UDP),
+        (EMPTY_VIP, 80, TCP),
+        (EMPTY_VIP, 53, UDP),
+        (NODE, NODE_PORT, TCP),
+        (GUARDED_LB, 80, TCP),
+    ];
+    let clients = [CLIENT, OUTSIDE, NODE2, POD_A, "2001:db8::9"];
+    let backends = [POD_A, POD_B, REMOTE_POD];
+    let sport = 1024 + rng.below(64_000) as u16;
+    let packet = match rng.below(5) {
+        0 | 1 => {
+            let (addr, port, proto) = rng.pick(&frontends);
+            let client = rng.pick(&clients);
+            if proto == TCP {
+                tcp(
+                    client,
+                    sport,
+                    addr,
+                    port,
+                    rng.pick(&["S", "A", "FA", "R", "SA"]),
+                )
+            } else {
+                udp(client, sport, addr, port)
+            }
+        }
+        2 => tcp(
+            rng.pick(&backends),
+            8080,
+            rng.pick(&clients),
+            sport,
+            rng.pick(&["SA", "A", "FA"]),
+        ),
+        3 => {
+            // An ICMPv6 error about a Service flow.
+            let (addr, port, _) = rng.pick(&frontends);
+            let quoted = tcp(rng.pick(&clients), sport, addr, port, "S");
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv6(
+                    addr_of(rng.pick(&backends)),
+                    addr_of(rng.pick(&clients)),
+                    64,
+                )
+                .icmpv6(rng.pick(&[
+                    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+                    Icmpv6Type::PacketTooBig { mtu: 1280 },
+                ]))
+                .write(&mut out, &quoted[14..])
+                .unwrap();
+            out
+        }
+        _ => tcp(
+            rng.pick(&clients),
+            sport,
+            "fd00:1::1",
+            rng.below(65_535) as u16,
+            "S",
+        ),
+    };
+    if rng.below(4) == 0 {
+        with_hop_by_hop(&packet)
+    } else {
+        packet
+    }
+}
+
+fn addr_of(text: &str) -> [u8; 16] {
+    addr(text)
+}
+
+/// One to three of: truncation, byte flips in the headers, the payload length, the next
+/// header (extension headers and others), or a random extension header length.
+fn mutate6(rng: &mut Rng, mut p: Vec<u8>) -> Vec<u8> {
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(6) {
+            0 => p.truncate(rng.below(p.len() + 1)),
+            1 => {
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(p.len().min(14 + 40 + 48));
+                    if let Some(b) = p.get_mut(at) {
+                        *b = rng.next() as u8;
+                    }
+                }
+            }
+            2 => {
+                if p.len() >= 14 + 6 {
+                    let len = rng.below(1 << 16) as u16;
+                    p[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+                }
+            }
+            3 => {
+                if p.len() > 14 + 6 {
+                    p[14 + 6] = rng.pick(&[0, 43, 44, 51, 59, 60, 6, 17, 58, 135]);
+                }
+            }
+            4 => {
+                // The first extension header's length byte, when there is one.
+                if p.len() > 14 + 41 {
+                    p[14 + 41] = rng.next() as u8;
+                }
+            }
+            _ => {
+                let extra = rng.below(64);
+                p.extend((0..extra).map(|_| rng.next() as u8));
+            }
+        }
+    }
+    p
+}
+
+/// Fuzzed IPv6 packets through every program (the three tc entry points and XDP, each with
+/// its IPv6 stages): only documented verdicts, the kernel's harness the only refusal, no
+/// stage ever failing to run, and no rewrite of a packet that names no Service address.
+#[test]
+fn fuzzed_ipv6_packets_get_documented_verdicts() {
+    use lb_common::maps::{EXTERNAL_XDP_PROGRAM, HOST_EGRESS_PROGRAM};
+    if !privileged("fuzzed_ipv6_packets_get_documented_verdicts") {
+        return;
+    }
+    let per_program: usize = std::env::var("LB_FUZZ_PACKETS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("fuzz-ipv6");
+    provision(&mut path);
+    let service_addresses: Vec<[u8; 16]> = [VIP, EMPTY_VIP, NODE, GUARDED_LB, POD_A, POD_B]
+        .iter()
+        .chain(&[REMOTE_POD])
+        .map(|a| addr(a))
+        .collect();
+    let names_a_service = |p: &[u8]| {
+        service_addresses
+            .iter()
+            .any(|a| p.windows(16).any(|w| w == a))
+    };
+    let mut rng = Rng(0x5eed_0006_cafe_f00d);
+    let before = path.counters();
+    let mut report = Vec::new();
+    for (program, device, verdicts) in [
+        (
+            POD_INGRESS_PROGRAM,
+            "pod0",
+            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+        ),
+        (
+            EXTERNAL_INGRESS_PROGRAM,
+            "ext0",
+            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+        ),
+        (
+            HOST_EGRESS_PROGRAM,
+            "ext0",
+            [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT],
+        ),
+        (EXTERNAL_XDP_PROGRAM, "ext0", [2, 3, 1]),
+    ] {
+        let ifindex = net.ifindex(device);
+        let xdp = program == EXTERNAL_XDP_PROGRAM;
+        let (mut rewritten, mut refused) = (0, 0);
+        let mut by_verdict = std::collections::BTreeMap::<u32, usize>::new();
+        for i in 0..per_program {
+            let seed = seed6(&mut rng);
+            let input = if i % 8 == 0 {
+                seed
+            } else {
+                mutate6(&mut rng, seed)
+            };
+            let mut out = vec![0u8; input.len() + 256];
+            let mut ctx = vec![0u8; if xdp { 24 } else { 44 }];
+            if xdp {
+                ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+                ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+            } else {
+                ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+            }
+            let options = TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            };
+            let result = if xdp {
+                path.dataplane.external_xdp().test_run(options)
+            } else {
+                path.dataplane.program(program).test_run(options)
+            };
+            let Ok(result) = result else {
+                // The harness refuses frames shorter than an IPv6 header.
+                assert!(input.len() < 14 + 40, "{program}: refused {input:02x?}");
+                refused += 1;
+                continue;
+            };
+            out.truncate(result.data_size_out as usize);
+            assert!(
+                verdicts.contains(&result.return_value),
+                "{program}: undocumented verdict {} for {input:02x?}",
+                result.return_value
+            );
+            *by_verdict.entry(result.return_value).or_default() += 1;
+            if out != input {
+                rewritten += 1;
+                assert!(
+                    names_a_service(&input),
+                    "{program} rewrote a packet of no Service:\n in  {input:02x?}\n out {out:02x?}"
+                );
+            }
+        }
+        report.push(format!(
+            "{program}: {per_program} IPv6 packets, verdicts {by_verdict:?}, {rewritten} \
+             rewritten, {refused} refused by the harness"
+        ));
+    }
+    let after = path.counters();
+    assert_eq!(
+        after.get(&Counter::StageFailed),
+        before.get(&Counter::StageFailed),
+        "every stage ran"
+    );
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "fuzz ipv6: {}", report.join("; "));
+}
