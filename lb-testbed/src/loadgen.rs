@@ -4,7 +4,7 @@
 //! server, and a small-UDP-packet sender with its counting receiver.
 
 use std::{
-    net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     sync::{
         Arc,
@@ -40,10 +40,11 @@ impl ConnectRate {
 /// worker threads are started in `ns`.
 pub fn connection_rate(
     ns: &Netns,
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     threads: usize,
     duration: Duration,
 ) -> anyhow::Result<ConnectRate> {
+    let target: SocketAddr = target.into();
     let started = Instant::now();
     let workers = (0..threads)
         .map(|_| {
@@ -52,7 +53,7 @@ pub fn connection_rate(
                 let deadline = Instant::now() + duration;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    match TcpStream::connect_timeout(&target.into(), Duration::from_secs(1)) {
+                    match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
                         Ok(stream) => {
                             run.connect_latencies.push(t.elapsed());
                             run.connections += 1;
@@ -133,7 +134,8 @@ impl AcceptServer {
 
 /// A listening socket with a deep backlog (std's default of 128 would cap the rate).
 fn socket2_listener(port: u16) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).context("binding the accept server")?;
+    // `[::]` takes both families (IPv4 as mapped addresses): the IPv6 paths are measured too.
+    let listener = TcpListener::bind(("::", port)).context("binding the accept server")?;
     // SAFETY: listen(2) on a socket we own, to raise its backlog; no memory is passed.
     let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
     anyhow::ensure!(rc == 0, "listen: {}", std::io::Error::last_os_error());

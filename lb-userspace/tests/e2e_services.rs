@@ -501,7 +501,7 @@ fn no_endpoints_is_rejected_at_once(xdp: bool) {
 /// Every node and pod of the testbed has an IPv6 twin address (docs/testbed.md). With the agents
 /// running, pods on both nodes and the nodes themselves reach every pod over IPv6, TCP and UDP,
 /// each seen by the pod under its own IPv6 address: the testbed's IPv6 routing works, and lb's
-/// programs (IPv4 only so far) pass IPv6 untouched.
+/// IPv6 stages pass traffic that is no Service's untouched.
 #[test]
 fn ipv6_reaches_every_pod_from_pods_and_nodes() {
     use std::net::SocketAddr;

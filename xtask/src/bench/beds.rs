@@ -4,7 +4,7 @@
 //! an idle bed costs nothing (netfilter hooks and BPF programs are per namespace).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -62,7 +62,16 @@ impl Variant {
     /// interfaces only: pod-to-ClusterIP traffic takes exactly lb (tc)'s path, so it is not
     /// measured twice.
     pub fn applies_to(self, path: TrafficPath) -> bool {
-        !(self == Variant::LbXdp && path == TrafficPath::ClusterIp)
+        match path {
+            // XDP sits on the external interfaces only.
+            TrafficPath::ClusterIp => self != Variant::LbXdp,
+            TrafficPath::NodePort => true,
+            // The kube-proxy layouts here are IPv4 rule sets (no ip6tables / ip6 nat tables).
+            TrafficPath::ClusterIp6 => matches!(self, Variant::Direct | Variant::LbTc),
+            TrafficPath::NodePort6 => {
+                matches!(self, Variant::Direct | Variant::LbTc | Variant::LbXdp)
+            }
+        }
     }
 }
 
@@ -74,13 +83,29 @@ pub enum TrafficPath {
     ClusterIp,
     /// The outside client to node-1's address and a NodePort whose endpoint is pod-c on node-2.
     NodePort,
+    /// [`TrafficPath::ClusterIp`] over IPv6 (the pods' and the Services' IPv6 addresses).
+    ClusterIp6,
+    /// [`TrafficPath::NodePort`] over IPv6 (node-1's IPv6 address).
+    NodePort6,
 }
 
 impl TrafficPath {
+    /// For chart groups.
+    pub fn short_label(self) -> &'static str {
+        match self {
+            TrafficPath::ClusterIp => "pod → ClusterIP",
+            TrafficPath::NodePort => "external → NodePort",
+            TrafficPath::ClusterIp6 => "pod → ClusterIP (IPv6)",
+            TrafficPath::NodePort6 => "external → NodePort (IPv6)",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             TrafficPath::ClusterIp => "pod → ClusterIP → remote pod",
             TrafficPath::NodePort => "external → NodePort → remote pod",
+            TrafficPath::ClusterIp6 => "pod → ClusterIP → remote pod, IPv6",
+            TrafficPath::NodePort6 => "external → NodePort → remote pod, IPv6",
         }
     }
 }
@@ -114,6 +139,16 @@ impl Server {
             Server::Accept => 30900,
             Server::Udp => 30901,
         }
+    }
+
+    /// The measured Service's IPv6 twin: its ClusterIP (the IPv4 one's twin).
+    fn cluster_ip6(self) -> Ipv6Addr {
+        lb_testbed::testbed::ipv6_twin(self.cluster_ip())
+    }
+
+    /// The IPv6 twin's NodePort.
+    fn node_port6(self) -> u16 {
+        self.node_port() + 1
     }
 
     fn cluster_ip(self) -> Ipv4Addr {
@@ -165,6 +200,30 @@ pub fn measured_services(backend: Ipv4Addr) -> Vec<SyntheticService> {
             endpoints: vec![(backend, server.port())],
         })
         .collect()
+}
+
+/// The measured Services' IPv6 twins (IPv6 single-stack, pod-c's IPv6 address as endpoint), for
+/// lb's manifests: the IPv6 paths.
+fn measured_ipv6_yaml(backend: Ipv6Addr) -> String {
+    let mut out = String::new();
+    for server in [Server::Iperf, Server::Accept] {
+        out += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: measured6-{name}, namespace: bench}}\n\
+             spec: {{type: NodePort, ipFamilyPolicy: SingleStack, ipFamilies: [IPv6], \
+             clusterIPs: [\"{ip}\"], ports: [{{name: port, protocol: TCP, port: {port}, \
+             nodePort: {node_port}}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: measured6-{name}-1, namespace: bench, \
+             labels: {{kubernetes.io/service-name: measured6-{name}}}}}\n\
+             addressType: IPv6\nports: [{{name: port, protocol: TCP, port: {port}}}]\n\
+             endpoints:\n- addresses: [\"{backend}\"]\n---\n",
+            name = server.name(),
+            ip = server.cluster_ip6(),
+            port = server.port(),
+            node_port = server.node_port6(),
+        );
+    }
+    out
 }
 
 /// `synthetic` Services plus the measured ones, last.
@@ -258,6 +317,15 @@ impl Bed {
                     .outside
                     .ns
                     .ip(&["route", "add", POD_CIDR, "via", &via])?;
+                let via6 = cluster.node(ENTRY_NODE).ip6.to_string();
+                cluster.outside.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    lb_testbed::testbed::POD_CIDR6,
+                    "via",
+                    &via6,
+                ])?;
             }
             Variant::Iptables => {
                 let rules = iptables_restore(services, POD_CIDR);
@@ -272,8 +340,12 @@ impl Bed {
                 if xdp {
                     cluster.prepare_for_xdp()?;
                 }
-                std::fs::write(manifests, manifests_yaml(services))
-                    .with_context(|| format!("writing {}", manifests.display()))?;
+                let backend6 = cluster.pod(BACKEND_POD).ip6;
+                std::fs::write(
+                    manifests,
+                    manifests_yaml(services) + &measured_ipv6_yaml(backend6),
+                )
+                .with_context(|| format!("writing {}", manifests.display()))?;
                 let options = AgentOptions {
                     xdp,
                     // The manifest never changes during the run.
@@ -300,22 +372,27 @@ impl Bed {
     }
 
     /// Where `server` is reached on `path` in this variant.
-    pub fn target(&self, path: TrafficPath, server: Server) -> SocketAddrV4 {
-        let pod = self.cluster.pod(BACKEND_POD).ip;
+    pub fn target(&self, path: TrafficPath, server: Server) -> SocketAddr {
+        let pod = self.cluster.pod(BACKEND_POD);
+        let entry = self.cluster.node(ENTRY_NODE);
+        let at = |ip: IpAddr, port| SocketAddr::new(ip, port);
         match (self.variant, path) {
-            (Variant::Direct, _) => SocketAddrV4::new(pod, server.port()),
-            (_, TrafficPath::ClusterIp) => SocketAddrV4::new(server.cluster_ip(), server.port()),
-            (_, TrafficPath::NodePort) => {
-                SocketAddrV4::new(self.cluster.node(ENTRY_NODE).ip, server.node_port())
+            (Variant::Direct, TrafficPath::ClusterIp | TrafficPath::NodePort) => {
+                at(pod.ip.into(), server.port())
             }
+            (Variant::Direct, _) => at(pod.ip6.into(), server.port()),
+            (_, TrafficPath::ClusterIp) => at(server.cluster_ip().into(), server.port()),
+            (_, TrafficPath::NodePort) => at(entry.ip.into(), server.node_port()),
+            (_, TrafficPath::ClusterIp6) => at(server.cluster_ip6().into(), server.port()),
+            (_, TrafficPath::NodePort6) => at(entry.ip6.into(), server.node_port6()),
         }
     }
 
     /// The namespace that sends on `path`.
     pub fn client(&self, path: TrafficPath) -> &Netns {
         match path {
-            TrafficPath::ClusterIp => &self.cluster.pod(CLIENT_POD).ns,
-            TrafficPath::NodePort => &self.cluster.outside.ns,
+            TrafficPath::ClusterIp | TrafficPath::ClusterIp6 => &self.cluster.pod(CLIENT_POD).ns,
+            TrafficPath::NodePort | TrafficPath::NodePort6 => &self.cluster.outside.ns,
         }
     }
 
@@ -334,14 +411,26 @@ impl Bed {
 
     /// The TCP servers accept through every path before any measurement starts.
     fn wait_for_servers(&self) -> anyhow::Result<()> {
-        for path in [TrafficPath::ClusterIp, TrafficPath::NodePort] {
-            for server in [Server::Iperf, Server::Sockperf, Server::Accept] {
+        let paths = [
+            TrafficPath::ClusterIp,
+            TrafficPath::NodePort,
+            TrafficPath::ClusterIp6,
+            TrafficPath::NodePort6,
+        ];
+        for path in paths.into_iter().filter(|p| self.variant.applies_to(*p)) {
+            let servers = if matches!(path, TrafficPath::ClusterIp | TrafficPath::NodePort) {
+                [Server::Iperf, Server::Sockperf, Server::Accept].as_slice()
+            } else {
+                // The IPv6 paths measure throughput and connections only.
+                [Server::Iperf, Server::Accept].as_slice()
+            };
+            for &server in servers {
                 let target = self.target(path, server);
                 let reached = self.client(path).run(move || {
                     let deadline = std::time::Instant::now() + Duration::from_secs(10);
                     loop {
                         if std::net::TcpStream::connect_timeout(
-                            &target.into(),
+                            &target,
                             Duration::from_millis(500),
                         )
                         .is_ok()

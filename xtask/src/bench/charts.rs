@@ -71,15 +71,15 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
     let throughput = path_for("throughput");
     let mut groups = Vec::new();
     let mut per_group: Vec<(Workload, usize)> = Vec::new();
-    for path in [TrafficPath::ClusterIp, TrafficPath::NodePort] {
+    let paths = [
+        TrafficPath::ClusterIp,
+        TrafficPath::NodePort,
+        TrafficPath::ClusterIp6,
+        TrafficPath::NodePort6,
+    ];
+    for path in paths {
         for &services in &results.method.service_counts {
-            groups.push(format!(
-                "{} · {services} Services",
-                match path {
-                    TrafficPath::ClusterIp => "pod → ClusterIP",
-                    TrafficPath::NodePort => "external → NodePort",
-                }
-            ));
+            groups.push(format!("{} · {services} Services", path.short_label()));
             per_group.push((
                 Workload {
                     kind: Kind::Throughput,
@@ -126,10 +126,7 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
             groups.push(format!(
                 "{}\n{}",
                 variant.label(),
-                match path {
-                    TrafficPath::ClusterIp => "ClusterIP",
-                    TrafficPath::NodePort => "NodePort",
-                },
+                path.short_label(),
             ));
             for (series, figure) in percentiles.iter_mut().zip(["p50_us", "p90_us", "p99_us"]) {
                 series

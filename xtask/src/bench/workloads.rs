@@ -36,13 +36,16 @@ pub struct Workload {
 
 impl Workload {
     /// Every workload, in the order a round runs them.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 9] = [
         Workload::new(Kind::Throughput, TrafficPath::ClusterIp),
         Workload::new(Kind::Throughput, TrafficPath::NodePort),
         Workload::new(Kind::RequestResponse, TrafficPath::ClusterIp),
         Workload::new(Kind::RequestResponse, TrafficPath::NodePort),
         Workload::new(Kind::ConnectionRate, TrafficPath::ClusterIp),
         Workload::new(Kind::SmallPackets, TrafficPath::NodePort),
+        Workload::new(Kind::Throughput, TrafficPath::ClusterIp6),
+        Workload::new(Kind::Throughput, TrafficPath::NodePort6),
+        Workload::new(Kind::ConnectionRate, TrafficPath::ClusterIp6),
     ];
 
     const fn new(kind: Kind, path: TrafficPath) -> Self {
@@ -59,6 +62,8 @@ impl Workload {
         let path = match self.path {
             TrafficPath::ClusterIp => "clusterip",
             TrafficPath::NodePort => "nodeport",
+            TrafficPath::ClusterIp6 => "clusterip-ipv6",
+            TrafficPath::NodePort6 => "nodeport-ipv6",
         };
         format!("{kind}/{path}")
     }
@@ -145,7 +150,7 @@ fn tool_output(ns: &Netns, cmd: &mut Command, timeout: Duration) -> anyhow::Resu
 
 fn iperf3(
     client: &Netns,
-    target: std::net::SocketAddrV4,
+    target: std::net::SocketAddr,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
     let out = tool_output(
@@ -178,7 +183,7 @@ fn iperf3(
 
 fn sockperf(
     client: &Netns,
-    target: std::net::SocketAddrV4,
+    target: std::net::SocketAddr,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
     let out = tool_output(
@@ -233,7 +238,7 @@ pub fn parse_sockperf(out: &str) -> anyhow::Result<Figures> {
 /// Two client threads, each closing every connection with RST (see loadgen).
 fn connection_rate(
     client: &Netns,
-    target: std::net::SocketAddrV4,
+    target: std::net::SocketAddr,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
     let run = loadgen::connection_rate(client, target, 2, duration)?;
@@ -258,11 +263,14 @@ fn connection_rate(
 fn small_packets(
     bed: &Bed,
     client: &Netns,
-    target: std::net::SocketAddrV4,
+    target: std::net::SocketAddr,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
     let backend = &bed.cluster.pod(BACKEND_POD).ns;
     let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend)?);
+    let std::net::SocketAddr::V4(target) = target else {
+        anyhow::bail!("the UDP flood is measured over IPv4 only");
+    };
     let sent = loadgen::udp_flood(client, target, 64, 2, duration)?;
     // Let the last packets land and the receiver drain its socket buffer.
     std::thread::sleep(Duration::from_millis(200));
