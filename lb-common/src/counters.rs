@@ -37,8 +37,9 @@ pub enum Counter {
     /// A new flow to a frontend with `loadBalancerSourceRanges` from a client outside them:
     /// dropped (as kube-proxy and Cilium do).
     DroppedSourceRange = 13,
-    /// A packet whose next stage (an IPv6 program the agent puts in the stage arrays) could not
-    /// run, or whose new flow's entry was gone before it could be applied: dropped.
+    /// An IPv6 packet whose next stage (a program the agent puts in the stage arrays) could not
+    /// run: passed untouched at the entry point (traffic that is no Service's must not be
+    /// lost), dropped past it; or a new flow whose entry was gone before it was applied.
     StageFailed = 14,
 }
 

@@ -428,7 +428,7 @@ fn counter_meaning(counter: lb_common::counters::Counter) -> &'static str {
         C::IcmpTranslated => "ICMP errors about translated flows, rewritten",
         C::PortRemapped => "new flow whose reply tuple was taken: source port remapped",
         C::DroppedSourceRange => "drop: new flow from outside loadBalancerSourceRanges",
-        C::StageFailed => "drop: an IPv6 stage program could not run",
+        C::StageFailed => "an IPv6 stage could not run (passed at entry, else dropped)",
     }
 }
 
