@@ -39,6 +39,8 @@ const POD_B: &str = "fd00:244:1::12";
 const REMOTE_POD: &str = "fd00:244:2::11";
 const VIP: &str = "fd00:96::10";
 const EMPTY_VIP: &str = "fd00:96::20";
+/// `sessionAffinity: ClientIP` (an hour), backends pod-a and pod-b.
+const STICKY_VIP: &str = "fd00:96::50";
 const NODE: &str = "fd00:30::11";
 const NODE2: &str = "fd00:30::12";
 const OUTSIDE: &str = "fd00:30::100";
@@ -50,6 +52,10 @@ const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 12];
 const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 100];
+/// The node's side of the pods' link, and the pods' MACs.
+const POD_LINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const POD_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 11];
+const POD_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 12];
 const SNAT_PORTS: (u16, u16) = (61000, 65535);
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -99,7 +105,16 @@ impl PacketNetns {
             "ext0p",
         ]);
         run(&[
-            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+            "link",
+            "add",
+            "pod0",
+            "address",
+            &mac(POD_LINK_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pod0p",
         ]);
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0").unwrap();
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0").unwrap();
@@ -117,7 +132,12 @@ impl PacketNetns {
         ]);
         run(&["-6", "route", "add", "fd00:244:1::/64", "dev", "pod0"]);
         run(&["-6", "route", "add", "fd00:244:2::/64", "via", NODE2]);
-        for (neighbour, m) in [(NODE2, NODE2_MAC), (OUTSIDE, OUTSIDE_MAC)] {
+        for (neighbour, m, dev) in [
+            (NODE2, NODE2_MAC, "ext0"),
+            (OUTSIDE, OUTSIDE_MAC, "ext0"),
+            (POD_A, POD_A_MAC, "pod0"),
+            (POD_B, POD_B_MAC, "pod0"),
+        ] {
             run(&[
                 "-6",
                 "neigh",
@@ -126,7 +146,7 @@ impl PacketNetns {
                 "lladdr",
                 &mac(m),
                 "dev",
-                "ext0",
+                dev,
                 "nud",
                 "permanent",
             ]);
@@ -241,6 +261,15 @@ fn provision(path: &mut LoadedPath) {
             TCP,
             frontend(6, 48, 1, SERVICE_F_NODE_ADDRESS, 1),
         ),
+        (
+            STICKY_VIP,
+            80,
+            TCP,
+            ServiceEntry {
+                affinity_timeout_s: 3600,
+                ..frontend(7, 0, 2, 0, ANY_SOURCE)
+            },
+        ),
     ] {
         maps.v6
             .services
@@ -279,8 +308,12 @@ fn tcp_between(
 }
 
 fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    udp_between((MAC_A, MAC_B), src, sport, dst, dport)
+}
+
+fn udp_between(macs: ([u8; 6], [u8; 6]), src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
+    PacketBuilder::ethernet2(macs.0, macs.1)
         .ipv6(addr(src), addr(dst), 64)
         .udp(sport, dport)
         .write(&mut out, b"query")
@@ -919,4 +952,181 @@ fn fuzzed_ipv6_packets_get_documented_verdicts() {
     );
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "fuzz ipv6: {}", report.join("; "));
+}
+
+/// More IPv6 twins of the packet table's cases: hairpin (a pod reaching itself through its
+/// Service: SNAT to the node, sent back by the FIB), the node's own processes (host egress:
+/// redirected by the FIB), session affinity (a client keeps its backend across flows) and the
+/// flow lifecycle (a FIN, then a RST, recorded in both entries).
+#[test]
+fn ipv6_hairpin_host_affinity_and_lifecycle() {
+    use lb_common::{
+        conntrack::{CT_S_FIN_FORWARD, CT_S_REPLIED, CT_S_RST},
+        maps::HOST_EGRESS_PROGRAM,
+    };
+    if !privileged("ipv6_hairpin_host_affinity_and_lifecycle") {
+        return;
+    }
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("ipv6-more");
+    provision(&mut path);
+    let (pod, ext) = (net.ifindex("pod0"), net.ifindex("ext0"));
+
+    // Hairpin: pod-a to the UDP ClusterIP whose only backend is pod-a itself.
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &udp(POD_A, 41500, VIP, 53),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back towards the pod");
+    let forward = ct(&path, &key(POD_A, 41500, VIP, 53, UDP)).expect("forward entry");
+    let port = u16::from_be(forward.new_sport_be);
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port));
+    assert_eq!(
+        out,
+        udp_between((POD_LINK_MAC, POD_A_MAC), NODE, port, POD_A, 5353),
+        "SNAT to the node, so pod-a answers the node and not itself"
+    );
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &udp(POD_A, 5353, NODE, port),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        &out[14..],
+        &udp(VIP, 53, POD_A, 41500)[14..],
+        "the answer from the Service"
+    );
+
+    // The node's own process (host egress on the external interface): redirected to the pod.
+    let (verdict, out) = run(
+        &mut path,
+        HOST_EGRESS_PROGRAM,
+        ext,
+        &tcp(NODE, 42500, VIP, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let to = ip_of(
+        ct(&path, &key(NODE, 42500, VIP, 80, TCP))
+            .unwrap()
+            .new_daddr_be,
+    );
+    let to_mac = if to == POD_A { POD_A_MAC } else { POD_B_MAC };
+    assert_eq!(
+        out,
+        tcp_between((POD_LINK_MAC, to_mac), NODE, 42500, to, 8080, "S"),
+        "the source stays the node's address"
+    );
+
+    // Session affinity: every new flow of one client goes to its first flow's backend.
+    let first = {
+        run(
+            &mut path,
+            POD_INGRESS_PROGRAM,
+            pod,
+            &tcp(CLIENT, 43000, STICKY_VIP, 80, "S"),
+        );
+        ip_of(
+            ct(&path, &key(CLIENT, 43000, STICKY_VIP, 80, TCP))
+                .unwrap()
+                .new_daddr_be,
+        )
+    };
+    for sport in 43001..43033 {
+        let (_, out) = run(
+            &mut path,
+            POD_INGRESS_PROGRAM,
+            pod,
+            &tcp(CLIENT, sport, STICKY_VIP, 80, "S"),
+        );
+        assert_eq!(
+            out,
+            tcp(CLIENT, sport, first, 8080, "S"),
+            "affinity keeps {first}"
+        );
+    }
+    let remembered = path
+        .dataplane
+        .maps
+        .v6
+        .affinity
+        .get(
+            &lb_common::service::AffinityKey {
+                service_id: 7,
+                client_addr_be: wire(CLIENT),
+            },
+            0,
+        )
+        .expect("the client's backend in the IPv6 affinity map");
+    assert_eq!(
+        [POD_A, POD_B][remembered.backend_id as usize - 1],
+        first,
+        "remembered: backend {} ",
+        remembered.backend_id
+    );
+
+    // The lifecycle: a reply marks the flow replied; the client's FIN and then a RST are
+    // written to both entries.
+    let flow = key(CLIENT, 45000, VIP, 80, TCP);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 45000, VIP, 80, "S"),
+    );
+    let backend = ip_of(ct(&path, &flow).unwrap().new_daddr_be);
+    let reply = key(backend, 8080, CLIENT, 45000, TCP);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(backend, 8080, CLIENT, 45000, "SA"),
+    );
+    assert_ne!(ct(&path, &flow).unwrap().state & CT_S_REPLIED, 0);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 45000, VIP, 80, "FA"),
+    );
+    for k in [&flow, &reply] {
+        assert_ne!(
+            ct(&path, k).unwrap().state & CT_S_FIN_FORWARD,
+            0,
+            "FIN in both entries"
+        );
+    }
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(backend, 8080, CLIENT, 45000, "R"),
+    );
+    for k in [&flow, &reply] {
+        assert_ne!(
+            ct(&path, k).unwrap().state & CT_S_RST,
+            0,
+            "RST in both entries"
+        );
+    }
+    let swept = lb_userspace::conntrack::read_all::<lb_common::Ip6>(std::os::fd::AsFd::as_fd(
+        aya::maps::IterableMap::map(&path.dataplane.maps.v6.conntrack).fd(),
+    ))
+    .expect("read the IPv6 conntrack");
+    assert!(
+        swept.iter().any(|(k, _)| *k == flow),
+        "the sweep reads IPv6 entries"
+    );
+}
+
+/// The backend an IPv6 field names, as the test's constant.
+fn ip_of(addr_be: Ip6) -> &'static str {
+    let ip = Ipv6Addr::from(lb_common::addr::ip6_octets(addr_be));
+    [POD_A, POD_B, REMOTE_POD]
+        .into_iter()
+        .find(|p| p.parse::<Ipv6Addr>().unwrap() == ip)
+        .unwrap_or_else(|| panic!("{ip} is none of the test's backends"))
 }

@@ -429,11 +429,8 @@ impl Bed {
                 let reached = self.client(path).run(move || {
                     let deadline = std::time::Instant::now() + Duration::from_secs(10);
                     loop {
-                        if std::net::TcpStream::connect_timeout(
-                            &target,
-                            Duration::from_millis(500),
-                        )
-                        .is_ok()
+                        if std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500))
+                            .is_ok()
                         {
                             return true;
                         }

@@ -123,11 +123,7 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
             path,
         };
         for variant in Variant::ALL.into_iter().filter(|v| v.applies_to(path)) {
-            groups.push(format!(
-                "{}\n{}",
-                variant.label(),
-                path.short_label(),
-            ));
+            groups.push(format!("{}\n{}", variant.label(), path.short_label(),));
             for (series, figure) in percentiles.iter_mut().zip(["p50_us", "p90_us", "p99_us"]) {
                 series
                     .values
