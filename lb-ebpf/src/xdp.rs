@@ -17,7 +17,7 @@ use crate::{
     family::Family,
     fib::{self, Route},
     headers::{self, IpVersion, Packet, Parse, Parsed},
-    lb::{self, Action, FlowStart, Origin, Scope},
+    lb::{self, Action, FlowEvents, FlowStart, Origin, Scope},
     nat,
     outcome::Outcome,
     stages,
@@ -98,7 +98,13 @@ fn flow<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, start: FlowStart) -> Outco
         // drops it), or an IPv6 new flow: tc handles and counts it.
         _ => Outcome::uncounted(PASS),
     };
+    // A flow handed to tc to start is tc's to count, events included (a rebalanced IPv6 flow
+    // would otherwise be counted twice).
+    let events = match decision.action {
+        Action::StartFlow => FlowEvents::NONE,
+        _ => decision.events,
+    };
     outcome
-        .with_events(decision.events)
+        .with_events(events)
         .attributed(decision.attributed(&flow, Origin::External))
 }
