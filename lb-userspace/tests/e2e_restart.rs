@@ -121,6 +121,18 @@ fn flows_survive_agent_restarts_and_cleanup_removes_everything() {
         at(NODE_1, 30081),
     ));
     flows.push(Flow::udp(client, "echo UDP", at(ECHO, 53), 45053));
+    // IPv6, through the stages the agent puts in its pinned program arrays: they outlive it too.
+    let v6 = |addr: &str, port| std::net::SocketAddr::new(addr.parse().unwrap(), port);
+    flows.push(Flow::tcp(
+        client,
+        "echo ClusterIP, IPv6",
+        v6("fd00:96::10", 80),
+    ));
+    flows.push(Flow::tcp(
+        outside,
+        "web NodePort via node-1, IPv6 (remote, SNAT)",
+        v6("fd00:30::11", 30080),
+    ));
     std::thread::sleep(Duration::from_millis(300));
 
     // (how the agents stop, a Service changes meanwhile, the new agents ask for larger maps)
@@ -207,7 +219,7 @@ fn flows_survive_agent_restarts_and_cleanup_removes_everything() {
         worst = worst.max(report.max_gap);
     }
     eprintln!(
-        "restarts: {} survived by {} TCP flows and 1 UDP flow, 0 resets, longest gap {worst:?}, \
+        "restarts: {} survived by {} TCP flows (2 of them IPv6) and 1 UDP flow, 0 resets, longest gap {worst:?}, \
          new connections within {slowest_new:?}; exchanges {:?}",
         plan.len(),
         reports.len() - 1,

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{SocketAddrV4, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -48,7 +48,8 @@ pub struct Flow {
 
 impl Flow {
     /// A TCP conversation from `ns` to `target`, kept open.
-    pub fn tcp(ns: &Netns, name: &str, target: SocketAddrV4) -> Self {
+    pub fn tcp(ns: &Netns, name: &str, target: impl Into<SocketAddr>) -> Self {
+        let target: SocketAddr = target.into();
         Self::spawn(ns, name, move |stop, report| {
             let mut conversation = match Conversation::open(target, Duration::from_secs(2)) {
                 Ok(c) => c,
