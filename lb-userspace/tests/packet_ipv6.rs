@@ -1130,3 +1130,108 @@ fn ip_of(addr_be: Ip6) -> &'static str {
         .find(|p| p.parse::<Ipv6Addr>().unwrap() == ip)
         .unwrap_or_else(|| panic!("{ip} is none of the test's backends"))
 }
+
+/// The XDP fast path and the flows' fate when things change, over IPv6: a known NodePort flow
+/// to a remote backend is rewritten and sent back out by XDP (XDP_TX); a flow whose backend
+/// leaves is balanced afresh; a NodePort flow that needs SNAT while the node has no IPv6 SNAT
+/// address is dropped and counted.
+#[test]
+fn ipv6_xdp_rebalancing_and_snat_failure() {
+    if !privileged("ipv6_xdp_rebalancing_and_snat_failure") {
+        return;
+    }
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("ipv6-xdp");
+    provision(&mut path);
+    let (pod, ext) = (net.ifindex("pod0"), net.ifindex("ext0"));
+    let before = path.counters();
+
+    // A NodePort flow to the remote backend, started by tc; its next packet takes XDP.
+    let (verdict, _) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(OUTSIDE, 46000, NODE, NODE_PORT, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let forward = ct(&path, &key(OUTSIDE, 46000, NODE, NODE_PORT, TCP)).unwrap();
+    let snat_port = u16::from_be(forward.new_sport_be);
+    let packet = tcp(OUTSIDE, 46000, NODE, NODE_PORT, "A");
+    let mut out = vec![0u8; packet.len() + 64];
+    let mut ctx = vec![0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ext.to_ne_bytes());
+    let result = path
+        .dataplane
+        .external_xdp()
+        .test_run(TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (XDP)");
+    out.truncate(result.data_size_out as usize);
+    assert_eq!(
+        result.return_value, 3,
+        "XDP_TX: back out of the external interface"
+    );
+    assert_eq!(
+        out,
+        tcp_between((EXT_MAC, NODE2_MAC), NODE, snat_port, REMOTE_POD, 8080, "A"),
+        "SNAT and DNAT applied by XDP, MACs from the FIB"
+    );
+
+    // The backend a ClusterIP flow has leaves: its next packet starts the flow afresh.
+    let flow = key(CLIENT, 47000, VIP, 80, TCP);
+    run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 47000, VIP, 80, "S"),
+    );
+    let gone = ip_of(ct(&path, &flow).unwrap().new_daddr_be);
+    let (gone_id, kept_id, kept) = if gone == POD_A {
+        (1, 2, POD_B)
+    } else {
+        (2, 1, POD_A)
+    };
+    path.dataplane.maps.v6.backends.remove(&gone_id).unwrap();
+    for slot in 0..2 {
+        assert!(path.dataplane.maps.slots.set(slot, kept_id));
+    }
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 47000, VIP, 80, "A"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp(CLIENT, 47000, kept, 8080, "A"),
+        "balanced afresh to {kept}"
+    );
+
+    // No IPv6 SNAT address: a NodePort flow to the remote backend cannot be SNATed.
+    path.dataplane
+        .maps
+        .v6
+        .node
+        .set(0, NodeConfig6::default(), 0)
+        .unwrap();
+    let (verdict, _) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(OUTSIDE, 48000, NODE, NODE_PORT, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert!(ct(&path, &key(OUTSIDE, 48000, NODE, NODE_PORT, TCP)).is_none());
+
+    let after = path.counters();
+    let delta = |c: Counter| after.get(&c).unwrap_or(&0) - before.get(&c).unwrap_or(&0);
+    assert_eq!(delta(Counter::XdpTransmitted), 1);
+    assert_eq!(delta(Counter::Rebalanced), 1);
+    assert_eq!(delta(Counter::SnatFailed), 1);
+}
