@@ -857,9 +857,10 @@ fn fuzzed_ipv6_packets_get_documented_verdicts() {
     let net = PacketNetns::entered();
     let mut path = LoadedPath::load("fuzz-ipv6");
     provision(&mut path);
-    let service_addresses: Vec<[u8; 16]> = [VIP, EMPTY_VIP, NODE, GUARDED_LB, POD_A, POD_B]
+    // Every address `provision` programs, frontend or backend.
+    let service_addresses: Vec<[u8; 16]> = [VIP, EMPTY_VIP, STICKY_VIP, NODE, GUARDED_LB]
         .iter()
-        .chain(&[REMOTE_POD])
+        .chain(&[POD_A, POD_B, REMOTE_POD])
         .map(|a| addr(a))
         .collect();
     let names_a_service = |p: &[u8]| {
