@@ -272,6 +272,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "copied what the old maps hold into the resized ones"
         );
     }
+    // The IPv6 stages switch to this agent's programs (and maps) here, once those maps hold what
+    // the old ones did; IPv4 switches when the links are taken over below.
+    dataplane
+        .install_stages()
+        .context("installing the IPv6 stages")?;
     let adopted = dataplane
         .maps
         .read_contents()

@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, MapError, MapInfo, MapType, ProgramArray},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramError, ProgramFd, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -335,6 +335,7 @@ pub struct Dataplane {
     adoptable: BTreeSet<PathBuf>,
     /// Also attach the XDP fast path (native mode) to external interfaces.
     xdp: bool,
+    stages: Stages,
 }
 
 fn take_map<T: TryFrom<Map, Error = MapError>>(
@@ -350,9 +351,17 @@ fn take_map<T: TryFrom<Map, Error = MapError>>(
     })
 }
 
-/// Loads the IPv6 stage programs and puts each at its index of its (pinned) program array,
-/// replacing an earlier agent's.
-fn fill_stages(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+/// The IPv6 stage programs, loaded, and the (pinned) program arrays they go into.
+struct Stages {
+    tc: ProgramArray<MapData>,
+    xdp: ProgramArray<MapData>,
+    /// (program, index, which array: XDP's or tc's, its fd)
+    programs: Vec<(&'static str, u32, bool, ProgramFd)>,
+}
+
+/// Loads the IPv6 stage programs (the verifier runs now); [`Dataplane::install_stages`] puts
+/// them in their arrays.
+fn load_stages(ebpf: &mut Ebpf) -> Result<Stages, LoadError> {
     fn program_error(
         name: &'static str,
         action: &'static str,
@@ -363,7 +372,7 @@ fn fill_stages(ebpf: &mut Ebpf) -> Result<(), LoadError> {
             source,
         }
     }
-    let mut tc_fds = Vec::new();
+    let mut programs = Vec::new();
     for (name, index) in TC_STAGE_PROGRAMS {
         let program = Dataplane::program_of(ebpf, name)?;
         program
@@ -373,9 +382,8 @@ fn fill_stages(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         let fd = fd
             .try_clone()
             .map_err(|e| program_error(name, "take its fd")(e.into()))?;
-        tc_fds.push((name, index, fd));
+        programs.push((name, index, false, fd));
     }
-    let mut xdp_fds = Vec::new();
     for (name, index) in XDP_STAGE_PROGRAMS {
         let program: &mut Xdp = ebpf
             .program_mut(name)
@@ -389,17 +397,13 @@ fn fill_stages(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         let fd = fd
             .try_clone()
             .map_err(|e| program_error(name, "take its fd")(e.into()))?;
-        xdp_fds.push((name, index, fd));
+        programs.push((name, index, true, fd));
     }
-    for (array_name, fds) in [(TC_STAGES_MAP, tc_fds), (XDP_STAGES_MAP, xdp_fds)] {
-        let mut array: ProgramArray<MapData> = take_map(ebpf, array_name)?;
-        for (name, index, fd) in fds {
-            array
-                .set(index, &fd, 0)
-                .map_err(|source| LoadError::Stage { name, source })?;
-        }
-    }
-    Ok(())
+    Ok(Stages {
+        tc: take_map(ebpf, TC_STAGES_MAP)?,
+        xdp: take_map(ebpf, XDP_STAGES_MAP)?,
+        programs,
+    })
 }
 
 fn take_slots(ebpf: &mut Ebpf, slots: u32) -> Result<MappedSlots, LoadError> {
@@ -421,8 +425,11 @@ fn take_slots(ebpf: &mut Ebpf, slots: u32) -> Result<MappedSlots, LoadError> {
 impl Dataplane {
     /// Loads the packet path with its maps pinned under `<bpffs_dir>/<layout version>/`, with
     /// the default capacities. With `xdp`, external interfaces also get the XDP fast path.
+    /// The IPv6 stages are installed at once (see [`Dataplane::install_stages`]).
     pub fn load(bpffs_dir: &Path, xdp: bool) -> Result<Self, LoadError> {
-        Self::load_sized(bpffs_dir, xdp, Capacities::DEFAULT)
+        let mut dataplane = Self::load_sized(bpffs_dir, xdp, Capacities::DEFAULT)?;
+        dataplane.install_stages()?;
+        Ok(dataplane)
     }
 
     /// [`Dataplane::load`] with the sized maps created at `wanted` capacities. A map already
@@ -463,9 +470,7 @@ impl Dataplane {
                 action: "load (verifier)".to_owned(),
                 source,
             })?;
-        // Before anything is attached: an entry point whose stage is missing passes IPv6
-        // untouched.
-        fill_stages(&mut ebpf)?;
+        let stages = load_stages(&mut ebpf)?;
         let maps = BpfMaps {
             services: take_map(&mut ebpf, SERVICES_MAP)?,
             slots: take_slots(&mut ebpf, capacities.slots)?,
@@ -527,7 +532,28 @@ impl Dataplane {
             attached: BTreeMap::new(),
             adoptable,
             xdp,
+            stages,
         })
+    }
+
+    /// Puts this agent's IPv6 stages in the pinned program arrays: from now on every entry
+    /// point, this agent's or an earlier one's still attached, runs IPv6 in these programs and
+    /// their maps. The agent calls it once the resized maps' content is carried over and before
+    /// it attaches anything (an entry point without its stage passes IPv6 untouched); called
+    /// earlier, an earlier agent's entry points would reach the new maps while they are still
+    /// empty.
+    pub fn install_stages(&mut self) -> Result<(), LoadError> {
+        for (name, index, xdp, fd) in &self.stages.programs {
+            let array = if *xdp {
+                &mut self.stages.xdp
+            } else {
+                &mut self.stages.tc
+            };
+            array
+                .set(*index, fd, 0)
+                .map_err(|source| LoadError::Stage { name, source })?;
+        }
+        Ok(())
     }
 
     /// Links an earlier agent pinned that no interface took over (the device is gone, or no
