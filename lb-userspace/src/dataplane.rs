@@ -387,11 +387,6 @@ pub fn widen_key(key: ServiceKey) -> FrontendKey {
     ServiceKey::new(key.addr_be.to_wide(), key.port_be, key.proto)
 }
 
-/// `backend`'s port and flags with an IPv4 address field (set by the caller).
-fn narrowed(backend: BackendValue) -> Backend {
-    Backend::new(0, backend.port_be, backend.flags)
-}
-
 pub fn widen_backend(backend: Backend) -> BackendValue {
     Backend::new(backend.addr_be.to_wide(), backend.port_be, backend.flags)
 }
@@ -521,14 +516,7 @@ impl MapWriter for BpfMaps {
         match narrow(backend.addr_be) {
             Some(addr_be) => self
                 .backends
-                .insert(
-                    id,
-                    Backend {
-                        addr_be,
-                        ..narrowed(backend)
-                    },
-                    0,
-                )
+                .insert(id, Backend::new(addr_be, backend.port_be, backend.flags), 0)
                 .map_err(write_err("write", BACKENDS_MAP, id)),
             None => (self.v6.backends).insert(id, backend, 0).map_err(write_err(
                 "write",

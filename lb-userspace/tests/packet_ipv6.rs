@@ -1236,3 +1236,123 @@ fn ipv6_xdp_rebalancing_and_snat_failure() {
     assert_eq!(delta(Counter::Rebalanced), 1);
     assert_eq!(delta(Counter::SnatFailed), 1);
 }
+
+/// The agent's own path for IPv6, from a manifest: translation and the sync write a dual-stack
+/// LoadBalancer's IPv6 frontends, backends and source ranges into the IPv6 maps (its IPv4 ones
+/// into the IPv4 maps), and the programs follow them: a client inside the IPv6 ranges reaches
+/// the IPv6 load-balancer IP, one outside them is dropped, and the IPv4 side keeps working.
+#[test]
+fn a_dual_stack_manifest_programs_both_families() {
+    if !privileged("a_dual_stack_manifest_programs_both_families") {
+        return;
+    }
+    let net = PacketNetns::entered();
+    let mut path = LoadedPath::load("ipv6-manifest");
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: t}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: ["fd00:96::30", 10.96.0.30]
+  loadBalancerSourceRanges: ["fd00:30::/120", "172.30.0.0/24"]
+  ports: [{name: http, port: 80, nodePort: 30090}]
+status: {loadBalancer: {ingress: [{ip: "fd00:30::200"}, {ip: 172.30.0.200}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-v6, namespace: t, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["fd00:244:1::11"], nodeName: node-1}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-v4, namespace: t, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["10.244.1.11"], nodeName: node-1}
+"#;
+    let node = lb_userspace::translate::NodeContext {
+        name: Some("node-1".to_owned()),
+        addresses: vec!["172.30.0.11".parse().unwrap(), NODE.parse().unwrap()],
+        ..Default::default()
+    };
+    path.provision_as(yaml, &node);
+    let contents = path
+        .dataplane
+        .maps
+        .read_contents()
+        .expect("read the maps back");
+    // What the maps hold, both families, is what the sync meant to write. (The node entry is
+    // left out: a fresh harness's mirror assumes the default timeouts the packet path reads
+    // from an all-zero entry, so it writes none.)
+    let meant = path.programmer.programmed();
+    assert_eq!(contents.services, meant.services);
+    assert_eq!(contents.backends, meant.backends);
+    assert_eq!(contents.tables, meant.tables);
+    assert_eq!(contents.source_ranges, meant.source_ranges);
+    assert_eq!(contents.services.len(), 6, "3 frontends a family");
+    assert_eq!(
+        (contents.source_ranges.values())
+            .map(|r| r.len())
+            .sum::<usize>(),
+        2,
+        "one range a family, each in a set of its own"
+    );
+    let ext = net.ifindex("ext0");
+    let pod = net.ifindex("pod0");
+    let (verdict, out) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(NODE2, 49000, GUARDED_LB, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp(NODE2, 49000, POD_A, 8080, "S"),
+        "inside the IPv6 ranges"
+    );
+    let (verdict, _) = run(
+        &mut path,
+        EXTERNAL_INGRESS_PROGRAM,
+        ext,
+        &tcp(OUTSIDE, 49001, GUARDED_LB, 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "outside the IPv6 ranges");
+    let (verdict, out) = run(
+        &mut path,
+        POD_INGRESS_PROGRAM,
+        pod,
+        &tcp(CLIENT, 49002, "fd00:96::30", 80, "S"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp(CLIENT, 49002, POD_A, 8080, "S"),
+        "the IPv6 ClusterIP"
+    );
+    // The IPv4 twin, in the IPv4 maps.
+    let mut v4 = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4([10, 244, 1, 2], [10, 96, 0, 30], 64)
+        .tcp(49003, 80, 1000, 64240)
+        .syn()
+        .write(&mut v4, &[])
+        .unwrap();
+    let (verdict, out) = run(&mut path, POD_INGRESS_PROGRAM, pod, &v4);
+    assert_eq!(verdict, TC_ACT_OK);
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4([10, 244, 1, 2], [10, 244, 1, 11], 64)
+        .tcp(49003, 8080, 1000, 64240)
+        .syn()
+        .write(&mut expected, &[])
+        .unwrap();
+    assert_eq!(out, expected, "the IPv4 ClusterIP");
+}
