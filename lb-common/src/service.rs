@@ -30,6 +30,14 @@ impl<A: Copy> ServiceKey<A> {
             _pad: 0,
         }
     }
+
+    /// The key in the wide form (IPv4 as `::ffff:a.b.c.d`), as user space holds either family.
+    pub fn to_wide(&self) -> ServiceKey<Ip6>
+    where
+        A: crate::Address,
+    {
+        ServiceKey::new(self.addr_be.to_wide(), self.port_be, self.proto)
+    }
 }
 
 /// What a frontend translates to. Written after its slot table is complete, so the packet path
@@ -130,6 +138,14 @@ impl<A: Copy> Backend<A> {
             flags,
             _pad: 0,
         }
+    }
+
+    /// The value in the wide form (see [`ServiceKey::to_wide`]).
+    pub fn to_wide(&self) -> Backend<Ip6>
+    where
+        A: crate::Address,
+    {
+        Backend::new(self.addr_be.to_wide(), self.port_be, self.flags)
     }
 }
 

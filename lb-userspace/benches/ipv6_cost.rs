@@ -11,6 +11,10 @@
 //! cannot repeat, so it is timed as the mean of single runs over distinct source ports. The two
 //! families alternate within a round; medians of the rounds with min-max.
 
+mod per_packet;
+
+use per_packet::{median_min_max, rounds_and_repeat};
+
 use std::{net::Ipv6Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
@@ -117,21 +121,8 @@ fn run(dataplane: &mut Dataplane, packet: &[u8], repeat: u32) -> (Duration, Vec<
     (result.duration, out)
 }
 
-fn median_min_max(mut ns: Vec<f64>) -> (f64, f64, f64) {
-    ns.sort_by(f64::total_cmp);
-    (ns[ns.len() / 2], ns[0], ns[ns.len() - 1])
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
-    let repeat: u32 = args
-        .get(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let (rounds, repeat) = rounds_and_repeat();
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("ipv6_cost: needs root (BPF_PROG_TEST_RUN); skipped");
         return;

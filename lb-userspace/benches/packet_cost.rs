@@ -16,6 +16,10 @@
 //! The XDP program sees no route in a test run, so its timed paths are the ones that hand the
 //! packet to tc: not a Service, and a known DNAT-only flow.
 
+mod per_packet;
+
+use per_packet::{median_min_max, rounds_and_repeat};
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -233,21 +237,8 @@ fn sizes(loaded: &Loaded, program: &str) -> (u32, u32) {
     )
 }
 
-fn median_min_max(mut ns: Vec<f64>) -> (f64, f64, f64) {
-    ns.sort_by(f64::total_cmp);
-    (ns[ns.len() / 2], ns[0], ns[ns.len() - 1])
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
-    let repeat: u32 = args
-        .get(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let (rounds, repeat) = rounds_and_repeat();
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("packet_cost: needs root (BPF_PROG_TEST_RUN); skipped");
         return;

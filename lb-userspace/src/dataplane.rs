@@ -18,7 +18,7 @@ use aya::maps::{
     lpm_trie::Key,
 };
 use lb_common::{
-    Address as _, Ip6,
+    Ip6,
     addr::{ip6_be, ip6_octets, narrow},
     addr_be,
     conntrack::{CtEntry, FlowKey},
@@ -383,14 +383,6 @@ pub(crate) fn narrow_key(key: FrontendKey) -> Option<ServiceKey> {
     narrow(key.addr_be).map(|addr_be| ServiceKey::new(addr_be, key.port_be, key.proto))
 }
 
-pub fn widen_key(key: ServiceKey) -> FrontendKey {
-    ServiceKey::new(key.addr_be.to_wide(), key.port_be, key.proto)
-}
-
-pub fn widen_backend(backend: Backend) -> BackendValue {
-    Backend::new(backend.addr_be.to_wide(), backend.port_be, backend.flags)
-}
-
 /// Deletes the affinity memories `prune` selects from one family's map.
 fn forget_affinity_in<A: Copy + std::fmt::Debug>(
     map: &mut BpfHashMap<MapData, AffinityKey<A>, AffinityValue>,
@@ -428,7 +420,7 @@ impl BpfMaps {
         let mut services: BTreeMap<FrontendKey, ServiceEntry> = BTreeMap::new();
         for item in self.services.iter() {
             let (key, entry) = item?;
-            services.insert(widen_key(key), entry);
+            services.insert(key.to_wide(), entry);
         }
         for item in self.v6.services.iter() {
             let (key, entry) = item?;
@@ -469,7 +461,7 @@ impl BpfMaps {
         let mut backends: BTreeMap<BackendId, BackendValue> = BTreeMap::new();
         for item in self.backends.iter() {
             let (id, backend) = item?;
-            backends.insert(id, widen_backend(backend));
+            backends.insert(id, backend.to_wide());
         }
         for item in self.v6.backends.iter() {
             let (id, backend) = item?;

@@ -88,8 +88,6 @@ pub enum LoadError {
         path: PathBuf,
         detail: String,
     },
-    #[error("program {name} is missing from the eBPF object")]
-    MissingProgram { name: &'static str },
     #[error("stage program {name}: cannot put it in its program array")]
     Stage {
         name: &'static str,
@@ -372,32 +370,30 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<Stages, LoadError> {
             source,
         }
     }
+    let loaded = |name, loaded: Result<(), ProgramError>, fd: Result<&ProgramFd, _>| {
+        loaded.map_err(program_error(name, "load (verifier)"))?;
+        let fd: &ProgramFd = fd.map_err(program_error(name, "take its fd"))?;
+        fd.try_clone()
+            .map_err(|e| program_error(name, "take its fd")(e.into()))
+    };
     let mut programs = Vec::new();
     for (name, index) in TC_STAGE_PROGRAMS {
         let program = Dataplane::program_of(ebpf, name)?;
-        program
-            .load()
-            .map_err(program_error(name, "load (verifier)"))?;
-        let fd = program.fd().map_err(program_error(name, "take its fd"))?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| program_error(name, "take its fd")(e.into()))?;
-        programs.push((name, index, false, fd));
+        programs.push((
+            name,
+            index,
+            false,
+            loaded(name, program.load(), program.fd())?,
+        ));
     }
     for (name, index) in XDP_STAGE_PROGRAMS {
-        let program: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_error(name, "find"))?;
-        program
-            .load()
-            .map_err(program_error(name, "load (verifier)"))?;
-        let fd = program.fd().map_err(program_error(name, "take its fd"))?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| program_error(name, "take its fd")(e.into()))?;
-        programs.push((name, index, true, fd));
+        let program = Dataplane::xdp_of(ebpf, name)?;
+        programs.push((
+            name,
+            index,
+            true,
+            loaded(name, program.load(), program.fd())?,
+        ));
     }
     Ok(Stages {
         tc: take_map(ebpf, TC_STAGES_MAP)?,
@@ -463,7 +459,7 @@ impl Dataplane {
                     source,
                 })?;
         }
-        Self::xdp_of(&mut ebpf)?
+        Self::xdp_of(&mut ebpf, EXTERNAL_XDP_PROGRAM)?
             .load()
             .map_err(|source| LoadError::Program {
                 name: EXTERNAL_XDP_PROGRAM,
@@ -571,16 +567,14 @@ impl Dataplane {
         self.adoptable.len()
     }
 
-    fn xdp_of(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-        let program = ebpf
-            .program_mut(EXTERNAL_XDP_PROGRAM)
-            .ok_or(LoadError::Program {
-                name: EXTERNAL_XDP_PROGRAM,
-                action: "lookup".to_owned(),
-                source: ProgramError::NotLoaded,
-            })?;
+    fn xdp_of<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Xdp, LoadError> {
+        let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+            name,
+            action: "lookup".to_owned(),
+            source: ProgramError::NotLoaded,
+        })?;
         program.try_into().map_err(|source| LoadError::Program {
-            name: EXTERNAL_XDP_PROGRAM,
+            name,
             action: "type check".to_owned(),
             source,
         })
@@ -588,7 +582,7 @@ impl Dataplane {
 
     /// The XDP program, e.g. for BPF_PROG_TEST_RUN.
     pub fn external_xdp(&mut self) -> &mut Xdp {
-        Self::xdp_of(&mut self.ebpf).expect("checked at load")
+        Self::xdp_of(&mut self.ebpf, EXTERNAL_XDP_PROGRAM).expect("checked at load")
     }
 
     fn program_of<'e>(

@@ -107,7 +107,7 @@ pub fn from_previous_layout(
     // The same order as a sync: backends, then complete tables, then the entries naming them.
     for item in backends.iter() {
         let (id, backend) = item?;
-        maps.put_backend(id, crate::dataplane::widen_backend(backend))?;
+        maps.put_backend(id, backend.to_wide())?;
         done.backends += 1;
     }
     let services: Vec<(ServiceKey, ServiceEntry)> = services.iter().collect::<Result<_, _>>()?;
@@ -125,7 +125,7 @@ pub fn from_previous_layout(
         maps.put_slots(range, &table)?;
     }
     for (key, entry) in &services {
-        maps.put_service(crate::dataplane::widen_key(*key), *entry)?;
+        maps.put_service(key.to_wide(), *entry)?;
         done.services += 1;
     }
     let now = crate::conntrack::now_s();

@@ -765,15 +765,11 @@ fn seed6(rng: &mut Rng) -> Vec<u8> {
         ),
         3 => {
             // An ICMPv6 error about a Service flow.
-            let (addr, port, _) = rng.pick(&frontends);
-            let quoted = tcp(rng.pick(&clients), sport, addr, port, "S");
+            let (frontend, port, _) = rng.pick(&frontends);
+            let quoted = tcp(rng.pick(&clients), sport, frontend, port, "S");
             let mut out = Vec::new();
             PacketBuilder::ethernet2(MAC_A, MAC_B)
-                .ipv6(
-                    addr_of(rng.pick(&backends)),
-                    addr_of(rng.pick(&clients)),
-                    64,
-                )
+                .ipv6(addr(rng.pick(&backends)), addr(rng.pick(&clients)), 64)
                 .icmpv6(rng.pick(&[
                     Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
                     Icmpv6Type::PacketTooBig { mtu: 1280 },
@@ -795,10 +791,6 @@ fn seed6(rng: &mut Rng) -> Vec<u8> {
     } else {
         packet
     }
-}
-
-fn addr_of(text: &str) -> [u8; 16] {
-    addr(text)
 }
 
 /// One to three of: truncation, byte flips in the headers, the payload length, the next

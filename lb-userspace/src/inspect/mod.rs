@@ -40,7 +40,7 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{BackendValue, FrontendKey, MappedSlots, widen_backend, widen_key},
+    dataplane::{BackendValue, FrontendKey, MappedSlots},
     state::NodeState,
 };
 
@@ -195,7 +195,7 @@ impl PinnedMaps {
         let v4: Vec<(ServiceKey, ServiceEntry)> =
             crate::bpf_sys::lookup_all(self.services.map().fd().as_fd()).unwrap_or_default();
         let mut all: Vec<(FrontendKey, ServiceEntry)> = (v4.into_iter())
-            .map(|(key, entry)| (widen_key(key), entry))
+            .map(|(key, entry)| (key.to_wide(), entry))
             .collect();
         if let Some(v6) = &self.services6 {
             all.extend(
@@ -212,7 +212,7 @@ impl PinnedMaps {
         let v4: Vec<(BackendId, Backend)> =
             crate::bpf_sys::lookup_all(self.backends.map().fd().as_fd()).unwrap_or_default();
         let mut all: BTreeMap<BackendId, BackendValue> = (v4.into_iter())
-            .map(|(id, backend)| (id, widen_backend(backend)))
+            .map(|(id, backend)| (id, backend.to_wide()))
             .collect();
         if let Some(v6) = &self.backends6 {
             all.extend(
