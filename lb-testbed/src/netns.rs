@@ -205,6 +205,36 @@ impl Netns {
         self.ethtool_set(ifname, ETHTOOL_STXCSUM, 0)
     }
 
+    /// Writes `value` to `/sys/class/net/<ifname>/<attribute>` for this namespace's device.
+    /// `ip netns exec` mounts the namespace's own sysfs, which a thread that only joined the
+    /// namespace does not see.
+    pub fn set_device_attribute(
+        &self,
+        ifname: &str,
+        attribute: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        let path = format!("/sys/class/net/{ifname}/{attribute}");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                &format!("echo {value} > {path}"),
+            ])
+            .output()
+            .context("running ip netns exec")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "writing {value} to {path} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
     /// One legacy ethtool "set value" ioctl (no ethtool binary needed).
     fn ethtool_set(&self, ifname: &str, cmd: u32, data: u32) -> anyhow::Result<()> {
         const SIOCETHTOOL: libc::c_ulong = 0x8946;

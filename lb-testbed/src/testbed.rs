@@ -42,6 +42,8 @@ pub const UNDERLAY_PREFIX: u8 = 24;
 /// The lan namespace's address: the nodes' gateway (no further route behind it).
 pub const LAN_ROUTER: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
+/// The outside client's port on the lan bridge (the peer of its `eth0`).
+pub const OUTSIDE_SWITCH_PORT: &str = "lan-outside";
 /// Where the LoadBalancer ingress IPs live; the outside client routes it via a node, as an
 /// external load balancer would send it there.
 pub const LOAD_BALANCER_CIDR: &str = "172.30.1.0/24";

@@ -30,9 +30,15 @@ use lb_common::{
     maps::{EXTERNAL_INGRESS_PROGRAM, POD_INGRESS_PROGRAM},
     service::NodeConfig,
 };
-use lb_testbed::netns::Netns;
 use lb_userspace::{sync::Settings, translate::NodeContext};
-use support::{LoadedPath, privileged};
+use support::{
+    LoadedPath,
+    packet_netns::{
+        EXT_MAC, NODE, NODE2, NODE2_MAC, OUTSIDE, OUTSIDE_MAC, POD_A, POD_A_MAC, POD_LINK_MAC,
+        PacketNetns, ip,
+    },
+    privileged,
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -46,14 +52,10 @@ const VIP: [u8; 4] = [10, 96, 0, 10];
 const EMPTY_VIP: [u8; 4] = [10, 96, 0, 20];
 const SELF_VIP: [u8; 4] = [10, 96, 0, 40];
 const STICKY_VIP: [u8; 4] = [10, 96, 0, 50];
-const POD_A: [u8; 4] = [10, 244, 1, 11];
 const POD_B: [u8; 4] = [10, 244, 1, 12];
 const POD_C: [u8; 4] = [10, 244, 1, 13];
 const POD_D: [u8; 4] = [10, 244, 1, 14];
 const REMOTE_POD: [u8; 4] = [10, 244, 2, 11];
-const NODE: [u8; 4] = [172, 30, 0, 11];
-const NODE2: [u8; 4] = [172, 30, 0, 12];
-const OUTSIDE: [u8; 4] = [172, 30, 0, 100];
 /// The `guarded` LoadBalancer's ingress IP; its source ranges admit 172.30.0.0/28 (the nodes)
 /// and 198.51.100.7/32, not OUTSIDE.
 const GUARDED_LB: [u8; 4] = [172, 30, 0, 200];
@@ -61,110 +63,7 @@ const GUARDED_VIP: [u8; 4] = [10, 96, 0, 33];
 const ADMITTED: [u8; 4] = [198, 51, 100, 7];
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
-/// The node's external interface and the neighbours the FIB resolves through it.
-const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
-const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 12];
-const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 100];
-/// The node's side of the pods' link, and pod A's MAC.
-const POD_LINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
-const POD_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 11];
 const SNAT_PORTS: (u16, u16) = (61000, 65535);
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ip(a: [u8; 4]) -> String {
-    Ipv4Addr::from(a).to_string()
-}
-
-/// A network namespace holding the node's routes and neighbours, so the FIB lookups the packet
-/// path makes for redirects have known answers. Nothing in it is linked anywhere else.
-struct PacketNetns {
-    ns: Netns,
-}
-
-impl PacketNetns {
-    fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ns = Netns::create(&format!(
-            "{}{}-pkt{n}",
-            lb_testbed::cleanup::NETNS_PREFIX,
-            std::process::id()
-        ))
-        .expect("create the packet-test namespace");
-        let run = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
-        run(&[
-            "link",
-            "add",
-            "ext0",
-            "address",
-            &mac(EXT_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ext0p",
-        ]);
-        run(&[
-            "link",
-            "add",
-            "pod0",
-            "address",
-            &mac(POD_LINK_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "pod0p",
-        ]);
-        for dev in ["ext0", "ext0p", "pod0", "pod0p"] {
-            run(&["link", "set", dev, "up"]);
-        }
-        run(&["addr", "add", &format!("{}/24", ip(NODE)), "dev", "ext0"]);
-        run(&["route", "add", "10.244.1.0/24", "dev", "pod0"]);
-        run(&["route", "add", "10.244.2.0/24", "via", &ip(NODE2)]);
-        for (addr, m, dev) in [
-            (NODE2, NODE2_MAC, "ext0"),
-            (OUTSIDE, OUTSIDE_MAC, "ext0"),
-            (POD_A, POD_A_MAC, "pod0"),
-        ] {
-            run(&[
-                "neigh",
-                "add",
-                &ip(addr),
-                "lladdr",
-                &mac(m),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
-        }
-        ns.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
-        Self { ns }
-    }
-
-    fn ifindex(&self, dev: &'static str) -> u32 {
-        self.ns
-            .run(move || nix::net::if_::if_nametoindex(dev).expect("ifindex"))
-            .unwrap()
-    }
-
-    /// A new namespace, entered by the calling thread: the program reads the FIB of the
-    /// namespace the test runs in, and this one has known routes.
-    fn entered() -> Self {
-        let net = Self::new();
-        let file = std::fs::File::open(format!("/run/netns/{}", net.ns.name())).unwrap();
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("enter the test namespace");
-        net
-    }
-}
 
 fn manifest(backends: &[[u8; 4]]) -> String {
     manifest_with(backends, &[])

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod packet_netns;
 pub mod streams;
 
 use std::{

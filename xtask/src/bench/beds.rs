@@ -396,6 +396,36 @@ impl Bed {
         }
     }
 
+    /// The namespace and interface of the router `path`'s client sends its frames to (node-1's
+    /// `ext0`, or the host side of the client pod's veth), for their destination MAC.
+    pub fn gateway(&self, path: TrafficPath) -> (&Netns, String) {
+        let node = self.cluster.node(ENTRY_NODE);
+        match path {
+            TrafficPath::ClusterIp | TrafficPath::ClusterIp6 => {
+                (&node.ns, self.cluster.pod(CLIENT_POD).host_if.clone())
+            }
+            TrafficPath::NodePort | TrafficPath::NodePort6 => (
+                &node.ns,
+                lb_testbed::testbed::EXTERNAL_INTERFACE.to_owned(),
+            ),
+        }
+    }
+
+    /// The namespace and interface that take the frames `path`'s client sends: its veth peer
+    /// (the switch port for the outside client, the host side of the client pod's veth).
+    pub fn first_hop(&self, path: TrafficPath) -> (&Netns, String) {
+        match path {
+            TrafficPath::ClusterIp | TrafficPath::ClusterIp6 => (
+                &self.cluster.node(ENTRY_NODE).ns,
+                self.cluster.pod(CLIENT_POD).host_if.clone(),
+            ),
+            TrafficPath::NodePort | TrafficPath::NodePort6 => (
+                self.cluster.lan(),
+                lb_testbed::testbed::OUTSIDE_SWITCH_PORT.to_owned(),
+            ),
+        }
+    }
+
     /// Agents' log tails, for an error report.
     pub fn agent_logs(&self) -> String {
         self.agents

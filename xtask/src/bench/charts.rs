@@ -79,7 +79,7 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
     ];
     for path in paths {
         for &services in &results.method.service_counts {
-            groups.push(format!("{} · {services} Services", path.short_label()));
+            groups.push(format!("{}\n{services} Services", path.short_label()));
             per_group.push((
                 Workload {
                     kind: Kind::Throughput,
@@ -90,6 +90,12 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
         }
     }
     let series = variant_series(results, &per_group, "gbit_per_s");
+    let note = footnote(results);
+    let bar_chart = |path: &Path, title: &str, unit: &str, groups: &[String], series: &[Series]| {
+        render(path, groups.len(), |root| {
+            draw_bars(root, title, unit, groups, series, &note)
+        })
+    };
     bar_chart(
         &throughput,
         "TCP throughput to a pod on the other node (iperf3, one stream)",
@@ -142,31 +148,31 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
 
     // Connection rate against the number of Services.
     let connections = path_for("connections");
-    connection_chart(results, &connections)?;
+    render(&connections, 0, |root| {
+        draw_connections(root, results, &note)
+    })?;
     written.push(connections);
 
-    // Small packets through a NodePort.
+    // Small packets from the XDP generator.
     let packets = path_for("packets");
-    let workload = Workload {
-        kind: Kind::SmallPackets,
-        path: TrafficPath::NodePort,
-    };
-    let groups: Vec<String> = results
-        .method
-        .service_counts
-        .iter()
-        .map(|n| format!("{n} Services"))
-        .collect();
-    let per_group: Vec<(Workload, usize)> = results
-        .method
-        .service_counts
-        .iter()
-        .map(|&n| (workload, n))
-        .collect();
+    let mut groups = Vec::new();
+    let mut per_group: Vec<(Workload, usize)> = Vec::new();
+    for path in [TrafficPath::NodePort, TrafficPath::ClusterIp] {
+        for &services in &results.method.service_counts {
+            groups.push(format!("{}\n{services} Services", path.short_label()));
+            per_group.push((
+                Workload {
+                    kind: Kind::SmallPackets,
+                    path,
+                },
+                services,
+            ));
+        }
+    }
     bar_chart(
         &packets,
-        "UDP 64-byte packets delivered through a NodePort to a pod on the other node",
-        "packets/s",
+        "UDP 64-byte packets delivered to a pod on the other node (XDP generator, 256 flows)",
+        "packets/s delivered",
         &groups,
         &variant_series(results, &per_group, "delivered_pps"),
     )?;
@@ -196,22 +202,24 @@ fn variant_series<'a>(
         .collect()
 }
 
-fn bar_chart(
-    path: &Path,
-    title: &str,
-    unit: &str,
-    groups: &[String],
-    series: &[Series],
-) -> anyhow::Result<()> {
-    render(path, |root| draw_bars(root, title, unit, groups, series))
+/// What every chart says under it: how its figures were made.
+fn footnote(results: &Results) -> String {
+    format!(
+        "Median of {} round(s); whiskers: min–max. Veth testbed of network namespaces on {} \
+         shared cores ({}), kernel {}.",
+        results.method.rounds, results.machine.cpus, results.machine.cpu, results.machine.kernel
+    )
 }
 
-/// Draws a 1200x640 PNG at `path` with `draw`.
+/// Draws a PNG at `path` with `draw`: 1200x680, wider when `groups` x-axis groups need the
+/// room for their labels.
 fn render(
     path: &Path,
+    groups: usize,
     draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> DrawResult,
 ) -> anyhow::Result<()> {
-    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
+    let width = (groups as u32 * 190).max(1200);
+    let root = BitMapBackend::new(path, (width, 680)).into_drawing_area();
     draw(&root)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("drawing {}", path.display()))?;
@@ -228,8 +236,12 @@ fn draw_bars(
     unit: &str,
     groups: &[String],
     series: &[Series],
+    note: &str,
 ) -> DrawResult {
     root.fill(&WHITE)?;
+    let (root, under) = root.split_vertically(root.dim_in_pixel().1 - 28);
+    draw_note(&under, note)?;
+    let root = &root;
     let top = series
         .iter()
         .flat_map(|s| s.values.iter().flatten())
@@ -241,7 +253,7 @@ fn draw_bars(
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 22))
         .margin(16)
-        .x_label_area_size(52)
+        .x_label_area_size(56)
         .y_label_area_size(80)
         .build_cartesian_2d(0.0..groups.len() as f64, 0.0..top)?;
     chart
@@ -310,14 +322,27 @@ fn draw_bars(
     Ok(())
 }
 
-/// New connections per second (ClusterIP path) against the number of Services, one line per
-/// variant, log scale in Services.
-fn connection_chart(results: &Results, path: &Path) -> anyhow::Result<()> {
-    render(path, |root| draw_connections(root, results))
+/// The footnote line at the bottom of a chart.
+fn draw_note(area: &DrawingArea<BitMapBackend, Shift>, note: &str) -> DrawResult {
+    area.draw(&Text::new(
+        note.to_owned(),
+        (16, 4),
+        TextStyle::from((FONT, 13)).color(&RGBColor(70, 70, 70)),
+    ))?;
+    Ok(())
 }
 
-fn draw_connections(root: &DrawingArea<BitMapBackend, Shift>, results: &Results) -> DrawResult {
+/// New connections per second (ClusterIP path) against the number of Services, one line per
+/// variant, log scale in Services.
+fn draw_connections(
+    root: &DrawingArea<BitMapBackend, Shift>,
+    results: &Results,
+    note: &str,
+) -> DrawResult {
     root.fill(&WHITE)?;
+    let (root, under) = root.split_vertically(root.dim_in_pixel().1 - 28);
+    draw_note(&under, note)?;
+    let root = &root;
     let workload = Workload {
         kind: Kind::ConnectionRate,
         path: TrafficPath::ClusterIp,

@@ -6,6 +6,7 @@
 mod beds;
 mod charts;
 mod control_plane;
+mod program_cost;
 mod report;
 mod tools;
 mod workloads;
@@ -109,6 +110,9 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
 
     let samples = measure_data_plane(&plan, lb, &scratch, &progress)?;
     let control = measure_control_plane(&plan, lb, &scratch, &progress)?;
+    progress.set_message("per-packet program cost (BPF_PROG_TEST_RUN)");
+    let repeat = if options.quick { 100_000 } else { 1_000_000 };
+    let program_cost = program_cost::measure(plan.rounds, repeat, &scratch)?;
     progress.finish_with_message("measured");
 
     let mut results = Results {
@@ -128,6 +132,7 @@ pub fn run(lb: &Path, options: &Options) -> anyhow::Result<PathBuf> {
         },
         samples,
         control_plane: control,
+        program_cost,
         summary: Vec::new(),
         targets: Vec::new(),
     };

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use comfy_table::{Table, presets::ASCII_MARKDOWN};
 use serde::{Deserialize, Serialize};
 
+use super::program_cost::ProgramCost;
 use super::{
     beds::{TrafficPath, Variant},
     workloads::{Durations, Figures, Kind, Workload},
@@ -22,6 +23,9 @@ pub struct Results {
     pub samples: Vec<Sample>,
     /// One per (round, variant), at the largest number of Services.
     pub control_plane: Vec<Sample>,
+    /// Per-packet cost of each program path (absent from runs before it was measured).
+    #[serde(default)]
+    pub program_cost: ProgramCost,
     pub summary: Vec<Summary>,
     pub targets: Vec<TargetResult>,
 }
@@ -265,6 +269,28 @@ fn targets(results: &Results) -> Vec<TargetResult> {
         "packets/s lb (xdp) vs iptables".to_owned(),
         &|r| r >= 2.0,
     );
+    let cost = &results.program_cost;
+    if let (Some(&few), Some(&many)) = (cost.scales().first(), cost.scales().last()) {
+        for program in ["lb_pod_ingress", "lb_external_ingress", "lb_external_xdp"] {
+            let row = cost.rows.iter().find(|r| {
+                r.program == program && r.path == "established flow" && r.services == many
+            });
+            ratio_target(
+                format!("{program}: established flow ≤ 2 × the empty program ({many} Services)"),
+                row.map(|r| spread(&r.ns).0),
+                row.and_then(|r| cost.floor(r)),
+                "ns a packet (single runs) vs empty program".to_owned(),
+                &|r| r <= 2.0,
+            );
+            ratio_target(
+                format!("{program}: new-flow cost flat from {few} to {many} Services (≤ 1.1 ×)"),
+                cost.ns(program, "new flow", many).map(|s| s.0),
+                cost.ns(program, "new flow", few).map(|s| s.0),
+                format!("ns a new flow at {many} vs {few}"),
+                &|r| r <= 1.1,
+            );
+        }
+    }
     let absolute = |target: String, value: Option<f64>, unit: &str, limit: f64| TargetResult {
         target,
         measured: value.map_or_else(
@@ -354,7 +380,10 @@ pub fn markdown(results: &Results) -> String {
 
     for workload in Workload::ALL {
         let figures: &[(&str, &str)] = match workload.kind {
-            Kind::Throughput => &[("gbit_per_s", "Gbit/s")],
+            Kind::Throughput => &[
+                ("gbit_per_s", "Gbit/s"),
+                ("cpu_s_per_gbit", "CPU s per Gbit"),
+            ],
             Kind::RequestResponse => &[
                 ("p50_us", "p50 µs"),
                 ("p90_us", "p90 µs"),
@@ -364,8 +393,13 @@ pub fn markdown(results: &Results) -> String {
                 ("per_s", "conn/s"),
                 ("connect_p50_us", "connect p50 µs"),
                 ("connect_p99_us", "connect p99 µs"),
+                ("cpu_s_per_100k_conn", "CPU s per 100k"),
             ],
-            Kind::SmallPackets => &[("delivered_pps", "delivered/s"), ("sent_pps", "sent/s")],
+            Kind::SmallPackets => &[
+                ("delivered_pps", "delivered/s"),
+                ("sent_pps", "sent/s"),
+                ("drop_pct", "dropped %"),
+            ],
         };
         out.push_str(&format!("## {}\n\n", workload.label()));
         let mut header = vec!["Variant".to_owned()];
@@ -396,6 +430,8 @@ pub fn markdown(results: &Results) -> String {
         out.push_str(&format!("{table}\n\n"));
     }
 
+    out.push_str(&program_cost_section(&results.program_cost));
+
     let large = results.largest();
     out.push_str(&format!("## Control plane ({large} Services)\n\n"));
     let mut table = markdown_table(&[
@@ -422,6 +458,77 @@ pub fn markdown(results: &Results) -> String {
         }
     }
     out
+}
+
+/// Each program path's ns a packet at each scale, with its ratio to the empty program timed the
+/// same way.
+fn program_cost_section(cost: &ProgramCost) -> String {
+    if cost.rows.is_empty() {
+        return String::new();
+    }
+    let scales = cost.scales();
+    let mut out = format!(
+        "## Per-packet program cost (BPF_PROG_TEST_RUN, full conntrack)\n\n\
+         Mean kernel time of a run, median of {} round(s) (min–max). lb's paths and the \
+         \"single runs\" rows are {} single runs of a fresh packet a round; \"empty\" is one \
+         packet repeated {} times. × empty: against the empty program of the same kind, timed \
+         the same way.\n\n",
+        cost.rounds, cost.single_runs, cost.repeat
+    );
+    let mut header = vec![
+        "Program".to_owned(),
+        "Path".to_owned(),
+        "Verdict".to_owned(),
+    ];
+    for services in &scales {
+        header.push(format!("ns @ {services}"));
+        header.push(format!("× empty @ {services}"));
+    }
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let mut table = markdown_table(&header);
+    let mut seen = Vec::new();
+    for row in &cost.rows {
+        if seen.contains(&(&row.program, &row.path)) {
+            continue;
+        }
+        seen.push((&row.program, &row.path));
+        let xdp = row.program.contains("xdp") || row.program == super::program_cost::EMPTY_XDP;
+        let mut cells = vec![
+            row.program.clone(),
+            row.path.clone(),
+            verdict_name(row.verdict, xdp).to_owned(),
+        ];
+        for &services in &scales {
+            let at = cost
+                .rows
+                .iter()
+                .find(|r| r.program == row.program && r.path == row.path && r.services == services);
+            match at {
+                Some(r) => {
+                    let (median, low, high) = spread(&r.ns);
+                    cells.push(format!("{} ({}–{})", fmt(median), fmt(low), fmt(high)));
+                    cells.push(cost.floor(r).map_or("–".to_owned(), |f| fmt(median / f)));
+                }
+                None => cells.extend(["–".to_owned(), "–".to_owned()]),
+            }
+        }
+        table.add_row(cells);
+    }
+    out.push_str(&format!("{table}\n\n"));
+    out
+}
+
+fn verdict_name(verdict: u32, xdp: bool) -> &'static str {
+    match (xdp, verdict) {
+        (false, 0) => "TC_ACT_OK",
+        (false, 2) => "TC_ACT_SHOT",
+        (false, 7) => "TC_ACT_REDIRECT",
+        (true, 1) => "XDP_DROP",
+        (true, 2) => "XDP_PASS",
+        (true, 3) => "XDP_TX",
+        (true, 4) => "XDP_REDIRECT",
+        _ => "other",
+    }
 }
 
 fn markdown_table(header: &[&str]) -> Table {
@@ -469,6 +576,7 @@ pub fn test_results(rounds: usize, samples: Vec<Sample>, control_plane: Vec<Samp
         },
         samples,
         control_plane,
+        program_cost: ProgramCost::default(),
         summary: Vec::new(),
         targets: Vec::new(),
     };

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_testbed::{cleanup, loadgen, netns::Netns};
+use lb_testbed::{cleanup, loadgen, netns::Netns, xdp_generator};
 use serde::{Deserialize, Serialize};
 
 use super::beds::{BACKEND_POD, Bed, Server, TrafficPath};
@@ -23,7 +23,7 @@ pub enum Kind {
     RequestResponse,
     /// New TCP connections per second and connect() latency.
     ConnectionRate,
-    /// 64-byte UDP datagrams delivered per second.
+    /// 64-byte UDP frames from the XDP generator, delivered per second.
     SmallPackets,
 }
 
@@ -36,13 +36,14 @@ pub struct Workload {
 
 impl Workload {
     /// Every workload, in the order a round runs them.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::new(Kind::Throughput, TrafficPath::ClusterIp),
         Workload::new(Kind::Throughput, TrafficPath::NodePort),
         Workload::new(Kind::RequestResponse, TrafficPath::ClusterIp),
         Workload::new(Kind::RequestResponse, TrafficPath::NodePort),
         Workload::new(Kind::ConnectionRate, TrafficPath::ClusterIp),
         Workload::new(Kind::SmallPackets, TrafficPath::NodePort),
+        Workload::new(Kind::SmallPackets, TrafficPath::ClusterIp),
         Workload::new(Kind::Throughput, TrafficPath::ClusterIp6),
         Workload::new(Kind::Throughput, TrafficPath::NodePort6),
         Workload::new(Kind::ConnectionRate, TrafficPath::ClusterIp6),
@@ -73,7 +74,7 @@ impl Workload {
             Kind::Throughput => "TCP throughput (iperf3)",
             Kind::RequestResponse => "request/response RTT (sockperf)",
             Kind::ConnectionRate => "new connections",
-            Kind::SmallPackets => "UDP 64-byte packets",
+            Kind::SmallPackets => "UDP 64-byte packets (XDP generator)",
         };
         format!("{kind}, {}", self.path.label())
     }
@@ -91,15 +92,23 @@ pub struct Durations {
     pub small_packets: Duration,
 }
 
-/// Runs `workload` once on `bed`.
+/// Runs `workload` once on `bed`. Throughput and new connections also record the machine's
+/// kernel CPU time (system + softirq, from /proc/stat) per unit of work: everything on the
+/// path, the tools' own sockets included, which are the same for every variant.
 pub fn measure(bed: &Bed, workload: Workload, durations: &Durations) -> anyhow::Result<Figures> {
     let client = bed.client(workload.path);
+    let cpu = CpuTime::now()?;
     let figures = match workload.kind {
         Kind::Throughput => iperf3(
             client,
             bed.target(workload.path, Server::Iperf),
             durations.throughput,
-        ),
+        )
+        .and_then(|mut figures| {
+            let gigabits = figures["gbit_per_s"] * durations.throughput.as_secs_f64();
+            figures.insert("cpu_s_per_gbit".to_owned(), cpu.since()? / gigabits);
+            Ok(figures)
+        }),
         Kind::RequestResponse => sockperf(
             client,
             bed.target(workload.path, Server::Sockperf),
@@ -109,15 +118,46 @@ pub fn measure(bed: &Bed, workload: Workload, durations: &Durations) -> anyhow::
             client,
             bed.target(workload.path, Server::Accept),
             durations.connection_rate,
-        ),
-        Kind::SmallPackets => small_packets(
-            bed,
-            client,
-            bed.target(workload.path, Server::Udp),
-            durations.small_packets,
-        ),
+        )
+        .and_then(|mut figures| {
+            let connections = figures["per_s"] * durations.connection_rate.as_secs_f64();
+            figures.insert(
+                "cpu_s_per_100k_conn".to_owned(),
+                cpu.since()? / connections * 1e5,
+            );
+            Ok(figures)
+        }),
+        Kind::SmallPackets => small_packets(bed, workload.path, durations.small_packets),
     };
     figures.with_context(|| format!("{} on {}", workload.label(), bed.variant.label()))
+}
+
+/// The machine's kernel CPU time so far: system + softirq, all CPUs (the first line of
+/// /proc/stat, in clock ticks).
+struct CpuTime(f64);
+
+impl CpuTime {
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let fields: Vec<f64> = stat
+            .lines()
+            .next()
+            .context("an empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        // user nice system idle iowait irq softirq ...
+        anyhow::ensure!(fields.len() >= 7, "short /proc/stat line");
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(Self((fields[2] + fields[6]) / ticks))
+    }
+
+    /// CPU seconds since `self`.
+    fn since(&self) -> anyhow::Result<f64> {
+        Ok(Self::now()?.0 - self.0)
+    }
 }
 
 /// Runs a measuring tool inside `ns` and returns its stdout; fails with its stderr.
@@ -257,31 +297,63 @@ fn connection_rate(
     ]))
 }
 
-/// Two sender threads of 64-byte datagrams. Delivered is what arrived on pod-c's interface
-/// (the receiving application, one thread, is not what is measured); what its socket read is
-/// recorded too.
-fn small_packets(
-    bed: &Bed,
-    client: &Netns,
-    target: std::net::SocketAddr,
-    duration: Duration,
-) -> anyhow::Result<Figures> {
-    let backend = &bed.cluster.pod(BACKEND_POD).ns;
-    let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend)?);
-    let std::net::SocketAddr::V4(target) = target else {
+/// Random source ports of the generator's frames: that many concurrent flows (clients).
+const GENERATOR_FLOWS: u16 = 256;
+/// The generator's core; the path under test gets the other one.
+const GENERATOR_CPU: usize = 0;
+
+/// 64-byte UDP frames (60 on the wire before the FCS: Ethernet, IPv4, UDP and 18 bytes of
+/// payload) from the XDP generator in the client's namespace, [`GENERATOR_FLOWS`] flows, to
+/// the UDP sink's Service. Delivered is what arrived on the backend pod's interface; sent is
+/// what the generator offered, so the drop rate is the share the path could not take. The
+/// first hop (the client's veth peer) is made ready for generated frames only for this
+/// measurement (see [`xdp_generator::ReceivingPeer`]): XDP on a veth costs the other
+/// workloads their GRO.
+fn small_packets(bed: &Bed, path: TrafficPath, duration: Duration) -> anyhow::Result<Figures> {
+    let client = bed.client(path);
+    let std::net::SocketAddr::V4(target) = bed.target(path, Server::Udp) else {
         anyhow::bail!("the UDP flood is measured over IPv4 only");
     };
-    let sent = loadgen::udp_flood(client, target, 64, 2, duration)?;
+    let (peer_ns, peer_if) = bed.first_hop(path);
+    let source = match path {
+        TrafficPath::ClusterIp => bed.cluster.pod(super::beds::CLIENT_POD).ip,
+        _ => bed.cluster.outside.ip,
+    };
+    let (gateway_ns, gateway_if) = bed.gateway(path);
+    let frame = xdp_generator::udp_frame(
+        xdp_generator::mac_address(client, "eth0")?,
+        xdp_generator::mac_address(gateway_ns, &gateway_if)?,
+        std::net::SocketAddrV4::new(source, 20_000),
+        target,
+        18,
+    );
+    let pin =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/{}-generator-peer", bed.cluster.run_id));
+    let _peer = xdp_generator::ReceivingPeer::prepare(peer_ns, &peer_if, &pin)?;
+    let backend = &bed.cluster.pod(BACKEND_POD).ns;
+    let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend)?);
+    let sent = xdp_generator::run(
+        client,
+        "eth0",
+        frame,
+        GENERATOR_FLOWS,
+        GENERATOR_CPU,
+        duration,
+    )?;
     // Let the last packets land and the receiver drain its socket buffer.
     std::thread::sleep(Duration::from_millis(200));
     let delivered = rx_packets(backend)? - interface_before;
     let read = bed.udp_sink.received() - socket_before;
     anyhow::ensure!(read > 0, "no datagram reached {target}'s backend");
-    let seconds = duration.as_secs_f64();
+    let seconds = sent.elapsed.as_secs_f64();
     Ok(Figures::from([
         ("delivered_pps".to_owned(), delivered as f64 / seconds),
         ("socket_pps".to_owned(), read as f64 / seconds),
-        ("sent_pps".to_owned(), sent as f64 / seconds),
+        ("sent_pps".to_owned(), sent.per_second()),
+        (
+            "drop_pct".to_owned(),
+            100.0 * (1.0 - delivered as f64 / sent.frames as f64).max(0.0),
+        ),
     ]))
 }
 

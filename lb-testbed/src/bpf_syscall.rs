@@ -1,0 +1,113 @@
+//! The few raw `bpf(2)` calls the testbed's own tiny XDP programs need (a do-nothing program for
+//! the switch ports, the packet generator's redirect). They are a handful of instructions each,
+//! so they are assembled here rather than built and linked as BPF objects.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::Context as _;
+
+pub const BPF_PROG_LOAD: libc::c_long = 5;
+pub const BPF_OBJ_PIN: libc::c_long = 6;
+pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+/// One `struct bpf_insn` (code, dst and src registers, offset, immediate) as the kernel reads
+/// it on a little-endian machine.
+pub const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64
+        | ((dst as u64 | (src as u64) << 4) << 8)
+        | (off as u16 as u64) << 16
+        | (imm as u32 as u64) << 32
+}
+
+/// `dst = imm` (BPF_ALU64 | BPF_MOV | BPF_K).
+pub const fn mov64_imm(dst: u8, imm: i32) -> u64 {
+    insn(0xb7, dst, 0, 0, imm)
+}
+
+/// `call helper` (BPF_JMP | BPF_CALL).
+pub const fn call(helper: i32) -> u64 {
+    insn(0x85, 0, 0, 0, helper)
+}
+
+/// `exit` (BPF_JMP | BPF_EXIT).
+pub const EXIT: u64 = insn(0x95, 0, 0, 0, 0);
+
+/// `bpf(cmd, attr)`; `attr` is the zero-padded `union bpf_attr` for `cmd`.
+pub fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a valid, writable buffer of the size passed, laid out as the kernel's
+    // `union bpf_attr` for `cmd`; any pointers in it point at live values of the caller.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Loads `program` as an XDP program (GPL, so it may call any helper).
+pub fn load_xdp(program: &[u64]) -> anyhow::Result<OwnedFd> {
+    load_program(BPF_PROG_TYPE_XDP, program)
+}
+
+/// Loads `program` as a program of type `kind` (`BPF_PROG_TYPE_*`), GPL.
+pub fn load_program(kind: u32, program: &[u64]) -> anyhow::Result<OwnedFd> {
+    let license = CString::new("GPL").expect("no NUL");
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&kind.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(program.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(program.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading a BPF program")?;
+    // SAFETY: BPF_PROG_LOAD returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_TEST_RUN` of `program` over `packet`, `repeat` times: (the last verdict, the mean
+/// kernel time of a run in nanoseconds).
+pub fn test_run(program: &OwnedFd, packet: &[u8], repeat: u32) -> std::io::Result<(u32, u32)> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    let field = |at: usize| u32::from_ne_bytes(attr[at..at + 4].try_into().expect("4 bytes"));
+    Ok((field(4), field(36)))
+}
+
+/// Turns on the kernel's per-program run-time statistics (`run_time_ns`, `run_cnt`, as
+/// `kernel.bpf_stats_enabled=1` does) until the returned descriptor is closed, so they are off
+/// again whatever happens to this process.
+pub fn enable_run_time_stats() -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+    let fd = bpf(BPF_ENABLE_STATS, &mut attr).context("BPF_ENABLE_STATS")?;
+    // SAFETY: BPF_ENABLE_STATS returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instructions_encode_as_the_kernel_reads_them() {
+        // From `llvm-objdump -d` of `r1 = 7; call 23; exit`.
+        assert_eq!(
+            mov64_imm(1, 7).to_le_bytes(),
+            [0xb7, 0x01, 0, 0, 7, 0, 0, 0]
+        );
+        assert_eq!(call(23).to_le_bytes(), [0x85, 0, 0, 0, 23, 0, 0, 0]);
+        assert_eq!(EXIT.to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            insn(0x69, 2, 1, -2, 0).to_le_bytes(),
+            [0x69, 0x12, 0xfe, 0xff, 0, 0, 0, 0]
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! A packet generator that outruns the paths the benchmark measures, in the manner of
+//! xdp-trafficgen: the kernel runs a small XDP program over live frames (`BPF_PROG_TEST_RUN`
+//! with `BPF_F_TEST_XDP_LIVE_FRAMES`), and each run sends a frame out of the interface through
+//! its `ndo_xdp_xmit`. No socket, no skb and no qdisc on the sending side, so one core makes
+//! millions of frames a second. The program writes the whole frame on every run (a few stores of
+//! constants): the kernel recycles the pages of frames the receivers freed without resetting
+//! them, and a router on the way has rewritten their MAC addresses and TTL by then.
+//! (Debian's xdp-trafficgen itself sends IPv6 with hop limit 1 only, which cannot be routed
+//! through a node; this sends any frame.)
+//!
+//! On a veth the frames land in the peer's NAPI ring, which needs an XDP program on the peer
+//! ([`crate::xdp_pass`]); frames that find the ring full are dropped there, as a NIC drops what
+//! its ring cannot hold when the host cannot keep up.
+
+use std::{
+    net::SocketAddrV4,
+    os::fd::{AsRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use etherparse::PacketBuilder;
+
+use crate::{
+    bpf_syscall::{BPF_PROG_TEST_RUN, EXIT, bpf, call, insn, load_xdp, mov64_imm},
+    netns::Netns,
+};
+
+const BPF_FUNC_REDIRECT: i32 = 23;
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+/// Frames per `ndo_xdp_xmit` call (the kernel's default batch).
+const BATCH: u32 = 64;
+/// Each system call sets the run up and tears it down again (tens of milliseconds here, with
+/// RCU grace periods), so calls send about this long.
+const CALL_LENGTH: Duration = Duration::from_millis(250);
+
+/// The veth peer that takes the generator's frames, made ready for them until dropped:
+/// - an XDP program ([`crate::xdp_pass`]): a veth takes redirected frames into a NAPI ring only
+///   when it has one;
+/// - threaded NAPI: that ring is drained by a kernel thread, which the scheduler runs on the
+///   other core, rather than in the generator's own softirq. The generator and the path under
+///   test then have a core each, and the generator can outrun the path.
+pub struct ReceivingPeer<'a> {
+    ns: &'a Netns,
+    ifname: String,
+}
+
+impl<'a> ReceivingPeer<'a> {
+    /// `pin` is a free bpffs path, used while the program is attached.
+    pub fn prepare(ns: &'a Netns, ifname: &str, pin: &std::path::Path) -> anyhow::Result<Self> {
+        crate::xdp_pass::attach(ns, ifname, pin)?;
+        let peer = Self {
+            ns,
+            ifname: ifname.to_owned(),
+        };
+        ns.set_device_attribute(ifname, "threaded", "1")?;
+        Ok(peer)
+    }
+}
+
+impl Drop for ReceivingPeer<'_> {
+    fn drop(&mut self) {
+        // XDP on a veth takes GRO and GSO away from it: the other workloads need it gone.
+        let _ = self.ns.set_device_attribute(&self.ifname, "threaded", "0");
+        let _ = self
+            .ns
+            .ip(&["link", "set", "dev", &self.ifname, "xdp", "off"]);
+    }
+}
+
+/// What one generator run sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Generated {
+    /// Frames handed to the interface (each program run redirects one).
+    pub frames: u64,
+    pub elapsed: Duration,
+}
+
+impl Generated {
+    pub fn per_second(&self) -> f64 {
+        self.frames as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// An Ethernet + IPv4 + UDP frame with `payload` zero bytes and correct checksums.
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: usize,
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let data = vec![0u8; payload];
+    let mut frame = Vec::with_capacity(builder.size(payload));
+    builder
+        .write(&mut frame, &data)
+        .expect("writing into a Vec cannot fail");
+    frame
+}
+
+/// The MAC address of `ifname` in `ns`.
+pub fn mac_address(ns: &Netns, ifname: &str) -> anyhow::Result<[u8; 6]> {
+    let out = ns.pipe("ip", &["-json", "link", "show", "dev", ifname], "")?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("ip -json output")?;
+    let text = links[0]["address"]
+        .as_str()
+        .with_context(|| format!("no address for {ifname} in {out}"))?;
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().with_context(|| format!("short MAC {text}"))?;
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("MAC {text}"))?;
+    }
+    Ok(mac)
+}
+
+/// Sends `frame` out of `ifname` in `ns` for `duration` from one thread pinned to `cpu`, as fast
+/// as the kernel runs the program; with `ports` > 1 (a power of two), each frame's UDP source
+/// port is random in `[its port, its port + ports)`, so the frames are that many flows.
+pub fn run(
+    ns: &Netns,
+    ifname: &str,
+    frame: Vec<u8>,
+    ports: u16,
+    cpu: usize,
+    duration: Duration,
+) -> anyhow::Result<Generated> {
+    let ifname = ifname.to_owned();
+    ns.run(move || -> anyhow::Result<Generated> {
+        pin_to_cpu(cpu)?;
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+            .with_context(|| format!("no interface {ifname}"))?;
+        let program =
+            load_xdp(&program(&frame, ports, ifindex)).context("the generator's program")?;
+        let started = Instant::now();
+        let mut frames = 0u64;
+        let mut runs = 100_000u32;
+        while started.elapsed() < duration {
+            let call = Instant::now();
+            send(&program, ifindex, &frame, runs, BPF_F_TEST_XDP_LIVE_FRAMES)
+                .with_context(|| format!("generating frames out of {ifname}"))?;
+            frames += u64::from(runs);
+            let per_second = f64::from(runs) / call.elapsed().as_secs_f64();
+            let left = duration.saturating_sub(started.elapsed()).min(CALL_LENGTH);
+            runs = (per_second * left.as_secs_f64()).clamp(1_000.0, 1e8) as u32;
+        }
+        Ok(Generated {
+            frames,
+            elapsed: started.elapsed(),
+        })
+    })?
+}
+
+/// Where the varying source port and the UDP checksum sit in an Ethernet + IPv4 (no options)
+/// + UDP frame.
+const SPORT_OFFSET: i16 = 34;
+const UDP_CSUM_OFFSET: i16 = 40;
+
+/// The generator's XDP program: write `frame` over the packet; when `ports` > 1, pick the source
+/// port at random in `[its port, its port + ports)` and correct the UDP checksum for it
+/// (RFC 1624); `return bpf_redirect(ifindex, 0)`. XDP_ABORTED if the packet is shorter than
+/// the frame (never: the kernel makes it from the frame).
+fn program(frame: &[u8], ports: u16, ifindex: u32) -> Vec<u64> {
+    const R0: u8 = 0;
+    const R1: u8 = 1;
+    const R2: u8 = 2;
+    const R3: u8 = 3;
+    const R4: u8 = 4;
+    const R5: u8 = 5;
+    const R6: u8 = 6;
+    const R7: u8 = 7;
+    const R8: u8 = 8;
+    const R9: u8 = 9;
+    const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
+    let field = |at: i16| u16::from_be_bytes([frame[at as usize], frame[at as usize + 1]]);
+
+    let mut writes = Vec::new();
+    let words = frame.chunks_exact(8);
+    let tail = words.remainder();
+    for (i, word) in words.enumerate() {
+        let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        // r5 = value (ld_imm64 takes two instructions); *(u64 *)(r2 + off) = r5
+        writes.push(insn(0x18, R5, 0, 0, value as u32 as i32));
+        writes.push(insn(0, 0, 0, 0, (value >> 32) as u32 as i32));
+        writes.push(insn(0x7b, R2, R5, (i * 8) as i16, 0));
+    }
+    let tail_start = frame.len() - tail.len();
+    for (i, byte) in tail.iter().enumerate() {
+        // *(u8 *)(r2 + off) = byte
+        writes.push(insn(0x72, R2, 0, (tail_start + i) as i16, i32::from(*byte)));
+    }
+    if ports > 1 {
+        assert!(ports.is_power_of_two(), "a power-of-two port range");
+        let (sport, csum) = (field(SPORT_OFFSET), field(UDP_CSUM_OFFSET));
+        // New checksum = ~(~csum + ~sport + new sport), folded to 16 bits.
+        let constant = i32::from(!csum) + i32::from(!sport);
+        writes.extend([
+            insn(0x57, R7, 0, 0, i32::from(ports - 1)), // r7 &= ports - 1 (r7: random)
+            insn(0x07, R7, 0, 0, i32::from(sport)),     // r7 += sport
+            insn(0xbf, R8, R7, 0, 0),                   // r8 = r7
+            insn(0x07, R8, 0, 0, constant),             // r8 += constant
+            insn(0xbf, R9, R8, 0, 0),                   // r9 = r8
+            insn(0x77, R9, 0, 0, 16),                   // r9 >>= 16
+            insn(0x57, R8, 0, 0, 0xffff),               // r8 &= 0xffff
+            insn(0x0f, R8, R9, 0, 0),                   // r8 += r9
+            insn(0xbf, R9, R8, 0, 0),                   // r9 = r8
+            insn(0x77, R9, 0, 0, 16),                   // r9 >>= 16
+            insn(0x57, R8, 0, 0, 0xffff),               // r8 &= 0xffff
+            insn(0x0f, R8, R9, 0, 0),                   // r8 += r9
+            insn(0xa7, R8, 0, 0, 0xffff),               // r8 ^= 0xffff
+            insn(0x55, R8, 0, 1, 0),                    // if r8 != 0 skip the next
+            mov64_imm(R8, 0xffff),                      // UDP sends a zero sum as 0xffff
+            insn(0xdc, R7, 0, 0, 16),                   // r7 = htobe16(r7)
+            insn(0xdc, R8, 0, 0, 16),                   // r8 = htobe16(r8)
+            insn(0x6b, R2, R7, SPORT_OFFSET, 0),        // *(u16 *)(r2 + sport) = r7
+            insn(0x6b, R2, R8, UDP_CSUM_OFFSET, 0),     // *(u16 *)(r2 + csum) = r8
+        ]);
+    }
+    let mut program = vec![
+        insn(0xbf, R6, R1, 0, 0),                 // r6 = ctx
+        call(BPF_FUNC_GET_PRANDOM_U32),           // r0 = random
+        insn(0xbf, R7, R0, 0, 0),                 // r7 = r0
+        insn(0x61, R2, R6, 0, 0),                 // r2 = ctx->data
+        insn(0x61, R3, R6, 4, 0),                 // r3 = ctx->data_end
+        insn(0xbf, R4, R2, 0, 0),                 // r4 = r2
+        insn(0x07, R4, 0, 0, frame.len() as i32), // r4 += len
+    ];
+    // if r4 > r3 goto aborted (past the writes and the redirect)
+    program.push(insn(0x2d, R4, R3, (writes.len() + 4) as i16, 0));
+    program.extend(writes);
+    program.extend([
+        mov64_imm(R1, ifindex as i32),
+        mov64_imm(R2, 0),
+        call(BPF_FUNC_REDIRECT),
+        EXIT,
+        mov64_imm(R0, 0),
+        EXIT,
+    ]);
+    program
+}
+
+/// One `BPF_PROG_TEST_RUN` of `runs` runs over `frame` (live frames with
+/// `BPF_F_TEST_XDP_LIVE_FRAMES`). Returns the program's last verdict.
+fn send(
+    program: &OwnedFd,
+    ifindex: u32,
+    frame: &[u8],
+    runs: u32,
+    flags: u32,
+) -> std::io::Result<u32> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut context = [0u32; 6];
+    context[1] = frame.len() as u32;
+    context[3] = ifindex;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&runs.to_ne_bytes());
+    attr[40..44].copy_from_slice(&(size_of_val(&context) as u32).to_ne_bytes());
+    attr[48..56].copy_from_slice(&(context.as_ptr() as u64).to_ne_bytes());
+    attr[64..68].copy_from_slice(&flags.to_ne_bytes());
+    if flags & BPF_F_TEST_XDP_LIVE_FRAMES != 0 {
+        attr[72..76].copy_from_slice(&BATCH.to_ne_bytes());
+    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes")))
+}
+
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).context("CPU number")?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning the generator to CPU {cpu}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the generator's program once (not live) on a copy of nothing in particular and
+    /// returns the frame it wrote and its verdict.
+    fn written_frame(frame: &[u8], ports: u16) -> (Vec<u8>, u32) {
+        let program = load_xdp(&program(frame, ports, 1)).expect("the verifier takes it");
+        let garbage = vec![0xa5u8; frame.len()];
+        let mut out = vec![0u8; frame.len()];
+        let mut context = [0u32; 6];
+        context[1] = frame.len() as u32;
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(garbage.len() as u32).to_ne_bytes());
+        attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(garbage.as_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+        attr[40..44].copy_from_slice(&(size_of_val(&context) as u32).to_ne_bytes());
+        attr[48..56].copy_from_slice(&(context.as_ptr() as u64).to_ne_bytes());
+        bpf(BPF_PROG_TEST_RUN, &mut attr).expect("BPF_PROG_TEST_RUN (as root)");
+        (out, u32::from_ne_bytes(attr[4..8].try_into().unwrap()))
+    }
+
+    fn frame() -> Vec<u8> {
+        udp_frame(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            "172.30.0.100:40000".parse().unwrap(),
+            "172.30.0.11:30901".parse().unwrap(),
+            22,
+        )
+    }
+
+    #[test]
+    fn one_flow_sends_the_frame_as_it_is() {
+        const XDP_REDIRECT: u32 = 4;
+        let (out, verdict) = written_frame(&frame(), 1);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, frame());
+    }
+
+    #[test]
+    fn many_flows_vary_the_source_port_and_keep_the_checksum_right() {
+        let mut ports = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let (out, _) = written_frame(&frame(), 16);
+            let packet = etherparse::SlicedPacket::from_ethernet(&out).expect("a whole frame");
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &packet.net else {
+                panic!("not IPv4");
+            };
+            let Some(etherparse::TransportSlice::Udp(udp)) = &packet.transport else {
+                panic!("not UDP");
+            };
+            let expected = udp
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), expected, "port {}", udp.source_port());
+            assert!((40000..40016).contains(&udp.source_port()));
+            ports.insert(udp.source_port());
+            // Everything but the port and the checksum is the template.
+            assert_eq!(out[..34], frame()[..34]);
+            assert_eq!(out[36..40], frame()[36..40]);
+            assert_eq!(out[42..], frame()[42..]);
+        }
+        assert!(ports.len() > 8, "random ports: {ports:?}");
+    }
+}
