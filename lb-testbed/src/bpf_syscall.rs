@@ -14,8 +14,6 @@ pub const BPF_OBJ_PIN: libc::c_long = 6;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_ENABLE_STATS: libc::c_long = 32;
-const BPF_STATS_RUN_TIME: u32 = 0;
 
 /// One `struct bpf_insn` (code, dst and src registers, offset, immediate) as the kernel reads
 /// it on a little-endian machine.
@@ -79,17 +77,6 @@ pub fn test_run(program: &OwnedFd, packet: &[u8], repeat: u32) -> std::io::Resul
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     let field = |at: usize| u32::from_ne_bytes(attr[at..at + 4].try_into().expect("4 bytes"));
     Ok((field(4), field(36)))
-}
-
-/// Turns on the kernel's per-program run-time statistics (`run_time_ns`, `run_cnt`, as
-/// `kernel.bpf_stats_enabled=1` does) until the returned descriptor is closed, so they are off
-/// again whatever happens to this process.
-pub fn enable_run_time_stats() -> anyhow::Result<OwnedFd> {
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
-    let fd = bpf(BPF_ENABLE_STATS, &mut attr).context("BPF_ENABLE_STATS")?;
-    // SAFETY: BPF_ENABLE_STATS returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]

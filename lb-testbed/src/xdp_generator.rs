@@ -35,23 +35,28 @@ const BATCH: u32 = 64;
 const CALL_LENGTH: Duration = Duration::from_millis(250);
 
 /// The veth peer that takes the generator's frames, made ready for them until dropped:
-/// - an XDP program ([`crate::xdp_pass`]): a veth takes redirected frames into a NAPI ring only
-///   when it has one;
+/// - an XDP program ([`crate::xdp_pass`]) unless it has one (say, lb's): a veth takes
+///   redirected frames into a NAPI ring only when it runs one;
 /// - threaded NAPI: that ring is drained by a kernel thread, which the scheduler runs on the
 ///   other core, rather than in the generator's own softirq. The generator and the path under
 ///   test then have a core each, and the generator can outrun the path.
 pub struct ReceivingPeer<'a> {
     ns: &'a Netns,
     ifname: String,
+    added_program: bool,
 }
 
 impl<'a> ReceivingPeer<'a> {
     /// `pin` is a free bpffs path, used while the program is attached.
     pub fn prepare(ns: &'a Netns, ifname: &str, pin: &std::path::Path) -> anyhow::Result<Self> {
-        crate::xdp_pass::attach(ns, ifname, pin)?;
+        let added_program = !has_xdp_program(ns, ifname)?;
+        if added_program {
+            crate::xdp_pass::attach(ns, ifname, pin)?;
+        }
         let peer = Self {
             ns,
             ifname: ifname.to_owned(),
+            added_program,
         };
         ns.set_device_attribute(ifname, "threaded", "1")?;
         Ok(peer)
@@ -60,12 +65,92 @@ impl<'a> ReceivingPeer<'a> {
 
 impl Drop for ReceivingPeer<'_> {
     fn drop(&mut self) {
-        // XDP on a veth takes GRO and GSO away from it: the other workloads need it gone.
         let _ = self.ns.set_device_attribute(&self.ifname, "threaded", "0");
-        let _ = self
-            .ns
-            .ip(&["link", "set", "dev", &self.ifname, "xdp", "off"]);
+        // XDP on a veth takes GRO and GSO away from it: the other workloads need it gone, but
+        // a program that was there before (lb's) stays.
+        if self.added_program {
+            let _ = self
+                .ns
+                .ip(&["link", "set", "dev", &self.ifname, "xdp", "off"]);
+        }
     }
+}
+
+/// A sink standing in for the rest of the network: an XDP program on a switch port that drops
+/// the benchmark's UDP frames (IPv4, to `port`) and passes everything else, so what a node
+/// forwards is counted (the port's receive counter) but costs nothing further down. Then the
+/// node is the only thing measured, as a load balancer in front of a fast network is. Until
+/// dropped; then the port gets back an XDP_PASS program if it had one, or none.
+pub struct UdpSink<'a> {
+    ns: &'a Netns,
+    ifname: String,
+    pin: std::path::PathBuf,
+    had_program: bool,
+}
+
+impl<'a> UdpSink<'a> {
+    pub fn attach(
+        ns: &'a Netns,
+        ifname: &str,
+        port: u16,
+        pin: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let had_program = has_xdp_program(ns, ifname)?;
+        let program = load_xdp(&sink_program(port)).context("the sink's program")?;
+        crate::xdp_pass::attach_program(ns, ifname, &program, pin)?;
+        Ok(Self {
+            ns,
+            ifname: ifname.to_owned(),
+            pin: pin.to_owned(),
+            had_program,
+        })
+    }
+}
+
+impl Drop for UdpSink<'_> {
+    fn drop(&mut self) {
+        if self.had_program {
+            let _ = crate::xdp_pass::attach(self.ns, &self.ifname, &self.pin);
+        } else {
+            let _ = self
+                .ns
+                .ip(&["link", "set", "dev", &self.ifname, "xdp", "off"]);
+        }
+    }
+}
+
+/// Whether `ifname` in `ns` runs an XDP program.
+fn has_xdp_program(ns: &Netns, ifname: &str) -> anyhow::Result<bool> {
+    let out = ns.pipe("ip", &["-json", "link", "show", "dev", ifname], "")?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("ip -json output")?;
+    Ok(!links[0]["xdp"].is_null())
+}
+
+/// `return (IPv4 and UDP and destination port == port) ? XDP_DROP : XDP_PASS` (IPv4 without
+/// options, as the generator's frames are).
+fn sink_program(port: u16) -> Vec<u64> {
+    const XDP_DROP: i32 = 1;
+    const XDP_PASS: i32 = 2;
+    // Loads are little-endian: a big-endian field reads back byte-swapped.
+    let ipv4 = i32::from(0x0800u16.swap_bytes());
+    let port = i32::from(port.swap_bytes());
+    vec![
+        insn(0x61, 2, 1, 0, 0),    // r2 = ctx->data
+        insn(0x61, 3, 1, 4, 0),    // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),    // r4 = r2
+        insn(0x07, 4, 0, 0, 38),   // r4 += 38 (through the UDP destination port)
+        insn(0x2d, 4, 3, 8, 0),    // if r4 > r3 goto pass
+        insn(0x69, 5, 2, 12, 0),   // r5 = ethertype
+        insn(0x55, 5, 0, 6, ipv4), // if r5 != IPv4 goto pass
+        insn(0x71, 5, 2, 23, 0),   // r5 = IP protocol
+        insn(0x55, 5, 0, 4, 17),   // if r5 != UDP goto pass
+        insn(0x69, 5, 2, 36, 0),   // r5 = UDP destination port
+        insn(0x55, 5, 0, 2, port), // if r5 != port goto pass
+        mov64_imm(0, XDP_DROP),
+        EXIT,
+        mov64_imm(0, XDP_PASS), // pass:
+        EXIT,
+    ]
 }
 
 /// What one generator run sent.

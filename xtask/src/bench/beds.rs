@@ -396,33 +396,27 @@ impl Bed {
         }
     }
 
-    /// The namespace and interface of the router `path`'s client sends its frames to (node-1's
-    /// `ext0`, or the host side of the client pod's veth), for their destination MAC.
-    pub fn gateway(&self, path: TrafficPath) -> (&Netns, String) {
+    /// Where the packet generator stands in for `path`'s client: the interface it sends out of
+    /// and the node-1 interface that receives the frames (its peer). For the NodePort paths
+    /// that is node-1's `ext0`, fed from its switch port, as a NIC is fed by the wire (the
+    /// outside client's own hop through the bridge would otherwise be measured too); for the
+    /// ClusterIP paths, the client pod's `eth0` into its host-side veth.
+    pub fn generator_hop(&self, path: TrafficPath) -> GeneratorHop<'_> {
         let node = self.cluster.node(ENTRY_NODE);
         match path {
             TrafficPath::ClusterIp | TrafficPath::ClusterIp6 => {
-                (&node.ns, self.cluster.pod(CLIENT_POD).host_if.clone())
+                let pod = self.cluster.pod(CLIENT_POD);
+                GeneratorHop {
+                    sender: (&pod.ns, "eth0".to_owned()),
+                    receiver: (&node.ns, pod.host_if.clone()),
+                    client: (&pod.ns, "eth0"),
+                }
             }
-            TrafficPath::NodePort | TrafficPath::NodePort6 => (
-                &node.ns,
-                lb_testbed::testbed::EXTERNAL_INTERFACE.to_owned(),
-            ),
-        }
-    }
-
-    /// The namespace and interface that take the frames `path`'s client sends: its veth peer
-    /// (the switch port for the outside client, the host side of the client pod's veth).
-    pub fn first_hop(&self, path: TrafficPath) -> (&Netns, String) {
-        match path {
-            TrafficPath::ClusterIp | TrafficPath::ClusterIp6 => (
-                &self.cluster.node(ENTRY_NODE).ns,
-                self.cluster.pod(CLIENT_POD).host_if.clone(),
-            ),
-            TrafficPath::NodePort | TrafficPath::NodePort6 => (
-                self.cluster.lan(),
-                lb_testbed::testbed::OUTSIDE_SWITCH_PORT.to_owned(),
-            ),
+            TrafficPath::NodePort | TrafficPath::NodePort6 => GeneratorHop {
+                sender: (self.cluster.lan(), switch_port(ENTRY_NODE)),
+                receiver: (&node.ns, lb_testbed::testbed::EXTERNAL_INTERFACE.to_owned()),
+                client: (&self.cluster.outside.ns, "eth0"),
+            },
         }
     }
 
@@ -486,6 +480,21 @@ impl Bed {
         }
         Ok(())
     }
+}
+
+/// Where the packet generator sends from, into which interface, as which client.
+pub struct GeneratorHop<'a> {
+    /// The namespace and interface the frames leave by.
+    pub sender: (&'a Netns, String),
+    /// The interface of node-1 that receives them (the sender's veth peer).
+    pub receiver: (&'a Netns, String),
+    /// The client interface whose MAC address the frames carry.
+    pub client: (&'a Netns, &'static str),
+}
+
+/// The lan bridge's port facing `node` (see the testbed).
+pub fn switch_port(node: &str) -> String {
+    format!("lan-{node}").chars().take(15).collect()
 }
 
 /// Loads the same rules into every node at once (nft -f of 10,000 Services takes minutes, mostly

@@ -7,6 +7,7 @@ mod beds;
 mod charts;
 mod control_plane;
 mod program_cost;
+mod program_stats;
 mod report;
 mod tools;
 mod workloads;
@@ -81,7 +82,11 @@ impl Plan {
             .iter()
             .map(|w| Variant::ALL.iter().filter(|v| v.applies_to(w.path)).count())
             .sum();
-        (self.synthetic.len() * self.rounds * per_round
+        let stats_pass = program_stats::WORKLOADS
+            .iter()
+            .map(|w| lb_variants().filter(|v| v.applies_to(w.path)).count())
+            .sum::<usize>();
+        (self.synthetic.len() * (self.rounds * per_round + stats_pass)
             + self.rounds * control_plane::VARIANTS.len()) as u64
     }
 }
@@ -193,8 +198,52 @@ fn measure_data_plane(
                 }
             }
         }
+        samples.extend(measure_program_stats(&beds, count, plan, progress)?);
     }
     Ok(samples)
+}
+
+/// Once per scale, after the rounds: lb's beds run the workloads of [`program_stats`] again with
+/// the kernel's run-time statistics on.
+fn measure_program_stats(
+    beds: &[Bed],
+    services: usize,
+    plan: &Plan,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for bed in beds
+        .iter()
+        .filter(|b| lb_variants().any(|v| v == b.variant))
+    {
+        for workload in program_stats::WORKLOADS
+            .into_iter()
+            .filter(|w| bed.variant.applies_to(w.path))
+        {
+            progress.set_message(format!(
+                "{services} Services, BPF run-time statistics: {} on {}",
+                workload.label(),
+                bed.variant.label()
+            ));
+            let figures = program_stats::during(|| {
+                measure_with_retry(bed, workload, &plan.durations).map(drop)
+            })?;
+            log_figures(progress, &figures);
+            samples.push(Sample {
+                services,
+                round: 0,
+                variant: bed.variant,
+                workload: program_stats::sample_id(workload),
+                figures,
+            });
+            progress.inc(1);
+        }
+    }
+    Ok(samples)
+}
+
+fn lb_variants() -> impl Iterator<Item = Variant> {
+    [Variant::LbTc, Variant::LbXdp].into_iter()
 }
 
 /// At the largest scale: each round programs every control-plane variant from nothing.

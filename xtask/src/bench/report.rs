@@ -263,9 +263,11 @@ fn targets(results: &Results) -> Vec<TargetResult> {
         );
     }
     ratio_target(
-        format!("NodePort UDP 64-byte packets, xdp ≥ 2 × iptables ({large} Services)"),
-        m(large, Variant::LbXdp, &udp, "delivered_pps"),
-        m(large, Variant::Iptables, &udp, "delivered_pps"),
+        format!(
+            "NodePort UDP 64-byte packets a node forwards, xdp ≥ 2 × iptables ({large} Services)"
+        ),
+        m(large, Variant::LbXdp, &udp, "forwarded_pps"),
+        m(large, Variant::Iptables, &udp, "forwarded_pps"),
         "packets/s lb (xdp) vs iptables".to_owned(),
         &|r| r >= 2.0,
     );
@@ -396,9 +398,11 @@ pub fn markdown(results: &Results) -> String {
                 ("cpu_s_per_100k_conn", "CPU s per 100k"),
             ],
             Kind::SmallPackets => &[
-                ("delivered_pps", "delivered/s"),
-                ("sent_pps", "sent/s"),
+                ("forwarded_pps", "node-1 forwarded/s"),
+                ("forward_drop_pct", "dropped %"),
+                ("delivered_pps", "delivered to pod/s"),
                 ("drop_pct", "dropped %"),
+                ("sent_pps", "generator sent/s"),
             ],
         };
         out.push_str(&format!("## {}\n\n", workload.label()));
@@ -431,6 +435,7 @@ pub fn markdown(results: &Results) -> String {
     }
 
     out.push_str(&program_cost_section(&results.program_cost));
+    out.push_str(&program_stats_section(results));
 
     let large = results.largest();
     out.push_str(&format!("## Control plane ({large} Services)\n\n"));
@@ -513,6 +518,56 @@ fn program_cost_section(cost: &ProgramCost) -> String {
             }
         }
         table.add_row(cells);
+    }
+    out.push_str(&format!("{table}\n\n"));
+    out
+}
+
+/// The kernel's run time per packet of each program during one extra run of the workloads.
+fn program_stats_section(results: &Results) -> String {
+    let stats: Vec<&Sample> = results
+        .samples
+        .iter()
+        .filter(|s| s.workload.starts_with("bpf-stats/"))
+        .collect();
+    if stats.is_empty() {
+        return String::new();
+    }
+    let mut programs: Vec<&str> = stats
+        .iter()
+        .flat_map(|s| s.figures.keys())
+        .filter_map(|k| k.strip_suffix(".ns"))
+        .collect();
+    programs.sort_unstable();
+    programs.dedup();
+    let mut out = "## Program run time under the real workloads (BPF run-time statistics)\n\n\
+         One extra run of each workload on lb's beds after the rounds, with the kernel's \
+         per-program statistics on (`BPF_ENABLE_STATS`, as `kernel.bpf_stats_enabled=1`; off \
+         during the measured rounds, since they cost two clock reads a run). ns a run of each \
+         program, over both nodes, and in brackets its runs a second. Names as the kernel \
+         keeps them (15 characters).\n\n"
+        .to_owned();
+    let mut header = vec!["Services", "Variant", "Workload"];
+    header.extend(programs.iter().copied());
+    let mut table = markdown_table(&header);
+    for sample in stats {
+        let mut row = vec![
+            sample.services.to_string(),
+            sample.variant.label().to_owned(),
+            sample.workload.trim_start_matches("bpf-stats/").to_owned(),
+        ];
+        for program in &programs {
+            row.push(
+                match (
+                    sample.figures.get(&format!("{program}.ns")),
+                    sample.figures.get(&format!("{program}.runs_per_s")),
+                ) {
+                    (Some(ns), Some(runs)) => format!("{} ({}/s)", fmt(*ns), fmt(*runs)),
+                    _ => "–".to_owned(),
+                },
+            );
+        }
+        table.add_row(row);
     }
     out.push_str(&format!("{table}\n\n"));
     out

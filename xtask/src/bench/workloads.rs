@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use lb_testbed::{cleanup, loadgen, netns::Netns, xdp_generator};
 use serde::{Deserialize, Serialize};
 
-use super::beds::{BACKEND_POD, Bed, Server, TrafficPath};
+use super::beds::{BACKEND_POD, Bed, ENTRY_NODE, Server, TrafficPath};
 
 /// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -302,66 +302,100 @@ const GENERATOR_FLOWS: u16 = 256;
 /// The generator's core; the path under test gets the other one.
 const GENERATOR_CPU: usize = 0;
 
-/// 64-byte UDP frames (60 on the wire before the FCS: Ethernet, IPv4, UDP and 18 bytes of
-/// payload) from the XDP generator in the client's namespace, [`GENERATOR_FLOWS`] flows, to
-/// the UDP sink's Service. Delivered is what arrived on the backend pod's interface; sent is
-/// what the generator offered, so the drop rate is the share the path could not take. The
-/// first hop (the client's veth peer) is made ready for generated frames only for this
-/// measurement (see [`xdp_generator::ReceivingPeer`]): XDP on a veth costs the other
-/// workloads their GRO.
+/// 64-byte UDP frames (60 before the FCS: Ethernet, IPv4, UDP and 18 bytes of payload) from the
+/// XDP generator in the client's namespace, [`GENERATOR_FLOWS`] flows, to the UDP sink's
+/// Service, twice:
+/// - **end to end**: delivered is what arrived on the backend pod's interface;
+/// - **the entry node alone**: the switch port facing node-1 drops the frames node-1 forwards
+///   ([`xdp_generator::UdpSink`]) and counts them, so nothing after node-1 shares the path's
+///   core. This is the load balancer's own capacity, which the end-to-end figure hides behind
+///   the testbed's bridge, node-2 and the pod.
+///
+/// The generator feeds node-1's receiving interface directly ([`Bed::generator_hop`]).
+///
+/// Sent is what the generator offered, so each drop rate is the share the path could not take.
+/// The first hop (the client's veth peer) is ready for generated frames only while this runs
+/// (see [`xdp_generator::ReceivingPeer`]): XDP on a veth costs the other workloads their GRO.
 fn small_packets(bed: &Bed, path: TrafficPath, duration: Duration) -> anyhow::Result<Figures> {
-    let client = bed.client(path);
     let std::net::SocketAddr::V4(target) = bed.target(path, Server::Udp) else {
         anyhow::bail!("the UDP flood is measured over IPv4 only");
     };
-    let (peer_ns, peer_if) = bed.first_hop(path);
+    let hop = bed.generator_hop(path);
+    let (sender_ns, sender_if) = (hop.sender.0, hop.sender.1.as_str());
+    let (receiver_ns, receiver_if) = (hop.receiver.0, hop.receiver.1.as_str());
     let source = match path {
         TrafficPath::ClusterIp => bed.cluster.pod(super::beds::CLIENT_POD).ip,
         _ => bed.cluster.outside.ip,
     };
-    let (gateway_ns, gateway_if) = bed.gateway(path);
     let frame = xdp_generator::udp_frame(
-        xdp_generator::mac_address(client, "eth0")?,
-        xdp_generator::mac_address(gateway_ns, &gateway_if)?,
+        xdp_generator::mac_address(hop.client.0, hop.client.1)?,
+        xdp_generator::mac_address(receiver_ns, receiver_if)?,
         std::net::SocketAddrV4::new(source, 20_000),
         target,
         18,
     );
     let pin =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/{}-generator-peer", bed.cluster.run_id));
-    let _peer = xdp_generator::ReceivingPeer::prepare(peer_ns, &peer_if, &pin)?;
+        |what: &str| std::path::PathBuf::from(format!("/sys/fs/bpf/{}-{what}", bed.cluster.run_id));
+    let _receiver =
+        xdp_generator::ReceivingPeer::prepare(receiver_ns, receiver_if, &pin("generator-peer"))?;
+    let generate = || {
+        xdp_generator::run(
+            sender_ns,
+            sender_if,
+            frame.clone(),
+            GENERATOR_FLOWS,
+            GENERATOR_CPU,
+            duration,
+        )
+    };
+    let drop_pct = |arrived: u64, sent: u64| 100.0 * (1.0 - arrived as f64 / sent as f64).max(0.0);
+
     let backend = &bed.cluster.pod(BACKEND_POD).ns;
-    let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend)?);
-    let sent = xdp_generator::run(
-        client,
-        "eth0",
-        frame,
-        GENERATOR_FLOWS,
-        GENERATOR_CPU,
-        duration,
-    )?;
+    let (socket_before, interface_before) = (bed.udp_sink.received(), rx_packets(backend, "eth0")?);
+    let sent = generate()?;
     // Let the last packets land and the receiver drain its socket buffer.
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = rx_packets(backend)? - interface_before;
+    let delivered = rx_packets(backend, "eth0")? - interface_before;
     let read = bed.udp_sink.received() - socket_before;
     anyhow::ensure!(read > 0, "no datagram reached {target}'s backend");
+
+    let lan = bed.cluster.lan();
+    let port = super::beds::switch_port(ENTRY_NODE);
+    let forwarded_sent;
+    let forwarded = {
+        // Node-1 forwards them translated: to the backend's port, which is the Service's.
+        let _sink = xdp_generator::UdpSink::attach(lan, &port, Server::Udp.port(), &pin("sink"))?;
+        let before = rx_packets(lan, &port)?;
+        forwarded_sent = generate()?;
+        std::thread::sleep(Duration::from_millis(200));
+        rx_packets(lan, &port)? - before
+    };
+    anyhow::ensure!(forwarded > 0, "node-1 forwarded nothing towards {target}");
+
     let seconds = sent.elapsed.as_secs_f64();
+    let forward_seconds = forwarded_sent.elapsed.as_secs_f64();
     Ok(Figures::from([
         ("delivered_pps".to_owned(), delivered as f64 / seconds),
         ("socket_pps".to_owned(), read as f64 / seconds),
         ("sent_pps".to_owned(), sent.per_second()),
+        ("drop_pct".to_owned(), drop_pct(delivered, sent.frames)),
         (
-            "drop_pct".to_owned(),
-            100.0 * (1.0 - delivered as f64 / sent.frames as f64).max(0.0),
+            "forwarded_pps".to_owned(),
+            forwarded as f64 / forward_seconds,
+        ),
+        ("forward_sent_pps".to_owned(), forwarded_sent.per_second()),
+        (
+            "forward_drop_pct".to_owned(),
+            drop_pct(forwarded, forwarded_sent.frames),
         ),
     ]))
 }
 
-/// Packets received on the pod's eth0 (its kernel counter, via `ip -json -statistics`).
-fn rx_packets(pod: &Netns) -> anyhow::Result<u64> {
+/// Packets received on `ifname` in `ns` (its kernel counter, via `ip -json -statistics`).
+fn rx_packets(ns: &Netns, ifname: &str) -> anyhow::Result<u64> {
     let out = tool_output(
-        pod,
-        Command::new("ip").args(["-json", "-statistics", "link", "show", "dev", "eth0"]),
+        ns,
+        Command::new("ip").args(["-json", "-statistics", "link", "show", "dev", ifname]),
         Duration::from_secs(5),
     )?;
     let links: serde_json::Value = serde_json::from_str(&out).context("ip -json output")?;
