@@ -50,6 +50,11 @@ const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 10);
 const WEB_NODE_PORT: u16 = 30080;
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 20);
 const EMPTY_NODE_PORT: u16 = 30081;
+/// `remote`: a NodePort whose backend is a pod on the other node, so its flows are SNATed and
+/// their replies come back through the external programs.
+const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 30);
+const REMOTE_NODE_PORT: u16 = 30082;
+const REMOTE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 11);
 /// `web`'s backend: a local pod the namespace has a neighbour entry for, so the FIB lookups of
 /// redirects succeed.
 const BACKEND: Ipv4Addr = Ipv4Addr::from_octets(packet_netns::POD_A);
@@ -58,7 +63,8 @@ const SYNTHETIC: usize = 10_000;
 /// Single runs timed a path and a round.
 const SINGLE_RUNS: u32 = 10_000;
 
-/// The measured Services: `web` with a local backend, `empty` with none (rejects).
+/// The measured Services: `web` with a local backend, `empty` with none (rejects), `remote`
+/// with a backend on the other node.
 fn measured() -> Vec<SyntheticService> {
     let service = |name: &str, ip, node_port, endpoints: &[Ipv4Addr]| SyntheticService {
         namespace: "cost".to_owned(),
@@ -72,6 +78,7 @@ fn measured() -> Vec<SyntheticService> {
     vec![
         service("web", WEB_VIP, WEB_NODE_PORT, &[BACKEND]),
         service("empty", EMPTY_VIP, EMPTY_NODE_PORT, &[]),
+        service("remote", REMOTE_VIP, REMOTE_NODE_PORT, &[REMOTE_BACKEND]),
     ]
 }
 
@@ -113,6 +120,8 @@ impl Program {
 enum Traffic {
     Repeated(fn(u16) -> Vec<u8>),
     Single(fn(u16) -> Vec<u8>),
+    /// Single runs of a reply to the SNATed flow of `remote` (the argument: its SNAT port).
+    SnatReply(fn(u16) -> Vec<u8>),
 }
 
 struct Path {
@@ -184,6 +193,11 @@ fn paths() -> Vec<Path> {
         ),
         path(
             Lb(EXTERNAL_INGRESS_PROGRAM),
+            "reverse NAT (SNATed reply)",
+            SnatReply(|port| tcp(REMOTE_BACKEND, 8080, NODE, port, false)),
+        ),
+        path(
+            Lb(EXTERNAL_INGRESS_PROGRAM),
             "new flow",
             Single(|p| tcp(OUTSIDE, p, NODE, WEB_NODE_PORT, true)),
         ),
@@ -201,6 +215,11 @@ fn paths() -> Vec<Path> {
             Lb(EXTERNAL_XDP_PROGRAM),
             "established flow",
             Single(|_| tcp(OUTSIDE, 40000, NODE, WEB_NODE_PORT, false)),
+        ),
+        path(
+            Lb(EXTERNAL_XDP_PROGRAM),
+            "reverse NAT (SNATed reply)",
+            SnatReply(|port| tcp(REMOTE_BACKEND, 8080, NODE, port, false)),
         ),
         path(
             Lb(EXTERNAL_XDP_PROGRAM),
@@ -226,6 +245,8 @@ struct Scale {
     /// The ingress interfaces of the pod-facing and the external programs.
     pod_ifindex: u32,
     ext_ifindex: u32,
+    /// The SNAT port of `remote`'s established flow (set by [`Scale::refill`]).
+    snat_port: u16,
     path: LoadedPath,
     empty_tc: OwnedFd,
     empty_xdp: OwnedFd,
@@ -261,6 +282,7 @@ impl Scale {
             services: services.len(),
             pod_ifindex: net.ifindex("pod0"),
             ext_ifindex: net.ifindex("ext0"),
+            snat_port: 0,
             path,
             empty_tc: empty(BPF_PROG_TYPE_SCHED_CLS, 0),
             empty_xdp: empty(BPF_PROG_TYPE_XDP, 2),
@@ -288,6 +310,19 @@ impl Scale {
             &tcp(OUTSIDE, 40000, NODE, WEB_NODE_PORT, true),
             1,
         );
+        let (_, out, _) = self.run(
+            Program::Lb(EXTERNAL_INGRESS_PROGRAM),
+            &tcp(OUTSIDE, 40003, NODE, REMOTE_NODE_PORT, true),
+            1,
+        );
+        let to = Ipv4Addr::from(<[u8; 4]>::try_from(&out[30..34]).expect("4 bytes"));
+        let from = Ipv4Addr::from(<[u8; 4]>::try_from(&out[26..30]).expect("4 bytes"));
+        assert_eq!(
+            (from, to),
+            (NODE, REMOTE_BACKEND),
+            "the remote flow is SNATed"
+        );
+        self.snat_port = u16::from_be_bytes([out[34], out[35]]);
     }
 
     /// (verdict, output packet, mean ns a run).
@@ -401,7 +436,7 @@ fn main() {
             rows.push(Row {
                 program: path.program.name(),
                 path: path.name,
-                single_runs: matches!(path.traffic, Traffic::Single(_)),
+                single_runs: !matches!(path.traffic, Traffic::Repeated(_)),
                 services: scale.services,
                 verdict: 0,
                 ns: Vec::new(),
@@ -415,12 +450,14 @@ fn main() {
                         let (verdict, _, ns) = scale.run(path.program, &packet(0), repeat);
                         (verdict, ns)
                     }
-                    Traffic::Single(packet) => {
+                    Traffic::Single(packet) | Traffic::SnatReply(packet) => {
+                        let snat = matches!(path.traffic, Traffic::SnatReply(_));
                         let mut total = 0.0;
                         let mut verdict = 0;
                         for _ in 0..SINGLE_RUNS {
                             next_port = next_port.checked_add(1).unwrap_or(1024);
-                            let (v, _, ns) = scale.run(path.program, &packet(next_port), 1);
+                            let port = if snat { scale.snat_port } else { next_port };
+                            let (v, _, ns) = scale.run(path.program, &packet(port), 1);
                             total += ns;
                             verdict = v;
                         }
