@@ -186,6 +186,63 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
         &variant_series(results, &per_group, "delivered_pps"),
     )?;
     written.push(delivered);
+
+    // Per-packet program cost, one bar a scale.
+    let cost = &results.program_cost;
+    if !cost.rows.is_empty() {
+        let programs = path_for("program-cost");
+        let scales = cost.scales();
+        let mut paths: Vec<(&str, &str)> = Vec::new();
+        for row in cost.rows.iter().filter(|r| r.single_runs) {
+            if !paths.contains(&(row.program.as_str(), row.path.as_str())) {
+                paths.push((&row.program, &row.path));
+            }
+        }
+        let summaries: Vec<Vec<Option<Summary>>> = scales
+            .iter()
+            .map(|&services| {
+                paths
+                    .iter()
+                    .map(|(program, path)| {
+                        cost.ns(program, path, services)
+                            .map(|(median, min, max)| Summary {
+                                services,
+                                variant: Variant::LbTc,
+                                workload: (*program).to_owned(),
+                                figure: (*path).to_owned(),
+                                median,
+                                min,
+                                max,
+                                n: cost.rounds,
+                            })
+                    })
+                    .collect()
+            })
+            .collect();
+        let shades = [RGBColor(120, 170, 230), RGBColor(10, 60, 150)];
+        let series: Vec<Series> = scales
+            .iter()
+            .zip(&summaries)
+            .enumerate()
+            .map(|(i, (services, values))| Series {
+                name: format!("{services} Services"),
+                color: shades[i.min(shades.len() - 1)],
+                values: values.iter().map(Option::as_ref).collect(),
+            })
+            .collect();
+        let groups: Vec<String> = paths
+            .iter()
+            .map(|(program, path)| format!("{program}\n{path}"))
+            .collect();
+        bar_chart(
+            &programs,
+            "Per-packet cost of each program path: BPF_PROG_TEST_RUN single runs, full conntrack",
+            "ns a packet (lower is better)",
+            &groups,
+            &series,
+        )?;
+        written.push(programs);
+    }
     Ok(written)
 }
 
