@@ -431,4 +431,32 @@ mod tests {
         }
         assert!(ports.len() > 8, "random ports: {ports:?}");
     }
+
+    #[test]
+    fn the_sink_drops_the_benchmarks_frames_and_passes_the_rest() {
+        const XDP_DROP: u32 = 1;
+        const XDP_PASS: u32 = 2;
+        let sink = load_xdp(&sink_program(30901)).expect("the verifier takes it");
+        let verdict = |frame: &[u8]| {
+            crate::bpf_syscall::test_run(&sink, frame, 1)
+                .expect("BPF_PROG_TEST_RUN (as root)")
+                .0
+        };
+        assert_eq!(verdict(&frame()), XDP_DROP, "UDP to the port");
+        let other_port = udp_frame(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            "172.30.0.100:40000".parse().unwrap(),
+            "172.30.0.11:53".parse().unwrap(),
+            22,
+        );
+        assert_eq!(verdict(&other_port), XDP_PASS, "UDP to another port");
+        let mut arp = frame();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(verdict(&arp), XDP_PASS, "not IPv4");
+        let mut tcp = frame();
+        tcp[23] = 6;
+        assert_eq!(verdict(&tcp), XDP_PASS, "not UDP");
+        assert_eq!(verdict(&frame()[..30]), XDP_PASS, "too short to tell");
+    }
 }

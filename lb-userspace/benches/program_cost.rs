@@ -445,6 +445,12 @@ fn main() {
         for _ in 0..rounds {
             scale.refill();
             for (p, path) in paths.iter().enumerate() {
+                if path.name == "new flow" {
+                    // Every new flow through a NodePort claims a SNAT port towards the one
+                    // backend: a fresh table per path keeps the port range as empty for each
+                    // (the node's whole range is 28,232 ports a backend).
+                    scale.refill();
+                }
                 let (verdict, ns) = match path.traffic {
                     Traffic::Repeated(packet) => {
                         let (verdict, _, ns) = scale.run(path.program, &packet(0), repeat);
