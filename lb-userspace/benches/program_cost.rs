@@ -247,6 +247,8 @@ struct Scale {
     ext_ifindex: u32,
     /// The SNAT port of `remote`'s established flow (set by [`Scale::refill`]).
     snat_port: u16,
+    /// The SNAT port of `web`'s established NodePort flow.
+    web_snat_port: u16,
     path: LoadedPath,
     empty_tc: OwnedFd,
     empty_xdp: OwnedFd,
@@ -283,6 +285,7 @@ impl Scale {
             pod_ifindex: net.ifindex("pod0"),
             ext_ifindex: net.ifindex("ext0"),
             snat_port: 0,
+            web_snat_port: 0,
             path,
             empty_tc: empty(BPF_PROG_TYPE_SCHED_CLS, 0),
             empty_xdp: empty(BPF_PROG_TYPE_XDP, 2),
@@ -298,6 +301,28 @@ impl Scale {
             "{} Services: conntrack filled with {filled} idle entries",
             self.services
         );
+        // The LRU may have kept one entry of a measured flow and evicted its partner: start
+        // each afresh, both directions.
+        let key = |src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16| {
+            FlowKey::new(
+                addr_be(src.octets()),
+                addr_be(dst.octets()),
+                sport.to_be(),
+                dport.to_be(),
+                lb_common::IPPROTO_TCP,
+            )
+        };
+        let measured = [
+            key(CLIENT, 40000, WEB_VIP, 80),
+            key(BACKEND, 8080, CLIENT, 40000),
+            key(OUTSIDE, 40000, NODE, WEB_NODE_PORT),
+            key(BACKEND, 8080, NODE, self.web_snat_port),
+            key(OUTSIDE, 40003, NODE, REMOTE_NODE_PORT),
+            key(REMOTE_BACKEND, 8080, NODE, self.snat_port),
+        ];
+        for flow in &measured {
+            let _ = self.path.dataplane.maps.conntrack.remove(flow);
+        }
         let (_, out, _) = self.run(
             Program::Lb(POD_INGRESS_PROGRAM),
             &tcp(CLIENT, 40000, WEB_VIP, 80, true),
@@ -305,11 +330,12 @@ impl Scale {
         );
         let chosen = Ipv4Addr::from(<[u8; 4]>::try_from(&out[30..34]).expect("4 bytes"));
         assert_eq!(chosen, BACKEND, "the client flow is translated");
-        self.run(
+        let (_, out, _) = self.run(
             Program::Lb(EXTERNAL_INGRESS_PROGRAM),
             &tcp(OUTSIDE, 40000, NODE, WEB_NODE_PORT, true),
             1,
         );
+        self.web_snat_port = u16::from_be_bytes([out[34], out[35]]);
         let (_, out, _) = self.run(
             Program::Lb(EXTERNAL_INGRESS_PROGRAM),
             &tcp(OUTSIDE, 40003, NODE, REMOTE_NODE_PORT, true),
@@ -323,6 +349,11 @@ impl Scale {
             "the remote flow is SNATed"
         );
         self.snat_port = u16::from_be_bytes([out[34], out[35]]);
+        let reply = key(BACKEND, 8080, CLIENT, 40000);
+        assert!(
+            self.path.dataplane.maps.conntrack.get(&reply, 0).is_ok(),
+            "the client flow's reply entry is in the conntrack"
+        );
     }
 
     /// (verdict, output packet, mean ns a run).
