@@ -1,10 +1,11 @@
 //! Load generators for the side-by-side benchmark, run on threads inside testbed namespaces:
 //! a new-connection rate client (closing with RST, so no TIME_WAIT piles up and connection
 //! reuse does not swing the figures; see ../shared/TOOLCHAIN.md) with its accept-and-drop
-//! server, and a small-UDP-packet sender with its counting receiver.
+//! server, and the counting receiver of the small-UDP-packet workload (whose sender is
+//! [`crate::xdp_generator`]).
 
 use std::{
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     sync::{
         Arc,
@@ -151,70 +152,6 @@ impl Drop for AcceptServer {
     }
 }
 
-/// Sends `payload`-byte UDP datagrams to `target` from `threads` threads for `duration`;
-/// returns how many were sent. Batches of 64 per sendmmsg(2), so the generator spends its CPU
-/// on packets rather than system calls. Call from a thread in the sender's namespace.
-pub fn udp_flood(
-    ns: &Netns,
-    target: SocketAddrV4,
-    payload: usize,
-    threads: usize,
-    duration: Duration,
-) -> anyhow::Result<u64> {
-    let workers = (0..threads)
-        .map(|_| {
-            ns.spawn_thread(move || -> std::io::Result<u64> {
-                let socket = UdpSocket::bind("0.0.0.0:0")?;
-                socket.connect(target)?;
-                let data = vec![0x5a_u8; payload];
-                let deadline = Instant::now() + duration;
-                let mut sent = 0u64;
-                while Instant::now() < deadline {
-                    sent += send_batch(&socket, &data, 64);
-                }
-                Ok(sent)
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut total = 0;
-    for worker in workers {
-        total += worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("UDP sender panicked"))??;
-    }
-    Ok(total)
-}
-
-/// Sends `data` `count` times on a connected socket with one sendmmsg(2); returns how many
-/// went out (0 when the socket buffer is full).
-fn send_batch(socket: &UdpSocket, data: &[u8], count: usize) -> u64 {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // Every header points at the one iovec, which outlives the call.
-    let mut messages: Vec<libc::mmsghdr> = (0..count)
-        .map(|_| {
-            // SAFETY: an all-zero mmsghdr is valid: no name, no control data, no iovec yet.
-            let mut message: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            message.msg_hdr.msg_iov = &mut iov;
-            message.msg_hdr.msg_iovlen = 1;
-            message
-        })
-        .collect();
-    // SAFETY: `messages` holds `count` initialized headers whose buffers are only read by the
-    // kernel; the socket is connected, so no destination address is needed.
-    let sent = unsafe {
-        libc::sendmmsg(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            messages.as_mut_ptr(),
-            count as libc::c_uint,
-            0,
-        )
-    };
-    sent.max(0) as u64
-}
-
 /// Counts UDP datagrams arriving on a port. Stops on drop.
 pub struct UdpCounter {
     stop: Arc<AtomicBool>,
@@ -262,6 +199,8 @@ impl Drop for UdpCounter {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddrV4;
+
     use super::*;
 
     fn namespace(role: &str) -> Option<Netns> {
@@ -310,7 +249,16 @@ mod tests {
         };
         let counter = UdpCounter::start(&ns, 9001).expect("counter");
         let target = SocketAddrV4::new([127, 0, 0, 1].into(), 9001);
-        let sent = udp_flood(&ns, target, 64, 1, Duration::from_millis(200)).expect("flood");
+        let sent = ns
+            .run(move || {
+                let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let mut sent = 0u64;
+                for _ in 0..5_000 {
+                    sent += u64::from(socket.send_to(&[0x5a; 64], target).is_ok());
+                }
+                sent
+            })
+            .expect("sender thread");
         std::thread::sleep(Duration::from_millis(200));
         let received = counter.received();
         assert!(sent > 1000, "sent {sent}");
