@@ -8,12 +8,12 @@
 //!
 //! The Services come from a manifest through the agent's own translation and sync, as
 //! `lb agent --manifests` programs them: the measured ones, then (at the large scale) 10,000
-//! synthetic ones from the benchmark's cluster generator. The conntrack is then filled to its
-//! capacity (the agent's default) with idle flows, so lookups hit a full table and every new
-//! flow evicts one. The kernel times `repeat` runs of one packet and reports the mean; a new
-//! flow cannot repeat (the first run creates it), so it is the mean of single runs over distinct
-//! source ports, and the empty program is timed that way too. `cargo xtask bench` runs this and
-//! puts the figures into its report.
+//! synthetic ones from the benchmark's cluster generator. Each round the conntrack is filled to
+//! its capacity (the agent's default) with idle flows, so lookups hit a full table and every new
+//! flow evicts one. lb's paths are timed as single runs of a fresh packet (see [`Traffic`] for
+//! why), the kernel reporting each run's time; the empty programs both that way and as
+//! `repeat` runs of one packet. `cargo xtask bench` runs this and puts the figures into its
+//! report.
 
 mod per_packet;
 #[path = "../tests/support/mod.rs"]
