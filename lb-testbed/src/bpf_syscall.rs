@@ -66,17 +66,63 @@ pub fn load_program(kind: u32, program: &[u64]) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// One `BPF_PROG_TEST_RUN`: the fields of `union bpf_attr`'s `test` member the testbed sets.
+#[derive(Default)]
+pub struct TestRun<'a> {
+    pub data_in: &'a [u8],
+    /// Where the kernel writes the packet as the program left it.
+    pub data_out: Option<&'a mut [u8]>,
+    /// The program's context (`struct xdp_md`, `struct __sk_buff`), as bytes.
+    pub ctx_in: Option<&'a [u8]>,
+    pub repeat: u32,
+    pub flags: u32,
+    /// Frames per batch in live-frames mode.
+    pub batch_size: u32,
+}
+
+impl TestRun<'_> {
+    /// Runs `program`: (its last verdict, the mean kernel time of a run in nanoseconds).
+    pub fn run(self, program: &OwnedFd) -> std::io::Result<(u32, u32)> {
+        let mut attr = [0u8; 128];
+        let mut put = |at: usize, bytes: &[u8]| attr[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &(program.as_raw_fd() as u32).to_ne_bytes());
+        put(8, &(self.data_in.len() as u32).to_ne_bytes());
+        put(16, &(self.data_in.as_ptr() as u64).to_ne_bytes());
+        if let Some(out) = self.data_out {
+            put(12, &(out.len() as u32).to_ne_bytes());
+            put(24, &(out.as_mut_ptr() as u64).to_ne_bytes());
+        }
+        put(32, &self.repeat.to_ne_bytes());
+        if let Some(ctx) = self.ctx_in {
+            put(40, &(ctx.len() as u32).to_ne_bytes());
+            put(48, &(ctx.as_ptr() as u64).to_ne_bytes());
+        }
+        put(64, &self.flags.to_ne_bytes());
+        put(72, &self.batch_size.to_ne_bytes());
+        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        let field = |at: usize| u32::from_ne_bytes(attr[at..at + 4].try_into().expect("4 bytes"));
+        Ok((field(4), field(36)))
+    }
+}
+
 /// `BPF_PROG_TEST_RUN` of `program` over `packet`, `repeat` times: (the last verdict, the mean
 /// kernel time of a run in nanoseconds).
 pub fn test_run(program: &OwnedFd, packet: &[u8], repeat: u32) -> std::io::Result<(u32, u32)> {
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    attr[8..12].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(packet.as_ptr() as u64).to_ne_bytes());
-    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    let field = |at: usize| u32::from_ne_bytes(attr[at..at + 4].try_into().expect("4 bytes"));
-    Ok((field(4), field(36)))
+    TestRun {
+        data_in: packet,
+        repeat,
+        ..TestRun::default()
+    }
+    .run(program)
+}
+
+/// A `struct xdp_md` for a `len`-byte packet arriving on `ifindex` (0: none), as bytes.
+pub fn xdp_context(len: usize, ifindex: u32) -> Vec<u8> {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|field| field.to_ne_bytes())
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 use std::{
     net::SocketAddrV4,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use etherparse::PacketBuilder;
 
 use crate::{
-    bpf_syscall::{BPF_PROG_TEST_RUN, EXIT, bpf, call, insn, load_xdp, mov64_imm},
+    bpf_syscall::{EXIT, TestRun, call, insn, load_xdp, mov64_imm, xdp_context},
     netns::Netns,
 };
 
@@ -225,7 +225,7 @@ pub fn run(
         let mut runs = 100_000u32;
         while started.elapsed() < duration {
             let call = Instant::now();
-            send(&program, ifindex, &frame, runs, BPF_F_TEST_XDP_LIVE_FRAMES)
+            send(&program, ifindex, &frame, runs)
                 .with_context(|| format!("generating frames out of {ifname}"))?;
             frames += u64::from(runs);
             let per_second = f64::from(runs) / call.elapsed().as_secs_f64();
@@ -327,32 +327,18 @@ fn program(frame: &[u8], ports: u16, ifindex: u32) -> Vec<u64> {
     program
 }
 
-/// One `BPF_PROG_TEST_RUN` of `runs` runs over `frame` (live frames with
-/// `BPF_F_TEST_XDP_LIVE_FRAMES`). Returns the program's last verdict.
-fn send(
-    program: &OwnedFd,
-    ifindex: u32,
-    frame: &[u8],
-    runs: u32,
-    flags: u32,
-) -> std::io::Result<u32> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let mut context = [0u32; 6];
-    context[1] = frame.len() as u32;
-    context[3] = ifindex;
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
-    attr[32..36].copy_from_slice(&runs.to_ne_bytes());
-    attr[40..44].copy_from_slice(&(size_of_val(&context) as u32).to_ne_bytes());
-    attr[48..56].copy_from_slice(&(context.as_ptr() as u64).to_ne_bytes());
-    attr[64..68].copy_from_slice(&flags.to_ne_bytes());
-    if flags & BPF_F_TEST_XDP_LIVE_FRAMES != 0 {
-        attr[72..76].copy_from_slice(&BATCH.to_ne_bytes());
+/// One `BPF_PROG_TEST_RUN` of `runs` live frames made from `frame`.
+fn send(program: &OwnedFd, ifindex: u32, frame: &[u8], runs: u32) -> std::io::Result<()> {
+    TestRun {
+        data_in: frame,
+        ctx_in: Some(&xdp_context(frame.len(), ifindex)),
+        repeat: runs,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        batch_size: BATCH,
+        ..TestRun::default()
     }
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes")))
+    .run(program)
+    .map(drop)
 }
 
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
@@ -372,19 +358,16 @@ mod tests {
         let program = load_xdp(&program(frame, ports, 1)).expect("the verifier takes it");
         let garbage = vec![0xa5u8; frame.len()];
         let mut out = vec![0u8; frame.len()];
-        let mut context = [0u32; 6];
-        context[1] = frame.len() as u32;
-        let mut attr = [0u8; 128];
-        attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
-        attr[8..12].copy_from_slice(&(garbage.len() as u32).to_ne_bytes());
-        attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(garbage.as_ptr() as u64).to_ne_bytes());
-        attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
-        attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
-        attr[40..44].copy_from_slice(&(size_of_val(&context) as u32).to_ne_bytes());
-        attr[48..56].copy_from_slice(&(context.as_ptr() as u64).to_ne_bytes());
-        bpf(BPF_PROG_TEST_RUN, &mut attr).expect("BPF_PROG_TEST_RUN (as root)");
-        (out, u32::from_ne_bytes(attr[4..8].try_into().unwrap()))
+        let (verdict, _) = TestRun {
+            data_in: &garbage,
+            data_out: Some(&mut out),
+            ctx_in: Some(&xdp_context(frame.len(), 0)),
+            repeat: 1,
+            ..TestRun::default()
+        }
+        .run(&program)
+        .expect("BPF_PROG_TEST_RUN (as root)");
+        (out, verdict)
     }
 
     fn frame() -> Vec<u8> {

@@ -69,26 +69,13 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
 
     // Throughput: groups are path × Services, bars are variants.
     let throughput = path_for("throughput");
-    let mut groups = Vec::new();
-    let mut per_group: Vec<(Workload, usize)> = Vec::new();
     let paths = [
         TrafficPath::ClusterIp,
         TrafficPath::NodePort,
         TrafficPath::ClusterIp6,
         TrafficPath::NodePort6,
     ];
-    for path in paths {
-        for &services in &results.method.service_counts {
-            groups.push(format!("{}\n{services} Services", path.short_label()));
-            per_group.push((
-                Workload {
-                    kind: Kind::Throughput,
-                    path,
-                },
-                services,
-            ));
-        }
-    }
+    let (groups, per_group) = path_groups(results, Kind::Throughput, &paths);
     let series = variant_series(results, &per_group, "gbit_per_s");
     let note = footnote(results);
     let bar_chart = |path: &Path, title: &str, unit: &str, groups: &[String], series: &[Series]| {
@@ -155,20 +142,8 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
 
     // Small packets from the XDP generator.
     let packets = path_for("packets");
-    let mut groups = Vec::new();
-    let mut per_group: Vec<(Workload, usize)> = Vec::new();
-    for path in [TrafficPath::NodePort, TrafficPath::ClusterIp] {
-        for &services in &results.method.service_counts {
-            groups.push(format!("{}\n{services} Services", path.short_label()));
-            per_group.push((
-                Workload {
-                    kind: Kind::SmallPackets,
-                    path,
-                },
-                services,
-            ));
-        }
-    }
+    let paths = [TrafficPath::NodePort, TrafficPath::ClusterIp];
+    let (groups, per_group) = path_groups(results, Kind::SmallPackets, &paths);
     bar_chart(
         &packets,
         "UDP 64-byte packets node-1 forwards to a pod on the other node (XDP generator, 256 flows)",
@@ -244,6 +219,25 @@ pub fn write_all(results: &Results, stem: &Path) -> anyhow::Result<Vec<PathBuf>>
         written.push(programs);
     }
     Ok(written)
+}
+
+/// Chart groups of path × Services for `kind`: their labels and what each shows.
+fn path_groups(
+    results: &Results,
+    kind: Kind,
+    paths: &[TrafficPath],
+) -> (Vec<String>, Vec<(Workload, usize)>) {
+    paths
+        .iter()
+        .flat_map(|&path| {
+            results.method.service_counts.iter().map(move |&services| {
+                (
+                    format!("{}\n{services} Services", path.short_label()),
+                    (Workload { kind, path }, services),
+                )
+            })
+        })
+        .unzip()
 }
 
 /// One series per variant, over groups of (workload, Services).
